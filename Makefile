@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:  `make smoke` (the whole study, tiny model, a few minutes on CPU)
+# and `make test` (the test suite). Both create the virtual environment first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA wheel. On a GPU machine pass the CUDA build,
+# e.g. `make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH ?= torch==2.13.0
+DATA_DIR ?= ../shared/data/superglue
+
+.PHONY: install smoke test chromium
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# The MLflow UI test drives Debian's Chromium (never a downloaded browser).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium >/dev/null)
+
+smoke: install
+	$(PY) sweeps/all.py --smoke --data-dir $(DATA_DIR)
+
+test: install chromium
+	PTRAY_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q

@@ -1,0 +1,89 @@
+"""Examples -> token ids (with truncation that never cuts the answer) -> length-grouped batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ptray.data import Example
+from ptray.errors import PtrayError
+from ptray.model import Batch, collate
+from ptray.tasks import Task
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example as token ids: the source (ends with the answer cue) and every label's answer ids."""
+
+    idx: int
+    source: list[int]
+    answers: tuple[list[int], ...]
+    label: int | None
+    truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.source) + max(len(a) for a in self.answers)
+
+
+def encode(task: Task, example: Example, tokenizer, max_length: int) -> Encoded:
+    """Tokenise one example so that source + longest answer fits ``max_length`` (the prompt is not counted).
+
+    When it does not fit, the longest text field is shortened (by tokens, from its end) and the example is
+    formatted again, until it fits; the answer cue and the answer are never cut.
+    """
+    answers = tuple(tokenizer(t, add_special_tokens=False)["input_ids"] for t in task.answers)
+    budget = max_length - max(len(a) for a in answers)
+    fields = dict(example.fields)
+    source = tokenizer(task.format(fields), add_special_tokens=False)["input_ids"]
+    truncated = False
+    while len(source) > budget:
+        truncated = True
+        field_ids = {f: tokenizer(fields[f], add_special_tokens=False)["input_ids"] for f in task.text_fields}
+        longest = max(field_ids, key=lambda f: len(field_ids[f]))
+        if not field_ids[longest]:
+            raise PtrayError(
+                f"{task.name} example {example.idx}: the template alone is longer than max_length={max_length} "
+                f"tokens; raise --max-length"
+            )
+        keep = max(0, len(field_ids[longest]) - (len(source) - budget))
+        fields[longest] = tokenizer.decode(field_ids[longest][:keep])
+        source = tokenizer(task.format(fields), add_special_tokens=False)["input_ids"]
+    return Encoded(example.idx, source, answers, example.label, truncated)
+
+
+def encode_all(task: Task, examples: list[Example], tokenizer, max_length: int) -> list[Encoded]:
+    return [encode(task, ex, tokenizer, max_length) for ex in examples]
+
+
+def train_batches(data: list[Encoded], batch_size: int, seed: int, epoch: int, pad_id: int, eos_id: int,
+                  group: int = 50) -> list[Batch]:
+    """One epoch of gold-answer batches: shuffled, then grouped by length to cut padding.
+
+    The order depends only on (seed, epoch), so a run resumed at any epoch sees the same batches. Examples are
+    shuffled, cut into pools of ``group`` batches, sorted by length inside a pool, batched, and the batches
+    shuffled again (the HF Trainer's group_by_length idea).
+    """
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(data), generator=gen).tolist()
+    pool = batch_size * group
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start:start + pool], key=lambda i: data[i].length)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [collate([(data[i].source, data[i].answers[data[i].label]) for i in batches[j]], pad_id, eos_id)
+            for j in perm]
+
+
+def eval_batches(data: list[Encoded], batch_size: int, pad_id: int, eos_id: int):
+    """Every (example, label) sequence, sorted by length, in batches of ``batch_size`` sequences.
+
+    Yields ``(batch, keys)`` with ``keys[i] = (example position, label index)`` of sequence i.
+    """
+    keys = sorted(((e, k) for e, enc in enumerate(data) for k in range(len(enc.answers))),
+                  key=lambda key: len(data[key[0]].source) + len(data[key[0]].answers[key[1]]))
+    for start in range(0, len(keys), batch_size):
+        part = keys[start:start + batch_size]
+        yield collate([(data[e].source, data[e].answers[k]) for e, k in part], pad_id, eos_id), part

@@ -1,0 +1,138 @@
+"""Load SuperGLUE examples from a local directory (official jsonl layout) or the Hugging Face Hub.
+
+Both sources give the same normalised records: ``Example(task, split, idx, fields, label)`` where ``fields`` is a
+flat dict (WSC's ``target`` spans flattened, as on the Hub) and ``label`` is an index into ``task.labels`` (None
+for unlabeled test records).
+
+Quirks of the official files are kept, not "fixed": exact duplicate records stay (the official counts include
+them), and whitespace oddities (a newline inside a WSC span, a leading space in a COPA choice) are normalised by
+the formatters, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ptray.errors import PtrayError
+from ptray.tasks import Task
+
+SPLITS = ("train", "val", "test")
+DEFAULT_HUB_DATASET = "aps/super_glue"  # the parquet mirror of super_glue; no loading script needed
+_HUB_SPLIT = {"train": "train", "val": "validation", "test": "test"}
+_INT_FIELDS = {"span1_index", "span2_index"}
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    split: str
+    idx: int
+    fields: dict[str, Any] = field(hash=False)
+    label: int | None  # index into Task.labels; None when the split is unlabeled
+
+
+def _label_index(task: Task, raw: Any) -> int:
+    # Official jsonl: CB/RTE strings, COPA ints, WSC JSON booleans. Canonical names are their str() forms.
+    key = str(raw) if not isinstance(raw, str) else raw
+    if key not in task.labels:
+        raise ValueError(f"label {raw!r} is not one of {task.name}'s labels {list(task.labels)}")
+    return task.labels.index(key)
+
+
+def _normalise(task: Task, record: dict, split: str, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise PtrayError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    flat = dict(record)
+    if isinstance(flat.get("target"), dict):  # official WSC nests the spans
+        flat.update(flat.pop("target"))
+    fields = {}
+    for name in task.fields:
+        if name not in flat:
+            raise PtrayError(f"{where}: field {name!r} is missing (a {task.name} record needs {list(task.fields)})")
+        value = flat[name]
+        expected = int if name in _INT_FIELDS else str
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise PtrayError(f"{where}: field {name!r} should be {expected.__name__}, got {value!r}")
+        fields[name] = value
+    if task.name == "copa" and fields["question"] not in ("cause", "effect"):
+        raise PtrayError(f"{where}: field 'question' must be 'cause' or 'effect', got {fields['question']!r}")
+    label = None
+    if "label" in flat and flat["label"] is not None and flat["label"] != -1:
+        try:
+            label = _label_index(task, flat["label"])
+        except ValueError as err:
+            raise PtrayError(f"{where}: field 'label': {err}") from None
+    elif split != "test":
+        raise PtrayError(f"{where}: field 'label' is missing (the {split} split must be labeled)")
+    idx = flat.get("idx", None)
+    if not isinstance(idx, int) or isinstance(idx, bool):
+        raise PtrayError(f"{where}: field 'idx' should be int, got {idx!r}")
+    return Example(task=task.name, split=split, idx=idx, fields=fields, label=label)
+
+
+def read_jsonl(task: Task, split: str, data_dir: str | os.PathLike) -> list[Example]:
+    """Read ``<data_dir>/<TASK>/<split>.jsonl`` (official SuperGLUE layout)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise PtrayError(
+            f"data directory {str(root)!r} does not exist; pass --data-dir pointing at a folder with "
+            f"<TASK>/{{train,val,test}}.jsonl (the official SuperGLUE layout)"
+        )
+    path = root / task.dir_name / f"{split}.jsonl"
+    if not path.is_file():
+        raise PtrayError(f"split file {str(path)!r} is missing; expected {task.dir_name}/{split}.jsonl under {str(root)!r}")
+    examples = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PtrayError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            examples.append(_normalise(task, record, split, where))
+    if not examples:
+        raise PtrayError(f"split file {str(path)!r} holds no records")
+    return examples
+
+
+def read_hub(task: Task, split: str, dataset_id: str = DEFAULT_HUB_DATASET) -> list[Example]:
+    """Read a split from the Hugging Face Hub (the parquet mirror: integer labels, flat WSC spans)."""
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - datasets is a core dependency
+        raise PtrayError("the 'datasets' package is needed to read from the Hub; pip install datasets") from err
+    try:
+        ds = datasets.load_dataset(dataset_id, task.hub_config, split=_HUB_SPLIT[split])
+    except Exception as err:  # network errors come in many types; the message is what the user needs
+        raise PtrayError(
+            f"could not load {dataset_id}/{task.hub_config} ({split}) from the Hugging Face Hub "
+            f"({type(err).__name__}); if the Hub is unreachable, pass --data-dir DIR with the official "
+            f"SuperGLUE jsonl files in DIR/<TASK>/{{train,val,test}}.jsonl"
+        ) from None
+    out = []
+    for row_no, row in enumerate(ds):
+        row = dict(row)
+        if isinstance(row.get("label"), int) and row["label"] >= 0:
+            row["label"] = task.labels[row["label"]]  # Hub labels are indices into the same label order
+        out.append(_normalise(task, row, split, f"{dataset_id}/{task.hub_config}[{split}] row {row_no}"))
+    return out
+
+
+def load_split(
+    task: Task,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    hub_dataset: str = DEFAULT_HUB_DATASET,
+    limit: int | None = None,
+) -> list[Example]:
+    """Examples of one split: from ``data_dir`` when given, else from the Hub. ``limit`` keeps the first N."""
+    if split not in SPLITS:
+        raise PtrayError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    examples = read_jsonl(task, split, data_dir) if data_dir is not None else read_hub(task, split, hub_dataset)
+    return examples[:limit] if limit else examples

@@ -1,0 +1,130 @@
+"""The soft prompt: n trainable rows prepended to the input embeddings, saved in PEFT's adapter format."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ptray.errors import PtrayError
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+class PromptInit(str, Enum):
+    """How the prompt rows start: the init text's token embeddings (the paper), random, or random vocab rows."""
+
+    TEXT = "text"
+    RANDOM = "random"
+    SAMPLE_VOCAB = "sample_vocab"
+
+
+class SoftPrompt(torch.nn.Module):
+    """A trainable prompt ``weight`` [n, hidden], kept in fp32 whatever the model's dtype.
+
+    ``forward(embeds [B, T, hidden], attention_mask [B, T])`` prepends the rows (see ``prepend``).
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().to(torch.float32).clone())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor):
+        return prepend(self.weight, embeds, attention_mask)
+
+
+def prepend(weight: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor):
+    """Prepend prompt rows [n, hidden] to ``embeds`` [B, T, hidden] and ones to ``attention_mask`` [B, T].
+
+    Returns ``(embeds [B, n + T, hidden] in embeds' dtype, attention_mask [B, n + T])``.
+    """
+    bsz, n = embeds.shape[0], weight.shape[0]
+    rows = weight.to(embeds.dtype).unsqueeze(0).expand(bsz, -1, -1)
+    return torch.cat([rows, embeds], dim=1), torch.cat([attention_mask.new_ones(bsz, n), attention_mask], dim=1)
+
+
+def text_token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with no special tokens (what n defaults to, as in the paper)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def repeat_to(ids: list[int], n: int) -> list[int]:
+    """Truncate or cyclically repeat ``ids`` to length n (PEFT's TEXT init rule)."""
+    if not ids:
+        raise PtrayError("the init text has no tokens; give a non-empty init text")
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def init_prompt(
+    embedding: torch.Tensor,
+    tokenizer,
+    init: PromptInit | str = PromptInit.TEXT,
+    init_text: str = "",
+    num_tokens: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Initial prompt rows [n, hidden] (fp32) from the model's input ``embedding`` matrix [vocab, hidden].
+
+    TEXT: the init text's token embeddings; n defaults to its token count, a fixed n truncates or repeats it.
+    RANDOM: normal rows with the embedding matrix's mean and std. SAMPLE_VOCAB: rows of uniformly drawn tokens.
+    """
+    init = PromptInit(init)
+    gen = torch.Generator().manual_seed(seed)
+    emb = embedding.detach().float().cpu()
+    if init is PromptInit.TEXT:
+        ids = text_token_ids(tokenizer, init_text)
+        ids = repeat_to(ids, num_tokens or len(ids))
+        return emb[torch.tensor(ids)].clone()
+    if not num_tokens:
+        num_tokens = len(text_token_ids(tokenizer, init_text)) if init_text else 0
+    if num_tokens <= 0:
+        raise PtrayError(f"init {init.value!r} needs a positive number of prompt tokens")
+    if init is PromptInit.RANDOM:
+        return torch.randn(num_tokens, emb.shape[1], generator=gen) * emb.std() + emb.mean()
+    ids = torch.randint(0, emb.shape[0], (num_tokens,), generator=gen)
+    return emb[ids].clone()
+
+
+def save_adapter(weight: torch.Tensor, out_dir: str | Path, base_model: str, init_text: str,
+                 init: PromptInit | str = PromptInit.TEXT) -> Path:
+    """Write the prompt as a PEFT prompt-tuning adapter folder (``PeftModel.from_pretrained`` loads it)."""
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_init = {PromptInit.TEXT: PromptTuningInit.TEXT, PromptInit.RANDOM: PromptTuningInit.RANDOM,
+                 PromptInit.SAMPLE_VOCAB: PromptTuningInit.SAMPLE_VOCAB}[PromptInit(init)]
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=weight.shape[0],
+        token_dim=weight.shape[1],
+        num_transformer_submodules=1,
+        prompt_tuning_init=peft_init,
+        prompt_tuning_init_text=init_text if peft_init == PromptTuningInit.TEXT else None,
+        tokenizer_name_or_path=base_model if peft_init == PromptTuningInit.TEXT else None,
+        base_model_name_or_path=base_model,
+        inference_mode=True,
+    )
+    config.save_pretrained(str(out))
+    save_file({"prompt_embeddings": weight.detach().float().cpu().contiguous()}, str(out / PEFT_WEIGHTS))
+    return out
+
+
+def load_adapter(path: str | Path) -> torch.Tensor:
+    """Read the prompt rows [n, hidden] (fp32) from a PEFT prompt-tuning adapter folder (safetensors only)."""
+    folder = Path(path)
+    weights, config_file = folder / PEFT_WEIGHTS, folder / PEFT_CONFIG
+    if not weights.is_file() or not config_file.is_file():
+        raise PtrayError(f"{str(folder)!r} is not a prompt adapter folder (needs {PEFT_CONFIG} and {PEFT_WEIGHTS})")
+    peft_type = json.loads(config_file.read_text()).get("peft_type")
+    if peft_type != "PROMPT_TUNING":
+        raise PtrayError(f"{str(folder)!r} holds a {peft_type} adapter, not PROMPT_TUNING")
+    return load_file(str(weights))["prompt_embeddings"].float()

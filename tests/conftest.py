@@ -1,0 +1,38 @@
+"""Shared fixtures: the real SuperGLUE files from ../shared and a tiny BLOOM built offline once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("PTRAY_DATA_DIR")
+    return Path(env) if env else ROOT.parent / "shared" / "data" / "superglue"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = _data_dir()
+    if not (path / "CB" / "train.jsonl").is_file():
+        pytest.fail(f"SuperGLUE data not found at {path}; set PTRAY_DATA_DIR to the folder with CB/, RTE/, ...")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from ptray.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """(model, tokenizer) of the tiny BLOOM, fp32, eval mode."""
+    from ptray.model import load_model
+
+    return load_model(str(tiny_model_dir))
