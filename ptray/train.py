@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -242,15 +243,16 @@ def train(
                  epoch, cfg.max_epochs, metrics["train_loss"], result.loss, result.exact_match,
                  result.rank_accuracy, " *" if improved else "", metrics["epoch_seconds"])
         if on_epoch_end is not None:
-            state = {
+            # A snapshot: the optimizer's state tensors, ``best`` and ``history`` change in place next epoch.
+            state = copy.deepcopy({
                 "epoch": epoch,
-                "prompt": prompt.weight.detach().cpu().clone(),
+                "prompt": prompt.weight.detach().cpu(),
                 "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
                 "best": best,
                 "history": history,
                 "baselines": {k: dataclasses.asdict(v) for k, v in baselines.items()},
-            }
+            })
             on_epoch_end(metrics, state)
 
     if best_eval is None:  # resumed after the best epoch: evaluate the restored best prompt again
@@ -336,9 +338,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (``error: ...``) and exits 2, like every ptray error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m ptray.train", description="Train and evaluate one soft prompt.")
+    p = OneLineParser(prog="python -m ptray.train", description="Train and evaluate one soft prompt.")
     p.add_argument("--task", required=True, help="cb, rte, copa or wsc")
     p.add_argument("--seed", type=int, required=True, help="random seed")
     p.add_argument("--model", default=d.model, help=f"Hub name or local folder (default {d.model})")

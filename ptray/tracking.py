@@ -1,0 +1,325 @@
+"""MLflow helpers: the run layout of docs/tracking.md, idempotent run lookup and a fast reachability check.
+
+Everything goes through an explicit ``MlflowClient(tracking_uri)``, never MLflow's global "active run", so a Ray
+worker that runs many trials one after another (or a trial resumed on another node) never logs into a stale run.
+
+A study's runs are found again by their tags, not by ids kept somewhere else: that is what makes ``--resume`` and a
+retried trial land in the run they already started instead of creating a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+from ptray.errors import PtrayError
+
+TAG_STUDY = "ptray.study"
+TAG_KIND = "ptray.kind"
+TAG_TASK = "ptray.task"
+TAG_SEED = "ptray.seed"
+TAG_SOURCE = "ptray.source"
+TAG_TARGET = "ptray.target"
+KINDS = ("train", "transfer", "baseline", "analysis")
+
+# Final metrics of a train run carry this prefix: the unprefixed names hold the per-epoch history (step = epoch),
+# and a second "exact_match" at some step would read as one more epoch.
+FINAL_PREFIX = "final_"
+
+# Experiment tag holding a study's plan (JSON), so ``--resume`` continues exactly the study that was started.
+PLAN_TAG_PREFIX = "ptray.plan."
+
+FINISHED = "FINISHED"
+
+
+def default_tracking_uri() -> str:
+    """The embedded store: a SQLite file in the working directory (MLflow's own default location)."""
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else the local SQLite store; local paths made absolute.
+
+    Trials run in other processes and working directories (Ray changes into each trial's folder), so a relative
+    ``sqlite:///mlflow.db`` would name a different file in every trial.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if not path or path == ":memory:":
+            raise PtrayError(f"tracking URI {uri!r} names no database file; use sqlite:///PATH/mlflow.db")
+        return f"sqlite:///{Path(path).expanduser().resolve()}"
+    if parsed.scheme == "file":
+        return Path(parsed.path).expanduser().resolve().as_uri()
+    if parsed.scheme == "" :
+        return Path(uri).expanduser().resolve().as_uri()
+    return uri.rstrip("/") if parsed.scheme in ("http", "https") else uri
+
+
+def is_server(uri: str) -> bool:
+    return urlparse(uri).scheme in ("http", "https")
+
+
+def is_local_store(uri: str) -> bool:
+    """A store that lives on this machine's disk (SQLite file or folder): invisible to other machines."""
+    return urlparse(uri).scheme in ("sqlite", "file", "")
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Fail within ``timeout`` seconds, with one clear message, when the tracking store cannot be used.
+
+    Without this, MLflow's HTTP client retries for minutes, and every trial on every node would fail the same way.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        _check_server(uri, timeout)
+    elif parsed.scheme in ("sqlite", "file"):
+        path = Path(uri[len("sqlite:///"):]) if parsed.scheme == "sqlite" else Path(parsed.path)
+        folder = path.parent if parsed.scheme == "sqlite" else path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not os.access(folder, os.W_OK):
+            raise PtrayError(f"cannot write the MLflow store {uri!r}: {str(folder)!r} is not writable")
+    # Other schemes (databricks, postgresql, ...) are checked by MLflow itself on first use.
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    hint = "start it, or pass another --tracking-uri (or MLFLOW_TRACKING_URI)"
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as err:
+        raise PtrayError(f"the MLflow tracking server at {uri} answered /health with HTTP {err.code}; "
+                         f"is it an MLflow server? {hint}") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise PtrayError(f"cannot reach the MLflow tracking server at {uri} ({reason}); {hint}") from None
+    try:
+        url = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as err:
+        raise PtrayError(f"the MLflow tracking server at {uri} refused a search with HTTP {err.code} "
+                         f"(authentication? set MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN)") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise PtrayError(f"the MLflow tracking server at {uri} did not answer a search within {timeout:.0f} s "
+                         f"({getattr(err, 'reason', err)})") from None
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# names and tags (docs/tracking.md)
+
+
+def train_run_name(task: str, seed: int) -> str:
+    return f"{task}-seed{seed}"
+
+
+def transfer_run_name(source: str, seed: int, target: str) -> str:
+    return f"transfer-{source}-seed{seed}-on-{target}"
+
+
+def baseline_run_name(target: str) -> str:
+    return f"baseline-none-on-{target}"
+
+
+def run_tags(study: str, kind: str, task: str | None = None, seed: int | None = None, source: str | None = None,
+             target: str | None = None) -> dict[str, str]:
+    """The ``ptray.*`` tags of one run; ``task`` defaults to the target for transfer and baseline runs."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    tags = {TAG_STUDY: study, TAG_KIND: kind}
+    if kind in ("transfer", "baseline"):
+        task = task or target
+        tags[TAG_TARGET] = str(target)
+        tags[TAG_SOURCE] = "none" if kind == "baseline" else str(source)
+    if task is not None:
+        tags[TAG_TASK] = str(task)
+    if seed is not None and kind in ("train", "transfer"):
+        tags[TAG_SEED] = str(seed)
+    return tags
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# experiments and runs
+
+
+def get_or_create_experiment(mlflow_client, name: str) -> str:
+    """The experiment's id; created when missing. A deleted experiment of that name is an error, not a surprise."""
+    from mlflow.exceptions import MlflowException
+
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return mlflow_client.create_experiment(name)
+        except MlflowException:  # created meanwhile by another process
+            exp = mlflow_client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage != "active":
+        raise PtrayError(f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
+                         f"--experiment-id {exp.experiment_id}) or choose another --experiment")
+    return exp.experiment_id
+
+
+def read_plan(mlflow_client, experiment_name: str, study: str) -> dict | None:
+    exp = mlflow_client.get_experiment_by_name(experiment_name)
+    if exp is None or exp.lifecycle_stage != "active":
+        return None
+    raw = exp.tags.get(PLAN_TAG_PREFIX + study)
+    return json.loads(raw) if raw else None
+
+
+def write_plan(mlflow_client, experiment_id: str, study: str, plan: dict) -> None:
+    mlflow_client.set_experiment_tag(experiment_id, PLAN_TAG_PREFIX + study, json.dumps(plan, sort_keys=True))
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
+def search_study_runs(mlflow_client, experiment_id: str, study: str, kind: str | None = None,
+                      name: str | None = None, extra: str = "") -> list:
+    """Every active run of ``study`` (optionally of one kind / run name), all pages."""
+    clauses = [f"tags.`{TAG_STUDY}` = {_quote(study)}"]
+    if kind:
+        clauses.append(f"tags.`{TAG_KIND}` = {_quote(kind)}")
+    if name:
+        clauses.append(f"attributes.run_name = {_quote(name)}")
+    if extra:
+        clauses.append(extra)
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs([experiment_id], " and ".join(clauses), max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_run(mlflow_client, experiment_id: str, study: str, name: str):
+    """The active run named ``name`` in ``study`` (the oldest, should a race ever have made two), or None."""
+    runs = search_study_runs(mlflow_client, experiment_id, study, name=name)
+    return min(runs, key=lambda r: r.info.start_time) if runs else None
+
+
+def create_run(mlflow_client, experiment_id: str, name: str, tags: dict[str, str]):
+    return mlflow_client.create_run(experiment_id, run_name=name, tags=tags)
+
+
+def log_params_once(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
+    """Log params not yet on the run. MLflow refuses to change a param, and a trial resumed on another node (say a
+    CPU one) must not fail on that; the first value stays."""
+    from mlflow.entities import Param
+
+    have = mlflow_client.get_run(run_id).data.params
+    todo = [Param(k, _param_value(v)) for k, v in params.items() if k not in have]
+    for i in range(0, len(todo), 100):  # MLflow's batch limit for params
+        mlflow_client.log_batch(run_id, params=todo[i: i + 100])
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:6000]  # MLflow's limit for a param value
+
+
+def log_metrics(mlflow_client, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+    """Log the numeric entries of ``metrics`` at ``step`` in one request (atomic on the server)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if batch:
+        mlflow_client.log_batch(run_id, metrics=batch)
+
+
+def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """The per-epoch metrics to log for one row of ``train``'s history (the epoch is the step)."""
+    return {k: v for k, v in row.items() if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+HISTORY_KEY = "eval_loss"  # logged once per epoch, in the same batch as every other per-epoch metric
+
+
+def logged_epochs(mlflow_client, run_id: str) -> list[int]:
+    return sorted(m.step for m in mlflow_client.get_metric_history(run_id, HISTORY_KEY))
+
+
+def sync_history(mlflow_client, run, history: list[dict[str, Any]]) -> str:
+    """Make ``run``'s per-epoch metrics exactly ``history`` (a resumed trial's checkpointed epochs); return the run
+    id to continue logging in.
+
+    A trial logs an epoch to MLflow only after its checkpoint is saved, so a resumed run normally lacks at most the
+    last checkpointed epoch: it is logged here, and the history stays contiguous. If MLflow holds epochs that the
+    checkpoint does not (the driver was killed before Tune recorded the newest checkpoint), those points cannot be
+    deleted from a metric's history: the run is replaced by a new one with the same name, tags and params and the
+    checkpointed history, and the old one is deleted, so that the study never shows a duplicated epoch.
+    """
+    run_id = run.info.run_id
+    have = logged_epochs(mlflow_client, run_id)
+    want = [row["epoch"] for row in history]
+    if have == want[: len(have)]:
+        for row in history[len(have):]:
+            log_metrics(mlflow_client, run_id, epoch_metrics(row), step=row["epoch"])
+        return run_id
+    from mlflow.entities import Param
+
+    new = mlflow_client.create_run(run.info.experiment_id, run_name=run.info.run_name,
+                                   tags={k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")})
+    params = [Param(k, v) for k, v in run.data.params.items()]
+    for i in range(0, len(params), 100):
+        mlflow_client.log_batch(new.info.run_id, params=params[i: i + 100])
+    for row in history:
+        log_metrics(mlflow_client, new.info.run_id, epoch_metrics(row), step=row["epoch"])
+    mlflow_client.set_tag(new.info.run_id, "ptray.replaces", run_id)
+    mlflow_client.delete_run(run_id)
+    return new.info.run_id
+
+
+def final_metrics(run) -> dict[str, float]:
+    """A finished train run's final metrics, without the prefix."""
+    n = len(FINAL_PREFIX)
+    return {k[n:]: v for k, v in run.data.metrics.items() if k.startswith(FINAL_PREFIX)}
+
+
+def replace_unfinished(mlflow_client, experiment_id: str, study: str, name: str) -> Any:
+    """The finished run named ``name``, or None after deleting any unfinished one (a crashed evaluation's run, which
+    would otherwise stay as a duplicate beside its retry)."""
+    found = None
+    for run in search_study_runs(mlflow_client, experiment_id, study, name=name):
+        if run.info.status == FINISHED and found is None:
+            found = run
+        else:
+            mlflow_client.delete_run(run.info.run_id)
+    return found
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
+
+
+def ui_command(uri: str) -> str:
+    """How to open the MLflow UI on this store."""
+    if is_server(uri):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def chunks(items: Iterable, n: int):
+    items = list(items)
+    for i in range(0, len(items), n):
+        yield items[i: i + n]

@@ -1,0 +1,85 @@
+"""One-pass exact match against greedy `generate`, rank accuracy against a naive loop, on random inputs."""
+
+import torch
+
+from ptray.batching import Encoded
+from ptray.evaluate import evaluate
+
+
+def _greedy(model, src, prompt, max_new, eos, pad):
+    x = model.get_input_embeddings()(torch.tensor([src]))
+    x = torch.cat([prompt[None], x], 1)
+    out = model.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long),
+                         max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    return out[0].tolist()
+
+
+def test_one_pass_exact_match_equals_generate(tiny):
+    """Per example: EM from one teacher-forced pass == (greedy generate gives exactly answer + EOS).
+
+    Each group shares one EOS token, taken from a real greedy continuation, so the group holds examples that
+    are right (answer = greedy prefix, then EOS), wrong in the answer, wrong at EOS, and random ones.
+    """
+    model, tok = tiny
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randn(4, model.config.hidden_size, generator=gen) * 0.5
+    vocab, pad = len(tok), tok.pad_token_id
+    checked = right = 0
+    for group in range(6):
+        src = torch.randint(4, vocab, (int(torch.randint(3, 10, (1,), generator=gen)),), generator=gen).tolist()
+        g = _greedy(model, src, prompt, 4, None, pad)  # the greedy continuation, no early stop
+        eos = g[2]
+        if eos in g[:2]:
+            continue  # generate would stop early; the group then tests nothing new
+        examples = [
+            (src, [g[0], g[1]]),  # greedy answer then EOS: right
+            (src, [g[0], (g[1] + 1) % vocab or 5]),  # second answer token wrong
+            (src, [g[0]]),  # greedy continues with g[1], not EOS: wrong
+        ]
+        for _ in range(5):
+            s = torch.randint(4, vocab, (int(torch.randint(2, 12, (1,), generator=gen)),), generator=gen).tolist()
+            examples.append((s, torch.randint(4, vocab, (int(torch.randint(1, 3, (1,), generator=gen)),),
+                                              generator=gen).tolist()))
+        data = [Encoded(i, s, (a,), 0) for i, (s, a) in enumerate(examples)]
+        res = evaluate(model, data, prompt, batch_size=3, pad_id=pad, eos_id=eos)
+        for (s, a), em in zip(examples, res.em_correct):
+            ref = _greedy(model, s, prompt, len(a) + 1, eos, pad)[: len(a) + 1] == a + [eos]
+            assert em == int(ref), (s, a, eos)
+            checked += 1
+            right += em
+    assert checked >= 24 and right >= 3  # both outcomes really occurred
+
+
+def test_rank_accuracy_and_loss_equal_naive_loop(tiny):
+    model, tok = tiny
+    gen = torch.Generator().manual_seed(5)
+    vocab, pad, eos = len(tok), tok.pad_token_id, tok.eos_token_id
+    answers = ([10, 11], [12], [13, 14, 15])
+    data = []
+    for i in range(9):
+        s = torch.randint(4, vocab, (int(torch.randint(2, 9, (1,), generator=gen)),), generator=gen).tolist()
+        data.append(Encoded(i, s, answers, i % 3))
+    res = evaluate(model, data, None, batch_size=4, pad_id=pad, eos_id=eos)
+    preds, nll, count = [], 0.0, 0
+    with torch.no_grad():
+        for d in data:
+            scores = []
+            for k, a in enumerate(d.answers):
+                logits = model(input_ids=torch.tensor([d.source + a])).logits[0]
+                lp = torch.log_softmax(logits[len(d.source) - 1:], -1)
+                tok_lp = lp.gather(1, torch.tensor(a + [eos])[:, None]).squeeze(1)
+                scores.append(tok_lp.sum().item())
+                if k == d.label:
+                    nll -= tok_lp.sum().item()
+                    count += len(a) + 1
+            preds.append(max(range(3), key=scores.__getitem__))
+    assert res.rank_pred == preds
+    assert res.rank_accuracy == sum(p == d.label for p, d in zip(preds, data)) / len(data)
+    assert abs(res.loss - nll / count) < 1e-5
+
+
+def test_unlabeled_examples_are_skipped(tiny):
+    model, tok = tiny
+    data = [Encoded(0, [5, 6, 7], ([8],), 0), Encoded(1, [5, 6], ([8],), None)]
+    res = evaluate(model, data, None, 8, tok.pad_token_id, tok.eos_token_id)
+    assert res.num_examples == 1 and len(res.em_correct) == 1

@@ -1,0 +1,78 @@
+"""Task registry: one golden string per formatter, invariants over every task, registry errors."""
+
+import pytest
+
+from ptray.data import Example
+from ptray.errors import PtrayError
+from ptray.tasks import TASK_NAMES, TASKS, _build_registry, get_task
+
+
+def test_golden_cb():
+    ex = {"premise": "B: They just love kittens. A: Yeah.", "hypothesis": "this is a cat"}
+    assert get_task("cb").format(ex) == "Premise: B: They just love kittens. A: Yeah.\nHypothesis: this is a cat\nAnswer:"
+    assert get_task("cb").answers == (" yes", " no", " maybe")
+
+
+def test_golden_rte():
+    ex = {"premise": "There has been a lot of concern.", "hypothesis": "Bacteria is winning."}
+    assert get_task("rte").format(ex) == "Premise: There has been a lot of concern.\nHypothesis: Bacteria is winning.\nAnswer:"
+    assert get_task("rte").target(1) == " no"  # not_entailment
+
+
+def test_golden_copa():
+    ex = {"premise": "My eyes became red and puffy.", "choice1": " I was sobbing.", "choice2": "I was laughing.",
+          "question": "effect"}
+    assert get_task("copa").format(ex) == (
+        "Premise: My eyes became red and puffy.\nWhat happened as a result?\n1: I was sobbing.\n2: I was laughing.\nAnswer:"
+    )  # the leading space of an official COPA choice (train idx 128) is dropped
+    assert get_task("copa").answers == (" 1", " 2")
+
+
+def test_golden_wsc():
+    ex = {"text": "Jane gave Joan candy because she was hungry.", "span1_text": "Jane\nGave", "span2_text": "she",
+          "span1_index": 0, "span2_index": 5}
+    assert get_task("wsc").format(ex) == (
+        'Text: Jane gave Joan candy because she was hungry.\nDoes the pronoun "she" refer to "Jane Gave"?\nAnswer:'
+    )  # the newline inside an official WSC span (train idx 234) becomes a space
+    assert get_task("wsc").target(get_task("wsc").labels.index("True")) == " yes"
+
+
+def test_init_texts_are_the_papers():
+    assert TASKS["cb"].init_text == "Does the hypothesis entail, contradict or is neutral about the premise?"
+    assert TASKS["rte"].init_text == "Does the hypothesis entail, or not entail the premise?"
+    assert TASKS["copa"].init_text == "Pick the correct choice given the premise and the question."
+    assert TASKS["wsc"].init_text == (
+        "Given the following text, decide whether the span1_text is referenced by the pronoun in span2_text")
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_invariants(name, data_dir):
+    from ptray.data import load_split
+
+    task = TASKS[name]
+    assert set(task.verbalizer) == set(task.labels)
+    assert len(set(task.answers)) == len(task.answers), "answers must be distinct"
+    for answer in task.answers:
+        assert answer.startswith(" ") and answer == " " + answer.strip() and "\n" not in answer
+    assert task.version >= 1 and task.init_text
+    for ex in load_split(task, "val", data_dir)[:30]:
+        text = task.format(ex.fields)
+        assert text.endswith("Answer:") and text == text.strip()
+        assert "  " not in text and " \n" not in text and "\n " not in text
+        assert 0 <= ex.label < len(task.labels)
+
+
+def test_unknown_task_lists_valid_and_suggests():
+    with pytest.raises(PtrayError, match=r"unknown task 'rtee'; valid tasks: cb, rte, copa, wsc\. Did you mean 'rte'\?"):
+        get_task("rtee")
+    assert get_task("COPA").name == "copa"
+
+
+def test_duplicate_task_name_is_an_error():
+    with pytest.raises(ValueError, match="duplicate task name 'cb'"):
+        _build_registry((TASKS["cb"], TASKS["cb"]))
+
+
+def test_example_is_hashable_by_identity_fields():
+    ex = Example("cb", "val", 0, {"premise": "a", "hypothesis": "b"}, 1)
+    assert ex.label == 1 and ex.fields["premise"] == "a"

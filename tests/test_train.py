@@ -1,0 +1,108 @@
+"""Training: loss goes down on real CB data, outputs complete, bit-exact on CPU, resume, early stopping, NaN."""
+
+import json
+
+import pytest
+import torch
+
+import ptray.train
+from ptray.errors import PtrayError
+from ptray.evaluate import EvalResult
+from ptray.train import TrainConfig, save_run, train
+
+
+def _cfg(tiny_model_dir, data_dir, **kw):
+    base = dict(task="cb", seed=0, model=str(tiny_model_dir), data_dir=str(data_dir), max_epochs=3,
+                max_train_examples=48, max_eval_examples=24, batch_size=8)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_short_training_on_cb(tiny_model_dir, data_dir, tmp_path):
+    result = train(_cfg(tiny_model_dir, data_dir, max_train_examples=None, max_eval_examples=None))
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.5
+    assert result.history[-1]["eval_loss"] < result.history[0]["eval_loss"]
+    m = result.metrics
+    for key in ("exact_match", "rank_accuracy", "eval_loss", "best_epoch", "epochs_run", "no_prompt_exact_match",
+                "no_prompt_rank_accuracy", "init_text_exact_match", "init_text_rank_accuracy"):
+        assert key in m
+    assert m["epochs_run"] == 3 and m["num_eval_examples"] == 56 and 0 <= m["exact_match"] <= 1
+    assert result.resolved["num_tokens"] == result.prompt.shape[0] == m["num_tokens"]
+
+    out = save_run(result, tmp_path / "run")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "history.json", "metrics.json", "predictions.json", "prompt"]
+    assert sorted(p.name for p in (out / "prompt").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["exact_match"] == m["exact_match"]
+    preds = json.loads((out / "predictions.json").read_text())
+    assert len(preds["idx"]) == 56 and sum(preds["prompt_em_correct"]) / 56 == pytest.approx(m["exact_match"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["template_version"] == 1 and config["init_text"].startswith("Does the hypothesis")
+    assert not list(tmp_path.glob(".run.partial-*"))
+
+
+def test_same_seed_same_prompt_bit_for_bit(tiny_model_dir, data_dir):
+    a = train(_cfg(tiny_model_dir, data_dir, max_epochs=2, baselines=False))
+    b = train(_cfg(tiny_model_dir, data_dir, max_epochs=2, baselines=False))
+    assert torch.equal(a.prompt, b.prompt)
+    c = train(_cfg(tiny_model_dir, data_dir, max_epochs=2, baselines=False, seed=1))
+    assert not torch.equal(a.prompt, c.prompt)  # another seed shuffles differently
+
+
+def test_resume_from_epoch_state_equals_uninterrupted(tiny_model_dir, data_dir, tmp_path):
+    states = []
+    full = train(_cfg(tiny_model_dir, data_dir, patience=50),
+                 on_epoch_end=lambda metrics, state: states.append(state))
+    assert [s["epoch"] for s in states] == [1, 2, 3]
+    torch.save(states[0], tmp_path / "state.pt")  # what a checkpoint holds must survive a safe load
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    resumed = train(_cfg(tiny_model_dir, data_dir, patience=50), resume=state)
+    assert torch.equal(resumed.prompt, full.prompt)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[0] == full.history[0]
+
+
+def test_early_stopping_restores_best(tiny_model_dir, data_dir, monkeypatch):
+    losses = iter([5.0, 3.0, 1.0, 2.0, 2.5, 0.5])  # baselines take the first two
+    real_evaluate = ptray.train.evaluate
+
+    def fake_evaluate(*args, **kwargs):
+        res = real_evaluate(*args, **kwargs)
+        return EvalResult(next(losses), res.exact_match, res.rank_accuracy, res.num_examples, res.em_correct,
+                          res.rank_correct, res.rank_pred)
+
+    monkeypatch.setattr(ptray.train, "evaluate", fake_evaluate)
+    states = []
+    result = train(_cfg(tiny_model_dir, data_dir, max_epochs=10, patience=2),
+                   on_epoch_end=lambda m, s: states.append(s))
+    # epoch losses 1.0, 2.0, 2.5: two epochs without improvement -> stop after epoch 3, best epoch 1
+    assert result.metrics["epochs_run"] == 3 and result.metrics["best_epoch"] == 1
+    assert result.metrics["eval_loss"] == 1.0 and result.metrics["stopped_early"]
+    assert torch.equal(result.prompt, states[0]["prompt"]) and not torch.equal(result.prompt, states[2]["prompt"])
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, data_dir, monkeypatch):
+    real = ptray.train.answer_logprobs
+
+    def nan_logprobs(model, batch, prompt=None):
+        logp, ok = real(model, batch, prompt)
+        return logp * float("nan"), ok
+
+    monkeypatch.setattr(ptray.train, "answer_logprobs", nan_logprobs)
+    with pytest.raises(PtrayError, match=r"the training loss became nan at epoch 1, step \d+ \(cb, seed 0\); lower --lr"):
+        train(_cfg(tiny_model_dir, data_dir, baselines=False))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("max_epochs", 0, "max_epochs must be a positive integer, got 0"),
+    ("batch_size", -2, "batch_size must be a positive integer, got -2"),
+    ("lr", 0.0, "lr must be a positive number, got 0.0"),
+    ("lr", float("nan"), "lr must be a positive number, got nan"),
+    ("task", "boolq", "unknown task 'boolq'; valid tasks: cb, rte, copa, wsc"),
+    ("init", "zeros", "init must be one of"),
+    ("eval_split", "test", "eval_split must be train or val"),
+])
+def test_config_validation(field, value, message):
+    with pytest.raises(PtrayError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**{field: value})
