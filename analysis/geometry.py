@@ -1,0 +1,163 @@
+"""Norms, distances and 2-D maps of prompts (paper 5.2-5.3, Figures 6-7, Table 1), raw and "effective".
+
+Effective rows: BLOOM applies a LayerNorm (``word_embeddings_layernorm``) to every input embedding, prompt rows
+included, so a row's scale and mean never reach the transformer. The effective rows are the rows after that
+LayerNorm: what the model actually sees. For a model without such a LayerNorm the effective rows are the raw rows.
+
+Prompts of different lengths (15/14/12/20 tokens in the paper): the distance between two prompts is defined over
+their common length, ``||A[:m] - B[:m]||_F`` with ``m = min(n_A, n_B)`` ("truncate"; row i of one prompt is
+compared with row i of the other, both starting from the same kind of position), or with the shorter prompt padded
+with zero rows ("pad", which adds the norm of the longer prompt's extra rows). Same-length prompts get the paper's
+plain ``||A - B||_F`` either way. ``rms`` distances divide by ``sqrt(m)`` so pairs with different m compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+DISTANCE_METHODS = ("truncate", "pad")
+
+
+@dataclass(frozen=True)
+class InputNorm:
+    """The LayerNorm a model applies to its input embeddings: weight [hidden], bias [hidden], eps."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+    name: str = "word_embeddings_layernorm"
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [..., hidden] -> the same rows after the LayerNorm (fp32)."""
+        return torch.nn.functional.layer_norm(rows.float(), (rows.shape[-1],), self.weight.float(),
+                                              self.bias.float(), self.eps)
+
+
+def input_norm(model) -> InputNorm | None:
+    """The model's input-embedding LayerNorm (BLOOM's ``word_embeddings_layernorm``), or None if it has none."""
+    base = getattr(model, "base_model", model)
+    for owner in (base, getattr(base, "transformer", None), model):
+        ln = getattr(owner, "word_embeddings_layernorm", None) if owner is not None else None
+        if isinstance(ln, torch.nn.LayerNorm):
+            return InputNorm(ln.weight.detach().float().cpu().clone(), ln.bias.detach().float().cpu().clone(),
+                             float(ln.eps))
+    return None
+
+
+def effective(rows: torch.Tensor, norm: InputNorm | None) -> torch.Tensor:
+    """rows [..., hidden] as the model sees them: after ``norm``, or unchanged (fp32) when there is none."""
+    return norm(rows) if norm is not None else rows.float()
+
+
+def prompt_norms(prompts: list[torch.Tensor]) -> pd.DataFrame:
+    """Per prompt [n_i, hidden]: ``frobenius`` ||P||_F, ``num_tokens`` n and ``per_token`` ||P||_F / sqrt(n)
+    (the root-mean-square row norm, which does not grow with the prompt's length)."""
+    rows = []
+    for p in prompts:
+        fro = float(torch.linalg.matrix_norm(p.double()))
+        rows.append({"num_tokens": p.shape[0], "frobenius": fro, "per_token": fro / np.sqrt(p.shape[0])})
+    return pd.DataFrame(rows)
+
+
+def prompt_distance(a: torch.Tensor, b: torch.Tensor, method: str = "truncate") -> float:
+    """Frobenius distance between prompts a [n_a, h] and b [n_b, h] (see the module docstring for n_a != n_b)."""
+    if method not in DISTANCE_METHODS:
+        raise ValueError(f"distance method must be one of {DISTANCE_METHODS}, got {method!r}")
+    a, b = a.double(), b.double()
+    m = min(a.shape[0], b.shape[0])
+    squared = (a[:m] - b[:m]).pow(2).sum()
+    if method == "pad":  # the shorter prompt's missing rows are zeros: the longer one's extra rows count in full
+        longer = a if a.shape[0] >= b.shape[0] else b
+        squared = squared + longer[m:].pow(2).sum()
+    return float(torch.sqrt(squared))
+
+
+def distance_matrix(prompts: list[torch.Tensor], method: str = "truncate", per_row: bool = False) -> np.ndarray:
+    """[P, P] symmetric matrix of ``prompt_distance`` between every pair; ``per_row`` divides each entry by the
+    square root of the number of rows compared (m for truncate, max(n_a, n_b) for pad)."""
+    n = len(prompts)
+    out = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            d = prompt_distance(prompts[i], prompts[j], method)
+            if per_row:
+                rows = min if method == "truncate" else max
+                d /= np.sqrt(rows(prompts[i].shape[0], prompts[j].shape[0]))
+            out[i, j] = out[j, i] = d
+    return out
+
+
+def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
+    """[P, d] -> [P, P] cosine similarity of every pair of rows."""
+    v = np.asarray(vectors, dtype=np.float64)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return v @ v.T
+
+
+def task_means(matrix: np.ndarray, labels: list[str], tasks: list[str]) -> pd.DataFrame:
+    """Average a [P, P] prompt-pair matrix over the seed pairs of each task pair -> [T, T] DataFrame.
+
+    Off the diagonal every (seed of A, seed of B) pair counts; on the diagonal the distinct seed pairs of one task
+    (a prompt is not paired with itself), NaN when a task has a single seed.
+    """
+    lab = np.asarray(labels)
+    out = pd.DataFrame(index=pd.Index(tasks, name="source"), columns=pd.Index(tasks, name="target"), dtype=float)
+    for a in tasks:
+        for b in tasks:
+            ia, ib = np.flatnonzero(lab == a), np.flatnonzero(lab == b)
+            block = matrix[np.ix_(ia, ib)]
+            if a == b:
+                block = block[~np.eye(len(ia), dtype=bool)]
+            out.loc[a, b] = float(np.mean(block)) if block.size else np.nan
+    return out
+
+
+def pair_table(matrix: np.ndarray, labels: list[str], seeds: list[int], value: str) -> pd.DataFrame:
+    """Every unordered pair of distinct prompts as one row: task_a, seed_a, task_b, seed_b, ``value``."""
+    rows = []
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            rows.append({"task_a": labels[i], "seed_a": seeds[i], "task_b": labels[j], "seed_b": seeds[j],
+                         value: float(matrix[i, j])})
+    return pd.DataFrame(rows)
+
+
+def common_length_features(prompts: list[torch.Tensor]) -> tuple[np.ndarray, int]:
+    """Flatten the first m rows of every prompt (m = the shortest prompt's length) -> ([P, m * hidden], m)."""
+    m = min(p.shape[0] for p in prompts)
+    return np.stack([p[:m].double().flatten().numpy() for p in prompts]), m
+
+
+def tsne_perplexity(n_points: int) -> float:
+    """A valid t-SNE perplexity for n points: the usual rule (n - 1) / 3, capped at 30 (scikit-learn's default)
+    and kept in [1, n - 1). 16 prompts -> 5."""
+    return float(min(30.0, max(1.0, min((n_points - 1) / 3, n_points - 1.5))))
+
+
+def tsne_map(distances: np.ndarray, seed: int = 0, perplexity: float | None = None) -> np.ndarray:
+    """t-SNE of a [P, P] distance matrix -> [P, 2] coordinates (exact method, random init: precomputed
+    distances allow no PCA init)."""
+    from sklearn.manifold import TSNE
+
+    n = distances.shape[0]
+    if n < 3:
+        raise ValueError(f"t-SNE needs at least 3 prompts, got {n}")
+    tsne = TSNE(n_components=2, metric="precomputed", init="random", random_state=seed, method="exact",
+                perplexity=perplexity or tsne_perplexity(n))
+    return tsne.fit_transform(np.asarray(distances, dtype=np.float64))
+
+
+def pca_map(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of [P, d] features -> ([P, 2] coordinates, [2] explained variance ratio)."""
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=min(2, *features.shape))
+    coords = pca.fit_transform(np.asarray(features, dtype=np.float64))
+    if coords.shape[1] < 2:  # fewer than 2 prompts or features: pad so callers always get [P, 2]
+        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+    ratio = np.pad(pca.explained_variance_ratio_, (0, 2 - len(pca.explained_variance_ratio_)))
+    return coords, ratio

@@ -1,0 +1,320 @@
+"""analysis/: pure functions on constructed prompts with known answers, and the CLI's one-line errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from analysis import fonts, geometry, nearest, predictors, transfer
+from analysis.records import EvalRun, PromptRun, Study
+
+
+# ----------------------------------------------------------------------------------------------- nearest tokens
+def test_rows_equal_to_token_embeddings_return_those_tokens_first():
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(1000, 32, generator=gen)
+    ids = torch.tensor([5, 999, 0, 431, 432])
+    sims, got = nearest.nearest_tokens(emb[ids] * 2.5, emb, k=3, chunk=97)  # chunks split the vocabulary oddly
+    assert torch.equal(got[:, 0], ids)
+    assert torch.allclose(sims[:, 0], torch.ones(5), atol=1e-5)
+    assert (sims[:, 1] <= sims[:, 0]).all() and (sims[:, 2] <= sims[:, 1]).all()
+
+
+def test_chunked_search_equals_the_full_matrix_reference():
+    gen = torch.Generator().manual_seed(1)
+    emb, rows = torch.randn(5000, 48, generator=gen), torch.randn(40, 48, generator=gen)
+    sims, ids = nearest.nearest_tokens(rows, emb, k=5, chunk=333)
+    ref = torch.nn.functional.normalize(rows, dim=1) @ torch.nn.functional.normalize(emb, dim=1).T
+    ref_sims, ref_ids = ref.topk(5, dim=1)
+    assert torch.equal(ids, ref_ids)
+    assert torch.allclose(sims, ref_sims, atol=1e-6)
+
+
+def test_effective_nearest_tokens_ignore_a_rows_scale_and_shift():
+    gen = torch.Generator().manual_seed(2)
+    emb = torch.randn(300, 16, generator=gen)
+    norm = geometry.InputNorm(torch.rand(16, generator=gen) + 0.5, torch.randn(16, generator=gen) * 0.1, 1e-5)
+    ids = torch.tensor([7, 150, 299])
+    moved = emb[ids] * 3.7 + 10.0  # what the input LayerNorm undoes
+    _, eff = nearest.nearest_tokens(moved, emb, k=1, transform=norm)
+    _, raw = nearest.nearest_tokens(moved, emb, k=1)
+    assert torch.equal(eff[:, 0], ids)
+    assert (raw[:, 0] != ids).any()  # a shift changes the raw cosine reading
+
+
+def test_tokens_are_shown_as_their_exact_text(tiny):
+    _, tok = tiny
+    vocab = tok.get_vocab()
+    assert nearest.token_text(tok, vocab["Ġthe"]) == " the"
+    assert nearest.visible(" the") == "␣the"
+    assert nearest.token_text(tok, vocab["Ċ"]) == "\n" and nearest.visible("\n") == "\\n"
+    assert nearest.token_text(tok, vocab["Ã"]) == "\\xc3"  # one byte of a two-byte character: kept as bytes
+    assert nearest.token_text(tok, tok.eos_token_id) == "</s>"
+    assert nearest.visible("a\u200bb\tc") == "a\\u200bb\\tc"
+    assert nearest.visible("准确 دقیق") == "准确␣دقیق"  # other scripts are kept as they are
+
+
+def test_font_fallback_never_leaves_an_uncovered_character():
+    latin = frozenset(range(32, 0x250)) | {0x2423}
+    fs = fonts.FontSet(["Base"], {"Base": latin})
+    assert fs.prepare("␣准确")[0] == "␣[CJK×2]"
+    assert fs.prepare("ಸರಿ")[0] == "[Kannada×3]"  # the vowel sign stays with its letter's run
+    assert fs.prepare("ab准κ")[0] == "ab[CJK×1][Greek×1]"
+    both = fonts.FontSet(["Base", "Cjk"], {"Base": latin, "Cjk": frozenset(map(ord, "准确"))})
+    label, families = both.prepare("x准确")
+    assert label == "x准确" and families == ["Base", "Cjk"]
+    for text in ("准确 ಸರಿ", "دقیق", "\\xe0", "Ελλάδα"):
+        label, families = fs.prepare(text)
+        assert all(ord(c) in latin or c in "[]×" for c in label)
+
+
+def test_installed_fonts_cover_latin():
+    fs = fonts.font_set()
+    assert fs.families[0] == fonts.BASE_FAMILY
+    assert not fs.missing("Given the premise ␣")
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+A = torch.zeros(2, 3)
+B = torch.ones(2, 3)
+C = torch.eye(3)  # three rows: a longer prompt
+
+
+def test_distances_between_constructed_prompts_equal_hand_computed_values():
+    assert geometry.prompt_distance(A, B) == pytest.approx(math.sqrt(6))
+    assert geometry.prompt_distance(A, C, "truncate") == pytest.approx(math.sqrt(2))  # first 2 rows of C
+    assert geometry.prompt_distance(A, C, "pad") == pytest.approx(math.sqrt(3))  # A padded with a zero row
+    assert geometry.prompt_distance(B, C, "truncate") == pytest.approx(math.sqrt(4))  # (0,1,1), (1,0,1)
+    assert geometry.prompt_distance(B, C, "pad") == pytest.approx(math.sqrt(5))
+    d = geometry.distance_matrix([A, B, C])
+    np.testing.assert_allclose(d, [[0, math.sqrt(6), math.sqrt(2)], [math.sqrt(6), 0, 2], [math.sqrt(2), 2, 0]])
+    per_row = geometry.distance_matrix([A, B, C], per_row=True)
+    assert per_row[0, 1] == pytest.approx(math.sqrt(6) / math.sqrt(2))
+    with pytest.raises(ValueError, match="truncate"):
+        geometry.prompt_distance(A, B, "align")
+
+
+def test_task_means_average_seed_pairs_and_leave_self_pairs_out():
+    # two tasks: x (prompts 0, 1) and y (prompts 2, 3, 4)
+    d = np.array([[0, 1, 2, 3, 4],
+                  [1, 0, 5, 6, 7],
+                  [2, 5, 0, 8, 9],
+                  [3, 6, 8, 0, 10],
+                  [4, 7, 9, 10, 0]], dtype=float)
+    m = geometry.task_means(d, ["x", "x", "y", "y", "y"], ["x", "y"])
+    assert m.loc["x", "x"] == 1.0
+    assert m.loc["x", "y"] == m.loc["y", "x"] == pytest.approx(np.mean([2, 3, 4, 5, 6, 7]))
+    assert m.loc["y", "y"] == pytest.approx(np.mean([8, 9, 10]))
+    single = geometry.task_means(np.zeros((2, 2)), ["x", "y"], ["x", "y"])
+    assert np.isnan(single.loc["x", "x"])
+
+
+def test_norms_per_token_divide_by_the_square_root_of_the_length():
+    n = geometry.prompt_norms([torch.ones(4, 9), torch.ones(1, 9)])
+    assert n["frobenius"].tolist() == pytest.approx([6.0, 3.0])
+    assert n["per_token"].tolist() == pytest.approx([3.0, 3.0])
+
+
+def test_effective_metrics_are_invariant_to_scaling_and_shifting_a_row_and_raw_ones_are_not(tiny):
+    model, _ = tiny
+    norm = geometry.input_norm(model)
+    assert norm is not None and norm.name == "word_embeddings_layernorm"
+    gen = torch.Generator().manual_seed(3)
+    p, q = torch.randn(5, 64, generator=gen), torch.randn(4, 64, generator=gen)
+    p2 = p.clone()
+    p2[1] = p2[1] * 3.7 + 2.0
+    p2[3] = p2[3] * 0.5 - 1.0  # (exact up to the LayerNorm's eps, 1e-5 against a row variance near 1)
+    # the effective rows are exactly what BLOOM's LayerNorm makes of them
+    ln = model.transformer.word_embeddings_layernorm
+    assert torch.allclose(geometry.effective(p, norm), ln(p), atol=1e-6)
+    e, e2, eq = (geometry.effective(x, norm) for x in (p, p2, q))
+    assert torch.allclose(e, e2, atol=1e-4)
+    for method in geometry.DISTANCE_METHODS:
+        assert geometry.prompt_distance(e, eq, method) == pytest.approx(geometry.prompt_distance(e2, eq, method),
+                                                                        rel=1e-5)
+        assert geometry.prompt_distance(p, q, method) != pytest.approx(geometry.prompt_distance(p2, q, method),
+                                                                       rel=1e-3)
+    assert geometry.prompt_norms([e])["frobenius"][0] == pytest.approx(geometry.prompt_norms([e2])["frobenius"][0],
+                                                                       rel=1e-5)
+    assert geometry.prompt_norms([p])["frobenius"][0] != pytest.approx(geometry.prompt_norms([p2])["frobenius"][0])
+    eff_sim = predictors.spot_similarity([e, eq])[0, 1]
+    assert eff_sim == pytest.approx(predictors.spot_similarity([e2, eq])[0, 1], rel=1e-5)
+    assert geometry.effective(p, None).equal(p)  # no LayerNorm: effective = raw
+
+
+def test_tsne_and_pca_of_16_prompts_have_the_right_shape():
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randn(n, 8, generator=gen) + i // 4 for i, n in enumerate([15] * 4 + [14] * 4 + [12] * 4 +
+                                                                             [20] * 4)]
+    assert geometry.tsne_perplexity(16) == 5.0 and geometry.tsne_perplexity(3) < 2
+    xy = geometry.tsne_map(geometry.distance_matrix(prompts), seed=0)
+    assert xy.shape == (16, 2) and np.isfinite(xy).all()
+    feats, m = geometry.common_length_features(prompts)
+    assert m == 12 and feats.shape == (16, 12 * 8)
+    coords, ratio = geometry.pca_map(feats)
+    assert coords.shape == (16, 2) and 0 < ratio.sum() <= 1
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def test_correlation_equals_scipy():
+    gen = np.random.default_rng(0)
+    x, y = gen.normal(size=12), gen.normal(size=12)
+    y = y + 0.8 * x
+    c = transfer.correlation(x, y)
+    s, p = stats.spearmanr(x, y), stats.pearsonr(x, y)
+    assert c["n"] == 12
+    assert c["spearman_r"] == pytest.approx(s.statistic) and c["spearman_p"] == pytest.approx(s.pvalue)
+    assert c["pearson_r"] == pytest.approx(p.statistic) and c["pearson_p"] == pytest.approx(p.pvalue)
+    x[3] = np.nan
+    assert transfer.correlation(x, y)["n"] == 11
+    assert np.isnan(transfer.correlation(np.arange(5), np.zeros(5))["spearman_r"])  # constant: undefined
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
+    x = np.array([1.0] * 10 + [0.0] * 46)  # 56 examples like CB
+    lo, hi = transfer.bootstrap_mean_ci(x, 2000, seed=0)
+    assert lo < x.mean() < hi and 0 <= lo and hi <= 1
+    assert (lo, hi) == transfer.bootstrap_mean_ci(x, 2000, seed=0)
+    assert transfer.bootstrap_mean_ci(np.full(20, 0.25), 500) == (0.25, 0.25)
+
+
+def _study_with_known_outcomes() -> Study:
+    """Two tasks a (2 seeds) and b (1 seed); 4 examples each. Known per-example outcomes."""
+    def prompt(task, seed, em, rank):
+        return PromptRun(f"{task}{seed}", task, seed, torch.zeros(2, 4), {"init_text": ""},
+                         {"exact_match": np.mean(em), "rank_accuracy": np.mean(rank)},
+                         {"idx": [0, 1, 2, 3], "prompt_em_correct": em, "prompt_rank_correct": rank,
+                          "no_prompt_em_correct": [0, 0, 0, 0], "no_prompt_rank_correct": [1, 0, 0, 0]})
+
+    prompts = [prompt("a", 0, [1, 1, 0, 0], [1, 1, 1, 0]), prompt("a", 1, [1, 0, 0, 0], [1, 1, 0, 0]),
+               prompt("b", 0, [1, 1, 1, 1], [1, 1, 1, 1])]
+    evals = [
+        EvalRun("base-b", "baseline", "b", idx=[3, 2, 1, 0], em_correct=[0, 0, 0, 1], rank_correct=[0, 0, 1, 1]),
+        # examples come in another order than the baseline's: they are matched by idx
+        EvalRun("a0b", "transfer", "b", "a", 0, idx=[0, 1, 2, 3], em_correct=[1, 1, 1, 0],
+                rank_correct=[1, 1, 1, 1]),
+        EvalRun("a1b", "transfer", "b", "a", 1, idx=[0, 1, 2, 3], em_correct=[1, 0, 0, 0],
+                rank_correct=[1, 1, 0, 0]),
+        EvalRun("b0a", "transfer", "a", "b", 0, idx=[0, 1, 2, 3], em_correct=[0, 0, 0, 0],
+                rank_correct=[1, 0, 0, 0]),
+    ]
+    return Study("exp", "test", prompts, evals)
+
+
+def test_transfer_table_equals_hand_computed_deltas():
+    per_seed, summary = transfer.transfer_tables(_study_with_known_outcomes(), n_boot=500)
+    row = summary.set_index(["source", "target", "metric"])
+    # a on b, exact match: seed 0 gets 3/4, seed 1 gets 1/4; the baseline (by idx) gets 1/4
+    ab = row.loc[("a", "b", "exact_match")]
+    assert ab.baseline == 0.25 and ab.delta_mean == pytest.approx(0.25)
+    assert ab.delta_std == pytest.approx(np.std([0.5, 0.0], ddof=1)) and ab.n_seeds == 2 and ab.n_examples == 4
+    assert ab["from"] == "transfer runs" and ab.ci_low <= 0.25 <= ab.ci_high
+    # the diagonal comes from the train runs: a on a, rank accuracy (3/4, 2/4) against no prompt 1/4
+    aa = row.loc[("a", "a", "rank_accuracy")]
+    assert aa.delta_mean == pytest.approx(0.375) and aa["from"] == "train runs"
+    ba = row.loc[("b", "a", "rank_accuracy")]
+    assert ba.delta_mean == 0.0 and np.isnan(ba.delta_std)  # one seed: no spread
+    assert len(per_seed) == 2 * (2 + 2 + 1 + 1)  # (a0,a1 on a,b) + (b0 on a,b), two metrics
+    mat = transfer.summary_matrix(summary, "exact_match", "delta_mean", ["a", "b"])
+    assert mat.loc["a", "b"] == pytest.approx(0.25) and mat.shape == (2, 2)
+
+
+def test_spot_and_activation_overlap_on_constructed_vectors():
+    p = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # mean (2, 0)
+    q = torch.tensor([[0.0, 1.0]])  # mean (0, 1)
+    r = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    s = predictors.spot_similarity([p, q, r])
+    np.testing.assert_allclose(s, [[1, 0, 1 / math.sqrt(2)], [0, 1, 1 / math.sqrt(2)],
+                                   [1 / math.sqrt(2), 1 / math.sqrt(2), 1]], atol=1e-12)
+    states = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 0]], dtype=float)
+    o = predictors.activation_overlap(states)
+    assert o[0, 1] == pytest.approx(0.5) and o[0, 2] == pytest.approx(1.0)
+
+
+def test_activation_states_read_every_ffn_neuron_at_the_last_position(tiny):
+    model, _ = tiny
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randn(5, 64, generator=gen), torch.randn(3, 64, generator=gen)]
+    states = predictors.activation_states(model, prompts)
+    assert states.shape == (2, 2 * 256) and set(np.unique(states)) <= {0.0, 1.0}
+    # reference: the MLP input of layer 1 captured separately, through the FFN's first layer and its GELU
+    seen = []
+    hook = model.transformer.h[1].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model.transformer(inputs_embeds=prompts[0].unsqueeze(0), attention_mask=torch.ones(1, 5,
+                                                                                                  dtype=torch.long))
+    finally:
+        hook.remove()
+    mlp = model.transformer.h[1].mlp
+    with torch.no_grad():
+        act = mlp.gelu_impl(mlp.dense_h_to_4h(seen[0]))[0, -1]
+    np.testing.assert_array_equal(states[0, 256:], (act > 0).numpy().astype(float))
+    assert 0 < states.mean() < 1
+
+
+# ----------------------------------------------------------------------------------------------- CLI errors
+def _cli(argv, capsys):
+    from analysis.__main__ import main
+
+    capsys.readouterr()  # drop what the test's own setup printed
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_unreachable_tracking_server_is_one_line_error(tmp_path, capsys):
+    code, err = _cli(["--experiment", "x", "--tracking-uri", "http://127.0.0.1:9", "--out", str(tmp_path / "o")],
+                     capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: cannot reach the MLflow tracking server")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_store_and_unknown_experiment_are_one_line_errors(tmp_path, capsys):
+    code, err = _cli(["--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"], capsys)
+    assert code == 2 and len(err) == 1 and "no MLflow database" in err[0]
+    assert not (tmp_path / "none.db").exists()  # not created as a side effect
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("smoke-study", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp, run_name="baseline-none-on-cb", tags={"ptray.kind": "baseline"})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    code, err = _cli(["--experiment", "smoke-studdy", "--tracking-uri", uri, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0] == "error: no experiment named 'smoke-studdy' in this MLflow store; did you mean 'smoke-study'? " \
+                     "(experiments: Default, smoke-study)"
+    code, err = _cli(["--experiment", "smoke-study", "--tracking-uri", uri, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err) == 1 and "has no finished train runs" in err[0]
+    assert not (tmp_path / "o").exists()
+    assert [r.info.run_name for r in client.search_runs([exp])] == ["baseline-none-on-cb"]  # no analysis run
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli(["--experiment", "x", "--top-k", "0"], capsys)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --top-k")
+
+
+def test_a_non_empty_output_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    code, err = _cli(["--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path}/none.db", "--out",
+                      str(tmp_path / "o")], capsys)
+    assert code == 2 and "already holds files" in err[0]
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+
+
+def test_records_sort_by_task_registry_order_then_seed():
+    ps = [PromptRun(str(i), t, s, torch.zeros(1, 2)) for i, (t, s) in
+          enumerate([("wsc", 1), ("cb", 1), ("wsc", 0), ("copa", 0), ("cb", 0)])]
+    study = Study("e", "s", ps)
+    assert study.tasks == ["cb", "copa", "wsc"]
+    assert [p.label for p in study.sorted_prompts()] == ["cb-seed0", "cb-seed1", "copa-seed0", "wsc-seed0",
+                                                          "wsc-seed1"]

@@ -1,0 +1,184 @@
+"""End to end: a real MLflow store written like a smoke study (real short trainings on the tiny model), analysed
+once; every report file exists and its numbers match a recomputation from the downloaded artifacts."""
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from analysis_store import build_store
+from safetensors.torch import load_file
+from scipy import stats
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, tiny_model_dir, data_dir):
+    return build_store(tmp_path_factory.mktemp("store"), tiny_model_dir, data_dir, max_examples=8)
+
+
+@pytest.fixture(scope="session")
+def report(store, tmp_path_factory):
+    from analysis import run
+
+    out = tmp_path_factory.mktemp("report") / "smoke"
+    return run(store.experiment, tracking_uri=store.tracking_uri, out_dir=out, n_boot=200)
+
+
+@pytest.fixture(scope="session")
+def runs(store):
+    """The study's runs and their artifacts, downloaded here independently of analysis/."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.tracking_uri)
+    exp = client.get_experiment_by_name(store.experiment)
+    out = {"train": [], "transfer": [], "baseline": [], "analysis": []}
+    for r in client.search_runs([exp.experiment_id]):
+        kind = r.data.tags["ptray.kind"]
+        rec = {"run": r, "tags": r.data.tags}
+        if kind == "train":
+            folder = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, tracking_uri=store.tracking_uri)
+            rec["prompt"] = load_file(f"{folder}/prompt/adapter_model.safetensors")["prompt_embeddings"]
+            rec["metrics"] = json.loads(Path(folder, "metrics.json").read_text())
+        elif kind in ("transfer", "baseline"):
+            path = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="metrics.json",
+                                                       tracking_uri=store.tracking_uri)
+            rec["metrics"] = json.loads(Path(path).read_text())
+        out[kind].append(rec)
+    return out
+
+
+FIGURES = ["nearest_cb", "nearest_rte", "nearest_copa", "nearest_wsc", "nearest_cb_effective",
+           "nearest_rte_effective", "nearest_copa_effective", "nearest_wsc_effective", "norms", "prompt_maps",
+           "distances", "transfer", "correlation", "predictors", "predictor_scatter", "faithfulness"]
+
+
+def test_every_figure_is_a_png_beside_its_numbers(report):
+    from PIL import Image
+
+    for name in FIGURES:
+        png = report / f"{name}.png"
+        assert png.is_file(), name
+        assert (report / f"{name}.csv").is_file() or (report / f"{name}.json").is_file(), name
+        with Image.open(png) as im:
+            assert im.format == "PNG" and min(im.size) > 300
+    for name in ("report.html", "report.md", "analysis.json", "table1_norms.csv", "within_task.csv",
+                 "transfer_per_seed.csv", "distance_pairs.csv", "correlation_stats.csv", "nearest_summary.csv"):
+        assert (report / name).is_file(), name
+    assert not list(report.parent.glob(".*partial*"))
+
+
+def test_html_report_is_self_contained_and_embeds_every_figure(report):
+    page = (report / "report.html").read_text(encoding="utf-8")
+    embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(embedded) == len(FIGURES)
+    assert {base64.b64decode(e) for e in embedded} == {(report / f"{n}.png").read_bytes() for n in FIGURES}
+    assert not re.search(r"(src|href)=['\"]?(https?:|file:|/)", page)
+    for heading in ("Nearest tokens", "Table 1", "Figure 7", "Figure 8", "Faithfulness", "predictors"):
+        assert heading in page
+    md = (report / "report.md").read_text(encoding="utf-8")
+    assert "## Table 1" in md and "## Transfer" in md and "## Faithfulness" in md
+
+
+def test_the_analysis_run_holds_the_report_in_mlflow(report, store):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.tracking_uri)
+    exp = client.get_experiment_by_name(store.experiment)
+    found = client.search_runs([exp.experiment_id], "tags.`ptray.kind` = 'analysis'")
+    assert len(found) == 1
+    run = found[0]
+    assert run.info.run_name == "analysis" and run.info.status == "FINISHED"
+    assert run.data.tags["ptray.study"] == "smoke"
+    logged = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert logged == {p.name for p in report.iterdir()}
+
+
+def test_table1_equals_norms_recomputed_from_the_artifacts(report, runs):
+    table = pd.read_csv(report / "table1_norms.csv").set_index("task")
+    by_task = {}
+    for r in runs["train"]:
+        by_task.setdefault(r["tags"]["ptray.task"], []).append(float(torch.linalg.matrix_norm(r["prompt"].double())))
+    assert set(by_task) == set(table.index) == {"cb", "rte", "copa", "wsc"}
+    for task, norms in by_task.items():
+        assert table.loc[task, "frobenius_raw_mean"] == pytest.approx(np.mean(norms))
+        assert table.loc[task, "frobenius_raw_var"] == pytest.approx(np.var(norms), abs=1e-12)
+        n = next(r["prompt"].shape[0] for r in runs["train"] if r["tags"]["ptray.task"] == task)
+        assert table.loc[task, "num_tokens"] == n
+        assert table.loc[task, "per_token_raw_mean"] == pytest.approx(np.mean(norms) / np.sqrt(n))
+    # after BLOOM's input LayerNorm with its initial weights (1, 0) every row has norm sqrt(hidden) = 8
+    assert table["per_token_effective_mean"].to_numpy() == pytest.approx(8.0, rel=1e-3)
+
+
+def test_distances_equal_a_recomputation_over_the_common_length(report, runs):
+    pairs = pd.read_csv(report / "distance_pairs.csv")
+    prompts = {(r["tags"]["ptray.task"], int(r["tags"]["ptray.seed"])): r["prompt"].double() for r in runs["train"]}
+    assert len(pairs) == len(prompts) * (len(prompts) - 1) // 2
+    for row in pairs.itertuples():
+        a, b = prompts[(row.task_a, row.seed_a)], prompts[(row.task_b, row.seed_b)]
+        m = min(len(a), len(b))
+        assert row.frobenius_raw == pytest.approx(float(torch.linalg.matrix_norm(a[:m] - b[:m])))
+    meta = json.loads((report / "analysis.json").read_text())["meta"]
+    assert "common length" in meta["distance_definition"]
+
+
+def test_transfer_equals_the_runs_recorded_deltas(report, runs):
+    summary = pd.read_csv(report / "transfer.csv")
+    base = {r["metrics"]["target"]: r["metrics"] for r in runs["baseline"]}
+    checked = 0
+    for row in summary.itertuples():
+        if row.source == row.target:  # the diagonal comes from the train runs
+            recorded = [r["metrics"][row.metric] - base[row.target][row.metric] for r in runs["train"]
+                        if r["tags"]["ptray.task"] == row.source]
+        else:
+            recorded = [r["metrics"][f"delta_{row.metric}"] for r in runs["transfer"]
+                        if r["metrics"]["source"] == row.source and r["metrics"]["target"] == row.target]
+        assert row.n_seeds == len(recorded) == 2
+        assert row.delta_mean == pytest.approx(np.mean(recorded), abs=1e-9)
+        assert row.delta_std == pytest.approx(np.std(recorded, ddof=1), abs=1e-9)
+        assert row.baseline == pytest.approx(base[row.target][row.metric])
+        assert row.ci_low <= row.delta_mean + 1e-9 and row.delta_mean <= row.ci_high + 1e-9
+        checked += 1
+    assert checked == 4 * 4 * 2
+
+
+def test_nearest_tokens_equal_a_brute_force_search(report, runs, tiny):
+    model, tokenizer = tiny
+    emb = model.get_input_embeddings().weight.detach().double()
+    table = pd.read_csv(report / "nearest_wsc.csv", keep_default_na=False)
+    prompt = next(r["prompt"] for r in runs["train"] if r["tags"]["ptray.task"] == "wsc"
+                  and r["tags"]["ptray.seed"] == "1").double()
+    cos = torch.nn.functional.normalize(prompt, dim=1) @ torch.nn.functional.normalize(emb, dim=1).T
+    top = cos.topk(3, dim=1).indices
+    got = table[table.seed == 1].sort_values(["row", "rank"])
+    assert got["token_id"].to_numpy().reshape(-1, 3).tolist() == top.tolist()
+    init_ids = tokenizer(json.loads((report / "analysis.json").read_text())["meta"]["init_text"]["wsc"],
+                         add_special_tokens=False)["input_ids"]
+    assert got["in_init_text"].astype(str).eq("True").tolist() == [i in init_ids for i in top.flatten().tolist()]
+
+
+def test_correlations_equal_scipy_on_the_plotted_points(report):
+    points = pd.read_csv(report / "correlation.csv")
+    assert len(points) == 12 and not (points.source == points.target).any()
+    st = pd.read_csv(report / "correlation_stats.csv")
+    row = st[(st.predictor == "frobenius_raw") & (st.gain == "delta_rank_accuracy")].iloc[0]
+    if points["delta_rank_accuracy"].nunique() > 1:
+        s = stats.spearmanr(points["frobenius_raw"], points["delta_rank_accuracy"])
+        assert row.spearman_r == pytest.approx(s.statistic) and row.spearman_p == pytest.approx(s.pvalue)
+    predictors = set(pd.read_csv(report / "predictors.csv")["predictor"])
+    assert {"frobenius_raw", "frobenius_effective", "spot_cosine_raw", "ffn_overlap",
+            "init_text_distance"} <= predictors
+
+
+def test_faithfulness_soft_accuracy_reproduces_the_recorded_one(report):
+    table = pd.read_csv(report / "faithfulness.csv")
+    assert len(table) == 8
+    # the same model on the same examples: the soft prompt's accuracy is the one its train run recorded
+    assert table["soft_exact_match"].to_numpy() == pytest.approx(table["recorded_exact_match"].to_numpy())
+    assert table["soft_rank_accuracy"].to_numpy() == pytest.approx(table["recorded_rank_accuracy"].to_numpy())
+    for col in ("nearest_raw_exact_match", "nearest_effective_rank_accuracy"):
+        assert table[col].between(0, 1).all()
