@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DATA_DIR ?= ../shared/data/superglue
 
-.PHONY: install smoke test chromium
+.PHONY: install smoke test system-deps
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,12 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# The MLflow UI test drives Debian's Chromium (never a downloaded browser).
-chromium:
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium >/dev/null)
+# Debian packages: Chromium for the MLflow UI test (never a downloaded browser); Noto fonts so the
+# nearest-token figures render every script (Kannada, CJK, ...) instead of a [Script] fallback.
+SYSTEM_PACKAGES := chromium fonts-noto-core fonts-noto-cjk
+system-deps:
+	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null)
 
 smoke: install
 	$(PY) sweeps/all.py --smoke --data-dir $(DATA_DIR)
 
-test: install chromium
+test: install system-deps
 	PTRAY_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q
