@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 from ptray.errors import PtrayError
@@ -58,9 +58,19 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         return f"sqlite:///{Path(path).expanduser().resolve()}"
     if parsed.scheme == "file":
         return Path(parsed.path).expanduser().resolve().as_uri()
-    if parsed.scheme == "" :
+    if parsed.scheme == "":
         return Path(uri).expanduser().resolve().as_uri()
     return uri.rstrip("/") if parsed.scheme in ("http", "https") else uri
+
+
+def store_exists(uri: str) -> bool:
+    """False only for a local store whose file or folder is missing (a server or database is assumed to exist)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        return Path(uri[len("sqlite:///"):]).is_file()
+    if parsed.scheme == "file":
+        return Path(parsed.path).exists()
+    return True
 
 
 def is_server(uri: str) -> bool:
@@ -85,8 +95,12 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
         folder = path.parent if parsed.scheme == "sqlite" else path
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
+        if not folder.is_dir():
+            raise PtrayError(f"cannot create the MLflow store {uri!r}: {str(folder)!r} is a file, not a folder")
         if not os.access(folder, os.W_OK):
             raise PtrayError(f"cannot write the MLflow store {uri!r}: {str(folder)!r} is not writable")
+        if parsed.scheme == "sqlite":
+            path.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
     # Other schemes (databricks, postgresql, ...) are checked by MLflow itself on first use.
 
 
@@ -318,8 +332,3 @@ def ui_command(uri: str) -> str:
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {uri}"
 
-
-def chunks(items: Iterable, n: int):
-    items = list(items)
-    for i in range(0, len(items), n):
-        yield items[i: i + n]

@@ -13,7 +13,6 @@ lacks (``tracking.sync_history``), then continues with the next epoch.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -22,9 +21,10 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ptray import tracking
 
@@ -32,6 +32,30 @@ log = logging.getLogger("ptray")
 
 STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
+
+# Config fields that ``train`` resolves (None -> the init text's length, auto -> cuda/bf16, ...): logged only once
+# resolved, since MLflow never changes a param after it is set.
+RESOLVED_LATER = ("init_text", "num_tokens", "device", "precision")
+
+
+def cache_dir() -> Path:
+    """This node's ptray cache: $PTRAY_CACHE, else $XDG_CACHE_HOME/ptray, else ~/.cache/ptray."""
+    if os.environ.get("PTRAY_CACHE"):
+        return Path(os.environ["PTRAY_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ptray"
+
+
+def quiet() -> None:
+    """No download/loading progress bars in workers: with many trials they bury Tune's progress table."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        pass
 
 
 @dataclass(frozen=True)
@@ -42,7 +66,7 @@ class Bundle:
     digest: str
 
     @classmethod
-    def pack(cls, root: str | Path, relpaths: list[str] | None = None) -> "Bundle":
+    def pack(cls, root: str | Path, relpaths: list[str] | None = None) -> Bundle:
         root = Path(root)
         if relpaths is None:
             relpaths = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
@@ -58,7 +82,7 @@ class Bundle:
 
     def materialize(self, base: str | Path | None = None) -> Path:
         """Write the files under a node-local folder named by their digest; concurrent trials share one copy."""
-        base = Path(base or os.environ.get("PTRAY_CACHE") or Path(tempfile.gettempdir()) / "ptray-cache")
+        base = Path(base or cache_dir())
         out = base / self.digest
         if (out / ".complete").is_file():
             return out
@@ -146,6 +170,7 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     """Tune function: train ``config['task']`` with ``config['seed']``, resuming from Tune's checkpoint if any."""
     from ray import tune
 
+    quiet()
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -189,9 +214,12 @@ def run_training(config: dict[str, Any], ctx: StudyContext, resume: dict[str, An
     run_id = tracking.sync_history(client, run, history)
     client.update_run(run_id, status="RUNNING")
     client.set_tag(run_id, "ptray.node", socket.gethostname())
+    if _ray_node_id():
+        client.set_tag(run_id, "ptray.ray_node_id", _ray_node_id())
     if resume:
         client.set_tag(run_id, "ptray.resumed_after_epoch", str(resume["epoch"]))
-    tracking.log_params_once(client, run_id, ctx.logged_config(cfg.to_dict()))
+    known = {k: v for k, v in cfg.to_dict().items() if k not in RESOLVED_LATER}
+    tracking.log_params_once(client, run_id, ctx.logged_config(known))
 
     def on_epoch_end(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         report(metrics, state, run_id)  # the checkpoint first: see the module docstring
@@ -201,29 +229,50 @@ def run_training(config: dict[str, Any], ctx: StudyContext, resume: dict[str, An
         result = train(cfg, on_epoch_end=on_epoch_end, resume=_train_state(resume))
         # Resolved values (n tokens, init text, device, precision, code version) are known only now.
         tracking.log_params_once(client, run_id, ctx.logged_config(result.resolved))
-        tracking.log_metrics(client, run_id, {tracking.FINAL_PREFIX + k: v for k, v in result.metrics.items()})
+        tracking.log_metrics(client, run_id, {tracking.FINAL_PREFIX + k: v for k, v in result.metrics.items()
+                                              if k not in ("task", "seed")})
         with tempfile.TemporaryDirectory(prefix="ptray-run-") as tmp:
             out = save_run(result, Path(tmp) / "run")
             tracking.write_json(out / "config.json", ctx.logged_config(result.resolved))
             client.log_artifacts(run_id, str(out))
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        _mark_failed(client, run_id)
         raise
     client.set_terminated(run_id, status=tracking.FINISHED)
-    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "seed"}
     report(final, None, run_id)
     return final
+
+
+def _mark_failed(client, run_id: str) -> None:
+    """FAILED, if the store still answers: the error that got us here is the one to report, not this one."""
+    try:
+        client.set_terminated(run_id, status="FAILED")
+    except Exception as err:  # noqa: BLE001 - any store error; the original exception follows
+        log.warning("could not mark MLflow run %s FAILED: %s", run_id, err)
+
+
+def _ray_node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray): which node a run was last on, for people and tests."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except ImportError:
+        return ""
 
 
 def _train_run(client, ctx: StudyContext, name: str, task: str, seed: int, resume: dict[str, Any] | None):
     """The trial's MLflow run: the checkpoint's, else the one of that name in the study, else a new one."""
     if resume and resume.get("run_id"):
+        from mlflow.exceptions import MlflowException
+
         try:
             run = client.get_run(resume["run_id"])
-            if run.info.lifecycle_stage == "active":
-                return run
-        except Exception:  # deleted for good, or another store: fall back to the name
-            pass
+        except MlflowException:  # deleted for good, or another store: fall back to the name
+            run = None
+        if run is not None and run.info.lifecycle_stage == "active":
+            return run
     run = tracking.find_run(client, ctx.experiment_id, ctx.study, name)
     if run is None:
         run = tracking.create_run(client, ctx.experiment_id, name, tracking.run_tags(ctx.study, "train", task, seed))
@@ -257,6 +306,7 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     from ptray.tasks import get_task
     from ptray.train import code_version
 
+    quiet()
     t0 = time.perf_counter()
     client = ctx.client()
     cfg = ctx.train_config(target, 0)
@@ -333,7 +383,7 @@ def _log_evaluation(client, ctx: StudyContext, kind: str, source: str | None, se
     run_id = run.info.run_id
     try:
         tracking.log_params_once(client, run_id, params)
-        tracking.log_metrics(client, run_id, metrics)
+        tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k != "source_seed"})
         with tempfile.TemporaryDirectory(prefix="ptray-eval-") as tmp:
             tracking.write_json(Path(tmp) / "metrics.json", metrics)
             tracking.write_json(Path(tmp) / "predictions.json", {
@@ -341,11 +391,8 @@ def _log_evaluation(client, ctx: StudyContext, kind: str, source: str | None, se
                 "rank_pred": res.rank_pred})
             client.log_artifacts(run_id, tmp)
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        _mark_failed(client, run_id)
         raise
     client.set_terminated(run_id, status=tracking.FINISHED)
     return {"run_id": run_id, "name": name, "kind": kind, **metrics}
 
-
-def as_dict(obj) -> dict[str, Any]:
-    return dataclasses.asdict(obj)

@@ -1,0 +1,495 @@
+"""ptray's training step and evaluation, each fast path's slow counterpart, and the PEFT + Trainer reference.
+
+Everything here takes a model and ptray-encoded examples and either runs timed steps or computes a value that
+``tests/test_fast_paths.py`` compares with its reference:
+
+* ``answer_loss`` (ptray: LM head at the answer positions) vs ``full_logits_loss`` (head everywhere, HF-style
+  cross-entropy) vs the PEFT prompt-tuning model's own loss;
+* ``train_batches`` (ptray: length-grouped) vs ``random_batches`` (what a plain shuffled DataLoader gives);
+* ``packed_loss``: several trials' prompts and batches in one forward pass (a technique measured here, not in
+  ptray yet);
+* ``generate_exact_match``: exact match by batched greedy ``generate`` (the reference for ptray's one-pass
+  ``evaluate``);
+* ``sdpa_attention``: BLOOM's attention through ``F.scaled_dot_product_attention`` (a measured variant);
+* ``reference_train``: ``get_peft_model(PromptTuningConfig(TEXT init))`` + ``transformers.Trainer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ptray.batching import Encoded, train_batches
+from ptray.evaluate import evaluate
+from ptray.model import Batch, answer_logprobs, collate
+from ptray.prompt import prepend
+
+from benchmarks.measure import PeakMemory, Shape, sync
+
+
+# ----------------------------------------------------------------------------------------------------- losses
+
+
+def answer_loss(model, batch: Batch, prompt: torch.Tensor) -> torch.Tensor:
+    """ptray's training loss (``ptray/train.py``): mean NLL of the answer tokens + EOS, head at those positions."""
+    logp, _ = answer_logprobs(model, batch, prompt)
+    return -logp.mean()
+
+
+def full_logits_loss(model, batch: Batch, prompt: torch.Tensor) -> torch.Tensor:
+    """The same loss computed the usual way: logits at every position, fp32 cross-entropy with -100 elsewhere."""
+    embeds, mask = prepend(prompt, model.get_input_embeddings()(batch.input_ids), batch.attention_mask)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+    n = prompt.shape[0]
+    labels = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
+    labels[batch.ans_seq, batch.ans_pos + n] = batch.ans_tokens  # the label sits at the predicting position
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def packed_loss(model, batches: list[Batch], prompts: list[torch.Tensor]) -> torch.Tensor:
+    """Several trials in one forward pass: trial k's batch with trial k's prompt; returns the sum of their losses.
+
+    Each row is [prompt_k, text, right padding]; BLOOM takes positions from the attention mask, so a row's
+    result does not depend on its neighbours. The sum's gradient for prompt k is trial k's own gradient.
+    """
+    emb = model.get_input_embeddings()
+    rows, masks, offsets = [], [], []
+    for batch, prompt in zip(batches, prompts):
+        e, m = prepend(prompt, emb(batch.input_ids), batch.attention_mask)
+        rows.append(e)
+        masks.append(m)
+    width = max(e.shape[1] for e in rows)
+    start = 0
+    for e in rows:
+        offsets.append(start)
+        start += e.shape[0]
+    embeds = torch.cat([F.pad(e, (0, 0, 0, width - e.shape[1])) for e in rows])
+    mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks])
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    seq = torch.cat([b.ans_seq + o for b, o in zip(batches, offsets)])
+    pos = torch.cat([b.ans_pos + p.shape[0] for b, p in zip(batches, prompts)])
+    tokens = torch.cat([b.ans_tokens for b in batches])
+    logp = torch.log_softmax(model.get_output_embeddings()(hidden[seq, pos]).float(), dim=-1)
+    token_logp = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    trial = torch.cat([torch.full_like(b.ans_tokens, k) for k, b in enumerate(batches)])
+    sums = torch.zeros(len(batches), device=token_logp.device).index_add(0, trial, -token_logp)
+    counts = torch.bincount(trial, minlength=len(batches)).to(sums.dtype)
+    return (sums / counts).sum()
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+
+
+def random_batches(data: list[Encoded], batch_size: int, seed: int, epoch: int, pad_id: int, eos_id: int):
+    """One epoch of gold-answer batches in plain shuffled order (no length grouping): the ablation of
+    ``ptray.batching.train_batches``."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(data), generator=gen).tolist()
+    return [collate([(data[i].source, data[i].answers[data[i].label]) for i in order[s:s + batch_size]], pad_id,
+                    eos_id) for s in range(0, len(order), batch_size)]
+
+
+def batch_stream(data, batch_size, count, seed, pad_id, eos_id, grouped=True):
+    """``count`` training batches, epoch after epoch, and the seconds spent making them."""
+    make = train_batches if grouped else random_batches
+    out, epoch = [], 1
+    t0 = time.perf_counter()
+    while len(out) < count:
+        out += make(data, batch_size, seed, epoch, pad_id, eos_id)
+        epoch += 1
+    seconds = (time.perf_counter() - t0) * count / len(out)
+    return out[:count], seconds
+
+
+def batch_counts(batch: Batch, n_prompt: int) -> tuple[int, int, int, int]:
+    """(real text tokens, positions incl. prompt, answer targets, sequences) of one batch."""
+    lengths = batch.attention_mask.sum(dim=1)
+    tokens = int(lengths.sum())
+    return tokens, tokens + n_prompt * batch.num_seqs, int(batch.ans_tokens.numel()), batch.num_seqs
+
+
+def batch_flops(shape: Shape, batch: Batch, n_prompt: int, train: bool = True) -> float:
+    lengths = (batch.attention_mask.sum(dim=1) + n_prompt).tolist()
+    answers = torch.bincount(batch.ans_seq, minlength=batch.num_seqs).tolist()
+    f = shape.train_flops if train else shape.forward_flops
+    return sum(f(t, a) for t, a in zip(lengths, answers))
+
+
+# ------------------------------------------------------------------------------------------- ptray's train loop
+
+
+@dataclass
+class StepResult:
+    """One timed window of training steps (warm-up excluded)."""
+
+    seconds: float
+    tokens: int
+    examples: int
+    flops: float
+    peak_bytes: int | None  # None: not measured in this run (CPU timing runs; see measure.PeakMemory)
+    steps: int
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.examples / self.seconds
+
+
+def autocast_factory(device: str, precision: str):
+    """The context ptray's accelerator.autocast() enters: bf16 autocast, or nothing for full precision."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def ptray_train(model, batches: list[Batch], init: torch.Tensor, *, device: str, precision: str, warmup: int,
+                lr: float = 3e-2, loss_fn=answer_loss, shape: Shape | None = None, collate_s: float = 0.0,
+                train_weights: bool = False, memory: bool | None = None) -> StepResult:
+    """ptray's training loop body (``ptray/train.py``: autocast, loss, backward, Adam on the fp32 prompt only),
+    run over ``batches``; the first ``warmup`` are not timed.
+
+    ``collate_s``: seconds to collate one batch, added per timed step (the batches were made beforehand).
+    ``train_weights``: the ablation in which every weight also gets a gradient and Adam state (lr 0, so the
+    weights do not move). ``memory``: measure peak memory (default: on CUDA only, see ``PeakMemory``).
+    """
+    prompt = torch.nn.Parameter(init.detach().to(device=device, dtype=torch.float32).clone())
+    optimizer = torch.optim.Adam([prompt], lr=lr)
+    weight_opt = None
+    if train_weights:
+        model.requires_grad_(True)
+        weight_opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    autocast = autocast_factory(device, precision)
+    shape = shape or Shape.of(model)
+    n = init.shape[0]
+    timed_batches = batches[warmup:]  # accounting from the CPU copies, outside the timed loop
+    tokens = sum(int(b.attention_mask.sum()) for b in timed_batches)
+    examples = sum(b.num_seqs for b in timed_batches)
+    flops = sum(batch_flops(shape, b, n) for b in timed_batches)
+    losses = []
+    try:
+        with PeakMemory(device, memory) as mem:
+            for step, batch in enumerate(batches):
+                if step == warmup:
+                    sync(device)
+                    t0 = time.perf_counter()
+                batch = batch.to(device)
+                with autocast():
+                    loss = loss_fn(model, batch, prompt)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if weight_opt is not None:
+                    weight_opt.step()
+                    weight_opt.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+                int(batch.attention_mask.sum())  # ptray's loop counts its tokens so (a device sync): kept
+            sync(device)
+            seconds = time.perf_counter() - t0
+    finally:
+        if train_weights:
+            model.requires_grad_(False)
+            for p in model.parameters():
+                p.grad = None
+    timed_steps = len(batches) - warmup
+    # batches were collated before the loop: add their share of that time, as the reference's collator is timed
+    return StepResult(seconds + collate_s * timed_steps, tokens, examples, flops, mem.peak, timed_steps,
+                      [float(x) for x in losses])
+
+
+def ptray_train_packed(model, streams: list[list[Batch]], inits: list[torch.Tensor], *, device: str,
+                       precision: str, warmup: int, lr: float = 3e-2, shape: Shape | None = None,
+                       memory: bool | None = None) -> StepResult:
+    """K trials trained together: step i runs batch i of every trial in one forward/backward (``packed_loss``);
+    one Adam over the K prompts is K independent Adams (Adam is elementwise)."""
+    prompts = [torch.nn.Parameter(i.detach().to(device=device, dtype=torch.float32).clone()) for i in inits]
+    optimizer = torch.optim.Adam(prompts, lr=lr)
+    autocast = autocast_factory(device, precision)
+    shape = shape or Shape.of(model)
+    steps = min(len(s) for s in streams)
+    timed_batches = [(s[i], p.shape[0]) for s, p in zip(streams, inits) for i in range(warmup, steps)]
+    tokens = sum(int(b.attention_mask.sum()) for b, _ in timed_batches)
+    examples = sum(b.num_seqs for b, _ in timed_batches)
+    flops = sum(batch_flops(shape, b, n) for b, n in timed_batches)
+    with PeakMemory(device, memory) as mem:
+        for step in range(steps):
+            if step == warmup:
+                sync(device)
+                t0 = time.perf_counter()
+            batches = [s[step].to(device) for s in streams]
+            with autocast():
+                loss = packed_loss(model, batches, prompts)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        seconds = time.perf_counter() - t0
+    return StepResult(seconds, tokens, examples, flops, mem.peak, steps - warmup)
+
+
+# ------------------------------------------------------------------------------------------ evaluation paths
+
+
+def gold_only(data: list[Encoded]) -> list[Encoded]:
+    """The examples with only their gold answer: ``evaluate`` then computes exact match alone."""
+    return [Encoded(d.idx, d.source, (d.answers[d.label],), 0, d.truncated) for d in data if d.label is not None]
+
+
+def ptray_evaluate(model, data, prompt, *, batch_size, pad_id, eos_id, device, precision):
+    """``ptray.evaluate.evaluate`` as ``train`` calls it (exact match + rank accuracy, every label scored)."""
+    return evaluate(model, data, prompt, batch_size, pad_id, eos_id, device=device,
+                    autocast=autocast_factory(device, precision) if precision == "bf16" else None)
+
+
+@torch.no_grad()
+def generate_exact_match(model, data: list[Encoded], prompt: torch.Tensor | None, *, batch_size: int, pad_id: int,
+                         eos_id: int, device: str, precision: str, sort: bool = False) -> list[int]:
+    """Exact match per labeled example by batched greedy ``generate``: the reference for ptray's one-pass path.
+
+    The way that works with a soft prompt on BLOOM (STACK-NOTES: PEFT's own ``generate`` fails on padded batches):
+    left-pad the sources, prepend the prompt rows to ``inputs_embeds`` and call the base model's ``generate``.
+    Correct = the new tokens start with the gold answer then EOS. ``sort`` batches by length (an ablation).
+    """
+    data = [d for d in data if d.label is not None]
+    order = sorted(range(len(data)), key=lambda i: len(data[i].source)) if sort else list(range(len(data)))
+    max_new = max(len(a) for d in data for a in d.answers) + 1
+    emb = model.get_input_embeddings()
+    autocast = autocast_factory(device, precision)
+    correct = [0] * len(data)
+    for start in range(0, len(order), batch_size):
+        part = order[start:start + batch_size]
+        width = max(len(data[i].source) for i in part)
+        ids = torch.full((len(part), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for r, i in enumerate(part):
+            src = data[i].source
+            ids[r, width - len(src):] = torch.tensor(src)
+            mask[r, width - len(src):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        embeds = emb(ids)
+        if prompt is not None:
+            embeds, mask = prepend(prompt.to(device), embeds, mask)
+        with autocast():
+            out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                 num_beams=1, eos_token_id=eos_id, pad_token_id=pad_id)
+        for r, i in enumerate(part):
+            target = data[i].answers[data[i].label] + [eos_id]
+            correct[i] = int(out[r, :len(target)].tolist() == target)
+    return correct
+
+
+@torch.no_grad()
+def prefix_shared_evaluate(model, data: list[Encoded], prompt: torch.Tensor | None, *, batch_size: int, pad_id: int,
+                           eos_id: int, device: str, precision: str):
+    """``ptray.evaluate.evaluate``'s numbers (loss, exact match, rank accuracy) with each source run once.
+
+    ptray's ``evaluate`` runs prompt + source + answer once per label. Here the prompt + source pass (right-padded,
+    ``batch_size`` examples) keeps its KV cache; its last position scores every label's first answer token, then
+    one short pass over the labels' answer tokens (cache repeated per label) scores the rest and EOS. BLOOM takes
+    positions from the attention mask, so the padding between source and answer changes nothing. A measured
+    variant (not in ptray): it saves the (labels - 1) extra source passes.
+    """
+    from ptray.evaluate import EvalResult
+
+    data = [d for d in data if d.label is not None]
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    autocast = autocast_factory(device, precision)
+    order = sorted(range(len(data)), key=lambda i: len(data[i].source))
+    n = 0 if prompt is None else prompt.shape[0]
+    score = [[0.0] * len(d.answers) for d in data]
+    em = [0] * len(data)
+    nll_sum, nll_tokens = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        part = [data[i] for i in order[start:start + batch_size]]
+        b = len(part)
+        width = max(len(d.source) for d in part)
+        ids = torch.full((b, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for r, d in enumerate(part):
+            ids[r, :len(d.source)] = torch.tensor(d.source)
+            mask[r, :len(d.source)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        embeds = emb(ids)
+        if prompt is not None:
+            embeds, mask = prepend(prompt.to(device), embeds, mask)
+        k = max(len(d.answers) for d in part)
+        m = max(len(a) for d in part for a in d.answers)
+        cont = torch.full((b * k, m), pad_id, dtype=torch.long)
+        cont_mask = torch.zeros((b * k, m), dtype=torch.long)
+        for r, d in enumerate(part):
+            for j, a in enumerate(d.answers):
+                cont[r * k + j, :len(a)] = torch.tensor(a)
+                cont_mask[r * k + j, :len(a)] = 1
+        cont, cont_mask = cont.to(device), cont_mask.to(device)
+        with autocast():
+            out = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+            last = torch.tensor([n + len(d.source) - 1 for d in part], device=device)
+            first = head(out.last_hidden_state[torch.arange(b, device=device), last]).float()  # [b, V]
+            cache = out.cache
+            cache.batch_repeat_interleave(k)
+            full_mask = torch.cat([mask.repeat_interleave(k, dim=0), cont_mask], dim=1)
+            hidden = model.base_model(inputs_embeds=emb(cont), attention_mask=full_mask, cache=cache,
+                                      use_cache=True).last_hidden_state  # [b * k, m, h]
+            rest = head(hidden).float()  # [b * k, m, V]: position j predicts answer token j + 1, or EOS
+        first_lp, rest_lp = first.log_softmax(-1), rest.log_softmax(-1)
+        first_arg, rest_arg = first.argmax(-1).tolist(), rest.argmax(-1).tolist()
+        for r, d in enumerate(part):
+            e = order[start + r]
+            for j, a in enumerate(d.answers):
+                targets = a[1:] + [eos_id]
+                lp = float(first_lp[r, a[0]]) + sum(float(rest_lp[r * k + j, t, tok]) for t, tok in enumerate(targets))
+                ok = first_arg[r] == a[0] and all(rest_arg[r * k + j][t] == tok for t, tok in enumerate(targets))
+                score[e][j] = lp
+                if j == d.label:
+                    em[e] = int(ok)
+                    nll_sum -= lp
+                    nll_tokens += len(a) + 1
+    pred = [max(range(len(sc)), key=sc.__getitem__) for sc in score]
+    rank = [int(p == d.label) for p, d in zip(pred, data)]
+    return EvalResult(loss=nll_sum / nll_tokens, exact_match=sum(em) / len(data), rank_accuracy=sum(rank) / len(data),
+                      num_examples=len(data), em_correct=em, rank_correct=rank, rank_pred=pred)
+
+
+# ------------------------------------------------------------------------------------- SDPA attention variant
+
+
+def _sdpa_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
+                  output_attentions=False, **kwargs):
+    """BloomAttention.forward (transformers 5) with the score/softmax/context part in one SDPA call.
+
+    BLOOM's eager attention computes ``alibi + q k^T / sqrt(d)``, adds the additive causal/padding mask, softmaxes
+    in fp32. SDPA takes ``alibi + mask`` as one additive bias and fuses the rest (flash-style kernels on GPU).
+    """
+    bsz, q_len, _ = hidden_states.shape
+    q, k, v = self._reshape(self.query_key_value(hidden_states))  # [B, H, T, D]
+    if layer_past is not None:
+        k, v = layer_past.update(k, v, self.layer_idx)
+    bias = alibi.view(bsz, self.num_heads, 1, -1).to(q.dtype)
+    if attention_mask is not None:
+        bias = bias + attention_mask.to(q.dtype)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.inv_norm_factor)
+    ctx = ctx.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
+    out = self.dense(ctx)
+    out = F.dropout(out, p=self.hidden_dropout, training=self.training) + residual
+    return out, None
+
+
+@contextlib.contextmanager
+def sdpa_attention(model):
+    """Within the block, ``model``'s BLOOM attention layers run ``_sdpa_forward``."""
+    layers = [m for m in model.modules() if type(m).__name__ == "BloomAttention"]
+    for m in layers:
+        m.forward = _sdpa_forward.__get__(m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
+
+
+@contextlib.contextmanager
+def compiled_blocks(model, dynamic: bool = True):
+    """Within the block, each BLOOM transformer block runs through ``torch.compile`` (regional compilation: one
+    compiled graph shared by the identical blocks, so compiling is quick)."""
+    blocks = list(model.base_model.h)
+    for b in blocks:
+        b.compile(dynamic=dynamic)
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b._compiled_call_impl = None
+
+
+# ----------------------------------------------------------------------------------------- PEFT + Trainer
+
+
+def peft_model(model, tokenizer_dir: str, init_text: str, num_tokens: int):
+    """What a user writes: PEFT prompt tuning with TEXT init on the same base model."""
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.TEXT,
+                                prompt_tuning_init_text=init_text, tokenizer_name_or_path=tokenizer_dir,
+                                num_virtual_tokens=num_tokens)
+    return get_peft_model(model, config)
+
+
+def lm_records(data: list[Encoded], eos_id: int, shape: Shape | None = None, n_prompt: int = 0) -> list[dict]:
+    """The usual causal-LM records: input = source + answer + EOS, labels -100 on the source.
+
+    With ``shape``, each record also carries its real text tokens and model FLOPs (for the benchmark's accounting;
+    the collator removes them)."""
+    out = []
+    for d in data:
+        ans = d.answers[d.label] + [eos_id]
+        ids = d.source + ans
+        rec = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(d.source) + ans}
+        if shape is not None:
+            text = len(d.source) + len(ans) - 1
+            rec.update(text_tokens=text, model_flops=shape.train_flops(text + n_prompt, len(ans)))
+        out.append(rec)
+    return out
+
+
+def reference_train(model, tokenizer, tokenizer_dir: str, init_text: str, num_tokens: int, data: list[Encoded], *,
+                    device: str, precision: str, batch_size: int, warmup: int, steps: int, seed: int = 0,
+                    lr: float = 3e-2, shape: Shape | None = None, memory: bool | None = None,
+                    expect_init: torch.Tensor | None = None) -> StepResult:
+    """PEFT prompt tuning + ``transformers.Trainer`` (defaults: AdamW, linear schedule, grad clipping 1.0, random
+    sampler), with ``DataCollatorForSeq2Seq`` (right padding, labels padded with -100).
+
+    A callback times the steps after ``warmup`` (device synchronised); a wrapper around the collator records each
+    batch's real tokens, so Trainer start-up is not timed and token counts match ptray's.
+    """
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    shape = shape or Shape.of(model)
+    pm = peft_model(model, tokenizer_dir, init_text, num_tokens)
+    if expect_init is not None:  # equal settings: PEFT's TEXT init must start where ptray's does
+        start = pm.prompt_encoder["default"].embedding.weight.detach().float().cpu()
+        if not torch.equal(start, expect_init.float().cpu()):
+            raise AssertionError("PEFT's TEXT-initialised prompt differs from ptray's init_prompt")
+    base_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    seen: list[tuple[int, int, float]] = []  # per batch: real text tokens, sequences, model FLOPs
+
+    def collator(features):
+        seen.append((sum(f["text_tokens"] for f in features), len(features), sum(f["model_flops"] for f in features)))
+        return base_collator([{k: f[k] for k in ("input_ids", "attention_mask", "labels")} for f in features])
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.marks = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (warmup, warmup + steps):
+                sync(device)
+                self.marks[state.global_step] = time.perf_counter()
+
+    timer = Timer()
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = TrainingArguments(
+            output_dir=out_dir, per_device_train_batch_size=batch_size, learning_rate=lr, max_steps=warmup + steps,
+            logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True, seed=seed,
+            use_cpu=device == "cpu", bf16=precision == "bf16", dataloader_num_workers=0,
+            remove_unused_columns=False,
+        )
+        records = lm_records(data, tokenizer.eos_token_id, shape, num_tokens)
+        # a list of dicts is a map-style dataset (no `datasets` needed: torch, transformers, accelerate, peft only)
+        trainer = Trainer(model=pm, args=args, train_dataset=records, data_collator=collator, callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict
+        with PeakMemory(device, memory) as mem:
+            trainer.train()
+        model.eval()  # Trainer left the shared base model in train mode
+    window = seen[warmup:warmup + steps]
+    result = StepResult(timer.marks[warmup + steps] - timer.marks[warmup], sum(w[0] for w in window),
+                        sum(w[1] for w in window), sum(w[2] for w in window), mem.peak, steps)
+    return result

@@ -1,0 +1,77 @@
+"""The benchmark script runs end to end (``--smoke``: a check, not a timing) and reports every number it promises."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench import update_markdown  # noqa: E402
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_smoke_run_reports_every_measurement(tmp_path, data_dir):
+    out = tmp_path / "smoke.json"
+    md = tmp_path / "BENCH.md"
+    md.write_text("# Benchmarks\n\nhand-written text stays\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--smoke", "--data-dir", str(data_dir),
+         "--out", str(out), "--md", str(md)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == {}
+    assert positive(res["matmul_peak"]["fp32"]["flops"]) and positive(res["matmul_peak"]["bf16"]["flops"])
+
+    train = res["train"]
+    for task in ("copa", "study"):
+        for side in ("ptray", "reference"):
+            for key in ("tokens_per_s", "mfu", "peak_mib", "flops_per_token"):
+                assert positive(train[task][side][key]), (task, side, key)
+        assert positive(train[task]["ratio"])
+        assert train[task]["ratio"] == train[task]["ptray"]["tokens_per_s"] / train[task]["reference"]["tokens_per_s"]
+
+    ev = res["eval"]
+    for task in ("copa",):
+        for method in ("ptray", "ptray_em_only", "ptray_prefix_shared", "generate", "generate_sorted"):
+            assert positive(ev[task][method]["examples_per_s"]) and positive(ev[task][method]["peak_mib"])
+        assert positive(ev[task]["speedup"]) and positive(ev[task]["ptray"]["mfu"])
+        assert ev[task]["em_agree"] == 1.0  # one-pass exact match and generate agree example by example
+        assert ev[task]["em_agree_all_methods"]
+    assert positive(ev["all"]["speedup"])
+
+    assert set(res["ablations"]) == {"full_logits", "unsorted", "train_weights", "precision", "sdpa"}
+    for entry in res["ablations"].values():
+        assert positive(entry["ptray_gain"]) and positive(entry["variant"]["tokens_per_s"])
+    assert positive(res["packed"]["2"]["study"]["tokens_per_s"])
+    conc = res["concurrency"]["1"]
+    assert conc["all_ok"] and positive(conc["tokens_per_s"])
+
+    est = res["study_estimate"]
+    assert positive(est["train_pflop"]) and all(positive(v) for v in est["minutes_at_mfu"].values())
+    targets = res["targets"]
+    assert set(targets) == {"train_ratio", "eval_speedup", "mfu", "concurrent_trials", "study_minutes"}
+    assert targets["mfu"]["status"] == "unmeasured"  # a CPU smoke run measures no GPU target
+
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n\nhand-written text stays\n")
+    assert "<!-- bench:cpu-tiny -->" in text and "| **study mix** |" in text
+
+
+def test_markdown_section_is_replaced_in_place(tmp_path):
+    md = tmp_path / "B.md"
+    md.write_text("intro\n<!-- bench:cpu-x -->\nold\n<!-- /bench:cpu-x -->\noutro\n")
+    update_markdown(str(md), "cpu-x", "new\n")
+    assert md.read_text() == "intro\n<!-- bench:cpu-x -->\nnew\n<!-- /bench:cpu-x -->\noutro\n"
+    update_markdown(str(md), "cuda-y", "gpu\n")
+    assert md.read_text().endswith("<!-- bench:cuda-y -->\ngpu\n<!-- /bench:cuda-y -->\n")

@@ -1,0 +1,237 @@
+"""sweeps/all.py: bad input fails in one line with exit code 2 and nothing started, --dry-run prints the plan, and the
+smoke study stopped mid-way (Ctrl-C) and restarted with --resume completes without rerunning finished trials."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import types
+from collections import Counter
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from ptray import tracking
+from ptray.study import Options, Plan, analysis_phase, main, parse_seeds, parse_tasks, trial_statuses
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "sweeps" / "all.py"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path
+
+
+def run_main(capsys, *argv):
+    capsys.readouterr()  # only what main prints
+    with pytest.raises(SystemExit) as exit_info:
+        code = main(list(argv))
+        raise SystemExit(code)
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def test_seed_and_task_lists():
+    assert parse_seeds("0-3") == (0, 1, 2, 3)
+    assert parse_seeds("0,2,5-6") == (0, 2, 5, 6)
+    assert parse_tasks("CB, rte") == ("cb", "rte")
+    for bad, message in (("3-1", "the range '3-1' is empty"), ("-1", "not a seed"), ("0,0", "repeats seed"),
+                         ("a", "not a seed")):
+        with pytest.raises(ValueError, match=message):
+            parse_seeds(bad)
+    with pytest.raises(ValueError, match="valid tasks: cb, rte, copa, wsc. Did you mean 'copa'"):
+        parse_tasks("cb,cpoa")
+    with pytest.raises(ValueError, match="lists cb more than once"):
+        parse_tasks("cb,cb")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "cb,boolq"], "error: unknown task 'boolq'; valid tasks: cb, rte, copa, wsc."),
+    (["--seeds", "0-x"], "error: --seeds '0-x': '0-x' is not a seed or a range like 0-3 (seeds are integers >= 0)"),
+    (["--max-epochs", "0"], "error: argument --max-epochs: must be a positive integer, got 0 "
+                            "(see python sweeps/all.py --help)"),
+    (["--gpus-per-trial", "-1"], "error: argument --gpus-per-trial: must be a number >= 0, got -1 "
+                                 "(see python sweeps/all.py --help)"),
+    (["--address", "auto", "--storage-path", "rel/results"],
+     "error: --storage-path 'rel/results' is relative; on a cluster give shared storage: s3://BUCKET/PATH or an "
+     "absolute path on a filesystem mounted on every node (NFS, EFS)"),
+    (["--data-dir", "no/such/dir"], "error: --data-dir 'no/such/dir' does not exist; pass the folder with "
+                                    "<TASK>/{train,val}.jsonl (e.g. ../shared/data/superglue)"),
+    (["--address", "127.0.0.1:1"], "error: --address 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1; is it "
+                                   "running? (`ray status` on the head tells)"),
+    (["--study", "a b"], "error: --study 'a b': use letters, digits, '.', '_' and '-' (it names MLflow and Tune "
+                         "folders)"),
+])
+def test_bad_input_is_one_line_and_exit_2(workdir, capsys, argv, message):
+    code, _, err = run_main(capsys, *argv, "--smoke")
+    assert code == 2
+    assert err.strip() == message
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "outputs").exists()  # nothing half-done
+
+
+def test_resume_of_a_missing_study_fails(workdir, capsys):
+    code, _, err = run_main(capsys, "--resume", "--study", "nope")
+    assert code == 2
+    assert err.strip() == (f"error: there is no study 'nope' to resume: the tracking store "
+                           f"sqlite:///{workdir / 'mlflow.db'} does not exist; check --tracking-uri (or "
+                           f"MLFLOW_TRACKING_URI) and the working directory")
+    assert not (workdir / "mlflow.db").exists()
+    tracking.get_or_create_experiment(tracking.client(tracking.resolve_tracking_uri()), "ptray-other")
+    code, _, err = run_main(capsys, "--resume", "--study", "nope")
+    assert code == 2
+    assert err.strip() == (f"error: there is no study 'nope' to resume in MLflow experiment 'ptray-nope' at "
+                           f"sqlite:///{workdir / 'mlflow.db'}; check --study, --experiment and --tracking-uri, or "
+                           f"start it without --resume")
+
+
+def test_dry_run_prints_the_plan(workdir, capsys, data_dir):
+    code, out, err = run_main(capsys, "--dry-run", "--smoke", "--data-dir", str(data_dir))
+    assert code == 0 and err == ""
+    assert "16 trials (cb, rte, copa, wsc x seeds 0, 1, 2, 3), each 1 CPU + 0.25 GPU if the cluster has GPUs" in out
+    assert "cb-seed0 cb-seed1 cb-seed2 cb-seed3 rte-seed0" in out and "wsc-seed3" in out
+    assert "68 evaluations (16 prompts x 4 tasks + 4 no-prompt baselines)" in out
+    assert f"experiment 'ptray-smoke' at sqlite:///{workdir / 'mlflow.db'}" in out
+    assert f"Tune       {workdir / 'outputs' / 'ray_results' / 'smoke'}" in out
+    assert "up to 2 epochs" in out and "first 32 train / 32 eval examples" in out
+    assert not (workdir / "mlflow.db").exists()  # a dry run touches nothing
+    code, out, _ = run_main(capsys, "--dry-run", "--tasks", "rte", "--seeds", "4", "--gpus-per-trial", "0.5",
+                            "--no-analysis")
+    assert "1 trials (rte x seeds 4), each 1 CPU + 0.5 GPU" in out and "bigscience/bloomz-560m" in out
+    assert "2 evaluations (1 prompts x 1 tasks + 1 no-prompt baselines)" in out and "analysis   off" in out
+
+
+def test_resume_refuses_a_changed_plan(workdir, capsys, data_dir):
+    mc = tracking.client(tracking.resolve_tracking_uri())
+    exp = tracking.get_or_create_experiment(mc, "ptray-smoke")
+    plan = Plan(study="smoke", tasks=("cb", "rte"), seeds=(0, 1), model="tiny", data_dir=str(data_dir), smoke=True)
+    tracking.write_plan(mc, exp, "smoke", plan.to_json())
+    code, _, err = run_main(capsys, "--resume", "--smoke", "--tasks", "cb")
+    assert code == 2
+    assert err.strip() == ("error: --resume continues study 'smoke' as it was started, but --tasks (the study has "
+                           "cb,rte, the command line says cb); leave those flags out, or start a new --study")
+    code, _, err = run_main(capsys, "--smoke", "--data-dir", str(data_dir))  # a new study of the same name
+    assert code == 2 and "study 'smoke' already exists in MLflow experiment 'ptray-smoke'" in err
+    assert "pass --resume to finish it, or choose another --study" in err
+    code, out, _ = run_main(capsys, "--resume", "--smoke", "--dry-run")
+    assert code == 0 and "study 'smoke' (resume, smoke)" in out and "4 trials (cb, rte x seeds 0, 1)" in out
+
+
+def test_analysis_is_called_when_it_exists(monkeypatch):
+    calls = []
+    fake = types.ModuleType("analysis")
+    fake.run = lambda experiment, tracking_uri=None, out_dir=None: calls.append((experiment, tracking_uri, out_dir)) \
+        or "outputs/analysis/x"
+    monkeypatch.setitem(sys.modules, "analysis", fake)
+    note = analysis_phase("ptray-x", "sqlite:///m.db", Options(analysis_dir="out"), complete=True)
+    assert calls == [("ptray-x", "sqlite:///m.db", "out")]
+    assert note == f"done: the 'analysis' run of experiment 'ptray-x' (report in {Path('outputs/analysis/x').resolve()})"
+    assert analysis_phase("ptray-x", "u", Options(analysis=False), True) == "off (--no-analysis)"
+    assert analysis_phase("ptray-x", "u", Options(), complete=False) == "skipped: the study is incomplete"
+    monkeypatch.setitem(sys.modules, "analysis", None)  # the package is not there (yet)
+    assert analysis_phase("ptray-x", "u", Options(), True) == "skipped: the analysis package is not installed"
+    assert calls == [("ptray-x", "sqlite:///m.db", "out")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the smoke study, stopped and resumed
+
+
+def count_finished_train_runs(db: Path) -> int:
+    """Read-only SQL on the driver's store: an MlflowClient here could race the driver's schema migration."""
+    if not db.exists():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            return con.execute(
+                "SELECT count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "WHERE r.status = 'FINISHED' AND t.key = 'ptray.kind' AND t.value = 'train'").fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is still being created
+        return 0
+
+
+def finished_train_runs(mc, study_id="smoke"):
+    exp = mc.get_experiment_by_name(f"ptray-{study_id}")
+    if exp is None:
+        return {}
+    return {r.info.run_name: r for r in tracking.search_study_runs(mc, exp.experiment_id, study_id, kind="train")
+            if r.info.status == "FINISHED"}
+
+
+@pytest.mark.slow
+def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_dir):
+    """The 'done when' study (16 train runs, 68 transfer/baseline runs with their artifacts), interrupted by Ctrl-C
+    after a few trials and finished with --resume."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(SWEEP), "--smoke", "--data-dir", str(data_dir), "--no-analysis"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while count_finished_train_runs(tmp_path / "mlflow.db") < 3:
+                assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no trial finished in 5 minutes"
+                time.sleep(0.5)
+            first.send_signal(signal.SIGINT)  # Ctrl-C
+            assert first.wait(timeout=120) == 130
+        finally:
+            if first.poll() is None:
+                first.kill()
+    first_log = (tmp_path / "first.log").read_text()
+    assert "Finish the study with:\n  python sweeps/all.py --resume --study smoke" in first_log
+    mc = tracking.client(uri)
+    before = finished_train_runs(mc)
+    assert 3 <= len(before) < 16
+    history = {n: [(m.step, m.value) for m in mc.get_metric_history(r.info.run_id, "eval_loss")]
+               for n, r in before.items()}
+    statuses = trial_statuses(str(tmp_path / "outputs" / "ray_results" / "smoke"))
+    tune_done = [name for name, status in statuses.items() if status == "TERMINATED"]
+    assert len(statuses) == 16 and 0 < len(tune_done) <= len(before)
+
+    second = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "16/16 trials done, 0 failed" in second.stdout and "68/68 transfer and baseline runs done" in second.stdout
+    # Trials finished when the driver stopped were not started again by Tune. (A trial that finished in MLflow
+    # just before Tune recorded it is restarted, finds its FINISHED run and reports it: it trains nothing.)
+    for name in tune_done:
+        assert f"Trial {name} started" not in second.stdout
+    # No finished run was trained or logged again.
+    for name, run in before.items():
+        again = mc.get_run(run.info.run_id)
+        assert again.info.end_time == run.info.end_time and again.info.status == "FINISHED"
+        assert [(m.step, m.value) for m in mc.get_metric_history(run.info.run_id, "eval_loss")] == history[name]
+
+    exp = mc.get_experiment_by_name("ptray-smoke").experiment_id
+    runs = tracking.search_study_runs(mc, exp, "smoke")
+    assert Counter(r.data.tags["ptray.kind"] for r in runs) == {"train": 16, "transfer": 64, "baseline": 4}
+    assert len({r.info.run_name for r in runs}) == len(runs) == 84  # one run per trial and evaluation
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        artifacts = {a.path for a in mc.list_artifacts(run.info.run_id)}
+        if run.data.tags["ptray.kind"] == "train":
+            assert artifacts == {"config.json", "history.json", "metrics.json", "predictions.json", "prompt"}
+            assert tracking.logged_epochs(mc, run.info.run_id) == [1, 2]
+        else:
+            assert artifacts == {"metrics.json", "predictions.json"}
+    # The plan the resumed run used is the stored one.
+    stored = tracking.read_plan(mc, "ptray-smoke", "smoke")
+    assert stored["tasks"] == ["cb", "rte", "copa", "wsc"] and stored["seeds"] == [0, 1, 2, 3]
+    assert stored["max_epochs"] == 2 and stored["model"] == "tiny" and stored["model_digest"]
+
+    # A third run has nothing left to do.
+    third = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "Trial cb-seed0 started" not in third.stdout
+    assert "transfer on cb: 0 new runs" in third.stdout
+    assert len(tracking.search_study_runs(mc, exp, "smoke")) == 84
