@@ -172,11 +172,11 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     d, o = Plan(), Options()
-    p = _Parser(prog="python sweeps/all.py", description=__doc__.splitlines()[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="python sweeps/all.py",
+                description="The whole study: Ray Tune over task x seed, the transfer grid, MLflow, the analysis.")
     g = p.add_argument_group("the study (stored when it starts; --resume continues it)")
     # Study options default to None, so that --resume can tell what the command line actually says.
-    g.add_argument("--study", default=None, help="study id (default: paper, or smoke with --smoke)")
+    g.add_argument("--study", default=None, help="study id (default: paper; with --smoke a new smoke-<date>-<time>)")
     g.add_argument("--tasks", default=None, help=f"comma-separated tasks (default: {','.join(d.tasks)})")
     g.add_argument("--seeds", default=None, help="seeds, e.g. 0-3 or 0,2,5 (default: 0-3)")
     g.add_argument("--model", default=None, help=f"Hub name or a folder on every node (default: {d.model}; "
@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-trial", type=_non_negative_float, default=None,
                    help=f"GPU fraction per trial/evaluation task (default {DEFAULT_GPUS_PER_TRIAL} where the cluster "
                         f"has or can add GPUs, else 0)")
-    r.add_argument("--cpus-per-trial", type=_positive_float, default=o.cpus_per_trial, help="CPUs per trial")
-    r.add_argument("--max-failures", type=int, default=o.max_failures, help="retries of a failed trial")
+    r.add_argument("--cpus-per-trial", type=_positive_float, default=o.cpus_per_trial, help=f"CPUs per trial and evaluation task (default {o.cpus_per_trial:g})")
+    r.add_argument("--max-failures", type=int, default=o.max_failures, help=f"retries of a failed trial, a lost node included (default {o.max_failures})")
     r.add_argument("--resume", action="store_true", help="finish the study named by --study; rerun nothing done")
     r.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     r.add_argument("--no-analysis", dest="analysis", action="store_false", help="skip the analysis step")
@@ -226,7 +226,11 @@ def plan_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = Non
             given[name] = getattr(args, name)
     if args.data_dir is not None:
         given["data_dir"] = _resolve_data_dir(args.data_dir)
-    study = args.study or ("smoke" if args.smoke else "paper")
+    if args.study is None and args.smoke and args.resume:
+        raise PtrayError("--resume --smoke needs --study: each smoke run is its own study, named smoke-<date>-<time> "
+                         "(the interrupted run printed the command to resume it)")
+    # Each smoke run is a new study, so that `make smoke` works again and again; the paper's study is one.
+    study = args.study or (f"smoke-{time.strftime('%Y%m%d-%H%M%S')}" if args.smoke else "paper")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", study):
         raise PtrayError(f"--study {study!r}: use letters, digits, '.', '_' and '-' (it names MLflow and Tune folders)")
     if stored is not None:

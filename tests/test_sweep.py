@@ -3,11 +3,14 @@ smoke study stopped mid-way (Ctrl-C) and restarted with --resume completes witho
 
 from __future__ import annotations
 
+import http.server
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import types
 from collections import Counter
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ptray import tracking
+from ptray import study, tracking
 from ptray.study import Options, Plan, analysis_phase, main, parse_seeds, parse_tasks, trial_statuses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +102,9 @@ def test_dry_run_prints_the_plan(workdir, capsys, data_dir):
     assert "16 trials (cb, rte, copa, wsc x seeds 0, 1, 2, 3), each 1 CPU + 0.25 GPU if the cluster has GPUs" in out
     assert "cb-seed0 cb-seed1 cb-seed2 cb-seed3 rte-seed0" in out and "wsc-seed3" in out
     assert "68 evaluations (16 prompts x 4 tasks + 4 no-prompt baselines)" in out
-    assert f"experiment 'ptray-smoke' at sqlite:///{workdir / 'mlflow.db'}" in out
-    assert f"Tune       {workdir / 'outputs' / 'ray_results' / 'smoke'}" in out
+    sid = re.search(r"study '(smoke-\d{8}-\d{6})' \(new, smoke\)", out).group(1)  # each smoke run is a study
+    assert f"experiment 'ptray-{sid}' at sqlite:///{workdir / 'mlflow.db'}" in out
+    assert f"Tune       {workdir / 'outputs' / 'ray_results' / sid}" in out
     assert "up to 2 epochs" in out and "first 32 train / 32 eval examples" in out
     assert not (workdir / "mlflow.db").exists()  # a dry run touches nothing
     code, out, _ = run_main(capsys, "--dry-run", "--tasks", "rte", "--seeds", "4", "--gpus-per-trial", "0.5",
@@ -114,15 +118,17 @@ def test_resume_refuses_a_changed_plan(workdir, capsys, data_dir):
     exp = tracking.get_or_create_experiment(mc, "ptray-smoke")
     plan = Plan(study="smoke", tasks=("cb", "rte"), seeds=(0, 1), model="tiny", data_dir=str(data_dir), smoke=True)
     tracking.write_plan(mc, exp, "smoke", plan.to_json())
-    code, _, err = run_main(capsys, "--resume", "--smoke", "--tasks", "cb")
+    code, _, err = run_main(capsys, "--resume", "--smoke", "--study", "smoke", "--tasks", "cb")
     assert code == 2
     assert err.strip() == ("error: --resume continues study 'smoke' as it was started, but --tasks (the study has "
                            "cb,rte, the command line says cb); leave those flags out, or start a new --study")
-    code, _, err = run_main(capsys, "--smoke", "--data-dir", str(data_dir))  # a new study of the same name
+    code, _, err = run_main(capsys, "--smoke", "--study", "smoke", "--data-dir", str(data_dir))  # same name
     assert code == 2 and "study 'smoke' already exists in MLflow experiment 'ptray-smoke'" in err
     assert "pass --resume to finish it, or choose another --study" in err
-    code, out, _ = run_main(capsys, "--resume", "--smoke", "--dry-run")
+    code, out, _ = run_main(capsys, "--resume", "--study", "smoke", "--dry-run")
     assert code == 0 and "study 'smoke' (resume, smoke)" in out and "4 trials (cb, rte x seeds 0, 1)" in out
+    code, _, err = run_main(capsys, "--resume", "--smoke")
+    assert code == 2 and err.startswith("error: --resume --smoke needs --study: each smoke run is its own study")
 
 
 def test_analysis_is_called_when_it_exists(monkeypatch):
@@ -158,25 +164,23 @@ def count_finished_train_runs(db: Path) -> int:
         return 0
 
 
-def finished_train_runs(mc, study_id="smoke"):
-    exp = mc.get_experiment_by_name(f"ptray-{study_id}")
-    if exp is None:
-        return {}
-    return {r.info.run_name: r for r in tracking.search_study_runs(mc, exp.experiment_id, study_id, kind="train")
+def finished_train_runs(mc, sid):
+    exp = mc.get_experiment_by_name(f"ptray-{sid}")
+    return {r.info.run_name: r for r in tracking.search_study_runs(mc, exp.experiment_id, sid, kind="train")
             if r.info.status == "FINISHED"}
 
 
 @pytest.mark.slow
 def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_dir):
     """The 'done when' study (16 train runs, 68 transfer/baseline runs with their artifacts), interrupted by Ctrl-C
-    after a few trials and finished with --resume."""
+    after a few trials and finished with the --resume command it printed."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, str(SWEEP), "--smoke", "--data-dir", str(data_dir), "--no-analysis"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        first = subprocess.Popen([sys.executable, str(SWEEP), "--smoke", "--data-dir", str(data_dir), "--no-analysis"],
+                                 cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
             while count_finished_train_runs(tmp_path / "mlflow.db") < 3:
@@ -189,17 +193,22 @@ def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_
             if first.poll() is None:
                 first.kill()
     first_log = (tmp_path / "first.log").read_text()
-    assert "Finish the study with:\n  python sweeps/all.py --resume --study smoke" in first_log
+    resume_cmd = re.search(r"Finish the study with:\n  (python sweeps/all.py --resume --study (smoke-\d{8}-\d{6}))\n",
+                           first_log)
+    assert resume_cmd, first_log[-3000:]
+    sid = resume_cmd.group(2)
     mc = tracking.client(uri)
-    before = finished_train_runs(mc)
+    before = finished_train_runs(mc, sid)
     assert 3 <= len(before) < 16
     history = {n: [(m.step, m.value) for m in mc.get_metric_history(r.info.run_id, "eval_loss")]
                for n, r in before.items()}
-    statuses = trial_statuses(str(tmp_path / "outputs" / "ray_results" / "smoke"))
+    statuses = trial_statuses(str(tmp_path / "outputs" / "ray_results" / sid))
     tune_done = [name for name, status in statuses.items() if status == "TERMINATED"]
     assert len(statuses) == 16 and 0 < len(tune_done) <= len(before)
 
-    second = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    # The printed command, as a user would paste it (plus --no-analysis to keep the test short).
+    resume = [sys.executable, str(SWEEP), *resume_cmd.group(1).split()[2:], "--no-analysis"]
+    second = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "16/16 trials done, 0 failed" in second.stdout and "68/68 transfer and baseline runs done" in second.stdout
     # Trials finished when the driver stopped were not started again by Tune. (A trial that finished in MLflow
@@ -212,8 +221,8 @@ def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_
         assert again.info.end_time == run.info.end_time and again.info.status == "FINISHED"
         assert [(m.step, m.value) for m in mc.get_metric_history(run.info.run_id, "eval_loss")] == history[name]
 
-    exp = mc.get_experiment_by_name("ptray-smoke").experiment_id
-    runs = tracking.search_study_runs(mc, exp, "smoke")
+    exp = mc.get_experiment_by_name(f"ptray-{sid}").experiment_id
+    runs = tracking.search_study_runs(mc, exp, sid)
     assert Counter(r.data.tags["ptray.kind"] for r in runs) == {"train": 16, "transfer": 64, "baseline": 4}
     assert len({r.info.run_name for r in runs}) == len(runs) == 84  # one run per trial and evaluation
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -224,14 +233,69 @@ def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_
             assert tracking.logged_epochs(mc, run.info.run_id) == [1, 2]
         else:
             assert artifacts == {"metrics.json", "predictions.json"}
-    # The plan the resumed run used is the stored one.
-    stored = tracking.read_plan(mc, "ptray-smoke", "smoke")
+    # The resumed run continued the stored plan.
+    stored = tracking.read_plan(mc, f"ptray-{sid}", sid)
     assert stored["tasks"] == ["cb", "rte", "copa", "wsc"] and stored["seeds"] == [0, 1, 2, 3]
     assert stored["max_epochs"] == 2 and stored["model"] == "tiny" and stored["model_digest"]
 
-    # A third run has nothing left to do.
-    third = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    # Once more: nothing is left to do.
+    third = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "Trial cb-seed0 started" not in third.stdout
     assert "transfer on cb: 0 new runs" in third.stdout
-    assert len(tracking.search_study_runs(mc, exp, "smoke")) == 84
+    assert len(tracking.search_study_runs(mc, exp, sid)) == 84
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a cluster of several machines: what the trials on other nodes could not reach is refused before anything starts
+
+
+class _HealthyMlflow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # /health and the experiments search both answer 200, like an MLflow server
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def several_machines(monkeypatch):
+    """The driver on 127.0.0.2, another node on 10.0.0.2 (no autoscaler config on this machine)."""
+    import ray
+
+    monkeypatch.setattr(study, "_cluster_ips", lambda: {"127.0.0.2", "10.0.0.2"})
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.2")
+    monkeypatch.setattr(study, "_autoscaling", lambda: False)
+    return Options(address="auto")
+
+
+def test_cluster_refuses_a_local_tracking_store(several_machines, tmp_path):
+    with pytest.raises(ValueError, match=r"the tracking store sqlite:///\S+ is a file on this machine, but the Ray "
+                                         r"cluster has other machines; run an MLflow server"):
+        study._check_cluster(several_machines, f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://b/p")
+
+
+def test_cluster_refuses_local_disk_storage(several_machines, tmp_path):
+    with pytest.raises(ValueError, match=r"--storage-path \S+ is on this machine's local disk \(\w+\), but the Ray "
+                                         r"cluster has other machines"):
+        study._check_cluster(several_machines, "http://10.0.0.1:5000", str(tmp_path / "results"))
+    assert study._check_cluster(several_machines, "http://10.0.0.1:5000", "s3://bucket/ray") == "http://10.0.0.1:5000"
+
+
+def test_cluster_rewrites_a_loopback_tracking_uri(several_machines):
+    server = http.server.HTTPServer(("0.0.0.0", 0), _HealthyMlflow)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        # Workers cannot reach "localhost" on the head: they get the head's address instead.
+        assert study._check_cluster(several_machines, f"http://localhost:{port}", "s3://b/p") == \
+            f"http://127.0.0.2:{port}"
+    finally:
+        server.shutdown()
+    with pytest.raises(ValueError, match=rf"--tracking-uri http://127.0.0.1:{port} is this machine's loopback, which "
+                                         r"other nodes cannot reach, and the server does not answer at "
+                                         rf"http://127.0.0.2:{port}; start it with --host 0.0.0.0"):
+        study._check_cluster(several_machines, f"http://127.0.0.1:{port}", "s3://b/p")
