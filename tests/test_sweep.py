@@ -238,12 +238,41 @@ def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_
     assert stored["tasks"] == ["cb", "rte", "copa", "wsc"] and stored["seeds"] == [0, 1, 2, 3]
     assert stored["max_epochs"] == 2 and stored["model"] == "tiny" and stored["model_digest"]
 
-    # Once more: nothing is left to do.
-    third = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    # Once more, as printed (with the analysis this time): nothing is left to train or evaluate.
+    third = subprocess.run(resume[:-1], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                           check=False)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "Trial cb-seed0 started" not in third.stdout
     assert "transfer on cb: 0 new runs" in third.stdout
-    assert len(tracking.search_study_runs(mc, exp, sid)) == 84
+    after = Counter(r.data.tags["ptray.kind"] for r in tracking.search_study_runs(mc, exp, sid))
+    assert after == {"train": 16, "transfer": 64, "baseline": 4, "analysis": 1}
+
+    # The analysis of this real smoke-study store: its run holds the report and every figure beside its numbers,
+    # and Table 1 equals the norms recomputed from the downloaded prompt artifacts.
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    analysis_runs = [r for r in mc.search_runs([exp]) if r.data.tags.get("ptray.kind") == "analysis"]
+    assert len(analysis_runs) == 1 and analysis_runs[0].info.status == "FINISHED", third.stdout[-3000:]
+    logged = {a.path for a in mc.list_artifacts(analysis_runs[0].info.run_id)}
+    assert {"report.html", "report.md", "table1_norms.csv", "transfer.png", "distances.png"} <= logged
+    for png in (p for p in logged if p.endswith(".png")):
+        stem = png[:-4]
+        assert f"{stem}.csv" in logged or f"{stem}.json" in logged, png
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(
+        run_id=analysis_runs[0].info.run_id, artifact_path="table1_norms.csv", tracking_uri=uri)).set_index("task")
+    norms = {}
+    for run in runs:
+        if run.data.tags["ptray.kind"] == "train":
+            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=uri,
+                                                       artifact_path="prompt/adapter_model.safetensors")
+            rows = load_file(path)["prompt_embeddings"].double()
+            norms.setdefault(run.data.tags["ptray.task"], []).append(float(rows.norm()))
+    for task, values in norms.items():
+        assert table.loc[task, "frobenius_raw_mean"] == pytest.approx(np.mean(values))
+        assert table.loc[task, "frobenius_raw_var"] == pytest.approx(np.var(values), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------
