@@ -2,7 +2,7 @@
 task (the transfer grid) as Ray tasks, track everything in MLflow, then run the analysis.
 
     python sweeps/all.py --smoke --data-dir ../shared/data/superglue     # minutes on 2 CPUs, tiny model
-    python sweeps/all.py --address auto --storage-path s3://BUCKET/ray   # a Ray cluster (see docs/cluster.md)
+    python sweeps/all.py --address auto --storage-path s3://BUCKET/ray   # a Ray cluster (see README: Run on a cluster)
 
 A study is named (``--study``); its plan (tasks, seeds, model, data, hyper-parameters) is stored in its MLflow
 experiment when it starts, and ``--resume`` continues that plan: Tune restores unfinished trials from their last
