@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _data_dir() -> Path:
     env = os.environ.get("PTRAY_DATA_DIR")
-    return Path(env) if env else ROOT.parent / "shared" / "data" / "superglue"
+    # absolute: tests run the sweep in subprocesses with other working directories
+    return (Path(env) if env else ROOT.parent / "shared" / "data" / "superglue").resolve()
 
 
 @pytest.fixture(scope="session")
