@@ -9,7 +9,7 @@ Everything here takes a model and ptray-encoded examples and either runs timed s
 * ``packed_loss``: several trials' prompts and batches in one forward pass (a technique measured here, not in
   ptray yet);
 * ``generate_exact_match``: exact match by batched greedy ``generate`` (the reference for ptray's one-pass
-  ``evaluate``);
+  ``evaluate``); ``prefix_shared_evaluate``: ``evaluate``'s numbers with each source run once (a variant);
 * ``sdpa_attention``: BLOOM's attention through ``F.scaled_dot_product_attention`` (a measured variant);
 * ``reference_train``: ``get_peft_model(PromptTuningConfig(TEXT init))`` + ``transformers.Trainer``.
 """
