@@ -6,28 +6,12 @@ import argparse
 import logging
 import sys
 
+from ptray.cli import OneLineParser, positive_int
 from ptray.errors import PtrayError
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse reporting a bad argument in one line (``error: ...``) with exit status 2, like every ptray CLI."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", required=True, help="the study's MLflow experiment name")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's default / "
                                                         "$MLFLOW_TRACKING_URI)")
@@ -36,11 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model to analyse against (default: the train runs' model)")
     p.add_argument("--data-dir", default=None, help="SuperGLUE jsonl folder for the faithfulness check "
                                                     "(default: the train runs' data_dir)")
-    p.add_argument("--top-k", type=_positive_int, default=3, help="nearest tokens per prompt row (default 3)")
+    p.add_argument("--top-k", type=positive_int, default=3, help="nearest tokens per prompt row (default 3)")
     p.add_argument("--distance", default="truncate", choices=["truncate", "pad"],
                    help="distance between prompts of different lengths: over the common length (truncate, "
                         "default) or with zero rows padded (pad)")
-    p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed for t-SNE and the bootstrap")
     p.add_argument("--no-faithfulness", action="store_true",
                    help="skip evaluating the discretised prompts (the slow part on CPU)")

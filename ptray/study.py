@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ptray import tracking
+from ptray.cli import OneLineParser, positive_int
 from ptray.errors import PtrayError
 from ptray.model import DEFAULT_MODEL
 from ptray.tasks import TASK_NAMES, get_task
@@ -107,23 +108,6 @@ class Options:
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with ptray's one-line errors (exit 2)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -172,7 +156,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     d, o = Plan(), Options()
-    p = _Parser(prog="python sweeps/all.py",
+    p = OneLineParser(prog="python sweeps/all.py",
                 description="The whole study: Ray Tune over task x seed, the transfer grid, MLflow, the analysis.")
     g = p.add_argument_group("the study (stored when it starts; --resume continues it)")
     # Study options default to None, so that --resume can tell what the command line actually says.
@@ -183,13 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                   f"with --smoke a tiny random BLOOM built on the fly)")
     g.add_argument("--data-dir", default=None, help="SuperGLUE jsonl folder on this machine, shipped to every "
                                                     "node (default: the Hugging Face Hub)")
-    g.add_argument("--max-epochs", type=_positive_int, default=None, help=f"default {d.max_epochs} (smoke: 2)")
-    g.add_argument("--patience", type=_positive_int, default=None, help=f"early stopping (default {d.patience})")
+    g.add_argument("--max-epochs", type=positive_int, default=None, help=f"default {d.max_epochs} (smoke: 2)")
+    g.add_argument("--patience", type=positive_int, default=None, help=f"early stopping (default {d.patience})")
     g.add_argument("--lr", type=_positive_float, default=None, help=f"Adam learning rate (default {d.lr})")
-    g.add_argument("--batch-size", type=_positive_int, default=None, help=f"default {d.batch_size}")
-    g.add_argument("--max-train-examples", type=_positive_int, default=None, help="default all (smoke: 32)")
-    g.add_argument("--max-eval-examples", type=_positive_int, default=None, help="default all (smoke: 32)")
-    g.add_argument("--max-length", type=_positive_int, default=None, help="max source+answer tokens (default "
+    g.add_argument("--batch-size", type=positive_int, default=None, help=f"default {d.batch_size}")
+    g.add_argument("--max-train-examples", type=positive_int, default=None, help="default all (smoke: 32)")
+    g.add_argument("--max-eval-examples", type=positive_int, default=None, help="default all (smoke: 32)")
+    g.add_argument("--max-length", type=positive_int, default=None, help="max source+answer tokens (default "
                                                                           "512; smoke: 128)")
     g.add_argument("--smoke", action="store_true", default=None,
                    help="the whole pipeline in minutes on CPUs: tiny model, 2 epochs, 32 examples")

@@ -29,6 +29,7 @@ import torch
 
 import ptray
 from ptray.batching import encode_all, train_batches
+from ptray.cli import OneLineParser, positive_float, positive_int
 from ptray.data import DEFAULT_HUB_DATASET, SPLITS, load_split
 from ptray.errors import PtrayError
 from ptray.evaluate import EvalResult, evaluate
@@ -318,33 +319,6 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (``error: ...``) and exits 2, like every ptray error."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = OneLineParser(prog="python -m ptray.train", description="Train and evaluate one soft prompt.")
@@ -354,18 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder with <TASK>/{train,val,test}.jsonl; default: the Hub")
     p.add_argument("--output-dir", required=True, help="folder to write the run to (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
-    p.add_argument("--max-epochs", type=_positive_int, default=d.max_epochs, help="epochs at most (default 50)")
-    p.add_argument("--patience", type=_positive_int, default=d.patience, help="early-stopping patience (default 5)")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="training batch size")
-    p.add_argument("--eval-batch-size", type=_positive_int, default=d.eval_batch_size, help="eval sequences/step")
-    p.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--max-length", type=_positive_int, default=d.max_length, help="max source+answer tokens")
+    p.add_argument("--max-epochs", type=positive_int, default=d.max_epochs, help="epochs at most (default 50)")
+    p.add_argument("--patience", type=positive_int, default=d.patience, help="early-stopping patience (default 5)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="training batch size")
+    p.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size, help="eval sequences/step")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--max-length", type=positive_int, default=d.max_length, help="max source+answer tokens")
     p.add_argument("--init", default=d.init.value, choices=[i.value for i in PromptInit], help="prompt init")
-    p.add_argument("--num-tokens", type=_positive_int, default=None, help="prompt rows (default: init text length)")
+    p.add_argument("--num-tokens", type=positive_int, default=None, help="prompt rows (default: init text length)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="mixed precision")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="where to train")
-    p.add_argument("--max-train-examples", type=_positive_int, default=None, help="use the first N train examples")
-    p.add_argument("--max-eval-examples", type=_positive_int, default=None, help="use the first N eval examples")
+    p.add_argument("--max-train-examples", type=positive_int, default=None, help="use the first N train examples")
+    p.add_argument("--max-eval-examples", type=positive_int, default=None, help="use the first N eval examples")
     return p
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from ptray.errors import PtrayError
-from ptray.model import answer_logprobs, collate
 from ptray.prompt import PromptInit, SoftPrompt, init_prompt, load_adapter, save_adapter, text_token_ids
 from ptray.tasks import TASKS
 
