@@ -124,10 +124,9 @@ def parse_args(argv=None):
     if a.smoke:
         a.tasks = "copa"  # short sequences: a quick check
         a.threads = a.threads or 1  # a shared CI machine: one thread does not wait on a busy second core
+        a.ablations = ",".join(x for x in a.ablations.split(",") if x != "compile")  # compiling takes minutes
     if a.threads:
         torch.set_num_threads(a.threads)
-        a.ablations = ",".join(x for x in a.ablations.split(",") if x != "compile")  # compiling takes minutes
-        a.ablation_tasks = a.ablation_tasks or "copa"
     a.tasks = [t for t in a.tasks.split(",") if t]
     a.ablations = [] if a.ablations == "none" else [x for x in a.ablations.split(",") if x]
     for x in a.ablations:

@@ -18,7 +18,6 @@ Conventions (BENCHMARKS.md repeats them):
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from contextlib import contextmanager
