@@ -9,7 +9,7 @@ Everything here takes a model and ptray-encoded examples and either runs timed s
 * ``packed_loss``: several trials' prompts and batches in one forward pass (a technique measured here, not in
   ptray yet);
 * ``generate_exact_match``: exact match by batched greedy ``generate`` (the reference for ptray's one-pass
-  ``evaluate``); ``prefix_shared_evaluate``: ``evaluate``'s numbers with each source run once (a variant);
+  ``evaluate``); ``ptray_evaluate(share_source=False)``: ``evaluate`` with one pass per label;
 * ``sdpa_attention``: BLOOM's attention through ``F.scaled_dot_product_attention`` (a measured variant);
 * ``reference_train``: ``get_peft_model(PromptTuningConfig(TEXT init))`` + ``transformers.Trainer``.
 """
@@ -243,10 +243,12 @@ def gold_only(data: list[Encoded]) -> list[Encoded]:
     return [Encoded(d.idx, d.source, (d.answers[d.label],), 0, d.truncated) for d in data if d.label is not None]
 
 
-def ptray_evaluate(model, data, prompt, *, batch_size, pad_id, eos_id, device, precision):
-    """``ptray.evaluate.evaluate`` as ``train`` calls it (exact match + rank accuracy, every label scored)."""
+def ptray_evaluate(model, data, prompt, *, batch_size, pad_id, eos_id, device, precision, share_source=None):
+    """``ptray.evaluate.evaluate`` as ``train`` calls it (exact match + rank accuracy, every label scored);
+    ``share_source=False``: one pass per label instead of the shared source pass."""
     return evaluate(model, data, prompt, batch_size, pad_id, eos_id, device=device,
-                    autocast=autocast_factory(device, precision) if precision == "bf16" else None)
+                    autocast=autocast_factory(device, precision) if precision == "bf16" else None,
+                    share_source=share_source)
 
 
 @torch.no_grad()
@@ -284,78 +286,6 @@ def generate_exact_match(model, data: list[Encoded], prompt: torch.Tensor | None
             target = data[i].answers[data[i].label] + [eos_id]
             correct[i] = int(out[r, :len(target)].tolist() == target)
     return correct
-
-
-@torch.no_grad()
-def prefix_shared_evaluate(model, data: list[Encoded], prompt: torch.Tensor | None, *, batch_size: int, pad_id: int,
-                           eos_id: int, device: str, precision: str):
-    """``ptray.evaluate.evaluate``'s numbers (loss, exact match, rank accuracy) with each source run once.
-
-    ptray's ``evaluate`` runs prompt + source + answer once per label. Here the prompt + source pass (right-padded,
-    ``batch_size`` examples) keeps its KV cache; its last position scores every label's first answer token, then
-    one short pass over the labels' answer tokens (cache repeated per label) scores the rest and EOS. BLOOM takes
-    positions from the attention mask, so the padding between source and answer changes nothing. A measured
-    variant (not in ptray): it saves the (labels - 1) extra source passes.
-    """
-    from ptray.evaluate import EvalResult
-
-    data = [d for d in data if d.label is not None]
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    autocast = autocast_factory(device, precision)
-    order = sorted(range(len(data)), key=lambda i: len(data[i].source))
-    n = 0 if prompt is None else prompt.shape[0]
-    score = [[0.0] * len(d.answers) for d in data]
-    em = [0] * len(data)
-    nll_sum, nll_tokens = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        part = [data[i] for i in order[start:start + batch_size]]
-        b = len(part)
-        width = max(len(d.source) for d in part)
-        ids = torch.full((b, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for r, d in enumerate(part):
-            ids[r, :len(d.source)] = torch.tensor(d.source)
-            mask[r, :len(d.source)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        embeds = emb(ids)
-        if prompt is not None:
-            embeds, mask = prepend(prompt.to(device), embeds, mask)
-        k = max(len(d.answers) for d in part)
-        m = max(len(a) for d in part for a in d.answers)
-        cont = torch.full((b * k, m), pad_id, dtype=torch.long)
-        cont_mask = torch.zeros((b * k, m), dtype=torch.long)
-        for r, d in enumerate(part):
-            for j, a in enumerate(d.answers):
-                cont[r * k + j, :len(a)] = torch.tensor(a)
-                cont_mask[r * k + j, :len(a)] = 1
-        cont, cont_mask = cont.to(device), cont_mask.to(device)
-        with autocast():
-            out = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
-            last = torch.tensor([n + len(d.source) - 1 for d in part], device=device)
-            first = head(out.last_hidden_state[torch.arange(b, device=device), last]).float()  # [b, V]
-            cache = out.cache
-            cache.batch_repeat_interleave(k)
-            full_mask = torch.cat([mask.repeat_interleave(k, dim=0), cont_mask], dim=1)
-            hidden = model.base_model(inputs_embeds=emb(cont), attention_mask=full_mask, cache=cache,
-                                      use_cache=True).last_hidden_state  # [b * k, m, h]
-            rest = head(hidden).float()  # [b * k, m, V]: position j predicts answer token j + 1, or EOS
-        first_lp, rest_lp = first.log_softmax(-1), rest.log_softmax(-1)
-        first_arg, rest_arg = first.argmax(-1).tolist(), rest.argmax(-1).tolist()
-        for r, d in enumerate(part):
-            e = order[start + r]
-            for j, a in enumerate(d.answers):
-                targets = a[1:] + [eos_id]
-                lp = float(first_lp[r, a[0]]) + sum(float(rest_lp[r * k + j, t, tok]) for t, tok in enumerate(targets))
-                ok = first_arg[r] == a[0] and all(rest_arg[r * k + j][t] == tok for t, tok in enumerate(targets))
-                score[e][j] = lp
-                if j == d.label:
-                    em[e] = int(ok)
-                    nll_sum -= lp
-                    nll_tokens += len(a) + 1
-    pred = [max(range(len(sc)), key=sc.__getitem__) for sc in score]
-    rank = [int(p == d.label) for p, d in zip(pred, data)]
-    return EvalResult(loss=nll_sum / nll_tokens, exact_match=sum(em) / len(data), rank_accuracy=sum(rank) / len(data),
-                      num_examples=len(data), em_correct=em, rank_correct=rank, rank_pred=pred)
 
 
 # ------------------------------------------------------------------------------------- SDPA attention variant

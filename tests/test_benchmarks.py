@@ -43,7 +43,7 @@ def test_smoke_run_reports_every_measurement(tmp_path, data_dir):
 
     ev = res["eval"]
     for task in ("copa",):
-        for method in ("ptray", "ptray_em_only", "ptray_prefix_shared", "generate", "generate_sorted"):
+        for method in ("ptray", "ptray_em_only", "ptray_per_label", "generate", "generate_sorted"):
             assert positive(ev[task][method]["examples_per_s"]) and positive(ev[task][method]["peak_mib"])
         assert positive(ev[task]["speedup"]) and positive(ev[task]["ptray"]["mfu"])
         assert ev[task]["em_agree"] == 1.0  # one-pass exact match and generate agree example by example

@@ -1,9 +1,11 @@
-"""One-pass exact match against greedy `generate`, rank accuracy against a naive loop, on random inputs."""
+"""One-pass exact match against greedy `generate`, rank accuracy against a naive loop, on random inputs; both ways
+of scoring the labels (one pass per label, one shared source pass) against those references and each other."""
 
+import pytest
 import torch
 
 from ptray.batching import Encoded
-from ptray.evaluate import evaluate
+from ptray.evaluate import evaluate, shares_source
 
 
 def _greedy(model, src, prompt, max_new, eos, pad):
@@ -14,7 +16,8 @@ def _greedy(model, src, prompt, max_new, eos, pad):
     return out[0].tolist()
 
 
-def test_one_pass_exact_match_equals_generate(tiny):
+@pytest.mark.parametrize("share_source", [True, False])
+def test_one_pass_exact_match_equals_generate(tiny, share_source):
     """Per example: EM from one teacher-forced pass == (greedy generate gives exactly answer + EOS).
 
     Each group shares one EOS token, taken from a real greedy continuation, so the group holds examples that
@@ -41,7 +44,7 @@ def test_one_pass_exact_match_equals_generate(tiny):
             examples.append((s, torch.randint(4, vocab, (int(torch.randint(1, 3, (1,), generator=gen)),),
                                               generator=gen).tolist()))
         data = [Encoded(i, s, (a,), 0) for i, (s, a) in enumerate(examples)]
-        res = evaluate(model, data, prompt, batch_size=3, pad_id=pad, eos_id=eos)
+        res = evaluate(model, data, prompt, batch_size=3, pad_id=pad, eos_id=eos, share_source=share_source)
         for (s, a), em in zip(examples, res.em_correct):
             ref = _greedy(model, s, prompt, len(a) + 1, eos, pad)[: len(a) + 1] == a + [eos]
             assert em == int(ref), (s, a, eos)
@@ -50,7 +53,8 @@ def test_one_pass_exact_match_equals_generate(tiny):
     assert checked >= 24 and right >= 3  # both outcomes really occurred
 
 
-def test_rank_accuracy_and_loss_equal_naive_loop(tiny):
+@pytest.mark.parametrize("share_source", [True, False])
+def test_rank_accuracy_and_loss_equal_naive_loop(tiny, share_source):
     model, tok = tiny
     gen = torch.Generator().manual_seed(5)
     vocab, pad, eos = len(tok), tok.pad_token_id, tok.eos_token_id
@@ -59,7 +63,7 @@ def test_rank_accuracy_and_loss_equal_naive_loop(tiny):
     for i in range(9):
         s = torch.randint(4, vocab, (int(torch.randint(2, 9, (1,), generator=gen)),), generator=gen).tolist()
         data.append(Encoded(i, s, answers, i % 3))
-    res = evaluate(model, data, None, batch_size=4, pad_id=pad, eos_id=eos)
+    res = evaluate(model, data, None, batch_size=4, pad_id=pad, eos_id=eos, share_source=share_source)
     preds, nll, count = [], 0.0, 0
     with torch.no_grad():
         for d in data:
@@ -83,3 +87,45 @@ def test_unlabeled_examples_are_skipped(tiny):
     data = [Encoded(0, [5, 6, 7], ([8],), 0), Encoded(1, [5, 6], ([8],), None)]
     res = evaluate(model, data, None, 8, tok.pad_token_id, tok.eos_token_id)
     assert res.num_examples == 1 and len(res.em_correct) == 1
+
+
+def _random_examples(n, vocab, seed):
+    """Sources of 1-40 random ids; 2 or 3 labels of 1-3-token answers (the label count varies within a batch)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        src = torch.randint(4, vocab, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        labels = 2 + i % 2
+        answers = tuple(torch.randint(4, vocab, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+                        for _ in range(labels))
+        out.append(Encoded(i, src, answers, int(torch.randint(0, labels, (1,), generator=g))))
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 32])
+def test_shared_source_pass_equals_one_pass_per_label(tiny, batch_size):
+    """The shared source pass (KV cache repeated per label) gives the per-label path's loss, exact match and
+    rank prediction, with a prompt and without, on random inputs of uneven lengths."""
+    model, tok = tiny
+    assert shares_source(model)  # the tiny model is a BLOOM: evaluate's default is the shared pass
+    data = _random_examples(23, len(tok), seed=batch_size)
+    prompt = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.5
+    for p in (prompt, None):
+        kw = dict(batch_size=batch_size, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+        ref = evaluate(model, data, p, share_source=False, **kw)
+        got = evaluate(model, data, p, share_source=True, **kw)
+        assert got.loss == pytest.approx(ref.loss, rel=1e-5)
+        assert got.em_correct == ref.em_correct and got.rank_pred == ref.rank_pred
+        assert got.rank_accuracy == ref.rank_accuracy
+
+
+def test_shared_source_pass_refuses_models_without_mask_positions(tiny):
+    model, tok = tiny
+    data = [Encoded(0, [5, 6, 7], ([8],), 0)]
+    model.config.model_type = "llama"  # positions from a counter: padding between source and answer would shift them
+    try:
+        with pytest.raises(ValueError, match="needs a BLOOM model"):
+            evaluate(model, data, None, 8, tok.pad_token_id, tok.eos_token_id, share_source=True)
+        assert evaluate(model, data, None, 8, tok.pad_token_id, tok.eos_token_id).num_examples == 1  # per label
+    finally:
+        model.config.model_type = "bloom"
