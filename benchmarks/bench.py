@@ -703,7 +703,7 @@ def render_markdown(res) -> str:
                 "unsorted": "plain shuffled batches (no length grouping)",
                 "train_weights": "weights get gradients and Adam state",
                 "precision": "other precision", "sdpa": "BLOOM attention through SDPA (not in ptray)",
-                "compile": "torch.compile of each block (not in ptray)"}
+                "compile": "torch.compile of each block (ptray's `--compile`, off by default)"}
         for k, e in res["ablations"].items():
             desc = what[k] + (f" ({e['variant_precision']})" if k == "precision" else "") + (
                 f"; compiling took {e['compile_seconds']:.0f} s" if e.get("compile_seconds") else "")

@@ -102,6 +102,7 @@ class Options:
     dry_run: bool = False
     analysis: bool = True
     analysis_dir: str | None = None
+    compile: bool = False  # torch.compile each transformer block in every trial and evaluation
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"has or can add GPUs, else 0)")
     r.add_argument("--cpus-per-trial", type=_positive_float, default=o.cpus_per_trial, help=f"CPUs per trial and evaluation task (default {o.cpus_per_trial:g})")
     r.add_argument("--max-failures", type=int, default=o.max_failures, help=f"retries of a failed trial, a lost node included (default {o.max_failures})")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block in the trials (see BENCHMARKS.md)")
     r.add_argument("--resume", action="store_true", help="finish the study named by --study; rerun nothing done")
     r.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     r.add_argument("--no-analysis", dest="analysis", action="store_false", help="skip the analysis step")
@@ -250,7 +253,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     return Options(experiment=args.experiment, tracking_uri=args.tracking_uri, storage_path=args.storage_path,
                    address=address, gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
                    max_failures=args.max_failures, resume=args.resume, dry_run=args.dry_run,
-                   analysis=args.analysis, analysis_dir=args.analysis_dir)
+                   analysis=args.analysis, analysis_dir=args.analysis_dir, compile=args.compile)
 
 
 def resolve_storage(path: str | None, cluster: bool) -> str:
@@ -346,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
         exp_id = tracking.get_or_create_experiment(mc, experiment)
         if not opts.resume:
             tracking.write_plan(mc, exp_id, plan.study, plan.to_json())
-        ctx = _context(plan, exp_id, uri, model_bundle, data_bundle)
+        ctx = _context(plan, exp_id, uri, model_bundle, data_bundle, compile=opts.compile)
         print(describe(plan, opts, uri, storage, experiment, new=not opts.resume, gpus=gpus), flush=True)
         outcome = train_phase(plan, opts, ctx, storage, gpus)
         if outcome["interrupted"]:
@@ -410,12 +413,12 @@ def _data_files(plan: Plan) -> list[str]:
     return rel
 
 
-def _context(plan: Plan, exp_id: str, uri: str, model_bundle, data_bundle):
+def _context(plan: Plan, exp_id: str, uri: str, model_bundle, data_bundle, compile: bool = False):
     from ptray.trial import StudyContext
 
     train = dict(model=plan.model, data_dir=plan.data_dir, max_epochs=plan.max_epochs, patience=plan.patience,
                  lr=plan.lr, batch_size=plan.batch_size, max_train_examples=plan.max_train_examples,
-                 max_eval_examples=plan.max_eval_examples, max_length=plan.max_length)
+                 max_eval_examples=plan.max_eval_examples, max_length=plan.max_length, compile=compile)
     # The smoke model is logged by its path in the node-local cache, which is the same path on every node (and
     # on the driver, where the analysis loads it).
     model_label = str(model_bundle.materialize()) if model_bundle is not None else plan.model

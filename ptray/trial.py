@@ -304,7 +304,7 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     from ptray.model import load_model, model_dtype, resolve_device_precision
     from ptray.prompt import load_adapter
     from ptray.tasks import get_task
-    from ptray.train import code_version
+    from ptray.train import code_version, compile_blocks
 
     quiet()
     t0 = time.perf_counter()
@@ -329,6 +329,8 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
     model, tokenizer = load_model(cfg.model, dtype=model_dtype(precision))
     model.to(accelerator.device)
+    if cfg.compile:
+        compile_blocks(model)
 
     def run_eval(prompt):
         return evaluate_on_task(model, tokenizer, target, prompt, data_dir=cfg.data_dir, split="val",

@@ -75,3 +75,29 @@ def test_markdown_section_is_replaced_in_place(tmp_path):
     assert md.read_text() == "intro\n<!-- bench:cpu-x -->\nnew\n<!-- /bench:cpu-x -->\noutro\n"
     update_markdown(str(md), "cuda-y", "gpu\n")
     assert md.read_text().endswith("<!-- bench:cuda-y -->\ngpu\n<!-- /bench:cuda-y -->\n")
+
+
+def test_trial_memory_estimate_runs_and_adds_up(tmp_path, data_dir):
+    """benchmarks/trial_memory.py (tiny model: a check that it works): every peak measured, the estimate is the sum
+    it says it is, and the markdown section is written."""
+    out, md = tmp_path / "mem.json", tmp_path / "B.md"
+    md.write_text("<!-- bench:trial-memory -->\n<!-- /bench:trial-memory -->\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "trial_memory.py"), "--model-shape", "tiny", "--tasks", "copa",
+         "--threads", "1", "--data-dir", str(data_dir), "--out", str(out), "--md", str(md)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert positive(res["train"]["copa"]["peak_bytes"]) and positive(res["eval"]["copa"]["peak_bytes"])
+    e = res["estimate"]
+    assert e["activations_fp32_max_bytes"] == max(res["train"]["copa"]["peak_bytes"], res["eval"]["copa"]["peak_bytes"])
+    assert e["per_trial_bytes"] == e["weights_bf16_bytes"] + e["activations_fp32_max_bytes"] + e["overhead_bytes_assumed"]
+    assert e["trials_fit"] == int(80 * 2**30 // e["per_trial_bytes"])
+    assert "trials** fit in 80 GiB" in md.read_text()
+
+
+def test_trial_memory_rejects_a_missing_data_dir(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trial_memory.py"), "--data-dir",
+                           str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr

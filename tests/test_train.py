@@ -106,3 +106,24 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, data_dir, monkeypat
 def test_config_validation(field, value, message):
     with pytest.raises(PtrayError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.slow  # compiling takes ~20 s on CPU
+def test_compiled_blocks_train_the_same_prompt(tiny_model_dir, data_dir):
+    """--compile (torch.compile of each block) is a speed option only: the same prompt and metrics as eager,
+    up to floating-point reordering."""
+    eager = train(_cfg(tiny_model_dir, data_dir, max_epochs=2, baselines=False))
+    compiled = train(_cfg(tiny_model_dir, data_dir, max_epochs=2, baselines=False, compile=True))
+    assert compiled.resolved["compile"] is True
+    torch.testing.assert_close(compiled.prompt, eager.prompt, rtol=1e-3, atol=1e-4)
+    for a, b in zip(eager.history, compiled.history):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
+        assert b["exact_match"] == a["exact_match"] and b["rank_accuracy"] == a["rank_accuracy"]
+
+
+def test_compile_refuses_a_model_without_known_blocks():
+    class Model:
+        base_model = torch.nn.Linear(2, 2)
+
+    with pytest.raises(PtrayError, match="does not know where"):
+        ptray.train.compile_blocks(Model())
