@@ -549,8 +549,10 @@ class Bench:
             n = int(self.init[t].shape[0])
             per_epoch = sum(shape560.train_flops(len(d.source) + len(d.answers[d.label]) + n,
                                                  len(d.answers[d.label]) + 1) for d in self.data[t])
-            per_eval = sum(shape560.forward_flops(len(d.source) + len(ans) + n, len(ans) + 1)
-                           for d in self.val[t] if d.label is not None for ans in d.answers)
+            # evaluate's shared source pass: prompt + source once, every label's answer tokens
+            per_eval = sum(shape560.forward_flops(n + len(d.source) + sum(len(x) for x in d.answers),
+                                                  sum(len(x) + 1 for x in d.answers))
+                           for d in self.val[t] if d.label is not None)
             train_flops += per_epoch * SEEDS * EPOCHS
             val_flops += per_eval * (SEEDS * EPOCHS + EXTRA_EVALS / len(tasks))
         # the issue's ~340k tokens per epoch are for all four train sets; a subset of tasks is not scaled
@@ -629,7 +631,7 @@ def log(msg):
 def render_markdown(res) -> str:
     m = res["meta"]
     hw = (f"{m['gpu']} ({m['gpu_mem_gib']} GiB), CUDA {m['cuda']}; host CPU {m['cpu']}, {m['cores']} cores"
-          if m["device"] == "cuda" else f"{m['cpu']}, {m['cores']} cores ({m['cpu_threads']} torch threads), "
+          if m["device"] == "cuda" else f"{m['cpu']}, {m['cores']} cores ({m['cpu_threads']} torch thread{'s' if m['cpu_threads'] != 1 else ''}), "
                                         f"{m['ram_gib']} GiB RAM")
     v = m["versions"]
     su = res.get("setup", {}).get("model", {})

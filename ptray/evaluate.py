@@ -12,8 +12,8 @@ Two ways to score the labels, with the same numbers (tests/test_evaluate.py chec
 - per label (any causal LM): prompt + source + answer once per label, in length-sorted batches;
 - source shared (BLOOM, the default there): prompt + source once per example, keeping its KV cache; the last
   source position scores every label's first answer token, then one short pass over the labels' answer tokens
-  (the cache repeated per label) scores the rest and EOS. This saves (labels - 1) source passes: about 1.7x less
-  evaluation time for these tasks (BENCHMARKS.md). It relies on BLOOM's ALiBi positions coming from the
+  (the cache repeated per label) scores the rest and EOS. This saves (labels - 1) source passes: 2.5x less
+  evaluation time over the four tasks in BENCHMARKS.md's CPU run. It relies on BLOOM's ALiBi positions coming from the
   attention mask, so the padding between a short source and its answer changes nothing; models whose positions
   count padded slots use the per-label path.
 """
