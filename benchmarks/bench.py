@@ -345,9 +345,7 @@ class Bench:
                 s = median(secs)
                 res[name] = {"seconds": s, "examples_per_s": n_ex / s, "tokens_per_s": gold_tokens / s,
                              "peak_mib": max(peaks) / 2**20 if peaks else None, "exact_match": sum(em[name]) / n_ex}
-            # the work evaluate needs: prompt + source once, every label's answer tokens, the head at each target
-            flops = sum(self.shape.forward_flops(init.shape[0] + len(d.source) + sum(len(x) for x in d.answers),
-                                                 sum(len(x) + 1 for x in d.answers))
+            flops = sum(self.shape.eval_flops(init.shape[0], len(d.source), [len(x) for x in d.answers])
                         for d in val if d.label is not None)
             res["ptray"].update(model_flops=flops, precision=a.precision,
                                 mfu=flops / res["ptray"]["seconds"] / self.peak_flops(a.precision))
@@ -549,9 +547,7 @@ class Bench:
             n = int(self.init[t].shape[0])
             per_epoch = sum(shape560.train_flops(len(d.source) + len(d.answers[d.label]) + n,
                                                  len(d.answers[d.label]) + 1) for d in self.data[t])
-            # evaluate's shared source pass: prompt + source once, every label's answer tokens
-            per_eval = sum(shape560.forward_flops(n + len(d.source) + sum(len(x) for x in d.answers),
-                                                  sum(len(x) + 1 for x in d.answers))
+            per_eval = sum(shape560.eval_flops(n, len(d.source), [len(x) for x in d.answers])
                            for d in self.val[t] if d.label is not None)
             train_flops += per_epoch * SEEDS * EPOCHS
             val_flops += per_eval * (SEEDS * EPOCHS + EXTRA_EVALS / len(tasks))

@@ -50,6 +50,11 @@ class Shape:
         t = positions
         return 2 * self.n_lin * t + 4 * self.n_layer * self.hidden * t * t + 2 * self.hidden * self.vocab * answers
 
+    def eval_flops(self, n_prompt: int, source: int, answer_lengths) -> float:
+        """``ptray.evaluate`` on one example: prompt + source once, then every label's answer tokens, with the LM
+        head at each answer token and EOS."""
+        return self.forward_flops(n_prompt + source + sum(answer_lengths), sum(a + 1 for a in answer_lengths))
+
     def train_flops(self, positions: int, answers: int) -> float:
         t = positions
         return 4 * self.n_lin * t + 12 * self.n_layer * self.hidden * t * t + 4 * self.hidden * self.vocab * answers

@@ -28,6 +28,7 @@ from ptray.batching import Encoded, train_batches
 from ptray.evaluate import evaluate
 from ptray.model import Batch, answer_logprobs, collate
 from ptray.prompt import prepend
+from ptray.train import compile_blocks
 
 from benchmarks.measure import PeakMemory, Shape, sync
 
@@ -326,16 +327,14 @@ def sdpa_attention(model):
 
 
 @contextlib.contextmanager
-def compiled_blocks(model, dynamic: bool = True):
-    """Within the block, each BLOOM transformer block runs through ``torch.compile`` (regional compilation: one
-    compiled graph shared by the identical blocks, so compiling is quick)."""
-    blocks = list(model.base_model.h)
-    for b in blocks:
-        b.compile(dynamic=dynamic)
+def compiled_blocks(model):
+    """Within the block, the model runs as ptray's ``--compile`` makes it (``ptray.train.compile_blocks``); the
+    blocks are eager again afterwards."""
+    compile_blocks(model)
     try:
         yield
     finally:
-        for b in blocks:
+        for b in model.base_model.h:
             b._compiled_call_impl = None
 
 

@@ -147,8 +147,11 @@ def _score_shared(model, data, prompt, batch_size, pad_id, eos_id, device, autoc
                 ans_mask[r * k + j, :len(a)] = 1
                 first[r * k + j] = a[0]
                 rest[r * k + j, :len(a)] = torch.tensor(a[1:] + [eos_id])
+        rows, pos = (rest >= 0).nonzero(as_tuple=True)  # every answer token and EOS to score
+        targets = rest[rows, pos]
         src, src_mask, last = src.to(device), src_mask.to(device), last.to(device)
-        ans, ans_mask, first, rest = ans.to(device), ans_mask.to(device), first.to(device), rest.to(device)
+        ans, ans_mask, first = ans.to(device), ans_mask.to(device), first.to(device)
+        rows, pos, targets = rows.to(device), pos.to(device), targets.to(device)
         embeds = emb(src)
         if prompt is not None:
             embeds, src_mask = prepend(prompt, embeds, src_mask)
@@ -160,11 +163,9 @@ def _score_shared(model, data, prompt, batch_size, pad_id, eos_id, device, autoc
             mask = torch.cat([src_mask.repeat_interleave(k, dim=0), ans_mask], dim=1)
             hidden = model.base_model(inputs_embeds=emb(ans), attention_mask=mask, cache=cache,
                                       use_cache=True).last_hidden_state  # [b * k, m, hidden]
-            rows, pos = (rest >= 0).nonzero(as_tuple=True)
             rest_logits = head(hidden[rows, pos]).float()  # [answer tokens + EOS of every row, V]
         logits = logits.repeat_interleave(k, dim=0)  # [b * k, V]
         first_lp = logits.log_softmax(-1).gather(1, first.unsqueeze(1)).squeeze(1)
-        targets = rest[rows, pos]
         rest_lp = rest_logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
         per_seq = torch.zeros(2, b * k, device=device, dtype=torch.float64)
         per_seq[0] = first_lp.double()

@@ -121,6 +121,18 @@ def test_compiled_blocks_train_the_same_prompt(tiny_model_dir, data_dir):
         assert b["exact_match"] == a["exact_match"] and b["rank_accuracy"] == a["rank_accuracy"]
 
 
+@pytest.mark.slow  # compiling takes seconds on CPU
+def test_compile_blocks_compiles_every_block_in_place(tiny_model_dir):
+    from ptray.model import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    eager = model(input_ids=ids).logits
+    ptray.train.compile_blocks(model)
+    assert all(block._compiled_call_impl is not None for block in model.base_model.h)
+    torch.testing.assert_close(model(input_ids=ids).logits, eager, rtol=1e-4, atol=1e-5)
+
+
 def test_compile_refuses_a_model_without_known_blocks():
     class Model:
         base_model = torch.nn.Linear(2, 2)
