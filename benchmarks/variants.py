@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ptray.batching import Encoded, train_batches
+from ptray.batching import Batch, Encoded, collate, train_batches
 from ptray.evaluate import evaluate
-from ptray.model import Batch, answer_logprobs, collate
+from ptray.model import answer_logprobs
 from ptray.prompt import prepend
 from ptray.train import compile_blocks
 

@@ -8,8 +8,50 @@ import torch
 
 from ptray.data import Example
 from ptray.errors import PtrayError
-from ptray.model import Batch, collate
 from ptray.tasks import Task
+
+
+@dataclass
+class Batch:
+    """Right-padded sequences and where their answer tokens are.
+
+    input_ids, attention_mask: [B, L] (prompt not included).
+    ans_seq, ans_pos: [A] sequence index and the position (in input_ids) whose next-token prediction is an answer
+    token; ans_tokens: [A] the token to predict (the answer words, then EOS).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    ans_seq: torch.Tensor
+    ans_pos: torch.Tensor
+    ans_tokens: torch.Tensor
+
+    @property
+    def num_seqs(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in (
+            self.input_ids, self.attention_mask, self.ans_seq, self.ans_pos, self.ans_tokens)))
+
+
+def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int, eos_id: int) -> Batch:
+    """(source_ids, answer_ids) pairs -> a right-padded Batch. The input is source + answer; EOS is only predicted."""
+    lengths = [len(s) + len(a) for s, a in seqs]
+    width = max(lengths)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    ans_seq, ans_pos, ans_tokens = [], [], []
+    for i, (src, ans) in enumerate(seqs):
+        ids = src + ans
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        targets = ans + [eos_id]
+        ans_seq += [i] * len(targets)
+        ans_pos += range(len(src) - 1, len(src) - 1 + len(targets))
+        ans_tokens += targets
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return Batch(input_ids, attention_mask, as_long(ans_seq), as_long(ans_pos), as_long(ans_tokens))
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import variants as V  # noqa: E402
 from benchmarks.measure import PeakMemory, Shape  # noqa: E402
-from ptray.batching import Encoded, train_batches  # noqa: E402
-from ptray.model import answer_logprobs, collate, load_model  # noqa: E402
+from ptray.batching import Encoded, collate, train_batches  # noqa: E402
+from ptray.model import answer_logprobs, load_model  # noqa: E402
 from ptray.prompt import init_prompt  # noqa: E402
 
 INIT_TEXT = "Does the hypothesis entail the premise?"

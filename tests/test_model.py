@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from ptray.batching import collate
 from ptray.errors import PtrayError
-from ptray.model import answer_logprobs, collate, load_model
+from ptray.model import answer_logprobs, load_model
 
 
 def _random_seqs(gen, vocab, n, eos):
