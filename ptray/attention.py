@@ -1,0 +1,95 @@
+"""Fused attention for BLOOM: ALiBi as an additive bias to ``scaled_dot_product_attention``, with backward.
+
+Hugging Face's BLOOM attention (transformers 5) is eager: ``baddbmm`` of the ALiBi bias with Q K^T, the mask added,
+an fp32 softmax, then ``bmm`` with V; it materialises the [batch, heads, q, kv] scores and probabilities several
+times and refuses ``set_attn_implementation`` ("does not follow the functional approach based on
+AttentionInterface"). ``use_fused_attention(model)`` swaps each ``BloomAttention.forward`` for one that computes the
+same thing with one ``torch.nn.functional.scaled_dot_product_attention`` call whose float ``attn_mask`` is
+ALiBi (slope x key position, positions from the attention mask's cumsum, exactly as Hugging Face builds them) plus
+the causal/padding mask Hugging Face already built. On CUDA that runs the memory-efficient (or cuDNN) kernel,
+which takes an additive bias and has a backward pass; on CPU it is PyTorch's reference SDPA.
+
+Everything around the attention core is Hugging Face's: the QKV projection, the KV cache update (``Cache``
+objects, so ``generate`` and ptray's shared-source evaluation work unchanged), the output projection and dropout.
+``output_attentions=True`` (SDPA returns no probabilities) and ``pretraining_tp > 1`` with ``slow_but_exact`` fall
+back to the original forward for that call. ``tests/test_attention.py`` checks logits, the soft prompt's gradient
+and generation against the eager model.
+
+Other families: Llama, Qwen2, Mistral, Gemma, GPT-NeoX... declare SDPA support in transformers 5 and load with
+``attn_implementation="sdpa"`` by default; ``use_fused_attention`` leaves them as they are (returns 0).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+_ORIGINAL = "_ptray_eager_forward"  # marks a patched module; holds nothing (the class keeps the original)
+
+
+def _fused_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
+                   output_attentions=False, **kwargs):
+    """``BloomAttention.forward`` (transformers 5.17 to 5.24 signature) with the core as one SDPA call.
+
+    alibi: [batch * heads, 1, kv] (slope x key position); attention_mask: None, or Hugging Face's 4D mask
+    [batch, 1, q, kv] (additive float, or bool where True keeps a key). Returns ``(output, None)``.
+    """
+    if output_attentions or (self.pretraining_tp > 1 and self.slow_but_exact):
+        return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
+                                  use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+    batch_size, q_length, _ = hidden_states.shape
+    query, key, value = self._reshape(self.query_key_value(hidden_states))  # [batch, heads, len, head_dim] each
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    kv_length = key.shape[2]
+    bias = alibi.view(batch_size, self.num_heads, 1, -1)[..., :kv_length].to(query.dtype)
+    if attention_mask is None:
+        if q_length > 1:  # no mask given: causal only, the last q queries of a kv-long sequence
+            causal = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - q_length)
+            bias = bias.masked_fill(~causal, torch.finfo(query.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        bias = bias.masked_fill(~attention_mask[..., :kv_length], torch.finfo(query.dtype).min)
+    else:
+        bias = bias + attention_mask[..., :kv_length].to(query.dtype)
+    # Hugging Face: softmax(alibi * beta + inv_norm_factor * Q K^T + mask); beta is 1.0 in every BLOOM.
+    context = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias.expand(batch_size, self.num_heads, q_length, kv_length),
+        dropout_p=self.attention_dropout.p if self.training else 0.0, scale=self.inv_norm_factor,
+    )  # [batch, heads, q, head_dim]
+    context = context.transpose(1, 2).reshape(batch_size, q_length, self.num_heads * self.head_dim)
+    from transformers.models.bloom.modeling_bloom import dropout_add
+
+    output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
+    return output, None
+
+
+def _bloom_attentions(model) -> list[torch.nn.Module]:
+    from transformers.models.bloom.modeling_bloom import BloomAttention
+
+    return [m for m in model.modules() if isinstance(m, BloomAttention)]
+
+
+def use_fused_attention(model, enabled: bool = True) -> int:
+    """Run ``model``'s BLOOM attention through ``scaled_dot_product_attention`` (``enabled=False``: back to eager).
+
+    Works on a ``BloomForCausalLM``/``BloomModel`` or anything holding one (a PEFT model). Returns the number of
+    attention modules now patched (enabled) or restored (disabled); 0 for models that are not BLOOM (their
+    Hugging Face code picks SDPA itself). Idempotent. Raises nothing on non-BLOOM models.
+    """
+    modules = _bloom_attentions(model)
+    for module in modules:
+        if enabled:
+            module.forward = types.MethodType(_fused_forward, module)
+            setattr(module, _ORIGINAL, True)
+        elif getattr(module, _ORIGINAL, False):
+            del module.forward  # the instance attribute goes; the class's eager forward is found again
+            delattr(module, _ORIGINAL)
+    return len(modules)
+
+
+def fused_attention_enabled(model) -> bool:
+    """Whether every BLOOM attention module of ``model`` runs the fused path (False if it has none)."""
+    modules = _bloom_attentions(model)
+    return bool(modules) and all(getattr(m, _ORIGINAL, False) for m in modules)
