@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from ptray.cli import OneLineParser, positive_int
+from ptray.cli import OneLineParser, positive_int, seed_int
 from ptray.errors import PtrayError
 
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distance between prompts of different lengths: over the common length (truncate, "
                         "default) or with zero rows padded (pad)")
     p.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="seed for t-SNE and the bootstrap")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for t-SNE and the bootstrap (0 to 2**32 - 1)")
     p.add_argument("--no-faithfulness", action="store_true",
                    help="skip evaluating the discretised prompts (the slow part on CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from ptray.data import Example
 from ptray.errors import PtrayError
-from ptray.tasks import Task
+from ptray.seeds import epoch_seed
+from ptray.tasks import ANSWER_CUE, Task
 
 
 @dataclass
@@ -69,33 +71,83 @@ class Encoded:
         return len(self.source) + max(len(a) for a in self.answers)
 
 
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _prefix_chars(tokenizer, text: str, ids: list[int], keep: int) -> int:
+    """How many leading characters of ``text`` its first ``keep`` tokens ``ids[:keep]`` cover, never ending inside
+    a character. Decoding a cut token list instead can end in half a multi-byte character, which decodes to U+FFFD."""
+    if keep <= 0:
+        return 0
+    if keep >= len(ids):
+        return len(text)
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).get("offset_mapping")
+    except NotImplementedError:  # Python (slow) tokenizers have no offsets
+        offsets = None
+    if offsets is not None and len(offsets) == len(ids):
+        return offsets[keep][0]  # where the first dropped token starts (byte-level: its whole character)
+    # no offsets: the common prefix of the decoded tokens and the text, so nothing foreign enters the text
+    return len(os.path.commonprefix([tokenizer.decode(ids[:keep]), text]))
+
+
+def check_lengths(task: Task, tokenizer, max_length: int) -> None:
+    """Refuse a ``max_length`` that cannot hold ``task``'s answer cue and its longest answer (no truncation can
+    make any example fit then). Raises PtrayError naming the limit."""
+    cue = len(_ids(tokenizer, ANSWER_CUE))
+    answer = max(len(_ids(tokenizer, a)) for a in task.answers)
+    if cue + answer > max_length:
+        raise PtrayError(
+            f"--max-length {max_length} cannot hold {task.name}'s answer cue {ANSWER_CUE!r} and longest answer "
+            f"({cue} + {answer} tokens) with any text; raise --max-length (the examples need far more, e.g. 512)"
+        )
+
+
+def check_positions(model_config, prompt_tokens: int, max_length: int) -> None:
+    """Refuse a prompt + ``max_length`` longer than the model's positions (``max_position_embeddings``; models
+    without one, like BLOOM with ALiBi, have no limit). Raises PtrayError naming the limit."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_tokens + max_length > limit:
+        raise PtrayError(
+            f"the soft prompt's {prompt_tokens} tokens + --max-length {max_length} exceed the model's {limit} "
+            f"positions (max_position_embeddings); lower --max-length to at most {limit - prompt_tokens}"
+        )
+
+
 def encode(task: Task, example: Example, tokenizer, max_length: int) -> Encoded:
     """Tokenise one example so that source + longest answer fits ``max_length`` (the prompt is not counted).
 
-    When it does not fit, the longest text field is shortened (by tokens, from its end) and the example is
-    formatted again, until it fits; the answer cue and the answer are never cut.
+    When it does not fit, the longest text field (in tokens) is cut at a character boundary by about the overflow
+    and the example formatted again, until it fits; the answer cue, the other fields and the answer are never cut,
+    and no character is added (no U+FFFD from a cut inside a multi-byte character). Every pass removes at least one
+    character, so it always ends. Raises PtrayError when the example with every text field empty does not fit.
     """
-    answers = tuple(tokenizer(t, add_special_tokens=False)["input_ids"] for t in task.answers)
+    answers = tuple(_ids(tokenizer, t) for t in task.answers)
     budget = max_length - max(len(a) for a in answers)
     fields = dict(example.fields)
-    source = tokenizer(task.format(fields), add_special_tokens=False)["input_ids"]
-    truncated = False
-    while len(source) > budget:
-        truncated = True
-        field_ids = {f: tokenizer(fields[f], add_special_tokens=False)["input_ids"] for f in task.text_fields}
-        longest = max(field_ids, key=lambda f: len(field_ids[f]))
-        if not field_ids[longest]:
-            raise PtrayError(
-                f"{task.name} example {example.idx}: the template alone is longer than max_length={max_length} "
-                f"tokens; raise --max-length"
-            )
-        keep = max(0, len(field_ids[longest]) - (len(source) - budget))
-        fields[longest] = tokenizer.decode(field_ids[longest][:keep])
-        source = tokenizer(task.format(fields), add_special_tokens=False)["input_ids"]
-    return Encoded(example.idx, source, answers, example.label, truncated)
+    source = _ids(tokenizer, task.format(fields))
+    if len(source) <= budget:
+        return Encoded(example.idx, source, answers, example.label)
+    floor = len(_ids(tokenizer, task.format({**fields, **{f: "" for f in task.text_fields}})))
+    if floor > budget:
+        raise PtrayError(
+            f"{task.name} example {example.idx}: even with its text cut away, the template and the longest answer "
+            f"take {floor + max(len(a) for a in answers)} tokens, over --max-length {max_length}; raise --max-length"
+        )
+    while len(source) > budget:  # ends: each pass shortens a field; with all of them empty the source is `floor`
+        field_ids = {f: _ids(tokenizer, fields[f]) for f in task.text_fields}
+        longest = max(task.text_fields, key=lambda f: (len(field_ids[f]), len(fields[f])))
+        text, ids = fields[longest], field_ids[longest]
+        keep = max(0, len(ids) - (len(source) - budget))
+        fields[longest] = text[:min(_prefix_chars(tokenizer, text, ids, keep), len(text) - 1)]
+        source = _ids(tokenizer, task.format(fields))
+    return Encoded(example.idx, source, answers, example.label, truncated=True)
 
 
 def encode_all(task: Task, examples: list[Example], tokenizer, max_length: int) -> list[Encoded]:
+    """``encode`` each example, after refusing a ``max_length`` too short for any (``check_lengths``)."""
+    check_lengths(task, tokenizer, max_length)
     return [encode(task, ex, tokenizer, max_length) for ex in examples]
 
 
@@ -107,7 +159,7 @@ def train_batches(data: list[Encoded], batch_size: int, seed: int, epoch: int, p
     shuffled, cut into pools of ``group`` batches, sorted by length inside a pool, batched, and the batches
     shuffled again (the HF Trainer's group_by_length idea).
     """
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     order = torch.randperm(len(data), generator=gen).tolist()
     pool = batch_size * group
     batches = []

@@ -30,9 +30,11 @@ from ptray import tracking
 from ptray.cli import OneLineParser, positive_int
 from ptray.errors import PtrayError
 from ptray.model import DEFAULT_MODEL
+from ptray.seeds import MAX_SEED
 from ptray.tasks import TASK_NAMES, get_task
 
 SMOKE_MODEL = "tiny"  # --smoke's default model: a tiny random BLOOM built on the fly (ptray.tiny_model)
+MAX_SEEDS = 1000  # seeds per study: a typo like 0-1000000 is refused, not expanded into a million trials
 DEFAULT_GPUS_PER_TRIAL = 0.25  # four trials share a GPU: one bloomz-560m prompt-tuning run leaves most of it idle
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "lustre", "glusterfs", "gpfs", "beegfs",
                        "9p", "virtiofs", "efs")  # a local path on these may be shared by every node (fuse.* too)
@@ -148,6 +150,11 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise PtrayError(f"--seeds {text!r}: the range {part!r} is empty")
+        if hi > MAX_SEED:
+            raise PtrayError(f"--seeds {text!r}: seed {hi} is out of range; seeds are integers from 0 to {MAX_SEED}")
+        if len(seeds) + hi - lo + 1 > MAX_SEEDS:  # before expanding it: 0-4294967295 would not fit in memory
+            raise PtrayError(f"--seeds {text!r} names {len(seeds) + hi - lo + 1} seeds, more than {MAX_SEEDS} "
+                             f"trials per task; name fewer")
         seeds.extend(range(lo, hi + 1))
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
     if dup:

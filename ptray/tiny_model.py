@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ptray.cli import seed_int
 from ptray.errors import PtrayError
 from ptray.tasks import TASKS
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptray.tiny_model", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write the model and tokenizer to (must be new or empty)")
     parser.add_argument("--shape", default="tiny", choices=["tiny", "bloomz-560m"], help="model size")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed for the random weights (0 to 2**32 - 1)")
     args = parser.parse_args(argv)
     try:
         path = build(args.out_dir, shape=args.shape, seed=args.seed)

@@ -28,13 +28,14 @@ import numpy as np
 import torch
 
 import ptray
-from ptray.batching import encode_all, train_batches
-from ptray.cli import OneLineParser, positive_float, positive_int
+from ptray.batching import check_positions, encode_all, train_batches
+from ptray.cli import OneLineParser, positive_float, positive_int, seed_int
 from ptray.data import DEFAULT_HUB_DATASET, SPLITS, load_split
 from ptray.errors import PtrayError
 from ptray.evaluate import EvalResult, evaluate
 from ptray.model import DEFAULT_MODEL, answer_logprobs, load_model, model_dtype, resolve_device_precision
 from ptray.prompt import PromptInit, SoftPrompt, init_prompt, save_adapter, text_token_ids
+from ptray.seeds import check_seed
 from ptray.tasks import get_task
 
 log = logging.getLogger("ptray")
@@ -91,6 +92,7 @@ class TrainConfig:
         if self.eval_split not in SPLITS or self.eval_split == "test":
             _bad(f"eval_split must be train or val (test has no labels), got {self.eval_split!r}")
         get_task(self.task)  # unknown names fail here, listing the valid ones
+        check_seed(self.seed)  # here, not as an overflow in the data order after the baselines ran
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -172,6 +174,7 @@ def train(
     prompt = SoftPrompt(init_prompt(embedding, tokenizer, cfg.init, init_text, cfg.num_tokens, cfg.seed))
     optimizer = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
     prompt, optimizer = accelerator.prepare(prompt, optimizer)
+    check_positions(model.config, prompt.num_tokens, cfg.max_length)  # before the baselines and training
 
     resolved = {
         **cfg.to_dict(),
@@ -338,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = OneLineParser(prog="python -m ptray.train", description="Train and evaluate one soft prompt.")
     p.add_argument("--task", required=True, help="cb, rte, copa or wsc")
-    p.add_argument("--seed", type=int, required=True, help="random seed")
+    p.add_argument("--seed", type=seed_int, required=True, help="random seed, 0 to 2**32 - 1")
     p.add_argument("--model", default=d.model, help=f"Hub name or local folder (default {d.model})")
     p.add_argument("--data-dir", default=None, help="folder with <TASK>/{train,val,test}.jsonl; default: the Hub")
     p.add_argument("--output-dir", required=True, help="folder to write the run to (must be new or empty)")
