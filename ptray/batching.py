@@ -9,6 +9,7 @@ import torch
 
 from ptray.data import Example
 from ptray.errors import PtrayError
+from ptray.families import answer_ids_in_context
 from ptray.seeds import epoch_seed
 from ptray.tasks import ANSWER_CUE, Task
 
@@ -123,7 +124,8 @@ def encode(task: Task, example: Example, tokenizer, max_length: int) -> Encoded:
     and no character is added (no U+FFFD from a cut inside a multi-byte character). Every pass removes at least one
     character, so it always ends. Raises PtrayError when the example with every text field empty does not fit.
     """
-    answers = tuple(_ids(tokenizer, t) for t in task.answers)
+    # the answer ids as the tokenizer produces them after the cue, which greedy decoding must reproduce
+    answers = answer_ids_in_context(tokenizer, task.format(example.fields), task.answers)
     budget = max_length - max(len(a) for a in answers)
     fields = dict(example.fields)
     source = _ids(tokenizer, task.format(fields))

@@ -13,9 +13,10 @@ Two ways to score the labels, with the same numbers (tests/test_evaluate.py chec
 - source shared (BLOOM, the default there): prompt + source once per example, keeping its KV cache; the last
   source position scores every label's first answer token, then one short pass over the labels' answer tokens
   (the cache repeated per label) scores the rest and EOS. This saves (labels - 1) source passes: 2.5x less
-  evaluation time over the four tasks in BENCHMARKS.md's CPU run. It relies on BLOOM's ALiBi positions coming from the
-  attention mask, so the padding between a short source and its answer changes nothing; models whose positions
-  count padded slots use the per-label path.
+  evaluation time over the four tasks in BENCHMARKS.md's CPU run. The padding between a short source and its
+  answers must change nothing: positions skip it (from the mask, or ``position_ids`` passed explicitly, see
+  ``ptray.families``); where that is not exact (a sliding window shorter than the sequences, an untested family
+  that failed the check) the per-label path is used.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ptray.batching import Encoded, encode_all, eval_batches
+from ptray import families
+from ptray.batching import Encoded, encode_all, eval_batches, pad_token_id
 from ptray.data import DEFAULT_HUB_DATASET, load_split
 from ptray.model import answer_logprobs
 from ptray.prompt import prepend
@@ -34,6 +36,8 @@ from ptray.tasks import get_task
 
 @dataclass
 class EvalResult:
+    """One evaluation's metrics and per-example outcomes (lists in the order of the labeled input examples)."""
+
     loss: float  # mean token NLL over the gold answers (+EOS), as the training loss
     exact_match: float
     rank_accuracy: float
@@ -43,13 +47,18 @@ class EvalResult:
     rank_pred: list[int] = field(default_factory=list)  # predicted label index per example
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
+        """``{prefix}eval_loss``, ``{prefix}exact_match``, ``{prefix}rank_accuracy``."""
         return {f"{prefix}eval_loss": self.loss, f"{prefix}exact_match": self.exact_match,
                 f"{prefix}rank_accuracy": self.rank_accuracy}
 
 
-def shares_source(model) -> bool:
-    """Whether ``evaluate`` can score all labels from one source pass on ``model`` (positions from the mask)."""
-    return getattr(model.config, "model_type", None) == "bloom"
+def shares_source(model, data: list[Encoded] | None = None, num_prompt_tokens: int = 0) -> bool:
+    """Whether ``evaluate`` can score all labels of ``data`` from one source pass on ``model`` exactly
+    (``ptray.families.shares_source``; None: for any data)."""
+    length = None
+    if data:
+        length = num_prompt_tokens + max(len(d.source) for d in data) + max(len(a) for d in data for a in d.answers)
+    return families.shares_source(model, length)
 
 
 @torch.no_grad()
@@ -64,10 +73,12 @@ def evaluate(model, data: list[Encoded], prompt: torch.Tensor | None, batch_size
     data = [d for d in data if d.label is not None]
     if not data:
         raise ValueError("no labeled examples to evaluate")
+    n = 0 if prompt is None else prompt.shape[0]
     if share_source is None:
-        share_source = shares_source(model)
-    elif share_source and not shares_source(model):
-        raise ValueError(f"share_source=True needs a BLOOM model, not {getattr(model.config, 'model_type', None)!r}")
+        share_source = shares_source(model, data, n)
+    elif share_source and not shares_source(model, data, n):
+        raise ValueError(f"share_source=True is not exact on this {getattr(model.config, 'model_type', None)!r} "
+                         f"model for these lengths (see ptray.families.shares_source); use share_source=None")
     device = device or next(model.parameters()).device
     prompt = prompt.to(device) if prompt is not None else None
     score = [[0.0] * len(d.answers) for d in data]
@@ -115,7 +126,6 @@ def _score_per_label(model, data, prompt, batch_size, pad_id, eos_id, device, au
 
 def _score_shared(model, data, prompt, batch_size, pad_id, eos_id, device, autocast):
     """As ``_score_per_label``, with one prompt + source pass per example and a short pass over the answers."""
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     labels = max(len(d.answers) for d in data)
     per_batch = max(1, batch_size // labels)  # the answer pass has examples x labels rows, as many as batch_size
     order = sorted(range(len(data)), key=lambda e: len(data[e].source))
@@ -152,18 +162,21 @@ def _score_shared(model, data, prompt, batch_size, pad_id, eos_id, device, autoc
         src, src_mask, last = src.to(device), src_mask.to(device), last.to(device)
         ans, ans_mask, first = ans.to(device), ans_mask.to(device), first.to(device)
         rows, pos, targets = rows.to(device), pos.to(device), targets.to(device)
-        embeds = emb(src)
+        embeds = families.embed(model, src)
         if prompt is not None:
             embeds, src_mask = prepend(prompt, embeds, src_mask)
         with _autocast(autocast):
-            out = model.base_model(inputs_embeds=embeds, attention_mask=src_mask, use_cache=True)
-            logits = head(out.last_hidden_state[torch.arange(b, device=device), last]).float()  # [b, V]
-            cache = out.cache
+            out = families.base_forward(model, embeds, src_mask, position_ids=families.position_ids(model, src_mask),
+                                        use_cache=True)
+            logits = families.logits(model, out.last_hidden_state[torch.arange(b, device=device), last])  # [b, V]
+            cache = families.output_cache(out)
             cache.batch_repeat_interleave(k)
             mask = torch.cat([src_mask.repeat_interleave(k, dim=0), ans_mask], dim=1)
-            hidden = model.base_model(inputs_embeds=emb(ans), attention_mask=mask, cache=cache,
-                                      use_cache=True).last_hidden_state  # [b * k, m, hidden]
-            rest_logits = head(hidden[rows, pos]).float()  # [answer tokens + EOS of every row, V]
+            hidden = families.base_forward(
+                model, families.embed(model, ans), mask, cache=cache,
+                position_ids=families.position_ids(model, mask, past=src_mask.shape[1]), use_cache=True,
+            ).last_hidden_state  # [b * k, m, hidden]
+            rest_logits = families.logits(model, hidden[rows, pos])  # [answer tokens + EOS of every row, V]
         logits = logits.repeat_interleave(k, dim=0)  # [b * k, V]
         first_lp = logits.log_softmax(-1).gather(1, first.unsqueeze(1)).squeeze(1)
         rest_lp = rest_logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
@@ -196,6 +209,6 @@ def evaluate_on_task(
     """
     task = get_task(task_name)
     data = encode_all(task, load_split(task, split, data_dir, hub_dataset, max_examples), tokenizer, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result = evaluate(model, data, prompt, batch_size, pad_id, tokenizer.eos_token_id, autocast=autocast)
+    result = evaluate(model, data, prompt, batch_size, pad_token_id(tokenizer), tokenizer.eos_token_id,
+                      autocast=autocast)
     return result, [d.idx for d in data if d.label is not None]

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from ptray import families
 from ptray.batching import Batch
 from ptray.errors import PtrayError
 from ptray.prompt import prepend
@@ -60,6 +61,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
 
     A local folder loads offline. A Hub name is looked up in the local cache first; if it is not cached and the Hub
     cannot be reached, the error says so at once (instead of after transformers' retries) and how to pass a path.
+    A model outside the tested families (``ptray.families.FAMILIES``) is checked against its own forward here;
+    every failure raises PtrayError in one line.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import cached_file
@@ -97,24 +100,27 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
         raise PtrayError(f"the tokenizer of {name!r} has no EOS token; exact match needs one")
     model.eval()
     model.requires_grad_(False)
+    families.family(model)  # a family outside the tested set is checked now, or refused naming the failed check
     return model, tokenizer
 
 
 def answer_logprobs(model, batch: Batch, prompt: torch.Tensor | None = None):
-    """Log-probabilities at the answer positions of ``batch`` with ``prompt`` [n, hidden] prepended (or none).
+    """Log-probabilities at the answer positions of ``batch`` with ``prompt`` [n, embed_dim] prepended (or none).
 
     Returns ``(token_logprob [A], argmax_ok [A])``: the log-probability of each answer token (fp32) and whether it
-    is the greedy choice. Only the backbone runs over all positions; the LM head runs at the A answer positions.
+    is the greedy choice. Only the backbone runs over all positions; the LM head (with the family's final logit
+    soft-capping, ``ptray.families.logits``) runs at the A answer positions. Right padding: positions are the
+    model's defaults, as in PEFT.
     """
-    embeds = model.get_input_embeddings()(batch.input_ids)
+    embeds = families.embed(model, batch.input_ids)
     mask = batch.attention_mask
     n = 0
     if prompt is not None:
         n = prompt.shape[0]
         embeds, mask = prepend(prompt, embeds, mask)
-    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    hidden = families.base_forward(model, embeds, mask).last_hidden_state
     selected = hidden[batch.ans_seq, batch.ans_pos + n]
-    logits = model.get_output_embeddings()(selected).float()
+    logits = families.logits(model, selected)
     logprobs = torch.log_softmax(logits, dim=-1)
     token_logprob = logprobs.gather(1, batch.ans_tokens.unsqueeze(1)).squeeze(1)
     argmax_ok = logits.argmax(dim=-1) == batch.ans_tokens

@@ -35,9 +35,11 @@ class SoftPrompt(torch.nn.Module):
 
     @property
     def num_tokens(self) -> int:
+        """n, the number of prompt rows."""
         return self.weight.shape[0]
 
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor):
+        """``prepend`` these rows to ``embeds`` [B, T, embed_dim] and ones to ``attention_mask`` [B, T]."""
         return prepend(self.weight, embeds, attention_mask)
 
 
@@ -64,33 +66,52 @@ def repeat_to(ids: list[int], n: int) -> list[int]:
 
 
 def init_prompt(
-    embedding: torch.Tensor,
+    embedding: torch.nn.Module | torch.Tensor,
     tokenizer,
     init: PromptInit | str = PromptInit.TEXT,
     init_text: str = "",
     num_tokens: int | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Initial prompt rows [n, hidden] (fp32) from the model's input ``embedding`` matrix [vocab, hidden].
+    """Initial prompt rows [n, embed_dim] (fp32, CPU) from the model's input-embedding module.
 
+    ``embedding`` is ``model.get_input_embeddings()``: rows are what the module returns for token ids, so an
+    embedding scale inside it (Gemma2's sqrt(hidden) in transformers 5) is included, as PEFT's TEXT init does. A
+    plain matrix [vocab, embed_dim] is read as unscaled rows.
     TEXT: the init text's token embeddings; n defaults to its token count, a fixed n truncates or repeats it.
-    RANDOM: normal rows with the embedding matrix's mean and std. SAMPLE_VOCAB: rows of uniformly drawn tokens.
+    RANDOM: normal rows with the embedding rows' mean and std. SAMPLE_VOCAB: rows of uniformly drawn tokens.
+    Raises PtrayError for an empty init text or a non-positive n.
     """
     init = PromptInit(init)
     gen = torch.Generator().manual_seed(seed)
-    emb = embedding.detach().float().cpu()
+    vocab = (embedding if isinstance(embedding, torch.Tensor) else embedding.weight).shape[0]
+
+    def rows(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if isinstance(embedding, torch.Tensor):
+                return embedding.detach()[ids.to(embedding.device)].float().cpu()
+            return embedding(ids.to(embedding.weight.device)).detach().float().cpu()
+
     if init is PromptInit.TEXT:
         ids = text_token_ids(tokenizer, init_text)
         ids = repeat_to(ids, num_tokens or len(ids))
-        return emb[torch.tensor(ids)].clone()
+        return rows(torch.tensor(ids)).clone()
     if not num_tokens:
         num_tokens = len(text_token_ids(tokenizer, init_text)) if init_text else 0
     if num_tokens <= 0:
         raise PtrayError(f"init {init.value!r} needs a positive number of prompt tokens")
     if init is PromptInit.RANDOM:
-        return torch.randn(num_tokens, emb.shape[1], generator=gen) * emb.std() + emb.mean()
-    ids = torch.randint(0, emb.shape[0], (num_tokens,), generator=gen)
-    return emb[ids].clone()
+        total, total_sq, count = 0.0, 0.0, 0
+        for start in range(0, vocab, 16384):  # the vocabulary's rows in chunks: no full fp32 copy of a big matrix
+            chunk = rows(torch.arange(start, min(vocab, start + 16384))).double()
+            total, total_sq = total + chunk.sum().item(), total_sq + (chunk**2).sum().item()
+            count += chunk.numel()
+        mean = total / count
+        std = max(total_sq / count - mean**2, 0.0) ** 0.5 * (count / max(count - 1, 1)) ** 0.5
+        width = rows(torch.zeros(1, dtype=torch.long)).shape[1]
+        return torch.randn(num_tokens, width, generator=gen) * std + mean
+    ids = torch.randint(0, vocab, (num_tokens,), generator=gen)
+    return rows(ids).clone()
 
 
 def save_adapter(weight: torch.Tensor, out_dir: str | Path, base_model: str, init_text: str,

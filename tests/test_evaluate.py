@@ -28,7 +28,7 @@ def test_one_pass_exact_match_equals_generate(tiny, share_source):
     prompt = torch.randn(4, model.config.hidden_size, generator=gen) * 0.5
     vocab, pad = len(tok), tok.pad_token_id
     checked = right = 0
-    for group in range(6):
+    for _ in range(6):
         src = torch.randint(4, vocab, (int(torch.randint(3, 10, (1,), generator=gen)),), generator=gen).tolist()
         g = _greedy(model, src, prompt, 4, None, pad)  # the greedy continuation, no early stop
         eos = g[2]
@@ -119,13 +119,17 @@ def test_shared_source_pass_equals_one_pass_per_label(tiny, batch_size):
         assert got.rank_accuracy == ref.rank_accuracy
 
 
-def test_shared_source_pass_refuses_models_without_mask_positions(tiny):
+def test_shared_source_pass_refuses_sequences_longer_than_a_sliding_window(tiny):
+    """A sliding window counts cache slots, padding included: sharing is exact only when everything fits in it."""
     model, tok = tiny
     data = [Encoded(0, [5, 6, 7], ([8],), 0)]
-    model.config.model_type = "llama"  # positions from a counter: padding between source and answer would shift them
+    model.config.sliding_window = 3  # prompt-free length 3 + 1 = 4 > 3
     try:
-        with pytest.raises(ValueError, match="needs a BLOOM model"):
+        assert not shares_source(model, data) and shares_source(model, data[:0] or None) is False
+        with pytest.raises(ValueError, match="is not exact"):
             evaluate(model, data, None, 8, tok.pad_token_id, tok.eos_token_id, share_source=True)
         assert evaluate(model, data, None, 8, tok.pad_token_id, tok.eos_token_id).num_examples == 1  # per label
+        model.config.sliding_window = 4
+        assert shares_source(model, data)
     finally:
-        model.config.model_type = "bloom"
+        del model.config.sliding_window

@@ -1,0 +1,294 @@
+"""Model families: the one place that knows how a causal LM turns token ids into input vectors, hidden states into
+logits, where its positions come from, and what its "effective" prompt is.
+
+ptray computes several things its own way instead of calling ``model(...)``: the LM head only at the answer
+positions (``ptray.model.answer_logprobs``), the TEXT init of a soft prompt, the answer ids, and a shared-source
+evaluation that repeats one KV cache over the labels. Each must equal what the model itself does. This module is
+the contract; ``tests/test_families.py`` runs every family below through the same equality checks against the
+model's own forward, greedy ``generate`` and PEFT.
+
+Per family (``FAMILIES``):
+
+- input vectors: ``embed(model, ids)`` calls the model's input-embedding module, which is also what PEFT prepends
+  the prompt to. Gemma2's sqrt(hidden) normaliser lives in that module in transformers 5 (in the model's forward
+  in 4.x: then it scales the prompt rows too); either way the soft prompt lives in the space of ``embed``'s output.
+  OPT's embeddings are ``word_embed_proj_dim`` wide and ``project_in`` maps them to the hidden size, so a prompt row
+  is as wide as the embedding module, not ``hidden_size``.
+- logits: the base model's ``last_hidden_state`` already has the final norm (and OPT's ``project_out``); then the LM
+  head, then Gemma2's ``final_logit_softcapping`` (``cap * tanh(logits / cap)``; computed in fp32 here).
+- positions, for the shared-source evaluation (prompt + source once, its KV cache repeated per label, answers
+  appended after the padded source): BLOOM's ALiBi and OPT's learned positions (offset 2) come from the attention
+  mask's cumulative sum, so padding holes are skipped; GPT-2 (absolute) and RoPE models (Llama, Qwen2, Gemma2) get
+  ``position_ids`` that skip pads, passed explicitly. Sliding-window attention counts cache slots, holes included,
+  so a model with a window shares the source only when the whole padded sequence fits in it.
+- effective prompt (what the analysis calls "effective"): the prompt rows as the first attention reads them, i.e.
+  the output of the first normalisation the rows go through, computed by the model itself (a forward hook), so
+  every input transform before it is included:
+  BLOOM: ``word_embeddings_layernorm``; Llama, Qwen2, Gemma2: the first block's ``input_layernorm`` (RMSNorm, weight
+  included; after Gemma2's normaliser); GPT-2: the first block's ``ln_1`` of token + position embedding, and OPT
+  (pre-norm configs): the first block's ``self_attn_layer_norm`` after ``project_in`` + learned positions. For GPT-2
+  and OPT the rows depend on their positions 0..n-1, which a prepended prompt always occupies: that is what the
+  model sees, and dropping the positions would describe rows the model never reads. OPT post-norm configs
+  (``do_layer_norm_before=False``, e.g. opt-350m) and families outside the tested set: None (report "n/a").
+
+A model of another ``model_type`` is checked once, at load time, with the same equality checks on a few random
+inputs (``check_family``): it is refused with a one-line ``PtrayError`` naming the failed check, or accepted with
+the shared source pass only if that check passed too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ptray.errors import PtrayError
+
+
+@dataclass(frozen=True)
+class Family:
+    """What ptray knows about one model family.
+
+    ``positions``: where positions come from ("mask": from the attention mask, as BLOOM's ALiBi and OPT's learned
+    positions; "ids": from ``position_ids``, which ptray passes explicitly when a cache is reused).
+    ``effective_norm``: attribute path, from the base model, of the module whose output is the effective prompt;
+    None where undefined. ``shares_source``: whether the shared-source evaluation is exact (before the sliding
+    window rule). ``tested``: one of the families tests/test_families.py checks (else checked at load time).
+    """
+
+    name: str
+    positions: str
+    effective_norm: str | None
+    shares_source: bool = True
+    tested: bool = True
+
+
+FAMILIES: dict[str, Family] = {
+    "bloom": Family("bloom", "mask", "word_embeddings_layernorm"),
+    "gpt2": Family("gpt2", "ids", "h.0.ln_1"),
+    "opt": Family("opt", "ids", "decoder.layers.0.self_attn_layer_norm"),
+    "llama": Family("llama", "ids", "layers.0.input_layernorm"),
+    "qwen2": Family("qwen2", "ids", "layers.0.input_layernorm"),
+    "gemma2": Family("gemma2", "ids", "layers.0.input_layernorm"),
+}
+
+_CHECKED = "_ptray_family"  # the Family found for an untested model, cached on the model object
+
+
+def family(model) -> Family:
+    """The ``Family`` of ``model`` (a ``*ForCausalLM``); an untested ``model_type`` is checked once (``check_family``).
+
+    Raises PtrayError when an untested model fails a check.
+    """
+    known = FAMILIES.get(getattr(model.config, "model_type", None))
+    if known is not None:
+        return known
+    cached = model.__dict__.get(_CHECKED)
+    if cached is None:
+        cached = check_family(model)
+        model.__dict__[_CHECKED] = cached
+    return cached
+
+
+def embed(model, ids: torch.Tensor) -> torch.Tensor:
+    """Input vectors [..., embed_dim] of token ``ids`` [...]: the model's input-embedding module, scale included.
+
+    This is the space the soft prompt lives in (PEFT prepends its prompt to the same vectors).
+    """
+    module = model.get_input_embeddings()
+    return module(ids.to(module.weight.device))
+
+
+def embed_dim(model) -> int:
+    """Width of a prompt row: the input-embedding width (OPT's ``word_embed_proj_dim``, else ``hidden_size``)."""
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [..., vocab] from the base model's last hidden states [..., hidden], as the model computes them:
+    the LM head, then final logit soft-capping where the config has it (Gemma2)."""
+    out = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        out = torch.tanh(out / cap) * cap
+    return out
+
+
+def _accepts_position_ids(model) -> bool:
+    return "position_ids" in inspect.signature(model.base_model.forward).parameters
+
+
+def position_ids(model, attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor | None:
+    """``position_ids`` [B, T] that skip padding (None where positions come from the mask, as BLOOM's ALiBi).
+
+    ``attention_mask`` [B, past + T] covers the cached positions too; a pad gets position 0 (never attended).
+    """
+    if family(model).positions == "mask" and not _accepts_position_ids(model):
+        return None
+    pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    return pos[:, past:]
+
+
+def _cache_keyword(model) -> str:
+    # transformers <= 5.2x names the KV cache `past_key_values`; later releases `cache` (the old name deprecated)
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a base-model output, under either release's name (``cache`` or ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def base_forward(model, embeds: torch.Tensor, attention_mask: torch.Tensor, cache=None,
+                 position_ids: torch.Tensor | None = None, use_cache: bool = False):
+    """The base model (no LM head) on ``embeds`` [B, T, embed_dim] after ``cache`` (a KV cache, or None); returns
+    its output: ``last_hidden_state`` [B, T, hidden_out] and, with ``use_cache``, the cache (``output_cache``).
+    Only public keyword arguments are used, under the names the installed transformers declares."""
+    kwargs = {"inputs_embeds": embeds, "attention_mask": attention_mask, "use_cache": use_cache}
+    if cache is not None:
+        kwargs[_cache_keyword(model)] = cache
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    return model.base_model(**kwargs)
+
+
+def shares_source(model, length: int | None = None) -> bool:
+    """Whether the shared-source evaluation is exact on ``model`` for padded sequences of ``length`` tokens
+    (prompt + source + answer; None: any length). Sliding-window attention counts padded cache slots, so a model
+    with a window shares only sequences that fit in it."""
+    if not family(model).shares_source:
+        return False
+    window = getattr(model.config, "sliding_window", None)
+    if window and getattr(model.config, "use_sliding_window", True) is not False:
+        return length is not None and length <= window
+    return True
+
+
+class _Captured(Exception):
+    pass
+
+
+def effective_prompt(model, weight: torch.Tensor) -> torch.Tensor | None:
+    """The prompt rows [n, hidden] (fp32, CPU) as the model's first attention reads them, or None where the family
+    defines no effective prompt (report "n/a"). See the module docstring for each family's definition.
+
+    ``weight`` [n, embed_dim] is the soft prompt, in ``embed``'s space. The rows go through the model's own forward
+    (positions 0..n-1, as when prepended) up to that normalisation, whose output a forward hook captures.
+    """
+    fam = family(model)
+    path = fam.effective_norm
+    if path is None or (fam.name == "opt" and not getattr(model.config, "do_layer_norm_before", True)):
+        return None
+    module = model.base_model.get_submodule(path)
+    captured = {}
+
+    def hook(_module, _args, out):
+        captured["rows"] = out[0] if isinstance(out, tuple) else out
+        raise _Captured
+
+    param = model.get_input_embeddings().weight
+    x = weight.detach().to(param.device, param.dtype).unsqueeze(0)
+    mask = torch.ones(x.shape[:2], dtype=torch.long, device=param.device)
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            base_forward(model, x, mask)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "rows" not in captured:
+        return None
+    return captured["rows"][0].float().cpu()
+
+
+def answer_ids_in_context(tokenizer, source_text: str, answers: tuple[str, ...] | list[str]) -> tuple[list[int], ...]:
+    """Each answer's token ids as the tokenizer produces them after ``source_text`` (the text ending in the cue).
+
+    Tokenised alone, an answer can come out differently: a Llama-2-style SentencePiece tokenizer (legacy) gives
+    " no" alone as ['▁', '▁no'] but ['▁no'] after "Answer:". Greedy decoding continues the source's tokens, so the
+    in-context ids are the ones exact match must compare with: ids(source + answer) minus the ids of the source.
+    Raises PtrayError when the source's ids are not a prefix (the tokenizer merges the cue with an answer).
+    """
+    source = tokenizer(source_text, add_special_tokens=False)["input_ids"]
+    out = []
+    for answer in answers:
+        full = tokenizer(source_text + answer, add_special_tokens=False)["input_ids"]
+        if full[:len(source)] != source or len(full) == len(source):
+            raise PtrayError(
+                f"the tokenizer merges the end of the source {source_text[-20:]!r} with the answer {answer!r}, so "
+                f"the answer has no token ids of its own after the cue; use a tokenizer or template that keeps "
+                f"them apart"
+            )
+        out.append(full[len(source):])
+    return tuple(out)
+
+
+def check_family(model, seed: int = 0) -> Family:
+    """Run ptray's equality checks on an untested family, on a few random inputs; return its ``Family``.
+
+    Checks, in order (the first failure raises PtrayError naming it): "input vectors" (the model on
+    ``embed(ids)`` as ``inputs_embeds`` gives its logits on ``input_ids``), "logits at the answer positions"
+    (``answer_logprobs`` with a prompt equals the model's own full forward), then "shared source" (the shared
+    source pass equals one pass per label; a failure only turns that pass off).
+    """
+    from ptray.batching import Encoded, collate
+    from ptray.evaluate import evaluate
+    from ptray.model import answer_logprobs
+
+    model_type = getattr(model.config, "model_type", None)
+    probe = Family(str(model_type), "ids" if _accepts_position_ids(model) else "mask", None, True, False)
+    model.__dict__[_CHECKED] = probe  # the checks below run ptray's paths with this family
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        device = model.get_input_embeddings().weight.device
+        dtype = model.get_input_embeddings().weight.dtype
+        tol = 1e-3 if dtype == torch.float32 else 5e-2
+
+        def rand_ids(lo, hi):
+            return torch.randint(0, vocab, (int(torch.randint(lo, hi, (1,), generator=gen)),), generator=gen).tolist()
+
+        def fail(check, detail):
+            raise PtrayError(f"model type {model_type!r} is not supported: ptray's {check} differ from the model's "
+                             f"own ({detail}); supported families: {', '.join(FAMILIES)}")
+
+        ids = torch.tensor([rand_ids(4, 9)], device=device)
+        with torch.no_grad():
+            own = model(input_ids=ids).logits.float()
+            ours = model(inputs_embeds=embed(model, ids)).logits.float()
+        if not torch.allclose(own, ours, atol=tol, rtol=tol):
+            fail("input vectors", f"max logit difference {(own - ours).abs().max().item():.3g}")
+
+        seqs = [(rand_ids(2, 8), rand_ids(1, 3)) for _ in range(3)]
+        prompt = torch.randn(3, embed_dim(model), generator=gen) * embed(model, ids).float().std().item()
+        eos = int(torch.randint(0, vocab, (1,), generator=gen))
+        batch = collate(seqs, 0, eos).to(device)
+        with torch.no_grad():
+            fast, _ = answer_logprobs(model, batch, prompt.to(device))
+            ref = []
+            for src, ans in seqs:
+                x = embed(model, torch.tensor([src + ans], device=device))
+                x = torch.cat([prompt.to(device, dtype)[None], x], 1)
+                lp = model(inputs_embeds=x).logits[0].float().log_softmax(-1)
+                pos = torch.arange(len(src) - 1, len(src) + len(ans), device=device) + 3
+                ref.append(lp[pos].gather(1, torch.tensor(ans + [eos], device=device)[:, None]).squeeze(1))
+            ref = torch.cat(ref)
+        if not torch.allclose(fast, ref, atol=tol, rtol=tol):
+            fail("logits at the answer positions",
+                 f"max log-probability difference {(fast - ref).abs().max().item():.3g}")
+
+        data = [Encoded(i, rand_ids(1, 12), (rand_ids(1, 3), rand_ids(1, 4)), i % 2) for i in range(5)]
+        kw = dict(batch_size=4, pad_id=0, eos_id=eos)
+        shares = True
+        try:
+            a = evaluate(model, data, prompt, share_source=False, **kw)
+            b = evaluate(model, data, prompt, share_source=True, **kw)
+            shares = abs(a.loss - b.loss) <= tol * max(1.0, abs(a.loss)) and a.em_correct == b.em_correct
+        except Exception:  # any failure of the cache path: fall back to one pass per label
+            shares = False
+        return Family(probe.name, probe.positions, None, shares, False)
+    finally:
+        model.__dict__.pop(_CHECKED, None)

@@ -1,0 +1,372 @@
+"""Every supported model family through the same equality checks, on tiny random models built offline.
+
+Per family: ptray's answer log-probabilities against the model's own forward; loss and prompt gradient against
+PEFT; TEXT init against PEFT's; a saved prompt reloaded into PEFT; exact match against greedy ``generate``; the
+shared-source evaluation against one pass per label; the effective prompt against the model's own modules written
+out by hand; answer ids as tokenized in context. Then the two cases from issue 10 with their right values (Gemma2's
+final logit soft-capping, a Llama-2-style legacy SentencePiece tokenizer), and the load-time check of a family
+outside the tested set.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptray import families
+from ptray.batching import Encoded, collate, encode
+from ptray.data import Example
+from ptray.errors import PtrayError
+from ptray.evaluate import evaluate
+from ptray.model import answer_logprobs, load_model
+from ptray.prompt import PromptInit, init_prompt, save_adapter, text_token_ids
+from ptray.tasks import TASKS
+from ptray.tiny_model import build_tokenizer
+
+INIT = TASKS["cb"].init_text
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
+
+
+def _config(name: str, vocab: int):
+    import transformers as tf
+
+    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+    if name == "bloom":
+        return tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, initializer_range=0.2, pad_token_id=3, **ids)
+    if name == "gpt2":  # GPT-2 has no pad token
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2, **ids)
+    if name == "opt":  # embeddings 32 wide, projected in and out of a 64-wide model
+        return tf.OPTConfig(hidden_size=64, word_embed_proj_dim=32, ffn_dim=128, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=256, init_std=0.2, pad_token_id=3, **ids)
+    if name == "llama":
+        return tf.LlamaConfig(pad_token_id=3, **SMALL, **ids)
+    if name == "qwen2":
+        return tf.Qwen2Config(pad_token_id=3, **SMALL, **ids)
+    if name == "gemma2":  # a small soft cap, so capping changes the numbers clearly; window larger than any input
+        return tf.Gemma2Config(pad_token_id=3, head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
+                               final_logit_softcapping=2.0, **SMALL, **ids)
+    raise ValueError(name)
+
+
+NAMES = ["bloom", "gpt2", "opt", "llama", "qwen2", "gemma2"]
+
+
+def _build(path, name, tokenizer=None):
+    from transformers import AutoModelForCausalLM
+
+    tok = tokenizer or build_tokenizer()
+    if name == "gpt2":
+        tok.pad_token = None
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(name, len(tok)))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def fam(request, tmp_path_factory):
+    """(name, folder, model, tokenizer, pad_id) of one family's tiny random model, loaded through ptray."""
+    path = _build(tmp_path_factory.mktemp(request.param) / "model", request.param)
+    model, tok = load_model(str(path))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    assert model.config.model_type == request.param
+    return request.param, path, model, tok, pad
+
+
+def _seqs(gen, vocab, n):
+    return [(torch.randint(4, vocab, (int(torch.randint(3, 12, (1,), generator=gen)),), generator=gen).tolist(),
+             torch.randint(4, vocab, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen).tolist())
+            for _ in range(n)]
+
+
+def _prompt(model, n, seed):
+    """Random prompt rows at the scale of the model's input vectors."""
+    scale = families.embed(model, torch.arange(4, 50)).float().std().item()
+    return torch.randn(n, families.embed_dim(model), generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _own_logprobs(model, seqs, prompt, eos):
+    """The model's own forward (full logits, one unpadded sequence at a time) at the answer positions."""
+    out = []
+    for src, ans in seqs:
+        x = torch.cat([prompt[None], families.embed(model, torch.tensor([src + ans]))], 1)
+        lp = model(inputs_embeds=x).logits[0].float().log_softmax(-1)
+        pos = torch.arange(len(src) - 1, len(src) + len(ans)) + prompt.shape[0]
+        out.append(lp[pos].gather(1, torch.tensor(ans + [eos])[:, None]).squeeze(1))
+    return torch.cat(out)
+
+
+def test_answer_logprobs_equal_the_models_forward(fam):
+    name, _, model, tok, pad = fam
+    seqs = _seqs(torch.Generator().manual_seed(1), len(tok), 6)
+    prompt = _prompt(model, 5, 1)
+    batch = collate(seqs, pad, tok.eos_token_id)
+    assert (batch.attention_mask == 0).any()  # padding really occurs
+    with torch.no_grad():
+        fast, ok = answer_logprobs(model, batch, prompt)
+        ref = _own_logprobs(model, seqs, prompt, tok.eos_token_id)
+    torch.testing.assert_close(fast, ref, atol=3e-5, rtol=1e-5)
+    assert ok.shape == fast.shape and fast.std() > 0.05  # the model is sensitive to its input
+
+
+def _peft(path, n, init=None, token_dim=None):
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(path))
+    kw = dict(prompt_tuning_init=PromptTuningInit.RANDOM)
+    if init:
+        kw = dict(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=init,
+                  tokenizer_name_or_path=str(path))
+    model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n,
+                                                    token_dim=token_dim, **kw))
+    model.eval()
+    return model
+
+
+def test_loss_and_gradient_equal_peft(fam):
+    name, path, model, tok, pad = fam
+    eos = tok.eos_token_id
+    seqs = _seqs(torch.Generator().manual_seed(2), len(tok), 5)
+    rows = _prompt(model, 6, 2)
+    peft_model = _peft(path, 6, token_dim=families.embed_dim(model))
+    emb = peft_model.prompt_encoder["default"].embedding
+    emb.weight.data.copy_(rows)
+    width = max(len(s) + len(a) + 1 for s, a in seqs)
+    ids = torch.full((len(seqs), width), pad)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, (s, a) in enumerate(seqs):
+        full = s + a + [eos]
+        ids[i, :len(full)], mask[i, :len(full)] = torch.tensor(full), 1
+        labels[i, len(s):len(full)] = torch.tensor(a + [eos])
+    peft_loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    peft_loss.backward()
+
+    prompt = torch.nn.Parameter(rows.clone())
+    logp, _ = answer_logprobs(model, collate(seqs, pad, eos), prompt)
+    loss = -logp.mean()
+    loss.backward()
+    torch.testing.assert_close(loss, peft_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prompt.grad, emb.weight.grad, atol=1e-6, rtol=1e-4)
+    assert prompt.grad.abs().sum() > 0
+
+
+def test_text_init_equals_peft(fam):
+    name, path, model, tok, _ = fam
+    n_text = len(text_token_ids(tok, INIT))
+    for n in (n_text, n_text - 3, 2 * n_text + 1):
+        peft_rows = _peft(path, n, init=INIT, token_dim=families.embed_dim(model)).prompt_encoder["default"]
+        ours = init_prompt(model.get_input_embeddings(), tok, PromptInit.TEXT, INIT, num_tokens=n)
+        torch.testing.assert_close(ours, peft_rows.embedding.weight.detach(), atol=0, rtol=0)
+    raw = init_prompt(model.get_input_embeddings().weight, tok, PromptInit.TEXT, INIT)
+    ours = init_prompt(model.get_input_embeddings(), tok, PromptInit.TEXT, INIT)
+    if name == "gemma2":  # the embedding module scales by sqrt(hidden): raw rows are not the model's input vectors
+        torch.testing.assert_close(ours, raw * 64 ** 0.5)
+    else:
+        assert torch.equal(ours, raw)
+
+
+def test_saved_prompt_reloads_into_peft(fam, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    name, path, model, tok, pad = fam
+    rows = _prompt(model, 4, 3)
+    save_adapter(rows, tmp_path / "prompt", str(path), INIT)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(path)), str(tmp_path / "prompt"))
+    peft_model.eval()
+    seqs = _seqs(torch.Generator().manual_seed(3), len(tok), 3)
+    with torch.no_grad():
+        ours, _ = answer_logprobs(model, collate(seqs, pad, tok.eos_token_id), rows)
+        theirs = []
+        for s, a in seqs:
+            ids = torch.tensor([s + a])
+            lp = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 4:].float().log_softmax(-1)
+            pos = torch.arange(len(s) - 1, len(s) + len(a))
+            theirs.append(lp[pos].gather(1, torch.tensor(a + [tok.eos_token_id])[:, None]).squeeze(1))
+    torch.testing.assert_close(ours, torch.cat(theirs), atol=3e-5, rtol=1e-5)
+
+
+def _greedy(model, src, prompt, max_new, eos, pad):
+    x = torch.cat([prompt[None], families.embed(model, torch.tensor([src]))], 1)
+    out = model.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long),
+                         max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    return out[0].tolist()
+
+
+def test_exact_match_equals_greedy_generate(fam):
+    """Examples built from real greedy continuations (right, wrong answer token, wrong at EOS), both paths."""
+    name, _, model, tok, pad = fam
+    gen = torch.Generator().manual_seed(4)
+    prompt = _prompt(model, 3, 4)
+    vocab, checked, right = len(tok), 0, 0
+    for _ in range(4):
+        src = torch.randint(4, vocab, (int(torch.randint(3, 10, (1,), generator=gen)),), generator=gen).tolist()
+        g = _greedy(model, src, prompt, 3, None, pad)
+        eos = g[2]
+        if eos in g[:2]:
+            continue
+        examples = [(src, [g[0], g[1]]), (src, [g[0], (g[1] + 1) % vocab or 5]), (src, [g[0]])]
+        data = [Encoded(i, s, (a,), 0) for i, (s, a) in enumerate(examples)]
+        for share in (True, False):
+            res = evaluate(model, data, prompt, batch_size=2, pad_id=pad, eos_id=eos, share_source=share)
+            for (s, a), em in zip(examples, res.em_correct):
+                assert em == int(_greedy(model, s, prompt, len(a) + 1, eos, pad)[:len(a) + 1] == a + [eos])
+                checked, right = checked + 1, right + em
+    assert checked >= 12 and 0 < right < checked
+
+
+def test_shared_source_equals_one_pass_per_label(fam):
+    name, _, model, tok, pad = fam
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for i in range(9):
+        src = torch.randint(4, len(tok), (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        answers = tuple(torch.randint(4, len(tok), (int(torch.randint(1, 4, (1,), generator=g)),),
+                                      generator=g).tolist() for _ in range(2 + i % 2))
+        data.append(Encoded(i, src, answers, i % 2))
+    assert families.shares_source(model, 64)
+    for prompt in (_prompt(model, 4, 5), None):
+        kw = dict(batch_size=5, pad_id=pad, eos_id=tok.eos_token_id)
+        ref = evaluate(model, data, prompt, share_source=False, **kw)
+        got = evaluate(model, data, prompt, share_source=True, **kw)
+        assert got.loss == pytest.approx(ref.loss, rel=1e-5)
+        assert got.em_correct == ref.em_correct and got.rank_pred == ref.rank_pred
+
+
+def test_effective_prompt_is_what_the_first_attention_reads(fam):
+    """Written out by hand per family from the model's own weights (the definitions in ptray/families.py)."""
+    name, _, model, _, _ = fam
+    w = _prompt(model, 5, 6)
+    got = families.effective_prompt(model, w)
+    base = model.base_model
+    if name == "bloom":
+        ln = base.word_embeddings_layernorm
+        want = torch.nn.functional.layer_norm(w, (64,), ln.weight, ln.bias, ln.eps)
+    elif name == "gpt2":
+        ln = base.h[0].ln_1
+        want = torch.nn.functional.layer_norm(w + base.wpe.weight[:5], (64,), ln.weight, ln.bias, ln.eps)
+    elif name == "opt":
+        dec = base.decoder
+        x = dec.project_in(w) + dec.embed_positions.weight[2:7]  # OPT's learned positions start at offset 2
+        ln = dec.layers[0].self_attn_layer_norm
+        want = torch.nn.functional.layer_norm(x, (64,), ln.weight, ln.bias, ln.eps)
+    else:
+        norm = base.layers[0].input_layernorm
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        scale = (1 + norm.weight) if name == "gemma2" else norm.weight  # Gemma's RMSNorm multiplies by 1 + weight
+        want = w * torch.rsqrt(w.pow(2).mean(-1, keepdim=True) + eps) * scale
+    assert got.shape == (5, 64)
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_answer_ids_are_tokenized_in_context(fam):
+    name, _, _, tok, _ = fam
+    task = TASKS["cb"]
+    ex = Example("cb", "val", 0, {"premise": "It rained all day.", "hypothesis": "the ground is wet"}, 0)
+    enc = encode(task, ex, tok, 256)
+    text = task.format(ex.fields)
+    for ids, answer in zip(enc.answers, task.answers):
+        assert tok(text + answer, add_special_tokens=False)["input_ids"] == enc.source + ids
+
+
+def test_gemma2_final_logit_softcapping(tmp_path):
+    """ptray's answer log-probabilities include Gemma2's soft cap (the model's own logits; PEFT agrees above).
+    Without the cap (the bug in issue 10) the same example scores differently."""
+    path = _build(tmp_path / "gemma2", "gemma2")
+    model, tok = load_model(str(path))
+    src, ans = [40, 41, 42, 43, 44], [50]
+    batch = collate([(src, ans)], tok.pad_token_id, tok.eos_token_id)
+    with torch.no_grad():
+        ours, _ = answer_logprobs(model, batch, None)
+        raw_logits = model.lm_head(model.model(input_ids=batch.input_ids).last_hidden_state)[0, 4:6].float()
+        own = model(input_ids=batch.input_ids).logits[0, 4:6].float()
+    cap = model.config.final_logit_softcapping
+    assert cap == 2.0
+    torch.testing.assert_close(own, torch.tanh(raw_logits / cap) * cap)  # what the model itself does
+    want = own.log_softmax(-1)[[0, 1], [50, tok.eos_token_id]]
+    uncapped = raw_logits.log_softmax(-1)[[0, 1], [50, tok.eos_token_id]]
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    assert (ours - uncapped).abs().max() > 0.5  # the cap matters here: skipping it is a different number
+    assert own.abs().max() <= cap
+
+
+def _legacy_sentencepiece_tokenizer():
+    """A Llama-2-style SentencePiece BPE tokenizer: "▁" prepended to the text, so a word tokenized alone after a
+    space gets a bare '▁' piece (Llama-2's legacy behaviour), built with ``tokenizers`` offline."""
+    from tokenizers import SentencePieceBPETokenizer, decoders, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ptray.tiny_model import _corpus
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(_corpus(), vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                           initial_alphabet=["\n"], show_progress=False)
+    tok = sp._tokenizer  # then Llama-2's tokenizer.json pipeline: prepend "▁", spaces to "▁", no pre-tokenizer
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def test_sentencepiece_legacy_answer_ids(tmp_path):
+    """Answer " no" alone is ['▁', '▁no']; after the cue the tokenizer produces '▁no' alone. ptray trains and
+    scores the in-context ids, so exact match is what greedy decoding produces; a Llama on this tokenizer agrees."""
+    tok = _legacy_sentencepiece_tokenizer()
+    alone = tok.convert_ids_to_tokens(tok(" no", add_special_tokens=False)["input_ids"])
+    assert alone == ["▁", "▁no"]  # the legacy behaviour is really there
+    cue = tok.convert_ids_to_tokens(tok("Hypothesis: wet\nAnswer: no", add_special_tokens=False)["input_ids"])
+    assert cue[-3:] == ["ns", "wer:", "▁no"]  # in context: issue 10's pieces
+    task = TASKS["rte"]
+    ex = Example("rte", "val", 0, {"premise": "It rained all day.", "hypothesis": "the ground is wet"}, 1)
+    enc = encode(task, ex, tok, 256)
+    text = task.format(ex.fields)
+    assert [tok.convert_ids_to_tokens(a) for a in enc.answers] == [["▁yes"], ["▁no"]]
+    assert tok.convert_ids_to_tokens(enc.source)[-1] != "▁"
+    for ids, answer in zip(enc.answers, task.answers):
+        assert tok(text + answer, add_special_tokens=False)["input_ids"] == enc.source + ids
+        assert tok.decode(enc.source + ids) == text + answer
+
+    # the whole chain on a Llama with this tokenizer: greedy continuation == the in-context ids -> exact match
+    model, tok = load_model(str(_build(tmp_path / "llama-sp", "llama", tok)))
+    with torch.no_grad():
+        g = model.generate(input_ids=torch.tensor([enc.source]), max_new_tokens=2, do_sample=False,
+                           pad_token_id=tok.pad_token_id, eos_token_id=None)[0, len(enc.source):].tolist()
+    answer_text = tok.decode(g[:1])  # whatever the model says first, as text, made the gold answer
+    ids = families.answer_ids_in_context(tok, text, [answer_text])[0]
+    assert ids == g[:1], (ids, g)  # the text re-tokenizes to the greedy token: exact match holds with EOS = g[1]
+    res = evaluate(model, [Encoded(0, enc.source, (ids,), 0)], None, 4, tok.pad_token_id, g[1])
+    assert res.em_correct == [1]
+
+
+def test_untested_family_passes_the_load_time_checks(tmp_path):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(MistralConfig(vocab_size=len(tok), pad_token_id=3, bos_token_id=1,
+                                                   eos_token_id=2, sliding_window=None, **SMALL)
+                                     ).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model, _ = load_model(str(tmp_path / "m"))
+    fam = families.family(model)
+    assert fam.name == "mistral" and not fam.tested and fam.shares_source and fam.positions == "ids"
+    assert families.effective_prompt(model, torch.zeros(2, 64)) is None  # undefined: the report says n/a
+
+
+def test_untested_family_failing_a_check_is_refused(tmp_path):
+    """Cohere scales its logits (logit_scale): ptray's answer log-probabilities would differ, so it is refused."""
+    from transformers import AutoModelForCausalLM, CohereConfig
+
+    tok = build_tokenizer()
+    cfg = CohereConfig(vocab_size=len(tok), pad_token_id=3, bos_token_id=1, eos_token_id=2, logit_scale=0.25,
+                       **SMALL)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    with pytest.raises(PtrayError, match=r"model type 'cohere' is not supported: ptray's logits at the answer "
+                                         r"positions differ from the model's own \(max log-probability difference"):
+        load_model(str(tmp_path / "m"))
