@@ -36,14 +36,15 @@ class Shape:
     vocab: int
 
     @classmethod
-    def of(cls, model) -> "Shape":
+    def of(cls, model) -> Shape:
         cfg = model.config
         blocks = model.base_model.h
         n_lin = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
-        return cls(n_lin=n_lin, n_layer=cfg.n_layer, hidden=cfg.hidden_size, vocab=model.get_output_embeddings().weight.shape[0])
+        return cls(n_lin=n_lin, n_layer=cfg.n_layer, hidden=cfg.hidden_size,
+                   vocab=model.get_output_embeddings().weight.shape[0])
 
     @classmethod
-    def from_config(cls, hidden: int, n_layer: int, vocab: int) -> "Shape":
+    def from_config(cls, hidden: int, n_layer: int, vocab: int) -> Shape:
         return cls(n_lin=12 * hidden * hidden * n_layer, n_layer=n_layer, hidden=hidden, vocab=vocab)
 
     def forward_flops(self, positions: int, answers: int) -> float:
@@ -67,6 +68,11 @@ def sync(device: str) -> None:
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def mib(x: float | None) -> str:
+    """A peak in MiB as the results tables print it ("-": not measured)."""
+    return "-" if x is None else f"{x:.0f}"
 
 
 class PeakMemory:

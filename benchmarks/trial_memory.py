@@ -20,10 +20,7 @@ This is an estimate, not the GPU measurement: ``bench.py --device cuda`` runs th
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,9 +32,12 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
 import torch  # noqa: E402
 
 from benchmarks import variants as V  # noqa: E402
-from benchmarks.bench import TASKS, update_markdown  # noqa: E402
+from benchmarks.bench import add_data_dir_argument, check_data_dir  # noqa: E402
+from benchmarks.context import utc_now, write_json  # noqa: E402
+from benchmarks.markdown import update_markdown  # noqa: E402
 from benchmarks.measure import PeakMemory  # noqa: E402
 from benchmarks.models import build_model  # noqa: E402
+from benchmarks.study_estimate import PAPER_TASKS  # noqa: E402
 from ptray.batching import encode_all, train_batches  # noqa: E402
 from ptray.data import load_split  # noqa: E402
 from ptray.prompt import init_prompt  # noqa: E402
@@ -49,8 +49,8 @@ GIB = 2**30
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-shape", default="bloomz-560m", help="tiny for a quick check, bloomz-560m for the figures")
-    p.add_argument("--data-dir", default=os.environ.get("PTRAY_DATA_DIR", str(ROOT.parent / "shared" / "data" / "superglue")))
-    p.add_argument("--tasks", default=",".join(TASKS))
+    add_data_dir_argument(p)
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS))
     p.add_argument("--batch-size", type=int, default=8, help="training examples per step (ptray's default)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="sequences per evaluation batch (ptray's default)")
     p.add_argument("--max-length", type=int, default=512)
@@ -61,8 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="write the numbers here (JSON)")
     p.add_argument("--md", default=None, help="markdown file whose '<!-- bench:trial-memory -->' section to replace")
     a = p.parse_args(argv)
-    if not Path(a.data_dir).is_dir():
-        p.error(f"--data-dir {a.data_dir!r} is not a folder; pass the SuperGLUE jsonl folder or set PTRAY_DATA_DIR")
+    check_data_dir(p, a.data_dir)
     a.tasks = [t for t in a.tasks.split(",") if t]
     return a
 
@@ -79,7 +78,7 @@ def measure(a) -> dict:
     pad, eos = tok.pad_token_id, tok.eos_token_id
     emb = model.get_input_embeddings().weight
     params = sum(p.numel() for p in model.parameters())
-    res = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    res = {"meta": {"date": utc_now(),
                     "command": "python benchmarks/trial_memory.py " + " ".join(sys.argv[1:]),
                     "model_shape": a.model_shape, "params": params, "torch": torch.__version__,
                     "batch_size": a.batch_size, "eval_batch_size": a.eval_batch_size, "max_length": a.max_length},
@@ -140,8 +139,7 @@ def main(argv=None) -> int:
     md = render(res)
     print("\n" + md)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+        write_json(a.out, res)
     if a.md:
         update_markdown(a.md, "trial-memory", md)
     return 0

@@ -1,18 +1,79 @@
-"""Several trials on one device at once, each in its own process (as Ray runs fractional-GPU trials).
+"""Several trials on one device at once: packed into one forward pass, or each in its own process.
 
-``run_concurrent`` starts K processes; each builds the model, warms up, waits at a barrier, then trains for a
-fixed time with ptray's step and reports its real tokens and peak memory. While they all run, the parent reads
-the device's used memory, so a trial's footprint (weights, activations, CUDA context) is measured, not assumed.
+``packed(ctx)`` (results ``res["packed"]``): K trials' prompts and batches of the same task in one
+forward/backward per step (``variants.ptray_train_packed``), vs one trial alone.
+
+``concurrency(ctx)`` (results ``res["concurrency"]``) runs ``run_concurrent``: K processes (as Ray runs
+fractional-GPU trials); each builds the model, warms up, waits at a barrier, then trains for a fixed time with
+ptray's step and reports its real tokens and peak memory. While they all run, the parent reads the device's used
+memory, so a trial's footprint (weights, activations, CUDA context) is measured, not assumed.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import time
 import traceback
+from functools import partial
 
 import torch
+
+from benchmarks import variants as V
+from benchmarks.context import Context, log
+
+
+def packed(ctx: Context) -> None:
+    """For each K of ``--packed``: K trials packed on each ablation task, and their study-mix throughput against
+    one trial's (from the training section). A K that runs out of device memory is recorded, not raised."""
+    a, out = ctx.a, {}
+    for k in a.packed:
+        per_task = {}
+        for task in a.ablation_tasks:
+            streams = [ctx.batches(task, seed=seed)[0] for seed in range(k)]
+
+            def run(memory_pass=False, streams=streams, task=task, k=k):
+                s = [x[:a.warmup + 1] for x in streams] if memory_pass else streams
+                return V.ptray_train_packed(ctx.model, s, [ctx.init[task]] * k, device=ctx.dev,
+                                            precision=a.precision, warmup=a.warmup, shape=ctx.shape,
+                                            memory=True if memory_pass else None)
+
+            try:
+                runs = ctx.with_memory([run() for _ in range(a.ablation_repeats)], partial(run, memory_pass=True))
+            except torch.OutOfMemoryError as err:  # a finding (how many trials fit in one batch), not a crash
+                ctx.res.setdefault("packed_out_of_memory", []).append(
+                    f"{k} trials, {task}: {str(err).splitlines()[0]}")
+                log(f"  {k} trials packed, {task}: out of memory")
+                if ctx.dev == "cuda":
+                    torch.cuda.empty_cache()
+                break
+            per_task[task] = ctx.summarize(runs)
+        if len(per_task) < len(a.ablation_tasks):
+            continue
+        entry = {"per_task": per_task, "study": ctx.study_weighted(per_task)}
+        if "train" in ctx.res:
+            single = {t: ctx.res["train"][t]["ptray"] for t in a.ablation_tasks}
+            entry["gain_vs_one_trial"] = entry["study"]["tokens_per_s"] / ctx.study_weighted(single)["tokens_per_s"]
+        out[str(k)] = entry
+        log(f"  {k} trials packed: {entry['study']['tokens_per_s']:.0f} tok/s, MFU {entry['study']['mfu']:.1%}")
+    ctx.res["packed"] = out
+
+
+def concurrency(ctx: Context) -> None:
+    """For each K of ``--trials``: K trial processes at once (``run_concurrent``), the tasks dealt round-robin."""
+    a, out = ctx.a, {}
+    for k in a.trials:
+        cfg = {"device": ctx.dev, "precision": a.precision, "shape": a.model_shape, "batch_size": a.batch_size,
+               "warmup": a.warmup, "seconds": a.trial_seconds, "start_timeout": 240.0,
+               "tokenizer_size": len(ctx.tok), "pad_id": ctx.pad, "eos_id": ctx.eos,
+               "cpu_threads": max(1, (a.threads or os.cpu_count() or 1) // k)}
+        r = run_concurrent(k, cfg, [ctx.data[t] for t in a.tasks], [ctx.init[t] for t in a.tasks])
+        out[str(k)] = r
+        log(f"  {k} trial processes: all ok {r['all_ok']}, {r['tokens_per_s']:.0f} tok/s together"
+            + (f", {r['footprint_per_trial'] / 2**30:.2f} GiB each, ~{r['max_trials_estimate']} fit"
+               if r.get("footprint_per_trial") else "") + (f"; errors {r['errors']}" if r["errors"] else ""))
+    ctx.res["concurrency"] = out
 
 
 def _epochs(data, batch_size, seed, pad_id, eos_id):
@@ -28,7 +89,7 @@ def _epochs(data, batch_size, seed, pad_id, eos_id):
 def _worker(rank, cfg, data, init, barrier, results):
     try:
         from benchmarks.models import build_bloom
-        from benchmarks.variants import answer_loss, autocast_factory
+        from benchmarks.variants import answer_loss, autocast_factory, optimizer_step
 
         device = cfg["device"]
         if device == "cpu":
@@ -44,11 +105,7 @@ def _worker(rank, cfg, data, init, barrier, results):
 
         def step(batch):
             batch = batch.to(device)
-            with autocast():
-                loss = answer_loss(model, batch, prompt)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(partial(answer_loss, model, batch, prompt), [opt], autocast)
             return int(batch.attention_mask.sum())
 
         for _ in range(cfg["warmup"]):

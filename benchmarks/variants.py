@@ -20,18 +20,17 @@ import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.measure import PeakMemory, Shape, sync
 from ptray.batching import Batch, Encoded, collate, train_batches
 from ptray.evaluate import evaluate
 from ptray.model import answer_logprobs
 from ptray.prompt import prepend
 from ptray.train import compile_blocks
-
-from benchmarks.measure import PeakMemory, Shape, sync
-
 
 # ----------------------------------------------------------------------------------------------------- losses
 
@@ -152,6 +151,18 @@ def autocast_factory(device: str, precision: str):
     return contextlib.nullcontext
 
 
+def optimizer_step(compute_loss, optimizers, autocast) -> torch.Tensor:
+    """One step of ptray's loop: ``compute_loss()`` under ``autocast()``, backward, then each optimizer's step
+    and ``zero_grad``, in order. Returns the loss, detached (a 0-dim tensor on the device: no sync)."""
+    with autocast():
+        loss = compute_loss()
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def ptray_train(model, batches: list[Batch], init: torch.Tensor, *, device: str, precision: str, warmup: int,
                 lr: float = 3e-2, loss_fn=answer_loss, shape: Shape | None = None, collate_s: float = 0.0,
                 train_weights: bool = False, memory: bool | None = None) -> StepResult:
@@ -163,11 +174,10 @@ def ptray_train(model, batches: list[Batch], init: torch.Tensor, *, device: str,
     weights do not move). ``memory``: measure peak memory (default: on CUDA only, see ``PeakMemory``).
     """
     prompt = torch.nn.Parameter(init.detach().to(device=device, dtype=torch.float32).clone())
-    optimizer = torch.optim.Adam([prompt], lr=lr)
-    weight_opt = None
+    optimizers = [torch.optim.Adam([prompt], lr=lr)]
     if train_weights:
         model.requires_grad_(True)
-        weight_opt = torch.optim.Adam(model.parameters(), lr=0.0)
+        optimizers.append(torch.optim.Adam(model.parameters(), lr=0.0))
     autocast = autocast_factory(device, precision)
     shape = shape or Shape.of(model)
     n = init.shape[0]
@@ -183,15 +193,7 @@ def ptray_train(model, batches: list[Batch], init: torch.Tensor, *, device: str,
                     sync(device)
                     t0 = time.perf_counter()
                 batch = batch.to(device)
-                with autocast():
-                    loss = loss_fn(model, batch, prompt)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if weight_opt is not None:
-                    weight_opt.step()
-                    weight_opt.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
+                losses.append(optimizer_step(partial(loss_fn, model, batch, prompt), optimizers, autocast))
                 int(batch.attention_mask.sum())  # ptray's loop counts its tokens so (a device sync): kept
             sync(device)
             seconds = time.perf_counter() - t0
@@ -226,11 +228,7 @@ def ptray_train_packed(model, streams: list[list[Batch]], inits: list[torch.Tens
                 sync(device)
                 t0 = time.perf_counter()
             batches = [s[step].to(device) for s in streams]
-            with autocast():
-                loss = packed_loss(model, batches, prompts)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(partial(packed_loss, model, batches, prompts), [optimizer], autocast)
         sync(device)
         seconds = time.perf_counter() - t0
     return StepResult(seconds, tokens, examples, flops, mem.peak, steps - warmup)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench import update_markdown  # noqa: E402
+from benchmarks.markdown import update_markdown  # noqa: E402
 
 
 def positive(x) -> bool:
@@ -92,7 +92,8 @@ def test_trial_memory_estimate_runs_and_adds_up(tmp_path, data_dir):
     assert positive(res["train"]["copa"]["peak_bytes"]) and positive(res["eval"]["copa"]["peak_bytes"])
     e = res["estimate"]
     assert e["activations_fp32_max_bytes"] == max(res["train"]["copa"]["peak_bytes"], res["eval"]["copa"]["peak_bytes"])
-    assert e["per_trial_bytes"] == e["weights_bf16_bytes"] + e["activations_fp32_max_bytes"] + e["overhead_bytes_assumed"]
+    parts = e["weights_bf16_bytes"], e["activations_fp32_max_bytes"], e["overhead_bytes_assumed"]
+    assert e["per_trial_bytes"] == sum(parts)
     assert e["trials_fit"] == int(80 * 2**30 // e["per_trial_bytes"])
     assert "trials** fit in 80 GiB" in md.read_text()
 
