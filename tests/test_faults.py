@@ -135,3 +135,109 @@ def test_other_clis_with_a_seed_check_its_range(module, tmp_path, capsys):
         main([*argv, "--seed", str(2**64)])
     assert exc.value.code == 2 and "must be a seed from 0 to 4294967295" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. a relative user path means the same in every process of a study (Tune runs each trial in its own folder)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path / "here"
+
+
+def _study(capsys, *argv) -> tuple[int, str, str]:
+    from ptray.study import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_every_study_path_reaches_the_workers_absolute(workdir, tiny_model_dir, data_dir, monkeypatch):
+    import shutil
+
+    from ptray import preflight, tracking
+    from ptray.study import build_parser, options_from_args, plan_from_args, study_context
+
+    shutil.copytree(tiny_model_dir, workdir / "tinymodel")
+    (workdir / "data").symlink_to(data_dir)
+    args = build_parser().parse_args(["--model", "./tinymodel", "--data-dir", "data", "--tasks", "cb", "--seeds",
+                                      "0", "--tracking-uri", "sqlite:///runs/mlflow.db", "--storage-path", "ray",
+                                      "--analysis-dir", "report"])
+    plan, opts = plan_from_args(args), options_from_args(args)
+    uri = tracking.resolve_tracking_uri(opts.tracking_uri)
+    storage = preflight.resolve_storage(opts.storage_path, cluster=False)
+    ctx = study_context(plan, "0", uri, None, None)
+    monkeypatch.chdir(workdir.parent)  # a trial's working directory is its own folder
+    cfg = ctx.train_config("cb", 0)
+    assert cfg.model == str(workdir / "tinymodel") and cfg.data_dir == str(data_dir.resolve())
+    assert uri == f"sqlite:///{workdir / 'runs' / 'mlflow.db'}" and storage == str(workdir / "ray")
+    assert opts.analysis_dir == str(workdir / "report")
+    assert plan.to_json()["train"]["model"] == str(workdir / "tinymodel")  # --resume compares the absolute path
+    from ptray.model import load_model
+
+    load_model(cfg.model)  # loads from the other working directory
+    for hub in ("bigscience/bloomz-560m", "gpt2"):  # Hub names are no paths: unchanged
+        assert plan_from_args(build_parser().parse_args(["--model", hub])).train.model == hub
+
+
+def test_study_refuses_a_model_path_that_does_not_exist_before_anything_starts(workdir, capsys):
+    code, _, err = _study(capsys, "--model", "./tinymodel", "--tasks", "cb", "--seeds", "0")
+    assert code == 2
+    assert err == (f"error: --model './tinymodel' does not exist (looked for {workdir / 'tinymodel'}); pass an "
+                   f"existing folder or a Hub name such as bigscience/bloomz-560m\n")
+    assert list(workdir.iterdir()) == []  # no tracking store, no Tune folder
+
+
+@pytest.mark.slow
+def test_study_with_a_relative_model_path_trains_and_transfers(tmp_path, tiny_model_dir, data_dir):
+    # issue 12's command: the trial failed with "model path './tinymodel' does not exist", the baseline loaded it
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shutil.copytree(tiny_model_dir, tmp_path / "tinymodel")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    sweep = Path(__file__).resolve().parents[1] / "sweeps" / "all.py"
+    done = subprocess.run([sys.executable, str(sweep), "--model", "./tinymodel", "--tasks", "cb", "--seeds", "0",
+                           "--data-dir", str(data_dir), "--max-epochs", "1", "--max-train-examples", "8",
+                           "--max-eval-examples", "8", "--max-length", "96", "--study", "relative",
+                           "--no-analysis"], cwd=tmp_path, env={**env, "PTRAY_CACHE": str(tmp_path / "cache")},
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "training   1/1 trials done, 0 failed" in done.stdout
+    assert "transfer   2/2 transfer and baseline runs done" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. every check of a resumed study uses its stored plan
+
+
+def test_resume_checks_the_data_folder_against_the_stored_tasks(workdir, capsys, data_dir):
+    from ptray import tracking
+    from ptray.config import Plan, TrainConfig
+
+    only_cb = workdir / "superglue"
+    (only_cb / "CB").mkdir(parents=True)
+    for split in ("train", "val"):
+        (only_cb / "CB" / f"{split}.jsonl").symlink_to(data_dir / "CB" / f"{split}.jsonl")
+    mc = tracking.client(tracking.resolve_tracking_uri())
+    exp = tracking.get_or_create_experiment(mc, "ptray-S")
+    plan = Plan(study="S", tasks=("cb",), seeds=(0,), train=TrainConfig(data_dir=str(only_cb), max_epochs=1))
+    tracking.write_plan(mc, exp, "S", plan.to_json())
+    code, out, err = _study(capsys, "--resume", "--study", "S", "--data-dir", str(only_cb), "--dry-run")
+    assert code == 0, err
+    assert "study 'S' (resume)" in out and "1 trials (cb x seeds 0)" in out
+    (only_cb / "CB" / "val.jsonl").unlink()  # now the stored plan's own task lacks a file: that is the error
+    code, _, err = _study(capsys, "--resume", "--study", "S", "--dry-run")
+    assert code == 2
+    assert err == (f"error: --data-dir {str(only_cb)!r} lacks CB/val.jsonl (the official SuperGLUE layout "
+                   f"<TASK>/train.jsonl, <TASK>/val.jsonl)\n")
