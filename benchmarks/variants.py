@@ -30,6 +30,7 @@ from ptray.batching import Batch, Encoded, collate, train_batches
 from ptray.evaluate import evaluate
 from ptray.model import answer_logprobs
 from ptray.prompt import prepend
+from ptray.seeds import epoch_seed
 from ptray.train import compile_blocks
 
 # ----------------------------------------------------------------------------------------------------- losses
@@ -88,7 +89,7 @@ def packed_loss(model, batches: list[Batch], prompts: list[torch.Tensor]) -> tor
 def random_batches(data: list[Encoded], batch_size: int, seed: int, epoch: int, pad_id: int, eos_id: int):
     """One epoch of gold-answer batches in plain shuffled order (no length grouping): the ablation of
     ``ptray.batching.train_batches``."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))  # train_batches' seed, never out of range
     order = torch.randperm(len(data), generator=gen).tolist()
     return [collate([(data[i].source, data[i].answers[data[i].label]) for i in order[s:s + batch_size]], pad_id,
                     eos_id) for s in range(0, len(order), batch_size)]

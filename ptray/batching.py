@@ -31,9 +31,11 @@ class Batch:
 
     @property
     def num_seqs(self) -> int:
+        """Sequences in the batch (B)."""
         return self.input_ids.shape[0]
 
     def to(self, device) -> Batch:
+        """The batch with every tensor on ``device``."""
         return Batch(*(t.to(device, non_blocking=True) for t in (
             self.input_ids, self.attention_mask, self.ans_seq, self.ans_pos, self.ans_tokens)))
 
@@ -69,6 +71,7 @@ class Encoded:
 
     @property
     def length(self) -> int:
+        """Tokens of the source plus the longest answer (what ``max_length`` bounds)."""
         return len(self.source) + max(len(a) for a in self.answers)
 
 
