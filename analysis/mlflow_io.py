@@ -10,54 +10,32 @@ import difflib
 import json
 import math
 import os
-import socket
 import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
 
 from analysis.records import EvalRun, PromptRun, Study
+from ptray import layout, tracking
 from ptray.errors import PtrayError
-
-TAG = "ptray."
-PROMPT_FILES = ("prompt/adapter_config.json", "prompt/adapter_model.safetensors")
-TRAIN_JSON = ("config.json", "metrics.json", "predictions.json")
-EVAL_JSON = ("metrics.json", "predictions.json")
 
 
 def _check_uri(uri: str) -> None:
     """Fail at once, in one line, on a store that is not there (instead of MLflow creating an empty one, or
     retrying a dead server for minutes)."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            with socket.create_connection((parsed.hostname, port), timeout=5):
-                return
-        except OSError as err:
-            raise PtrayError(f"cannot reach the MLflow tracking server at {uri} ({err.strerror or err}); "
-                             f"start it or pass the right --tracking-uri") from None
-    if parsed.scheme == "sqlite":
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else parsed.path
-        if path and path != ":memory:" and not Path(path).is_file():
-            raise PtrayError(f"no MLflow database at {path!r} (tracking URI {uri}); pass --tracking-uri with the "
-                             f"study's store, e.g. sqlite:///path/to/mlflow.db")
-    elif parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme == "file" else uri
-        if not Path(path).is_dir():
-            raise PtrayError(f"no MLflow file store at {path!r}; pass --tracking-uri with the study's store")
+    if not tracking.store_exists(uri):
+        raise PtrayError(f"no MLflow database or file store at {uri}; pass --tracking-uri with the study's store, "
+                         f"e.g. sqlite:///path/to/mlflow.db")
+    tracking.check_tracking(uri)
 
 
 def connect(tracking_uri: str | None = None):
     """An ``MlflowClient`` for ``tracking_uri`` (default: MLflow's own default / $MLFLOW_TRACKING_URI)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    uri = tracking.resolve_tracking_uri(tracking_uri)
     _check_uri(uri)
-    return MlflowClient(tracking_uri=uri), uri
+    return tracking.client(uri), uri
 
 
 def find_experiment(client, name: str):
+    """The experiment named ``name``; an unknown name is a ``PtrayError`` that suggests the nearest one."""
     try:
         exp = client.get_experiment_by_name(name)
     except Exception as err:
@@ -73,14 +51,7 @@ def find_experiment(client, name: str):
 
 
 def _all_runs(client, experiment_id: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=token,
-                                  order_by=["attributes.start_time ASC"])
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
+    return tracking.search_runs(client, experiment_id, order_by=["attributes.start_time ASC"])
 
 
 def _latest(runs: list, notes: list[str]) -> list:
@@ -88,7 +59,7 @@ def _latest(runs: list, notes: list[str]) -> list:
     keep: dict[tuple, object] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time or 0):
         t = run.data.tags
-        key = tuple(t.get(TAG + k) for k in ("kind", "task", "seed", "source", "target"))
+        key = layout.run_key(t)
         if key in keep:
             notes.append(f"run {keep[key].info.run_name or keep[key].info.run_id} is repeated; the later "
                          f"{run.info.run_id} is used")
@@ -109,7 +80,7 @@ def _download(run, path: str, dst: Path, required: bool, tracking_uri: str) -> P
                                                     dst_path=str(target), tracking_uri=tracking_uri)
     except Exception as err:
         if required:
-            kind = run.data.tags.get(TAG + "kind", "")
+            kind = run.data.tags.get(layout.TAG_KIND, "")
             raise PtrayError(f"{kind} run {run.info.run_name or run_id}: artifact {path!r} could not be read "
                              f"({type(err).__name__}); see docs/tracking.md for the files each run holds") from None
         return None
@@ -142,51 +113,51 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
     exp = find_experiment(client, experiment)
     prompts, evals, notes, studies, runs = [], [], [], set(), []
     for run in _all_runs(client, exp.experiment_id):
-        kind = run.data.tags.get(TAG + "kind")
-        if kind not in ("train", "transfer", "baseline"):
+        kind = run.data.tags.get(layout.TAG_KIND)
+        if kind not in (layout.TRAIN, *layout.EVAL_KINDS):
             continue
-        if run.info.status != "FINISHED":
+        if run.info.status != layout.FINISHED:
             notes.append(f"skipped {kind} run {run.info.run_name or run.info.run_id} ({run.info.status})")
             continue
         runs.append(run)
     runs = _latest(runs, notes)
-    if not any(r.data.tags.get(TAG + "kind") == "train" for r in runs):
-        raise PtrayError(f"experiment {experiment!r} has no finished train runs (runs tagged {TAG}kind=train); "
-                         f"nothing to analyse")
+    if not any(r.data.tags.get(layout.TAG_KIND) == layout.TRAIN for r in runs):
+        raise PtrayError(f"experiment {experiment!r} has no finished train runs (runs tagged "
+                         f"{layout.TAG_KIND}={layout.TRAIN}); nothing to analyse")
     with tempfile.TemporaryDirectory(prefix="ptray-analysis-") as tmp:
         for run in runs:
             tags = run.data.tags
-            kind = tags[TAG + "kind"]
+            kind = tags[layout.TAG_KIND]
             run_id = run.info.run_id
-            studies.add(tags.get(TAG + "study", ""))
+            studies.add(tags.get(layout.TAG_STUDY, ""))
             dst = Path(tmp) / run_id
-            if kind == "train":
-                for name in PROMPT_FILES:
+            if kind == layout.TRAIN:
+                for name in layout.PROMPT_FILES:
                     _download(run, name, dst, required=True, tracking_uri=uri)
-                prompt = load_adapter(dst / "prompt")
-                config = _json(run, "config.json", dst, True, uri)
-                metrics = _json(run, "metrics.json", dst, False, uri)
-                preds = _json(run, "predictions.json", dst, False, uri)
-                task = tags.get(TAG + "task") or config.get("task")
-                seed = tags.get(TAG + "seed", config.get("seed"))
+                prompt = load_adapter(dst / layout.PROMPT_DIR)
+                config = _json(run, layout.CONFIG_FILE, dst, True, uri)
+                metrics = _json(run, layout.METRICS_FILE, dst, False, uri)
+                preds = _json(run, layout.PREDICTIONS_FILE, dst, False, uri)
+                task = tags.get(layout.TAG_TASK) or config.get("task")
+                seed = tags.get(layout.TAG_SEED, config.get("seed"))
                 if not task:
-                    raise PtrayError(f"train run {run_id} has no {TAG}task tag and no task in config.json")
+                    raise PtrayError(f"train run {run_id} has no {layout.TAG_TASK} tag and no task in config.json")
                 prompts.append(PromptRun(run_id, str(task), _int(seed, "seed", run_id), prompt, config, metrics,
                                          preds))
             else:
-                metrics = _json(run, "metrics.json", dst, True, uri)
-                preds = _json(run, "predictions.json", dst, False, uri)
-                target = tags.get(TAG + "target") or metrics.get("target")
-                source = tags.get(TAG + "source", metrics.get("source"))
-                seed = tags.get(TAG + "seed", metrics.get("source_seed"))
-                if kind == "transfer" and (seed is None or not source or source == "none"):
+                metrics = _json(run, layout.METRICS_FILE, dst, True, uri)
+                preds = _json(run, layout.PREDICTIONS_FILE, dst, False, uri)
+                target = tags.get(layout.TAG_TARGET) or metrics.get("target")
+                source = tags.get(layout.TAG_SOURCE, metrics.get("source"))
+                seed = tags.get(layout.TAG_SEED, metrics.get("source_seed"))
+                transfer = kind == layout.TRANSFER
+                if transfer and (seed is None or not source or source == layout.NO_SOURCE):
                     raise PtrayError(f"transfer run {run_id} has no source task or seed")
+                idx, em_correct, rank_correct = layout.prediction_lists(preds)
                 evals.append(EvalRun(
-                    run_id=run_id, kind=kind, target=str(target),
-                    source=str(source) if kind == "transfer" else None,
-                    source_seed=_int(seed, "seed", run_id) if kind == "transfer" else None, metrics=metrics,
-                    idx=[int(i) for i in preds.get("idx", [])], em_correct=list(preds.get("em_correct", [])),
-                    rank_correct=list(preds.get("rank_correct", []))))
+                    run_id=run_id, kind=kind, target=str(target), source=str(source) if transfer else None,
+                    source_seed=_int(seed, "seed", run_id) if transfer else None, metrics=metrics, idx=idx,
+                    em_correct=em_correct, rank_correct=rank_correct))
     study_tag = min(studies) if len(studies) == 1 else ",".join(sorted(s for s in studies if s))
     return Study(experiment, study_tag, prompts, evals, experiment_id=exp.experiment_id), notes
 
@@ -194,8 +165,8 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
 def log_analysis(study: Study, out_dir: Path, tracking_uri: str | None, metrics: dict[str, float]) -> str:
     """Create the experiment's ``analysis`` run holding every file of ``out_dir`` as artifacts; returns its id."""
     client, _ = connect(tracking_uri)
-    run = client.create_run(study.experiment_id, run_name="analysis",
-                            tags={TAG + "study": study.study, TAG + "kind": "analysis"})
+    run = tracking.create_run(client, study.experiment_id, layout.ANALYSIS_RUN_NAME,
+                              layout.run_tags(study.study, layout.ANALYSIS))
     run_id = run.info.run_id
     try:
         client.log_artifacts(run_id, str(out_dir))
@@ -203,7 +174,7 @@ def log_analysis(study: Study, out_dir: Path, tracking_uri: str | None, metrics:
             if value is not None and not math.isnan(value):  # NaN is not a metric
                 client.log_metric(run_id, key, float(value))
     except Exception:
-        client.set_terminated(run_id, "FAILED")
+        client.set_terminated(run_id, layout.FAILED)
         raise
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, layout.FINISHED)
     return run_id

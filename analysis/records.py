@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ptray import layout
+
 
 @dataclass(frozen=True)
 class PromptRun:
@@ -30,10 +32,12 @@ class PromptRun:
 
     @property
     def label(self) -> str:
-        return f"{self.task}-seed{self.seed}"
+        """The prompt's name in tables and figures: its train run's name, e.g. ``cb-seed0``."""
+        return layout.train_run_name(self.task, self.seed)
 
     @property
     def num_tokens(self) -> int:
+        """Prompt rows n."""
         return int(self.prompt.shape[0])
 
 
@@ -45,7 +49,7 @@ class EvalRun:
     """
 
     run_id: str
-    kind: str  # "transfer" or "baseline"
+    kind: str  # layout.TRANSFER or layout.BASELINE
     target: str
     source: str | None = None  # None for a baseline
     source_seed: int | None = None

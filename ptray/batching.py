@@ -14,6 +14,11 @@ from ptray.seeds import epoch_seed
 from ptray.tasks import ANSWER_CUE, Task
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id: pads are masked out, so any id will do."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @dataclass
 class Batch:
     """Right-padded sequences and where their answer tokens are.

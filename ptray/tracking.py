@@ -18,24 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ptray import layout
 from ptray.errors import PtrayError
-
-TAG_STUDY = "ptray.study"
-TAG_KIND = "ptray.kind"
-TAG_TASK = "ptray.task"
-TAG_SEED = "ptray.seed"
-TAG_SOURCE = "ptray.source"
-TAG_TARGET = "ptray.target"
-KINDS = ("train", "transfer", "baseline", "analysis")
-
-# Final metrics of a train run carry this prefix: the unprefixed names hold the per-epoch history (step = epoch),
-# and a second "exact_match" at some step would read as one more epoch.
-FINAL_PREFIX = "final_"
-
-# Experiment tag holding a study's plan (JSON), so ``--resume`` continues exactly the study that was started.
-PLAN_TAG_PREFIX = "ptray.plan."
-
-FINISHED = "FINISHED"
 
 
 def default_tracking_uri() -> str:
@@ -134,39 +118,6 @@ def client(uri: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# names and tags (docs/tracking.md)
-
-
-def train_run_name(task: str, seed: int) -> str:
-    return f"{task}-seed{seed}"
-
-
-def transfer_run_name(source: str, seed: int, target: str) -> str:
-    return f"transfer-{source}-seed{seed}-on-{target}"
-
-
-def baseline_run_name(target: str) -> str:
-    return f"baseline-none-on-{target}"
-
-
-def run_tags(study: str, kind: str, task: str | None = None, seed: int | None = None, source: str | None = None,
-             target: str | None = None) -> dict[str, str]:
-    """The ``ptray.*`` tags of one run; ``task`` defaults to the target for transfer and baseline runs."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    tags = {TAG_STUDY: study, TAG_KIND: kind}
-    if kind in ("transfer", "baseline"):
-        task = task or target
-        tags[TAG_TARGET] = str(target)
-        tags[TAG_SOURCE] = "none" if kind == "baseline" else str(source)
-    if task is not None:
-        tags[TAG_TASK] = str(task)
-    if seed is not None and kind in ("train", "transfer"):
-        tags[TAG_SEED] = str(seed)
-    return tags
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # experiments and runs
 
 
@@ -192,12 +143,12 @@ def read_plan(mlflow_client, experiment_name: str, study: str) -> dict | None:
     exp = mlflow_client.get_experiment_by_name(experiment_name)
     if exp is None or exp.lifecycle_stage != "active":
         return None
-    raw = exp.tags.get(PLAN_TAG_PREFIX + study)
+    raw = exp.tags.get(layout.PLAN_TAG_PREFIX + study)
     return json.loads(raw) if raw else None
 
 
 def write_plan(mlflow_client, experiment_id: str, study: str, plan: dict) -> None:
-    mlflow_client.set_experiment_tag(experiment_id, PLAN_TAG_PREFIX + study, json.dumps(plan, sort_keys=True))
+    mlflow_client.set_experiment_tag(experiment_id, layout.PLAN_TAG_PREFIX + study, json.dumps(plan, sort_keys=True))
 
 
 def _quote(value: str) -> str:
@@ -207,16 +158,22 @@ def _quote(value: str) -> str:
 def search_study_runs(mlflow_client, experiment_id: str, study: str, kind: str | None = None,
                       name: str | None = None, extra: str = "") -> list:
     """Every active run of ``study`` (optionally of one kind / run name), all pages."""
-    clauses = [f"tags.`{TAG_STUDY}` = {_quote(study)}"]
+    clauses = [f"tags.`{layout.TAG_STUDY}` = {_quote(study)}"]
     if kind:
-        clauses.append(f"tags.`{TAG_KIND}` = {_quote(kind)}")
+        clauses.append(f"tags.`{layout.TAG_KIND}` = {_quote(kind)}")
     if name:
         clauses.append(f"attributes.run_name = {_quote(name)}")
     if extra:
         clauses.append(extra)
+    return search_runs(mlflow_client, experiment_id, " and ".join(clauses))
+
+
+def search_runs(mlflow_client, experiment_id: str, filter_string: str = "", order_by: list[str] | None = None) -> list:
+    """Every active run of the experiment matching ``filter_string`` (MLflow's search syntax), all pages."""
     runs, token = [], None
     while True:
-        page = mlflow_client.search_runs([experiment_id], " and ".join(clauses), max_results=1000, page_token=token)
+        page = mlflow_client.search_runs([experiment_id], filter_string, max_results=1000, order_by=order_by,
+                                         page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
@@ -265,11 +222,8 @@ def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in row.items() if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-HISTORY_KEY = "eval_loss"  # logged once per epoch, in the same batch as every other per-epoch metric
-
-
 def logged_epochs(mlflow_client, run_id: str) -> list[int]:
-    return sorted(m.step for m in mlflow_client.get_metric_history(run_id, HISTORY_KEY))
+    return sorted(m.step for m in mlflow_client.get_metric_history(run_id, layout.HISTORY_KEY))
 
 
 def sync_history(mlflow_client, run, history: list[dict[str, Any]]) -> str:
@@ -298,15 +252,15 @@ def sync_history(mlflow_client, run, history: list[dict[str, Any]]) -> str:
         mlflow_client.log_batch(new.info.run_id, params=params[i: i + 100])
     for row in history:
         log_metrics(mlflow_client, new.info.run_id, epoch_metrics(row), step=row["epoch"])
-    mlflow_client.set_tag(new.info.run_id, "ptray.replaces", run_id)
+    mlflow_client.set_tag(new.info.run_id, layout.TAG_REPLACES, run_id)
     mlflow_client.delete_run(run_id)
     return new.info.run_id
 
 
 def final_metrics(run) -> dict[str, float]:
     """A finished train run's final metrics, without the prefix."""
-    n = len(FINAL_PREFIX)
-    return {k[n:]: v for k, v in run.data.metrics.items() if k.startswith(FINAL_PREFIX)}
+    n = len(layout.FINAL_PREFIX)
+    return {k[n:]: v for k, v in run.data.metrics.items() if k.startswith(layout.FINAL_PREFIX)}
 
 
 def replace_unfinished(mlflow_client, experiment_id: str, study: str, name: str) -> Any:
@@ -314,16 +268,11 @@ def replace_unfinished(mlflow_client, experiment_id: str, study: str, name: str)
     would otherwise stay as a duplicate beside its retry)."""
     found = None
     for run in search_study_runs(mlflow_client, experiment_id, study, name=name):
-        if run.info.status == FINISHED and found is None:
+        if run.info.status == layout.FINISHED and found is None:
             found = run
         else:
             mlflow_client.delete_run(run.info.run_id)
     return found
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-    return path
 
 
 def ui_command(uri: str) -> str:

@@ -11,12 +11,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -28,81 +25,19 @@ import numpy as np
 import torch
 
 import ptray
-from ptray.batching import check_positions, encode_all, train_batches
-from ptray.cli import OneLineParser, positive_float, positive_int, seed_int
-from ptray.data import DEFAULT_HUB_DATASET, SPLITS, load_split
+from ptray import layout
+from ptray.batching import check_positions, encode_all, pad_token_id, train_batches
+from ptray.cli import OneLineParser, add_config_arguments, config_from_args
+from ptray.config import TrainConfig
+from ptray.data import load_split
 from ptray.errors import PtrayError
 from ptray.evaluate import EvalResult, evaluate
-from ptray.model import DEFAULT_MODEL, answer_logprobs, load_model, model_dtype, resolve_device_precision
-from ptray.prompt import PromptInit, SoftPrompt, init_prompt, save_adapter, text_token_ids
-from ptray.seeds import check_seed
+from ptray.files import atomic_folder, write_json
+from ptray.model import answer_logprobs, library_versions, load_model, model_dtype, resolve_device_precision
+from ptray.prompt import SoftPrompt, init_prompt, save_adapter, text_token_ids
 from ptray.tasks import get_task
 
 log = logging.getLogger("ptray")
-
-PRECISIONS = ("auto", "no", "bf16", "fp16")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines one training run. Stored, resolved, with every run's outputs."""
-
-    task: str = "cb"  # one of ptray.tasks.TASK_NAMES
-    seed: int = 0  # seeds the prompt init (random modes), data order and torch
-    model: str = DEFAULT_MODEL  # Hub name or local folder of a causal LM
-    data_dir: str | None = None  # official SuperGLUE jsonl layout; None reads the Hub
-    hub_dataset: str = DEFAULT_HUB_DATASET  # Hub dataset id used when data_dir is None
-    max_epochs: int = 50  # the paper trains up to 50 epochs
-    patience: int = 5  # early stopping on eval loss, the paper's patience
-    batch_size: int = 8  # training examples per step
-    eval_batch_size: int = 32  # sequences per evaluation step (each example is scored once per label)
-    lr: float = 3e-2  # Adam learning rate (PEFT's bloomz-560m prompt-tuning example uses 3e-2)
-    max_length: int = 512  # tokens of source + answer, prompt not counted; longer examples are truncated
-    init: PromptInit = PromptInit.TEXT  # text (the paper), random or sample_vocab
-    init_text: str | None = None  # None: the task's init text from the paper
-    num_tokens: int | None = None  # None: the init text's token count (the paper's choice)
-    precision: str = "auto"  # auto: bf16 on GPUs that support it, else fp16; fp32 ("no") on CPU
-    device: str = "auto"  # auto, cpu or cuda
-    eval_split: str = "val"  # split for evaluation and early stopping
-    max_train_examples: int | None = None  # keep the first N training examples (smoke runs)
-    max_eval_examples: int | None = None  # keep the first N evaluation examples (smoke runs)
-    baselines: bool = True  # also evaluate no prompt and the init text as a hard prompt
-    compile: bool = False  # torch.compile each transformer block (regional; BENCHMARKS.md: 1.2x on CPU after
-    # ~20 s of compiling, GPU unmeasured)
-
-    def __post_init__(self):
-        try:
-            self.init = PromptInit(self.init)
-        except ValueError:
-            _bad(f"init must be one of {[i.value for i in PromptInit]}, got {self.init!r}")
-        for name in ("max_epochs", "patience", "batch_size", "eval_batch_size", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                _bad(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
-            _bad(f"lr must be a positive number, got {self.lr!r}")
-        for name in ("num_tokens", "max_train_examples", "max_eval_examples"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                _bad(f"{name} must be a positive integer or unset, got {value!r}")
-        if self.precision not in PRECISIONS:
-            _bad(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            _bad(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.eval_split not in SPLITS or self.eval_split == "test":
-            _bad(f"eval_split must be train or val (test has no labels), got {self.eval_split!r}")
-        get_task(self.task)  # unknown names fail here, listing the valid ones
-        check_seed(self.seed)  # here, not as an overflow in the data order after the baselines ran
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["init"] = self.init.value
-        return d
-
-
-def _bad(message: str):
-    raise PtrayError(message)
-
 
 @dataclass
 class TrainResult:
@@ -141,6 +76,23 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=True)
 
 
+def setup_model(name_or_path: str, device: str, precision: str, compile: bool = False):
+    """The frozen model on its device, for training and evaluation alike: ``(model, tokenizer, accelerator)``.
+
+    ``device`` and ``precision`` are resolved values (``resolve_device_precision``); weights load in
+    ``model_dtype(precision)``; ``compile`` compiles each block (``compile_blocks``). Raises ``PtrayError`` when
+    the model cannot be loaded.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+    model, tokenizer = load_model(name_or_path, dtype=model_dtype(precision))
+    model.to(accelerator.device)
+    if compile:
+        compile_blocks(model)
+    return model, tokenizer, accelerator
+
+
 def train(
     cfg: TrainConfig,
     on_epoch_end: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
@@ -157,21 +109,16 @@ def train(
     device, precision = resolve_device_precision(cfg.device, cfg.precision)
     set_seed(cfg.seed)
 
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
-    model, tokenizer = load_model(cfg.model, dtype=model_dtype(precision))
-    model.to(accelerator.device)
-    if cfg.compile:
-        compile_blocks(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id
+    model, tokenizer, accelerator = setup_model(cfg.model, device, precision, cfg.compile)
+    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
 
     train_data = encode_all(task, train_examples, tokenizer, cfg.max_length)
     eval_data = encode_all(task, eval_examples, tokenizer, cfg.max_length)
     init_text = cfg.init_text if cfg.init_text is not None else task.init_text
     embedding = model.get_input_embeddings().weight
-    prompt = SoftPrompt(init_prompt(embedding, tokenizer, cfg.init, init_text, cfg.num_tokens, cfg.seed))
+    # the module, not its rows: TEXT init must include any embedding scale (Gemma2), as the model's own input does
+    prompt = SoftPrompt(init_prompt(model.get_input_embeddings(), tokenizer, cfg.init, init_text, cfg.num_tokens,
+                                    cfg.seed))
     optimizer = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
     prompt, optimizer = accelerator.prepare(prompt, optimizer)
     check_positions(model.config, prompt.num_tokens, cfg.max_length)  # before the baselines and training
@@ -186,6 +133,7 @@ def train(
         "device": device,
         "precision": precision,
         "code_version": code_version(),
+        **library_versions(),  # torch_version, transformers_version, peft_version, accelerate_version
         "num_train_examples": len(train_data),
         "num_eval_examples": len(eval_data),
         "num_truncated": sum(d.truncated for d in train_data + eval_data),
@@ -289,7 +237,8 @@ def train(
     for name, res in baselines.items():
         final.update({f"{name}_{k}": v for k, v in res.metrics().items()})
     evals = {"prompt": best_eval, **baselines}
-    return TrainResult(best["prompt"], final, history, resolved, evals, [d.idx for d in eval_data if d.label is not None])
+    eval_idx = [d.idx for d in eval_data if d.label is not None]
+    return TrainResult(best["prompt"], final, history, resolved, evals, eval_idx)
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
@@ -308,71 +257,37 @@ def save_run(result: TrainResult, out_dir: str | Path, overwrite: bool = False) 
     """Write prompt/ (PEFT adapter), metrics.json, history.json, predictions.json and config.json atomically.
 
     Files go to a sibling temp folder renamed into place at the end, so a failure never leaves a half-written run.
+    ``predictions.json`` follows ``layout.predictions`` (the prompt's lists, the baselines' under ``baselines``).
+    Returns the folder; raises ``PtrayError`` when ``out_dir`` holds another run and ``overwrite`` is False.
     """
     out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        save_adapter(result.prompt, tmp / "prompt", result.resolved["model"], result.resolved["init_text"],
+    with atomic_folder(out) as tmp:
+        save_adapter(result.prompt, tmp / layout.PROMPT_DIR, result.resolved["model"], result.resolved["init_text"],
                      result.resolved["init"])
-        _write_json(tmp / "metrics.json", result.metrics)
-        _write_json(tmp / "history.json", result.history)
-        _write_json(tmp / "config.json", result.resolved)
-        _write_json(tmp / "predictions.json", {
-            "idx": result.eval_idx,
-            **{f"{name}_{key}": getattr(res, key) for name, res in result.evals.items()
-               for key in ("em_correct", "rank_correct", "rank_pred")},
-        })
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / layout.METRICS_FILE, result.metrics)
+        write_json(tmp / layout.HISTORY_FILE, result.history)
+        write_json(tmp / layout.CONFIG_FILE, result.resolved)
+        baselines = {name: res for name, res in result.evals.items() if name != "prompt"}
+        write_json(tmp / layout.PREDICTIONS_FILE, layout.predictions(result.eval_idx, result.evals["prompt"],
+                                                                     baselines))
     return out
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
+    """``python -m ptray.train``'s flags: one per ``TrainConfig`` field, plus the output folder."""
     p = OneLineParser(prog="python -m ptray.train", description="Train and evaluate one soft prompt.")
-    p.add_argument("--task", required=True, help="cb, rte, copa or wsc")
-    p.add_argument("--seed", type=seed_int, required=True, help="random seed, 0 to 2**32 - 1")
-    p.add_argument("--model", default=d.model, help=f"Hub name or local folder (default {d.model})")
-    p.add_argument("--data-dir", default=None, help="folder with <TASK>/{train,val,test}.jsonl; default: the Hub")
+    add_config_arguments(p, TrainConfig, required=("task", "seed"))
     p.add_argument("--output-dir", required=True, help="folder to write the run to (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
-    p.add_argument("--max-epochs", type=positive_int, default=d.max_epochs, help="epochs at most (default 50)")
-    p.add_argument("--patience", type=positive_int, default=d.patience, help="early-stopping patience (default 5)")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="training batch size")
-    p.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size, help="eval sequences/step")
-    p.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--max-length", type=positive_int, default=d.max_length, help="max source+answer tokens")
-    p.add_argument("--init", default=d.init.value, choices=[i.value for i in PromptInit], help="prompt init")
-    p.add_argument("--num-tokens", type=positive_int, default=None, help="prompt rows (default: init text length)")
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="mixed precision")
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="where to train")
-    p.add_argument("--max-train-examples", type=positive_int, default=None, help="use the first N train examples")
-    p.add_argument("--max-eval-examples", type=positive_int, default=None, help="use the first N eval examples")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (see BENCHMARKS.md)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train one prompt and write its run folder; returns the exit code (2 with one line on bad input)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
-        cfg = TrainConfig(
-            task=args.task, seed=args.seed, model=args.model, data_dir=args.data_dir, max_epochs=args.max_epochs,
-            patience=args.patience, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
-            max_length=args.max_length, init=args.init, num_tokens=args.num_tokens, precision=args.precision,
-            device=args.device, max_train_examples=args.max_train_examples,
-            max_eval_examples=args.max_eval_examples, compile=args.compile,
-        )
+        cfg = config_from_args(TrainConfig, args)
         check_output_dir(args.output_dir, args.overwrite)  # before hours of training, not after
         result = train(cfg)
         out = save_run(result, args.output_dir, overwrite=args.overwrite)

@@ -4,13 +4,15 @@
     python sweeps/all.py --dry-run                                     # the plan: trials, resources, outputs
     python sweeps/all.py --address auto --storage-path s3://BUCKET/ray --data-dir ~/data/superglue   # a cluster
 
-The study itself lives in ``ptray.study`` (plan, Tuner, transfer tasks, summary), the trial adapters in
-``ptray.trial``, the MLflow layout in ``ptray.tracking`` and docs/tracking.md.
+This script composes the two halves: the study (``ptray.study``: plan, Tuner, transfer tasks, summary) and then
+the analysis of what it tracked (``analysis.run``); the library never imports the analysis itself.
+docs/architecture.md shows how the pieces fit.
 """
 
 import sys
 
+import analysis
 from ptray.study import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(analyse=analysis.run))

@@ -11,7 +11,10 @@ import pytest
 from test_tracking import mlflow_server
 
 from ptray import tracking
-from ptray.trial import StudyContext, run_training, transfer_target
+from ptray.config import TrainConfig
+from ptray.context import StudyContext
+from ptray.transfer import transfer_target
+from ptray.trial import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,8 +39,8 @@ def study(server, tiny_model_dir, data_dir):
     exp = tracking.get_or_create_experiment(mc, "ptray-ui")
     ctx = StudyContext(study="ui", experiment_id=exp, tracking_uri=server, model_label=str(tiny_model_dir),
                        data_label=str(data_dir), params={"study": "ui"},
-                       train=dict(model=str(tiny_model_dir), data_dir=str(data_dir), max_epochs=3, patience=5,
-                                  max_train_examples=16, max_eval_examples=16, max_length=64))
+                       train=TrainConfig(model=str(tiny_model_dir), data_dir=str(data_dir), max_epochs=3, patience=5,
+                                         max_train_examples=16, max_eval_examples=16, max_length=64))
     run_training({"task": "cb", "seed": 0}, ctx, None, lambda metrics, state, run_id: None)
     train_run = tracking.find_run(mc, exp, "ui", "cb-seed0")
     transfer_target("cb", [{"task": "cb", "seed": 0, "run_id": train_run.info.run_id}], ctx)

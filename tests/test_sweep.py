@@ -12,15 +12,16 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from ptray import study, tracking
-from ptray.study import Options, Plan, analysis_phase, main, parse_seeds, parse_tasks, trial_statuses
+from ptray import preflight, tracking
+from ptray.config import Options, Plan, TrainConfig
+from ptray.study import analysis_phase, main, parse_seeds, parse_tasks
+from ptray.trial import trial_statuses
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "sweeps" / "all.py"
@@ -116,7 +117,8 @@ def test_dry_run_prints_the_plan(workdir, capsys, data_dir):
 def test_resume_refuses_a_changed_plan(workdir, capsys, data_dir):
     mc = tracking.client(tracking.resolve_tracking_uri())
     exp = tracking.get_or_create_experiment(mc, "ptray-smoke")
-    plan = Plan(study="smoke", tasks=("cb", "rte"), seeds=(0, 1), model="tiny", data_dir=str(data_dir), smoke=True)
+    plan = Plan(study="smoke", tasks=("cb", "rte"), seeds=(0, 1), smoke=True, tiny_model=True,
+                train=TrainConfig(data_dir=str(data_dir)))
     tracking.write_plan(mc, exp, "smoke", plan.to_json())
     code, _, err = run_main(capsys, "--resume", "--smoke", "--study", "smoke", "--tasks", "cb")
     assert code == 2
@@ -131,20 +133,34 @@ def test_resume_refuses_a_changed_plan(workdir, capsys, data_dir):
     assert code == 2 and err.startswith("error: --resume --smoke needs --study: each smoke run is its own study")
 
 
-def test_analysis_is_called_when_it_exists(monkeypatch):
+def test_the_analysis_is_passed_in_by_the_entry_script():
     calls = []
-    fake = types.ModuleType("analysis")
-    fake.run = lambda experiment, tracking_uri=None, out_dir=None: calls.append((experiment, tracking_uri, out_dir)) \
-        or "outputs/analysis/x"
-    monkeypatch.setitem(sys.modules, "analysis", fake)
-    note = analysis_phase("ptray-x", "sqlite:///m.db", Options(analysis_dir="out"), complete=True)
+
+    def analyse(experiment, tracking_uri=None, out_dir=None):
+        calls.append((experiment, tracking_uri, out_dir))
+        return "outputs/analysis/x"
+
+    note = analysis_phase("ptray-x", "sqlite:///m.db", Options(analysis_dir="out"), True, analyse)
     assert calls == [("ptray-x", "sqlite:///m.db", "out")]
-    assert note == f"done: the 'analysis' run of experiment 'ptray-x' (report in {Path('outputs/analysis/x').resolve()})"
-    assert analysis_phase("ptray-x", "u", Options(analysis=False), True) == "off (--no-analysis)"
-    assert analysis_phase("ptray-x", "u", Options(), complete=False) == "skipped: the study is incomplete"
-    monkeypatch.setitem(sys.modules, "analysis", None)  # the package is not there (yet)
-    assert analysis_phase("ptray-x", "u", Options(), True) == "skipped: the analysis package is not installed"
+    report = Path("outputs/analysis/x").resolve()
+    assert note == f"done: the 'analysis' run of experiment 'ptray-x' (report in {report})"
+    assert analysis_phase("ptray-x", "u", Options(analysis=False), True, analyse) == "off (--no-analysis)"
+    assert analysis_phase("ptray-x", "u", Options(), False, analyse) == "skipped: the study is incomplete"
+    assert analysis_phase("ptray-x", "u", Options(), True, None) == \
+        "not run here: python -m analysis --experiment ptray-x"
+
+    def broken(experiment, tracking_uri=None, out_dir=None):
+        raise RuntimeError("no model\nmore")
+
+    assert analysis_phase("ptray-x", "u", Options(), True, broken) == "failed: RuntimeError: no model"
     assert calls == [("ptray-x", "sqlite:///m.db", "out")]
+    # The entry script passes analysis.run; the library itself never imports the analysis.
+    assert "analysis.run" in SWEEP.read_text()
+    code = ("import sys, ptray.study, ptray.trial, ptray.transfer; "
+            "print(any(m.split('.')[0] == 'analysis' for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    ptray_sources = "\n".join(p.read_text() for p in (ROOT / "ptray").glob("*.py"))
+    assert not re.search(r"^\s*(import analysis|from analysis)", ptray_sources, re.M)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,7 +252,8 @@ def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_
     # The resumed run continued the stored plan.
     stored = tracking.read_plan(mc, f"ptray-{sid}", sid)
     assert stored["tasks"] == ["cb", "rte", "copa", "wsc"] and stored["seeds"] == [0, 1, 2, 3]
-    assert stored["max_epochs"] == 2 and stored["model"] == "tiny" and stored["model_digest"]
+    assert stored["train"]["max_epochs"] == 2 and stored["tiny_model"] and stored["model_digest"]
+    assert Plan.from_json(stored).train.max_length == 128
 
     # Once more, as printed (with the analysis this time): nothing is left to train or evaluate.
     third = subprocess.run(resume[:-1], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
@@ -294,23 +311,23 @@ def several_machines(monkeypatch):
     """The driver on 127.0.0.2, another node on 10.0.0.2 (no autoscaler config on this machine)."""
     import ray
 
-    monkeypatch.setattr(study, "_cluster_ips", lambda: {"127.0.0.2", "10.0.0.2"})
+    monkeypatch.setattr(preflight, "_cluster_ips", lambda: {"127.0.0.2", "10.0.0.2"})
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.2")
-    monkeypatch.setattr(study, "_autoscaling", lambda: False)
+    monkeypatch.setattr(preflight, "_autoscaling", lambda: False)
     return Options(address="auto")
 
 
 def test_cluster_refuses_a_local_tracking_store(several_machines, tmp_path):
     with pytest.raises(ValueError, match=r"the tracking store sqlite:///\S+ is a file on this machine, but the Ray "
                                          r"cluster has other machines; run an MLflow server"):
-        study._check_cluster(several_machines, f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://b/p")
+        preflight.check_cluster(several_machines, f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://b/p")
 
 
 def test_cluster_refuses_local_disk_storage(several_machines, tmp_path):
     with pytest.raises(ValueError, match=r"--storage-path \S+ is on this machine's local disk \(\w+\), but the Ray "
                                          r"cluster has other machines"):
-        study._check_cluster(several_machines, "http://10.0.0.1:5000", str(tmp_path / "results"))
-    assert study._check_cluster(several_machines, "http://10.0.0.1:5000", "s3://bucket/ray") == "http://10.0.0.1:5000"
+        preflight.check_cluster(several_machines, "http://10.0.0.1:5000", str(tmp_path / "results"))
+    assert preflight.check_cluster(several_machines, "http://10.0.0.1:5000", "s3://bucket/ray") == "http://10.0.0.1:5000"
 
 
 def test_cluster_rewrites_a_loopback_tracking_uri(several_machines):
@@ -320,11 +337,11 @@ def test_cluster_rewrites_a_loopback_tracking_uri(several_machines):
     thread.start()
     try:
         # Workers cannot reach "localhost" on the head: they get the head's address instead.
-        assert study._check_cluster(several_machines, f"http://localhost:{port}", "s3://b/p") == \
+        assert preflight.check_cluster(several_machines, f"http://localhost:{port}", "s3://b/p") == \
             f"http://127.0.0.2:{port}"
     finally:
         server.shutdown()
     with pytest.raises(ValueError, match=rf"--tracking-uri http://127.0.0.1:{port} is this machine's loopback, which "
                                          r"other nodes cannot reach, and the server does not answer at "
                                          rf"http://127.0.0.2:{port}; start it with --host 0.0.0.0"):
-        study._check_cluster(several_machines, f"http://127.0.0.1:{port}", "s3://b/p")
+        preflight.check_cluster(several_machines, f"http://127.0.0.1:{port}", "s3://b/p")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ptray import tracking
+from ptray import layout, tracking
 from ptray.errors import PtrayError
+from ptray.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,19 +81,19 @@ def sqlite_uri(tmp_path: Path) -> str:
 
 
 def test_run_names_and_tags_follow_the_contract():
-    assert tracking.train_run_name("cb", 0) == "cb-seed0"
-    assert tracking.transfer_run_name("rte", 1, "wsc") == "transfer-rte-seed1-on-wsc"
-    assert tracking.baseline_run_name("wsc") == "baseline-none-on-wsc"
-    assert tracking.run_tags("paper", "train", "cb", 0) == {
+    assert layout.train_run_name("cb", 0) == "cb-seed0"
+    assert layout.transfer_run_name("rte", 1, "wsc") == "transfer-rte-seed1-on-wsc"
+    assert layout.baseline_run_name("wsc") == "baseline-none-on-wsc"
+    assert layout.run_tags("paper", "train", "cb", 0) == {
         "ptray.study": "paper", "ptray.kind": "train", "ptray.task": "cb", "ptray.seed": "0"}
-    assert tracking.run_tags("paper", "transfer", seed=1, source="rte", target="wsc") == {
+    assert layout.run_tags("paper", "transfer", seed=1, source="rte", target="wsc") == {
         "ptray.study": "paper", "ptray.kind": "transfer", "ptray.task": "wsc", "ptray.seed": "1",
         "ptray.source": "rte", "ptray.target": "wsc"}
-    assert tracking.run_tags("paper", "baseline", target="wsc") == {
+    assert layout.run_tags("paper", "baseline", target="wsc") == {
         "ptray.study": "paper", "ptray.kind": "baseline", "ptray.task": "wsc", "ptray.source": "none",
         "ptray.target": "wsc"}
     with pytest.raises(ValueError, match="kind must be one of"):
-        tracking.run_tags("paper", "eval")
+        layout.run_tags("paper", "eval")
 
 
 def test_tracking_uri_resolution(tmp_path, monkeypatch):
@@ -133,7 +134,7 @@ def _history(n):
 def test_sync_history_backfills_the_missing_epoch(tmp_path):
     mc = tracking.client(sqlite_uri(tmp_path))
     exp = tracking.get_or_create_experiment(mc, "e")
-    run = tracking.create_run(mc, exp, "cb-seed0", tracking.run_tags("s", "train", "cb", 0))
+    run = tracking.create_run(mc, exp, "cb-seed0", layout.run_tags("s", "train", "cb", 0))
     for row in _history(2):
         tracking.log_metrics(mc, run.info.run_id, tracking.epoch_metrics(row), step=row["epoch"])
     # The checkpoint holds 3 epochs, MLflow 2 (the trial died between checkpoint and log): epoch 3 is added.
@@ -146,7 +147,7 @@ def test_sync_history_backfills_the_missing_epoch(tmp_path):
 def test_sync_history_replaces_a_run_that_is_ahead_of_its_checkpoint(tmp_path):
     mc = tracking.client(sqlite_uri(tmp_path))
     exp = tracking.get_or_create_experiment(mc, "e")
-    run = tracking.create_run(mc, exp, "cb-seed0", tracking.run_tags("s", "train", "cb", 0))
+    run = tracking.create_run(mc, exp, "cb-seed0", layout.run_tags("s", "train", "cb", 0))
     mc.log_param(run.info.run_id, "lr", "0.03")
     for row in _history(3):
         tracking.log_metrics(mc, run.info.run_id, tracking.epoch_metrics(row), step=row["epoch"])
@@ -164,7 +165,7 @@ def test_sync_history_replaces_a_run_that_is_ahead_of_its_checkpoint(tmp_path):
 def test_params_are_logged_once_and_never_changed(tmp_path):
     mc = tracking.client(sqlite_uri(tmp_path))
     exp = tracking.get_or_create_experiment(mc, "e")
-    run_id = tracking.create_run(mc, exp, "r", tracking.run_tags("s", "train", "cb", 0)).info.run_id
+    run_id = tracking.create_run(mc, exp, "r", layout.run_tags("s", "train", "cb", 0)).info.run_id
     tracking.log_params_once(mc, run_id, {"lr": 0.03, "verbalizer": {"b": "no", "a": "yes"}, "n": None})
     tracking.log_params_once(mc, run_id, {"lr": 0.05, "device": "cpu"})  # lr is kept, device added
     assert mc.get_run(run_id).data.params == {"lr": "0.03", "verbalizer": '{"a": "yes", "b": "no"}', "n": "null",
@@ -185,11 +186,11 @@ def test_real_mlflow_server_serves_runs_and_artifacts(server, tmp_path):
     tracking.check_tracking(server)  # reachable: no error
     mc = tracking.client(server)
     exp = tracking.get_or_create_experiment(mc, "server-check")
-    run = tracking.create_run(mc, exp, "cb-seed0", tracking.run_tags("s", "train", "cb", 0))
+    run = tracking.create_run(mc, exp, "cb-seed0", layout.run_tags("s", "train", "cb", 0))
     # Artifacts go through the server (no shared disk): the run's artifact URI is the proxy scheme.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     (tmp_path / "a").mkdir()
-    tracking.write_json(tmp_path / "a" / "metrics.json", {"exact_match": 0.5})
+    write_json(tmp_path / "a" / "metrics.json", {"exact_match": 0.5})
     mc.log_artifacts(run.info.run_id, str(tmp_path / "a"))
     tracking.log_metrics(mc, run.info.run_id, {"eval_loss": 1.5}, step=1)
     got = mc.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path / "down"))

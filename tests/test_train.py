@@ -36,7 +36,13 @@ def test_short_training_on_cb(tiny_model_dir, data_dir, tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["exact_match"] == m["exact_match"]
     preds = json.loads((out / "predictions.json").read_text())
-    assert len(preds["idx"]) == 56 and sum(preds["prompt_em_correct"]) / 56 == pytest.approx(m["exact_match"])
+    # One schema with the transfer runs: the prompt's lists at the top, each baseline's under "baselines".
+    assert set(preds) == {"idx", "em_correct", "rank_correct", "rank_pred", "baselines"}
+    assert len(preds["idx"]) == 56 and sum(preds["em_correct"]) / 56 == pytest.approx(m["exact_match"])
+    assert sum(preds["rank_correct"]) / 56 == pytest.approx(m["rank_accuracy"])
+    for name in ("no_prompt", "init_text"):
+        assert sum(preds["baselines"][name]["rank_correct"]) / 56 == pytest.approx(m[f"{name}_rank_accuracy"])
+        assert len(preds["baselines"][name]["rank_pred"]) == 56
     config = json.loads((out / "config.json").read_text())
     assert config["template_version"] == 1 and config["init_text"].startswith("Does the hypothesis")
     assert not list(tmp_path.glob(".run.partial-*"))

@@ -1,5 +1,6 @@
-"""ptray.trial without Ray: the training adapter (checkpoint -> MLflow order, resume into the same run, no duplicate
-epochs, no retraining of a finished run), the transfer evaluations, and the bundles that carry files to nodes."""
+"""The trial and transfer adapters without Ray: the training adapter (checkpoint -> MLflow order, resume into the
+same run, no duplicate epochs, no retraining of a finished run), the transfer evaluations, and the bundles that
+carry files to nodes."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptray import tracking
+from ptray import layout, tracking
+from ptray.bundle import Bundle
+from ptray.config import TrainConfig
+from ptray.context import StudyContext
 from ptray.prompt import load_adapter
-from ptray.trial import Bundle, StudyContext, load_checkpoint, run_training, save_checkpoint, transfer_target
+from ptray.transfer import transfer_target
+from ptray.trial import load_checkpoint, run_training, save_checkpoint
 
 EPOCHS = 3
 
@@ -30,7 +35,7 @@ def make_ctx(store, study, tiny_model_dir, data_dir, **train) -> StudyContext:
     fields = dict(model=str(tiny_model_dir), data_dir=str(data_dir), max_epochs=EPOCHS, patience=10, batch_size=8,
                   max_train_examples=16, max_eval_examples=16, max_length=64)
     fields.update(train)
-    return StudyContext(study=study, experiment_id=exp, tracking_uri=uri, train=fields,
+    return StudyContext(study=study, experiment_id=exp, tracking_uri=uri, train=TrainConfig(**fields),
                         model_label=str(tiny_model_dir), data_label=str(data_dir), params={"study": study})
 
 
@@ -96,6 +101,7 @@ def test_training_logs_the_contract(store, tiny_model_dir, data_dir, tmp_path):
     # Artifacts: exactly save_run's files; the prompt is the best epoch's prompt.
     names = sorted(a.path for a in mc.list_artifacts(run.info.run_id))
     assert names == ["config.json", "history.json", "metrics.json", "predictions.json", "prompt"]
+    assert sorted(layout.TRAIN_FILES) == names
     down = Path(mc.download_artifacts(run.info.run_id, "", str(tmp_path / "down")))
     best = load_checkpoint(rec.checkpoints[-1])["best"]
     assert torch.allclose(load_adapter(down / "prompt"), best["prompt"])
@@ -156,7 +162,7 @@ def test_transfer_logs_one_run_per_evaluation_and_skips_finished_ones(store, tin
     sources = []
     for task, seed in (("cb", 0), ("rte", 1)):
         run_training({"task": task, "seed": seed}, ctx, None, Recorder(tmp_path / f"{task}{seed}"))
-        run = tracking.find_run(mc, ctx.experiment_id, "transfer", tracking.train_run_name(task, seed))
+        run = tracking.find_run(mc, ctx.experiment_id, "transfer", layout.train_run_name(task, seed))
         sources.append({"task": task, "seed": seed, "run_id": run.info.run_id})
 
     summaries = transfer_target("rte", sources, ctx)
@@ -181,7 +187,8 @@ def test_transfer_logs_one_run_per_evaluation_and_skips_finished_ones(store, tin
     assert metrics["delta_rank_accuracy"] == pytest.approx(metrics["rank_accuracy"] - base.data.metrics["rank_accuracy"])
     assert metrics["num_examples"] == 16
     preds = json.loads((down / "predictions.json").read_text())
-    assert set(preds) == {"idx", "em_correct", "rank_correct", "rank_pred"}
+    assert set(preds) == {"idx", "em_correct", "rank_correct", "rank_pred"}  # the train runs' schema, no baselines
+    assert set(metrics) == set(layout.EVAL_METRIC_KEYS)
     assert len(preds["idx"]) == len(preds["rank_pred"]) == 16
     assert sum(preds["rank_correct"]) / 16 == pytest.approx(metrics["rank_accuracy"])
     base_metrics = json.loads(Path(mc.download_artifacts(base.info.run_id, "metrics.json", str(tmp_path / "b")))

@@ -1,0 +1,217 @@
+"""Every config, declared once: each field carries its default and one-line help, from which the command lines
+(``python -m ptray.train``, ``sweeps/all.py``) are built (``ptray.cli.add_config_arguments``).
+
+- ``TrainConfig``: one training run (``ptray.train.train``).
+- ``EvalConfig``: evaluating prompts on a task's validation split (the transfer grid).
+- ``Plan``: what defines a study; it holds the ``TrainConfig`` every trial starts from. Stored in the study's MLflow
+  experiment; ``--resume`` continues exactly this.
+- ``Options``: how to run a study; free to change between a run and its ``--resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ptray.cli import config_field, non_negative_float, non_negative_int, positive_float, positive_int, seed_int
+from ptray.data import DEFAULT_HUB_DATASET, SPLITS
+from ptray.errors import PtrayError
+from ptray.model import DEFAULT_MODEL
+from ptray.prompt import PromptInit
+from ptray.seeds import check_seed
+from ptray.tasks import TASK_NAMES, get_task
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one training run. Stored, resolved, with every run's outputs.
+
+    Raises:
+        PtrayError: a field is out of range (the message names the field and the value).
+    """
+
+    task: str = config_field("cb", f"SuperGLUE task: {', '.join(TASK_NAMES)}")
+    seed: int = config_field(0, "seeds the prompt init (random modes), the data order and torch",
+                             type=seed_int)
+    model: str = config_field(DEFAULT_MODEL, "Hub name or local folder of a causal LM (a study needs the folder on "
+                                             "every node)")
+    data_dir: str | None = config_field(None, "folder of official SuperGLUE jsonl files, <TASK>/{train,val,test}.jsonl "
+                                              "(unset: the Hugging Face Hub; a study ships the folder to every node)")
+    hub_dataset: str = config_field(DEFAULT_HUB_DATASET, "Hub dataset read when data_dir is unset")
+    max_epochs: int = config_field(50, "epochs at most (the paper's budget)", type=positive_int)
+    patience: int = config_field(5, "early stopping: epochs without a better eval loss (the paper's)",
+                                 type=positive_int)
+    batch_size: int = config_field(8, "training examples per step", type=positive_int)
+    eval_batch_size: int = config_field(32, "sequences per evaluation step (each example is scored once per label)",
+                                        type=positive_int)
+    lr: float = config_field(3e-2, "Adam learning rate (PEFT's bloomz-560m prompt-tuning example uses 3e-2)",
+                             type=positive_float)
+    max_length: int = config_field(512, "tokens of source + answer, prompt not counted; longer sources are truncated",
+                                   type=positive_int)
+    init: PromptInit = config_field(PromptInit.TEXT, "prompt init: the init text's embeddings (the paper), random "
+                                                     "rows, or rows of random vocabulary tokens")
+    init_text: str | None = config_field(None, "init text (unset: the task's init text from the paper)")
+    num_tokens: int | None = config_field(None, "prompt rows (unset: the init text's token count, the paper's choice)",
+                                          type=positive_int)
+    precision: str = config_field("auto", "mixed precision: auto is bf16 on GPUs that support it, else fp16; "
+                                          "fp32 (no) on CPU", choices=PRECISIONS)
+    device: str = config_field("auto", "where to run", choices=DEVICES)
+    eval_split: str = config_field("val", "split for evaluation and early stopping", choices=("train", "val"))
+    max_train_examples: int | None = config_field(None, "keep the first N training examples (unset: all)",
+                                                  type=positive_int)
+    max_eval_examples: int | None = config_field(None, "keep the first N evaluation examples (unset: all)",
+                                                 type=positive_int)
+    baselines: bool = config_field(True, "also evaluate no prompt and the init text as a hard prompt",
+                                   off_help="skip the no-prompt and init-text baselines")
+    compile: bool = config_field(False, "torch.compile each transformer block (regional; see BENCHMARKS.md)")
+
+    def __post_init__(self):
+        try:
+            self.init = PromptInit(self.init)
+        except ValueError:
+            raise PtrayError(f"init must be one of {[i.value for i in PromptInit]}, got {self.init!r}") from None
+        for name in ("max_epochs", "patience", "batch_size", "eval_batch_size", "max_length"):
+            _check_positive_int(name, getattr(self, name))
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise PtrayError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("num_tokens", "max_train_examples", "max_eval_examples"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name), " or unset")
+        if self.precision not in PRECISIONS:
+            raise PtrayError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.device not in DEVICES:
+            raise PtrayError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.eval_split not in SPLITS or self.eval_split == "test":
+            raise PtrayError(f"eval_split must be train or val (test has no labels), got {self.eval_split!r}")
+        check_seed(self.seed)
+        get_task(self.task)  # unknown names fail here, listing the valid ones
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (``init`` as its string)."""
+        d = dataclasses.asdict(self)
+        d["init"] = self.init.value
+        return d
+
+
+def _check_positive_int(name: str, value: Any, unset: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise PtrayError(f"{name} must be a positive integer{unset}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How prompts are evaluated on a task's validation split (the transfer grid): the training run's model, data
+    and evaluation settings, nothing about training."""
+
+    model: str = DEFAULT_MODEL
+    data_dir: str | None = None
+    hub_dataset: str = DEFAULT_HUB_DATASET
+    split: str = "val"
+    max_examples: int | None = None
+    max_length: int = 512
+    batch_size: int = 32
+    precision: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+
+    @classmethod
+    def from_train(cls, cfg: TrainConfig) -> EvalConfig:
+        """The evaluation settings of a training config (its model, data, eval examples, length and precision)."""
+        return cls(model=cfg.model, data_dir=cfg.data_dir, hub_dataset=cfg.hub_dataset, split=cfg.eval_split,
+                   max_examples=cfg.max_eval_examples, max_length=cfg.max_length, batch_size=cfg.eval_batch_size,
+                   precision=cfg.precision, device=cfg.device, compile=cfg.compile)
+
+
+# A trial's task and seed come from the plan's grid; --compile is a run option (Options), free on --resume.
+PER_TRIAL_FIELDS = ("task", "seed", "compile")
+
+# The tiny tokenizer spells CB and RTE premises in 200-500 tokens; 128 keeps every smoke batch short.
+SMOKE_TRAIN = dict(max_epochs=2, max_train_examples=32, max_eval_examples=32, max_length=128)
+
+
+@dataclass
+class Plan:
+    """What defines a study. Stored in the study's MLflow experiment; ``--resume`` continues exactly this."""
+
+    study: str = config_field("paper", "study id, the tag ptray.study on every run", cli=False)
+    tasks: tuple[str, ...] = config_field(TASK_NAMES, "comma-separated tasks to train (and the transfer targets)")
+    seeds: tuple[int, ...] = config_field((0, 1, 2, 3), "seeds, e.g. 0-3 or 0,2,5; one trial per (task, seed)")
+    smoke: bool = config_field(False, "the whole pipeline in minutes on CPUs: a tiny random BLOOM built on the fly, "
+                                      f"{SMOKE_TRAIN['max_epochs']} epochs, {SMOKE_TRAIN['max_train_examples']} "
+                                      f"examples")
+    tiny_model: bool = config_field(False, "train a tiny random BLOOM built on the fly (--smoke without --model)",
+                                    cli=False)
+    train: TrainConfig = field(default_factory=TrainConfig)  # every trial's config, but its task and seed
+    model_digest: str | None = config_field(None, "of the files of a model built on the fly", cli=False)
+    data_digest: str | None = config_field(None, "of the data files read from data_dir", cli=False)
+
+    # Fields that are not part of what --resume compares with the command line (the digests are checked
+    # against the files themselves).
+    NOT_COMPARED = ("study", "train", "model_digest", "data_digest")
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as stored in MLflow: plain JSON values, the train config without its per-trial fields."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
+        d["tasks"], d["seeds"] = list(self.tasks), list(self.seeds)
+        d["train"] = {k: v for k, v in self.train.to_dict().items() if k not in PER_TRIAL_FIELDS}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Plan:
+        """Inverse of ``to_json``; also reads the flat plans stored before the plan held a ``TrainConfig``."""
+        d = dict(d)
+        train_names = {f.name for f in dataclasses.fields(TrainConfig)} - set(PER_TRIAL_FIELDS)
+        train = dict(d.pop("train", None) or {k: d[k] for k in train_names if k in d})
+        if train.get("model") == "tiny":  # flat plans named the smoke model "tiny"
+            d["tiny_model"], train["model"] = True, DEFAULT_MODEL
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["tasks"], d["seeds"] = tuple(d["tasks"]), tuple(d["seeds"])
+        return cls(train=TrainConfig(**{k: v for k, v in train.items() if k in train_names}), **d)
+
+    def compared(self) -> dict[str, Any]:
+        """Everything ``--resume`` checks against the command line: plan fields and train fields, by field name."""
+        plan = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.NOT_COMPARED}
+        train = {k: getattr(self.train, k) for k in self.train.to_dict() if k not in PER_TRIAL_FIELDS}
+        return {**plan, **train}
+
+    @property
+    def trials(self) -> list[tuple[str, int]]:
+        """(task, seed) of every trial, task-major."""
+        return [(t, s) for t in self.tasks for s in self.seeds]
+
+    @property
+    def num_evaluations(self) -> int:
+        """Transfer runs (every prompt on every task) plus one no-prompt baseline per task."""
+        return len(self.trials) * len(self.tasks) + len(self.tasks)
+
+
+DEFAULT_GPUS_PER_TRIAL = 0.25  # four trials share a GPU: one bloomz-560m prompt-tuning run leaves most of it idle
+
+
+@dataclass
+class Options:
+    """How to run a study; free to change between a run and its ``--resume``."""
+
+    experiment: str | None = config_field(None, "MLflow experiment (unset: ptray-<study>)")
+    tracking_uri: str | None = config_field(None, "MLflow tracking URI (unset: $MLFLOW_TRACKING_URI, else "
+                                                  "sqlite:///./mlflow.db)")
+    storage_path: str | None = config_field(None, "Tune results: absolute path or s3://...; shared storage on a "
+                                                  "cluster (unset: ./outputs/ray_results)")
+    address: str | None = config_field(None, "Ray cluster address, e.g. auto (unset: $RAY_ADDRESS, else an "
+                                             "embedded Ray)")
+    gpus_per_trial: float | None = config_field(None, f"GPU fraction per trial/evaluation task (unset: "
+                                                      f"{DEFAULT_GPUS_PER_TRIAL} where the cluster has or can add "
+                                                      f"GPUs, else 0)", type=non_negative_float)
+    cpus_per_trial: float = config_field(1.0, "CPUs per trial and evaluation task", type=positive_float)
+    max_failures: int = config_field(3, "retries of a failed trial, a lost node included", type=non_negative_int)
+    compile: bool = config_field(False, "torch.compile each transformer block in the trials (see BENCHMARKS.md)")
+    resume: bool = config_field(False, "finish the study named by --study; rerun nothing done")
+    dry_run: bool = config_field(False, "print the plan and exit")
+    analysis: bool = config_field(True, "run the analysis at the end", off_help="skip the analysis step")
+    analysis_dir: str | None = config_field(None, "where the analysis writes its report (unset: its own)")

@@ -1,0 +1,75 @@
+"""What every trial and evaluation of one study shares, shipped to the workers once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ptray import tracking
+from ptray.bundle import Bundle
+from ptray.config import EvalConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """Reaches the workers once (``tune.with_parameters`` / the object store), so no node needs a shared disk.
+
+    ``train`` is the config every trial starts from (its task and seed are replaced per trial).
+    """
+
+    study: str
+    experiment_id: str
+    tracking_uri: str
+    train: TrainConfig
+    model_label: str  # the model as the user named it (logged; the smoke model's files travel in model_bundle)
+    data_label: str | None  # the data folder as the user named it, None for the Hub
+    model_bundle: Bundle | None = None
+    data_bundle: Bundle | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # study-level params logged with every run
+
+    def _on_this_node(self) -> TrainConfig:
+        """``train`` with the bundles written to this node and their folders as model and data."""
+        changes = {}
+        if self.model_bundle is not None:
+            changes["model"] = str(self.model_bundle.materialize())
+        if self.data_bundle is not None:
+            changes["data_dir"] = str(self.data_bundle.materialize())
+        return dataclasses.replace(self.train, **changes)
+
+    def train_config(self, task: str, seed: int) -> TrainConfig:
+        """The ``TrainConfig`` of one trial, with the bundles written to this node."""
+        return dataclasses.replace(self._on_this_node(), task=task, seed=seed)
+
+    def eval_config(self) -> EvalConfig:
+        """How the transfer grid evaluates on this node: the trials' model, data and evaluation settings."""
+        return EvalConfig.from_train(self._on_this_node())
+
+    def client(self):
+        """An ``MlflowClient`` on the study's tracking store."""
+        return tracking.client(self.tracking_uri)
+
+    def logged_config(self, resolved: dict[str, Any]) -> dict[str, Any]:
+        """A resolved config as logged: the model and data as the user named them, not a node's cache folder."""
+        out = dict(resolved)
+        out["model"] = self.model_label
+        out["data_dir"] = self.data_label
+        if self.data_bundle is not None:
+            out["data_digest"] = self.data_bundle.digest
+        if self.model_bundle is not None:
+            out["model_digest"] = self.model_bundle.digest
+        return {**self.params, **out}
+
+
+def quiet() -> None:
+    """No download/loading progress bars in workers: with many trials they bury Tune's progress table."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        pass

@@ -1,0 +1,152 @@
+"""The transfer grid: every trained prompt, and no prompt, evaluated on every task's validation split.
+
+``transfer_phase`` fans out one Ray task per target task (the model and the target's data load once for all the
+prompts); ``transfer_target`` is that task, without Ray, so tests call it directly. Each evaluation is one MLflow
+run laid out as ``ptray.layout`` says; evaluations already FINISHED are skipped, so a retried task (or
+``--resume``) redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ptray import layout, tracking
+from ptray.config import Options, Plan
+from ptray.context import StudyContext, quiet
+from ptray.files import write_json
+
+log = logging.getLogger("ptray")
+
+
+def transfer_phase(plan: Plan, opts: Options, ctx: StudyContext, gpus: float) -> list[str]:
+    """Evaluate every finished prompt of the study on every task, plus no prompt: one Ray task per target.
+
+    ``gpus``: the GPU fraction of each task (with ``opts.cpus_per_trial`` CPUs). Returns one message per failed
+    target (the other targets' runs are kept).
+    """
+    import ray
+
+    mc = ctx.client()
+    done = {(r.data.tags.get(layout.TAG_TASK), r.data.tags.get(layout.TAG_SEED)): r.info.run_id
+            for r in tracking.search_study_runs(mc, ctx.experiment_id, ctx.study, kind=layout.TRAIN)
+            if r.info.status == layout.FINISHED}
+    sources = [{"task": t, "seed": s, "run_id": done[(t, str(s))]} for t, s in plan.trials if (t, str(s)) in done]
+    print(f"\ntransfer: {len(sources)} prompts x {len(plan.tasks)} tasks + {len(plan.tasks)} no-prompt baselines, "
+          f"one Ray task per target", flush=True)
+    task = ray.remote(transfer_target).options(num_cpus=opts.cpus_per_trial, num_gpus=gpus, max_retries=3)
+    ctx_ref = ray.put(ctx)
+    pending = {task.remote(target, sources, ctx_ref): (target, time.perf_counter()) for target in plan.tasks}
+    failures = []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        target, started = pending.pop(ready[0])
+        try:
+            runs = ray.get(ready[0])
+            print(f"transfer on {target}: {len(runs)} new runs ({time.perf_counter() - started:.1f} s)", flush=True)
+        except Exception as err:  # a failed target must not hide the others' results
+            message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            failures.append(f"{target}: {message}")
+            print(f"transfer on {target} failed: {message}", file=sys.stderr, flush=True)
+    return failures
+
+
+def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContext) -> list[dict[str, Any]]:
+    """Evaluate each source prompt and no prompt on ``target``'s validation split, one MLflow run per evaluation.
+
+    ``sources``: ``{"task", "seed", "run_id"}`` of finished train runs. The model and data load once for all of
+    them. Evaluations already FINISHED in MLflow are skipped. Returns one summary dict per new evaluation run
+    (``run_id``, ``name``, ``kind`` and its ``metrics.json``), the baseline first.
+    """
+    import torch
+    from mlflow.artifacts import download_artifacts
+
+    from ptray.evaluate import evaluate_on_task
+    from ptray.model import resolve_device_precision
+    from ptray.prompt import load_adapter
+    from ptray.tasks import get_task
+    from ptray.train import code_version, setup_model
+
+    quiet()
+    t0 = time.perf_counter()
+    client = ctx.client()
+    cfg = ctx.eval_config()
+    device, precision = resolve_device_precision(cfg.device, cfg.precision)
+    base_params = {
+        **ctx.params, "model": ctx.model_label, "data_dir": ctx.data_label, "target": target,
+        "template_version": get_task(target).version, "eval_split": cfg.split, "max_eval_examples": cfg.max_examples,
+        "max_length": cfg.max_length, "device": device, "precision": precision, "code_version": code_version(),
+    }
+    baseline_run = tracking.replace_unfinished(client, ctx.experiment_id, ctx.study, layout.baseline_run_name(target))
+    todo = []
+    for src in sources:
+        run_name = layout.transfer_run_name(src["task"], src["seed"], target)
+        if tracking.replace_unfinished(client, ctx.experiment_id, ctx.study, run_name) is None:
+            todo.append(src)
+    if baseline_run is not None and not todo:
+        return []
+
+    model, tokenizer, accelerator = setup_model(cfg.model, device, precision, cfg.compile)
+
+    def run_eval(prompt):
+        return evaluate_on_task(model, tokenizer, target, prompt, data_dir=cfg.data_dir, split=cfg.split,
+                                max_examples=cfg.max_examples, max_length=cfg.max_length,
+                                batch_size=cfg.batch_size, hub_dataset=cfg.hub_dataset, autocast=accelerator.autocast)
+
+    summaries = []
+    if baseline_run is None:
+        base, idx = run_eval(None)
+        no_prompt = {"exact_match": base.exact_match, "rank_accuracy": base.rank_accuracy}
+        summaries.append(log_evaluation(client, ctx, None, None, target, base, idx, no_prompt,
+                                        {**base_params, "source": layout.NO_SOURCE}))
+    else:
+        no_prompt = {k: baseline_run.data.metrics[k] for k in ("exact_match", "rank_accuracy")}
+    with tempfile.TemporaryDirectory(prefix="ptray-prompts-") as tmp:
+        for src in todo:
+            folder = download_artifacts(run_id=src["run_id"], artifact_path=layout.PROMPT_DIR,
+                                        dst_path=str(Path(tmp) / src["run_id"]), tracking_uri=ctx.tracking_uri)
+            prompt = load_adapter(folder)
+            with torch.no_grad():
+                res, idx = run_eval(prompt)
+            params = {**base_params, "source": src["task"], "source_seed": src["seed"],
+                      "source_run_id": src["run_id"], "num_tokens": int(prompt.shape[0])}
+            summaries.append(log_evaluation(client, ctx, src["task"], src["seed"], target, res, idx, no_prompt,
+                                            params))
+    log.info("transfer on %s: %d runs in %.1f s", target, len(summaries), time.perf_counter() - t0)
+    return summaries
+
+
+def log_evaluation(client, ctx: StudyContext, source: str | None, seed: int | None, target: str, res,
+                   idx: list[int], no_prompt: dict[str, float], params: dict[str, Any]) -> dict[str, Any]:
+    """One transfer run (``source`` given) or baseline run (``source`` None): tags, params, metrics,
+    ``metrics.json`` and ``predictions.json``, then FINISHED.
+
+    ``res`` is the ``EvalResult`` on ``target`` and ``idx`` its examples' ids; ``no_prompt`` the target's no-prompt
+    ``exact_match`` and ``rank_accuracy``. Returns ``{"run_id", "name", "kind", **metrics.json}``.
+    """
+    from ptray.trial import mark_failed
+
+    if source is None:
+        kind, name = layout.BASELINE, layout.baseline_run_name(target)
+        tags = layout.run_tags(ctx.study, kind, target=target)
+    else:
+        kind, name = layout.TRANSFER, layout.transfer_run_name(source, seed, target)
+        tags = layout.run_tags(ctx.study, kind, seed=seed, source=source, target=target)
+    metrics = layout.eval_metrics(source, seed, target, res, no_prompt)
+    run_id = tracking.create_run(client, ctx.experiment_id, name, tags).info.run_id
+    try:
+        tracking.log_params_once(client, run_id, params)
+        tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k != "source_seed"})
+        with tempfile.TemporaryDirectory(prefix="ptray-eval-") as tmp:
+            write_json(Path(tmp) / layout.METRICS_FILE, metrics)
+            write_json(Path(tmp) / layout.PREDICTIONS_FILE, layout.predictions(idx, res))
+            client.log_artifacts(run_id, tmp)
+    except BaseException:
+        mark_failed(client, run_id)
+        raise
+    client.set_terminated(run_id, status=layout.FINISHED)
+    return {"run_id": run_id, "name": name, "kind": kind, **metrics}
