@@ -28,6 +28,8 @@ _INT_FIELDS = {"span1_index", "span2_index"}
 
 @dataclass(frozen=True)
 class Example:
+    """One normalised SuperGLUE record; hashed by its identity (task, split, idx, label), not its text fields."""
+
     task: str
     split: str
     idx: int
@@ -58,8 +60,9 @@ def _normalise(task: Task, record: dict, split: str, where: str) -> Example:
         if not isinstance(value, expected) or isinstance(value, bool):
             raise PtrayError(f"{where}: field {name!r} should be {expected.__name__}, got {value!r}")
         fields[name] = value
-    if task.name == "copa" and fields["question"] not in ("cause", "effect"):
-        raise PtrayError(f"{where}: field 'question' must be 'cause' or 'effect', got {fields['question']!r}")
+    for name, allowed in task.allowed_values.items():
+        if fields[name] not in allowed:
+            raise PtrayError(f"{where}: field {name!r} must be {' or '.join(map(repr, allowed))}, got {fields[name]!r}")
     label = None
     if "label" in flat and flat["label"] is not None and flat["label"] != -1:
         try:
@@ -84,7 +87,8 @@ def read_jsonl(task: Task, split: str, data_dir: str | os.PathLike) -> list[Exam
         )
     path = root / task.dir_name / f"{split}.jsonl"
     if not path.is_file():
-        raise PtrayError(f"split file {str(path)!r} is missing; expected {task.dir_name}/{split}.jsonl under {str(root)!r}")
+        raise PtrayError(f"split file {str(path)!r} is missing; expected {task.dir_name}/{split}.jsonl under "
+                         f"{str(root)!r}")
     examples = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):

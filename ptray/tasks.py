@@ -22,9 +22,10 @@ between tasks makes zero-shot transfer between them meaningful.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from ptray.errors import PtrayError
 
@@ -37,20 +38,20 @@ def _clean(text: str) -> str:
 
 
 def format_cb(ex: Mapping) -> str:
-    """CB / RTE source text.
+    r"""CB / RTE source text.
 
     >>> format_cb({"premise": "It rained.", "hypothesis": "the ground is wet"})
-    'Premise: It rained.\\nHypothesis: the ground is wet\\nAnswer:'
+    'Premise: It rained.\nHypothesis: the ground is wet\nAnswer:'
     """
     return f"Premise: {_clean(ex['premise'])}\nHypothesis: {_clean(ex['hypothesis'])}\n{ANSWER_CUE}"
 
 
 def format_copa(ex: Mapping) -> str:
-    """COPA source text.
+    r"""COPA source text.
 
     >>> format_copa({"premise": "My eyes became red.", "question": "cause",
     ...              "choice1": "I was sobbing.", "choice2": "I was laughing."})
-    'Premise: My eyes became red.\\nWhat was the cause?\\n1: I was sobbing.\\n2: I was laughing.\\nAnswer:'
+    'Premise: My eyes became red.\nWhat was the cause?\n1: I was sobbing.\n2: I was laughing.\nAnswer:'
     """
     question = {"cause": "What was the cause?", "effect": "What happened as a result?"}[ex["question"]]
     return (
@@ -60,11 +61,11 @@ def format_copa(ex: Mapping) -> str:
 
 
 def format_wsc(ex: Mapping) -> str:
-    """WSC source text.
+    r"""WSC source text.
 
     >>> format_wsc({"text": "Jane gave Joan candy because she was hungry.", "span1_text": "Jane",
     ...             "span2_text": "she", "span1_index": 0, "span2_index": 5})
-    'Text: Jane gave Joan candy because she was hungry.\\nDoes the pronoun "she" refer to "Jane"?\\nAnswer:'
+    'Text: Jane gave Joan candy because she was hungry.\nDoes the pronoun "she" refer to "Jane"?\nAnswer:'
     """
     return (
         f"Text: {_clean(ex['text'])}\n"
@@ -77,7 +78,8 @@ class Task:
     """One SuperGLUE task, declared once.
 
     ``labels`` are the canonical label names (the official jsonl values as strings); records carry the label as
-    an index into it. ``text_fields`` are the fields truncation may shorten, longest first.
+    an index into it. ``text_fields`` are the fields truncation may shorten, longest first. ``allowed_values``
+    lists the only values a field may take (COPA's question), checked when a record is read.
     """
 
     name: str
@@ -89,7 +91,7 @@ class Task:
     verbalizer: Mapping[str, str]
     init_text: str
     formatter: Callable[[Mapping], str]
-    metrics: tuple[str, ...] = ("exact_match", "rank_accuracy")
+    allowed_values: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # per field, if closed
     version: int = 1
 
     def format(self, ex: Mapping) -> str:
@@ -139,6 +141,7 @@ _TASKS = (
         verbalizer={"0": "1", "1": "2"},
         init_text="Pick the correct choice given the premise and the question.",
         formatter=format_copa,
+        allowed_values={"question": ("cause", "effect")},
     ),
     Task(
         name="wsc",

@@ -1,5 +1,7 @@
 """Task registry: one golden string per formatter, invariants over every task, registry errors."""
 
+import doctest
+
 import pytest
 
 from ptray.data import Example
@@ -74,5 +76,26 @@ def test_duplicate_task_name_is_an_error():
 
 
 def test_example_is_hashable_by_identity_fields():
-    ex = Example("cb", "val", 0, {"premise": "a", "hypothesis": "b"}, 1)
-    assert ex.label == 1 and ex.fields["premise"] == "a"
+    a = Example("cb", "val", 0, {"premise": "a", "hypothesis": "b"}, 1)
+    same_id = Example("cb", "val", 0, {"premise": "other text", "hypothesis": "b"}, 1)
+    assert hash(a) == hash(same_id)  # the fields dict (unhashable) is left out of the hash
+    assert len({a, Example("cb", "val", 1, {"premise": "a", "hypothesis": "b"}, 1)}) == 2
+    assert a != same_id  # equality still compares the text
+
+
+def test_docstring_examples_run():
+    """The formatters' docstrings show one literal input and its output: they must stay true."""
+    import ptray.tasks
+
+    result = doctest.testmod(ptray.tasks, raise_on_error=False)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+def test_copa_question_is_checked_by_its_declaration():
+    from ptray.data import _normalise
+
+    record = {"premise": "p", "choice1": "a", "choice2": "b", "question": "why", "label": 0, "idx": 3}
+    with pytest.raises(PtrayError, match=r"x:1: field 'question' must be 'cause' or 'effect', got 'why'"):
+        _normalise(TASKS["copa"], record, "val", "x:1")
+    assert TASKS["copa"].allowed_values == {"question": ("cause", "effect")}
+    assert all(not TASKS[t].allowed_values for t in ("cb", "rte", "wsc"))
