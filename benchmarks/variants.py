@@ -6,11 +6,12 @@ Everything here takes a model and ptray-encoded examples and either runs timed s
 * ``answer_loss`` (ptray: LM head at the answer positions) vs ``full_logits_loss`` (head everywhere, HF-style
   cross-entropy) vs the PEFT prompt-tuning model's own loss;
 * ``train_batches`` (ptray: length-grouped) vs ``random_batches`` (what a plain shuffled DataLoader gives);
-* ``packed_loss``: several trials' prompts and batches in one forward pass (a technique measured here, not in
-  ptray yet);
+* ``packed_loss``: several trials' prompts and batches in one forward pass (``ptray.group``'s trial groups, vs
+  one trial per forward);
 * ``generate_exact_match``: exact match by batched greedy ``generate`` (the reference for ptray's one-pass
   ``evaluate``); ``ptray_evaluate(share_source=False)``: ``evaluate`` with one pass per label;
-* ``sdpa_attention``: BLOOM's attention through ``F.scaled_dot_product_attention`` (a measured variant);
+* ``sdpa_attention``: BLOOM's attention through ``F.scaled_dot_product_attention`` (ptray's fused attention,
+  which a single trial does not use: a measured variant);
 * ``reference_train``: ``get_peft_model(PromptTuningConfig(TEXT init))`` + ``transformers.Trainer``.
 """
 
@@ -26,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.measure import PeakMemory, Shape, sync
+from ptray.attention import use_fused_attention
 from ptray.batching import Batch, Encoded, collate, train_batches
 from ptray.evaluate import evaluate
+from ptray.group import group_answer_logprobs
 from ptray.model import answer_logprobs
 from ptray.prompt import prepend
 from ptray.seeds import epoch_seed
@@ -53,34 +56,10 @@ def full_logits_loss(model, batch: Batch, prompt: torch.Tensor) -> torch.Tensor:
 
 
 def packed_loss(model, batches: list[Batch], prompts: list[torch.Tensor]) -> torch.Tensor:
-    """Several trials in one forward pass: trial k's batch with trial k's prompt; returns the sum of their losses.
-
-    Each row is [prompt_k, text, right padding]; BLOOM takes positions from the attention mask, so a row's
-    result does not depend on its neighbours. The sum's gradient for prompt k is trial k's own gradient.
-    """
-    emb = model.get_input_embeddings()
-    rows, masks, offsets = [], [], []
-    for batch, prompt in zip(batches, prompts):
-        e, m = prepend(prompt, emb(batch.input_ids), batch.attention_mask)
-        rows.append(e)
-        masks.append(m)
-    width = max(e.shape[1] for e in rows)
-    start = 0
-    for e in rows:
-        offsets.append(start)
-        start += e.shape[0]
-    embeds = torch.cat([F.pad(e, (0, 0, 0, width - e.shape[1])) for e in rows])
-    mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks])
-    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-    seq = torch.cat([b.ans_seq + o for b, o in zip(batches, offsets)])
-    pos = torch.cat([b.ans_pos + p.shape[0] for b, p in zip(batches, prompts)])
-    tokens = torch.cat([b.ans_tokens for b in batches])
-    logp = torch.log_softmax(model.get_output_embeddings()(hidden[seq, pos]).float(), dim=-1)
-    token_logp = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    trial = torch.cat([torch.full_like(b.ans_tokens, k) for k, b in enumerate(batches)])
-    sums = torch.zeros(len(batches), device=token_logp.device).index_add(0, trial, -token_logp)
-    counts = torch.bincount(trial, minlength=len(batches)).to(sums.dtype)
-    return (sums / counts).sum()
+    """Several trials in one forward pass, as a trial group trains (``ptray.group.group_answer_logprobs``): trial
+    k's batch with trial k's prompt; returns the sum of their losses. The sum's gradient for prompt k is trial k's
+    own gradient."""
+    return sum(-logp.mean() for logp in group_answer_logprobs(model, list(zip(batches, prompts))))
 
 
 # ---------------------------------------------------------------------------------------------------- batches
@@ -291,38 +270,15 @@ def generate_exact_match(model, data: list[Encoded], prompt: torch.Tensor | None
 # ------------------------------------------------------------------------------------- SDPA attention variant
 
 
-def _sdpa_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
-                  output_attentions=False, **kwargs):
-    """BloomAttention.forward (transformers 5) with the score/softmax/context part in one SDPA call.
-
-    BLOOM's eager attention computes ``alibi + q k^T / sqrt(d)``, adds the additive causal/padding mask, softmaxes
-    in fp32. SDPA takes ``alibi + mask`` as one additive bias and fuses the rest (flash-style kernels on GPU).
-    """
-    bsz, q_len, _ = hidden_states.shape
-    q, k, v = self._reshape(self.query_key_value(hidden_states))  # [B, H, T, D]
-    if layer_past is not None:
-        k, v = layer_past.update(k, v, self.layer_idx)
-    bias = alibi.view(bsz, self.num_heads, 1, -1).to(q.dtype)
-    if attention_mask is not None:
-        bias = bias + attention_mask.to(q.dtype)
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.inv_norm_factor)
-    ctx = ctx.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
-    out = self.dense(ctx)
-    out = F.dropout(out, p=self.hidden_dropout, training=self.training) + residual
-    return out, None
-
-
 @contextlib.contextmanager
 def sdpa_attention(model):
-    """Within the block, ``model``'s BLOOM attention layers run ``_sdpa_forward``."""
-    layers = [m for m in model.modules() if type(m).__name__ == "BloomAttention"]
-    for m in layers:
-        m.forward = _sdpa_forward.__get__(m)
+    """Within the block, ``model``'s BLOOM attention layers run through one SDPA call with ALiBi as an additive
+    bias (``ptray.attention.use_fused_attention``); they are eager again afterwards."""
+    use_fused_attention(model)
     try:
         yield
     finally:
-        for m in layers:
-            del m.forward
+        use_fused_attention(model, enabled=False)
 
 
 @contextlib.contextmanager
