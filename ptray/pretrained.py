@@ -15,7 +15,6 @@ interrupted run leaves nothing at DIR.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import subprocess
@@ -79,6 +78,7 @@ def get_model(name: str) -> WheelModel:
 
 
 def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -206,6 +206,7 @@ def answer(model_dir: str | Path, question: str, max_new_tokens: int = 16) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ptray.pretrained``: returns the exit status (2 with one ``error:`` line on a PtrayError)."""
     parser = OneLineParser(prog="python -m ptray.pretrained", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="download, verify and convert a model into DIR")
