@@ -105,7 +105,7 @@ def check_lengths(task: Task, tokenizer, max_length: int) -> None:
     """Refuse a ``max_length`` that cannot hold ``task``'s answer cue and its longest answer (no truncation can
     make any example fit then). Raises PtrayError naming the limit."""
     cue = len(_ids(tokenizer, ANSWER_CUE))
-    answer = max(len(_ids(tokenizer, a)) for a in task.answers)
+    answer = max(len(a) for a in answer_ids_in_context(tokenizer, ANSWER_CUE, task.answers))  # as encode counts
     if cue + answer > max_length:
         raise PtrayError(
             f"--max-length {max_length} cannot hold {task.name}'s answer cue {ANSWER_CUE!r} and longest answer "
