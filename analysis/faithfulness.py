@@ -7,10 +7,15 @@ accuracy; a large drop says the reading in Figures 2-5 leaves out what the model
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import torch
 
+from analysis import figures
+from analysis.inputs import Inputs
 from analysis.records import PromptRun
+from analysis.results import Output, Section
 
 
 def discretise(embedding: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -47,3 +52,42 @@ def faithfulness_table(prompts: list[PromptRun], variants: dict[str, list[torch.
             row[f"no_prompt_{key}"] = p.metrics.get(f"no_prompt_{key}")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def faithfulness_section(*, inputs: Inputs, top1: dict[str, list[torch.Tensor]], model, tokenizer,
+                         data_dir: str | None, batch_size: int) -> Section:
+    """Soft prompt against its nearest-token reading, for every nearest-token space in ``top1`` (from
+    ``analysis.nearest.nearest_section``). A task whose data cannot be read leaves a note instead (PtrayError)."""
+    from ptray.errors import PtrayError
+
+    out = Section()
+    variants = {f"nearest_{space}": [discretise(inputs.embedding, ids) for ids in id_list]
+                for space, id_list in top1.items()}
+    t0 = time.perf_counter()
+    try:
+        table = faithfulness_table(inputs.prompts, variants, model, tokenizer, data_dir=data_dir,
+                                   batch_size=batch_size)
+    except PtrayError as err:
+        out.notes.append(f"faithfulness check not computed: {err}")
+        return out
+    out.meta["faithfulness_seconds"] = round(time.perf_counter() - t0, 1)
+    value_cols = [c for c in table.columns if c.endswith(("exact_match", "rank_accuracy"))]
+    by_task = table.groupby("task", sort=False)[value_cols].mean().reindex(inputs.tasks).reset_index()
+    out.summary["faithfulness"] = by_task.to_dict(orient="records")
+    for r in by_task.itertuples():
+        out.metrics[f"faithfulness_{r.task}_soft_em"] = r.soft_exact_match
+        out.metrics[f"faithfulness_{r.task}_nearest_raw_em"] = r.nearest_raw_exact_match
+    panels = []
+    for metric, name in (("exact_match", "exact match"), ("rank_accuracy", "rank accuracy")):
+        series = [(f"soft_{metric}", "soft prompt")] + \
+            [(f"{v}_{metric}", v.replace("_", " ") + " token per row") for v in variants] + \
+            [(f"init_text_{metric}", "init text (hard)"), (f"no_prompt_{metric}", "no prompt")]
+        panels.append({"data": by_task, "category": "task", "title": f"{name}: soft vs discretised prompt",
+                       "ylabel": name, "series": series, "dots": table, "ylim": (0, 1)})
+    out.outputs.append(Output(
+        "faithfulness", "faithfulness", "Soft prompt against its nearest-token reading",
+        "Accuracy (fraction) on each task's evaluation examples (those the prompt was selected on) of the soft "
+        "prompt and of the hard prompt made of each row's nearest token (raw cosine: the paper's reading; "
+        "effective: in the effective space, when defined), with the init text and no prompt for reference. "
+        "Bars: mean over seeds; dots: seeds.", table, figures.bars_figure(panels)))
+    return out

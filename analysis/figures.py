@@ -22,8 +22,18 @@ MAX_LABEL = 14  # characters of a token shown in a cell; the CSV has the whole t
 
 
 def task_colours(tasks: list[str]) -> dict[str, tuple]:
+    """One RGBA colour per task (tab10, in ``tasks`` order), the same in every figure."""
     cmap = colormaps["tab10"]
     return {t: cmap(i % 10) for i, t in enumerate(tasks)}
+
+
+def upper_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """A [source, target] task matrix with its task names upper-cased for display (axes named source, target)."""
+    out = df.copy()
+    out.index = [str(i).upper() for i in out.index]
+    out.columns = [str(c).upper() for c in out.columns]
+    out.index.name, out.columns.name = "source", "target"
+    return out
 
 
 def _shorten(text: str, limit: int = MAX_LABEL) -> str:
@@ -180,8 +190,9 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 def scatter_figure(points: pd.DataFrame, panels: list[tuple[str, str, str, dict]], tasks: list[str],
                    ncols: int = 3) -> Figure:
-    """Predictor against transfer gain: one panel per (x column, y column, title, correlation dict); each point is
-    an ordered (source, target) pair: colour = source task, marker = target task (legends below the panels)."""
+    """Predictor against transfer gain: one panel per (x column, y column, title, correlation dict: a row of
+    ``analysis.correlation.correlation_table``); each point is an ordered (source, target) pair: colour = source
+    task, marker = target task (legends below the panels)."""
     colours = task_colours(tasks)
     markers = {t: MARKERS[i % len(MARKERS)] for i, t in enumerate(tasks)}
     cols = min(ncols, len(panels))
@@ -203,9 +214,9 @@ def scatter_figure(points: pd.DataFrame, panels: list[tuple[str, str, str, dict]
         ax.set_xlabel(x.replace("_", " "), fontsize=8.5)
         ax.set_ylabel(y.replace("_", " "), fontsize=8.5)
         ax.tick_params(labelsize=7)
-        ax.set_title(f"{title}\nSpearman {_fmt(corr['spearman_r'])} (p={_fmt(corr['spearman_p'])}), "
-                     f"Pearson {_fmt(corr['pearson_r'])} (p={_fmt(corr['pearson_p'])}), n={corr['n']}",
-                     fontsize=8.5)
+        ax.set_title(f"{title}\nSpearman ρ {_fmt(corr['spearman_rho'])} (Mantel p={_fmt(corr['spearman_p_mantel'])}, "
+                     f"naive p={_fmt(corr['spearman_p_naive'])}), Pearson r {_fmt(corr['pearson_r'])}, "
+                     f"n={corr['n_pairs']}", fontsize=8.5)
         ax.margins(0.15)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
@@ -260,9 +271,10 @@ def bars_figure(panels: list[dict], ncols: int = 2) -> Figure:
     return fig
 
 
-def correlation_bars_figure(stats: pd.DataFrame, labels: dict[str, str]) -> Figure:
-    """Spearman correlation of every predictor with each transfer gain, as horizontal bars with the p-value
-    written beside each bar. ``stats``: predictor, gain, spearman_r, spearman_p, expected_sign."""
+def correlation_bars_figure(stats: pd.DataFrame, labels: dict[str, str], signs: dict[str, int]) -> Figure:
+    """Spearman correlation of every predictor with each transfer gain, as horizontal bars with the Mantel p-value
+    written beside each bar. ``stats``: rows of ``analysis.correlation.correlation_table``; ``labels`` and
+    ``signs`` (+1, -1, or 0 for a confound) per predictor."""
     preds = list(dict.fromkeys(stats["predictor"]))
     gains = list(dict.fromkeys(stats["gain"]))
     fig = Figure(figsize=(9.5, 0.75 * len(preds) + 1.6))
@@ -272,15 +284,15 @@ def correlation_bars_figure(stats: pd.DataFrame, labels: dict[str, str]) -> Figu
     for g, gain in enumerate(gains):
         sub = stats[stats["gain"] == gain].set_index("predictor").reindex(preds)
         ys = np.arange(len(preds)) + (g - (len(gains) - 1) / 2) * height
-        r = sub["spearman_r"].to_numpy(dtype=float)
+        r = sub["spearman_rho"].to_numpy(dtype=float)
         ax.barh(ys, np.nan_to_num(r), height * 0.9, color=cmap(g), label=gain.replace("delta_", "Δ ").replace(
             "_", " "))
-        for y, rv, pv in zip(ys, r, sub["spearman_p"].to_numpy(dtype=float)):
-            note = "n/a" if not np.isfinite(rv) else f"{rv:+.2f} (p={pv:.2g})"
+        for y, rv, pv in zip(ys, r, sub["spearman_p_mantel"].to_numpy(dtype=float)):
+            note = "n/a" if not np.isfinite(rv) else f"{rv:+.2f} (Mantel p={pv:.2g})"
             ax.text(1.04, y, note, va="center", ha="left", fontsize=7.5, transform=ax.get_yaxis_transform())
-    signs = stats.drop_duplicates("predictor").set_index("predictor")["expected_sign"].reindex(preds)
-    ax.set_yticks(range(len(preds)), [f"{labels.get(p, p)}\n(expected {'+' if s > 0 else '−'})"
-                                      for p, s in zip(preds, signs)], fontsize=8)
+    expected = {1: "expected +", -1: "expected −", 0: "confound"}
+    ax.set_yticks(range(len(preds)), [f"{labels.get(p, p)}\n({expected[signs.get(p, 0)]})" for p in preds],
+                  fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(-1, 1)
     ax.axvline(0, color="#666", linewidth=0.8)

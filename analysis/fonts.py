@@ -33,6 +33,7 @@ class FontSet:
     coverage: dict[str, frozenset[int]] = field(repr=False)
 
     def family_of(self, ch: str) -> str | None:
+        """The first family (base first) that has a glyph for ``ch``, None when none has."""
         for fam in self.families:
             if ord(ch) in self.coverage[fam]:
                 return fam

@@ -1,19 +1,18 @@
-"""Norms, distances and 2-D maps of prompts (paper 5.2-5.3, Figures 6-7, Table 1), raw and "effective".
+"""Norms, distances and 2-D maps of prompts (paper 5.2-5.3, Figures 6-7, Table 1).
 
-Effective rows: BLOOM applies a LayerNorm (``word_embeddings_layernorm``) to every input embedding, prompt rows
-included, so a row's scale and mean never reach the transformer. The effective rows are the rows after that
-LayerNorm: what the model actually sees. For a model without such a LayerNorm the effective rows are the raw rows.
+Everything here takes prompt matrices [n, hidden]; whether they are the raw rows or the effective ones
+(``analysis.inputs.effective_transform``) is the caller's choice.
 
 Prompts of different lengths (15/14/12/20 tokens in the paper): the distance between two prompts is defined over
 their common length, ``||A[:m] - B[:m]||_F`` with ``m = min(n_A, n_B)`` ("truncate"; row i of one prompt is
 compared with row i of the other, both starting from the same kind of position), or with the shorter prompt padded
 with zero rows ("pad", which adds the norm of the longer prompt's extra rows). Same-length prompts get the paper's
-plain ``||A - B||_F`` either way. ``rms`` distances divide by ``sqrt(m)`` so pairs with different m compare.
+plain ``||A - B||_F`` either way. Either way different task pairs compare different numbers of rows (the length
+confound): the root-mean-square row distance ``d / sqrt(rows compared)`` (``rms_row=True``) does not grow with it.
+Likewise the rms row norm ``||P||_F / sqrt(n)`` is the root mean square of the row norms (not their mean).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -22,49 +21,26 @@ import torch
 DISTANCE_METHODS = ("truncate", "pad")
 
 
-@dataclass(frozen=True)
-class InputNorm:
-    """The LayerNorm a model applies to its input embeddings: weight [hidden], bias [hidden], eps."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    eps: float
-    name: str = "word_embeddings_layernorm"
-
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows [..., hidden] -> the same rows after the LayerNorm (fp32)."""
-        return torch.nn.functional.layer_norm(rows.float(), (rows.shape[-1],), self.weight.float(),
-                                              self.bias.float(), self.eps)
-
-
-def input_norm(model) -> InputNorm | None:
-    """The model's input-embedding LayerNorm (BLOOM's ``word_embeddings_layernorm``), or None if it has none."""
-    base = getattr(model, "base_model", model)
-    for owner in (base, getattr(base, "transformer", None), model):
-        ln = getattr(owner, "word_embeddings_layernorm", None) if owner is not None else None
-        if isinstance(ln, torch.nn.LayerNorm):
-            return InputNorm(ln.weight.detach().float().cpu().clone(), ln.bias.detach().float().cpu().clone(),
-                             float(ln.eps))
-    return None
-
-
-def effective(rows: torch.Tensor, norm: InputNorm | None) -> torch.Tensor:
-    """rows [..., hidden] as the model sees them: after ``norm``, or unchanged (fp32) when there is none."""
-    return norm(rows) if norm is not None else rows.float()
-
-
 def prompt_norms(prompts: list[torch.Tensor]) -> pd.DataFrame:
-    """Per prompt [n_i, hidden]: ``frobenius`` ||P||_F, ``num_tokens`` n and ``per_token`` ||P||_F / sqrt(n)
-    (the root-mean-square row norm, which does not grow with the prompt's length)."""
+    """One row per prompt [n_i, hidden]: ``num_tokens`` n, ``frobenius`` ||P||_F and ``rms_row_norm``
+    ||P||_F / sqrt(n), the root mean square of the row norms (which does not grow with the prompt's length)."""
     rows = []
     for p in prompts:
         fro = float(torch.linalg.matrix_norm(p.double()))
-        rows.append({"num_tokens": p.shape[0], "frobenius": fro, "per_token": fro / np.sqrt(p.shape[0])})
+        rows.append({"num_tokens": p.shape[0], "frobenius": fro, "rms_row_norm": fro / np.sqrt(p.shape[0])})
     return pd.DataFrame(rows)
 
 
+def rows_compared(n_a: int, n_b: int, method: str = "truncate") -> int:
+    """How many rows a distance between prompts of n_a and n_b rows compares: min (truncate) or max (pad)."""
+    return min(n_a, n_b) if method == "truncate" else max(n_a, n_b)
+
+
 def prompt_distance(a: torch.Tensor, b: torch.Tensor, method: str = "truncate") -> float:
-    """Frobenius distance between prompts a [n_a, h] and b [n_b, h] (see the module docstring for n_a != n_b)."""
+    """Frobenius distance between prompts a [n_a, h] and b [n_b, h] (see the module docstring for n_a != n_b).
+
+    Raises ValueError for a method not in DISTANCE_METHODS.
+    """
     if method not in DISTANCE_METHODS:
         raise ValueError(f"distance method must be one of {DISTANCE_METHODS}, got {method!r}")
     a, b = a.double(), b.double()
@@ -76,43 +52,51 @@ def prompt_distance(a: torch.Tensor, b: torch.Tensor, method: str = "truncate") 
     return float(torch.sqrt(squared))
 
 
-def distance_matrix(prompts: list[torch.Tensor], method: str = "truncate", per_row: bool = False) -> np.ndarray:
-    """[P, P] symmetric matrix of ``prompt_distance`` between every pair; ``per_row`` divides each entry by the
-    square root of the number of rows compared (m for truncate, max(n_a, n_b) for pad)."""
+def distance_matrix(prompts: list[torch.Tensor], method: str = "truncate", rms_row: bool = False) -> np.ndarray:
+    """[P, P] symmetric matrix (exactly: each pair computed once) of ``prompt_distance`` between every pair;
+    ``rms_row`` divides each entry by the square root of the number of rows compared (``rows_compared``)."""
     n = len(prompts)
     out = np.zeros((n, n))
     for i in range(n):
         for j in range(i + 1, n):
             d = prompt_distance(prompts[i], prompts[j], method)
-            if per_row:
-                rows = min if method == "truncate" else max
-                d /= np.sqrt(rows(prompts[i].shape[0], prompts[j].shape[0]))
+            if rms_row:
+                d /= np.sqrt(rows_compared(prompts[i].shape[0], prompts[j].shape[0], method))
             out[i, j] = out[j, i] = d
     return out
 
 
 def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
-    """[P, d] -> [P, P] cosine similarity of every pair of rows."""
+    """[P, d] -> [P, P] cosine similarity of every pair of rows, exactly symmetric."""
     v = np.asarray(vectors, dtype=np.float64)
     v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-    return v @ v.T
+    s = v @ v.T
+    # a matrix product need not be bit-symmetric; (s + s.T) / 2 is, since float addition commutes
+    return (s + s.T) / 2
 
 
 def task_means(matrix: np.ndarray, labels: list[str], tasks: list[str]) -> pd.DataFrame:
-    """Average a [P, P] prompt-pair matrix over the seed pairs of each task pair -> [T, T] DataFrame.
+    """Average a symmetric [P, P] prompt-pair matrix over the seed pairs of each task pair -> [T, T] DataFrame,
+    exactly symmetric.
 
     Off the diagonal every (seed of A, seed of B) pair counts; on the diagonal the distinct seed pairs of one task
-    (a prompt is not paired with itself), NaN when a task has a single seed.
+    (a prompt is not paired with itself), NaN when a task has a single seed. Each task pair is averaged once and
+    written to both (A, B) and (B, A): averaging the transposed block again would differ in the last bit, and a
+    rank statistic would then order two equal values (issue: Spearman with ties). Raises ValueError for a
+    matrix that is not symmetric.
     """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if not np.allclose(matrix, matrix.T, rtol=1e-12, atol=0, equal_nan=True):
+        raise ValueError("task_means needs a symmetric prompt-pair matrix")
     lab = np.asarray(labels)
     out = pd.DataFrame(index=pd.Index(tasks, name="source"), columns=pd.Index(tasks, name="target"), dtype=float)
-    for a in tasks:
-        for b in tasks:
+    for i, a in enumerate(tasks):
+        for b in tasks[i:]:
             ia, ib = np.flatnonzero(lab == a), np.flatnonzero(lab == b)
             block = matrix[np.ix_(ia, ib)]
             if a == b:
                 block = block[~np.eye(len(ia), dtype=bool)]
-            out.loc[a, b] = float(np.mean(block)) if block.size else np.nan
+            out.loc[a, b] = out.loc[b, a] = float(np.mean(block)) if block.size else np.nan
     return out
 
 

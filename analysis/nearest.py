@@ -6,10 +6,16 @@
 
 from __future__ import annotations
 
+import time
 import unicodedata
 from collections.abc import Callable
 
+import numpy as np
+import pandas as pd
 import torch
+
+from analysis import figures
+from analysis.results import Output, Section
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -68,8 +74,8 @@ def _is_byte_level(tokenizer) -> bool:
 
 
 def token_text(tokenizer, token_id: int) -> str:
-    """The exact text of one token. Byte-level BPE pieces are turned back into bytes and decoded as UTF-8; a piece
-    that is only part of a character keeps its bytes as ``\\xNN`` escapes (``decode`` would give U+FFFD)."""
+    r"""The exact text of one token. Byte-level BPE pieces are turned back into bytes and decoded as UTF-8; a piece
+    that is only part of a character keeps its bytes as ``\xNN`` escapes (``decode`` would give U+FFFD)."""
     piece = tokenizer.convert_ids_to_tokens(int(token_id))
     if piece is None:
         return f"<id {int(token_id)}>"
@@ -84,8 +90,8 @@ _VISIBLE = {" ": "␣", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def visible(text: str) -> str:
-    """``text`` with whitespace and invisible characters made visible: space -> ␣, newline -> \\n, other control,
-    format or unassigned characters -> \\uXXXX. Printable characters of any script are kept as they are."""
+    r"""``text`` with whitespace and invisible characters made visible: space -> ␣, newline -> \n, other control,
+    format or unassigned characters -> \uXXXX. Printable characters of any script are kept as they are."""
     out = []
     for ch in text:
         if ch in _VISIBLE:
@@ -100,3 +106,84 @@ def visible(text: str) -> str:
 def escaped(text: str) -> str:
     """An ASCII-only form of ``text`` (Python's ``ascii`` without quotes): always renders, in any font."""
     return ascii(text)[1:-1]
+
+
+# ----------------------------------------------------------------------------------------------- report section
+def init_token_ids(p, tokenizer) -> list[int]:
+    """The token ids prompt ``p``'s rows started from ([n], the init text repeated / cut to n), [] without one."""
+    from ptray.prompt import repeat_to, text_token_ids
+
+    text = p.config.get("init_text")
+    if not text:
+        return []
+    return repeat_to(text_token_ids(tokenizer, text), p.num_tokens)
+
+
+def nearest_section(*, inputs, tokenizer, top_k: int, chunk: int) -> tuple[Section, dict[str, list[torch.Tensor]]]:
+    """Nearest tokens of every prompt row, raw and (when defined) effective: the paper's Figures 2-5.
+
+    Returns ``(section, top1)``: an ``analysis.results.Section`` (one token figure per task and space, the
+    summary table) and ``top1[space]``, per prompt the [n_i] top-1 token ids (the faithfulness check's hard
+    prompts).
+    """
+    prompts = inputs.prompts
+    rows = torch.cat(inputs.raw)
+    spaces = {"raw": None} if inputs.transform is None else {"raw": None, "effective": inputs.transform}
+    offsets = np.cumsum([0] + [p.num_tokens for p in prompts])
+    top1: dict[str, list[torch.Tensor]] = {}
+    records, timing = [], {}
+    for space, transform in spaces.items():
+        t0 = time.perf_counter()
+        sims, ids = nearest_tokens(rows, inputs.embedding, top_k, chunk, transform)
+        timing[space] = round(time.perf_counter() - t0, 3)
+        top1[space] = [ids[offsets[i]:offsets[i + 1], 0].clone() for i in range(len(prompts))]
+        for i, p in enumerate(prompts):
+            init_ids = init_token_ids(p, tokenizer)
+            init_set = set(init_ids)
+            for row in range(p.num_tokens):
+                init_id = init_ids[row] if init_ids else None
+                for rank in range(ids.shape[1]):
+                    tid = int(ids[offsets[i] + row, rank])
+                    text = token_text(tokenizer, tid)
+                    records.append({
+                        "space": space, "task": p.task, "seed": p.seed, "row": row, "rank": rank,
+                        "token_id": tid, "token": text, "token_visible": visible(text),
+                        "token_escaped": escaped(text), "cosine": float(sims[offsets[i] + row, rank]),
+                        "in_init_text": tid in init_set, "init_token_id": init_id,
+                        "init_token": visible(token_text(tokenizer, init_id)) if init_id is not None else "",
+                    })
+    table = pd.DataFrame(records)
+    stats = []
+    for (space, task), g in table.groupby(["space", "task"], sort=False):
+        first = g[g["rank"] == 0]
+        stats.append({"space": space, "task": task,
+                      "top1_is_init_token": float((first["token_id"] == first["init_token_id"]).mean()),
+                      "topk_in_init_text": float(g["in_init_text"].mean()),
+                      "mean_top1_cosine": float(first["cosine"].mean())})
+    stats = pd.DataFrame(stats)
+    out = Section(summary={"nearest": stats.to_dict(orient="records")}, meta={"nearest_seconds": timing})
+    if inputs.transform is None:
+        out.notes.append("effective nearest tokens: n/a for this model (" + (
+            "no effective prompt defined" if inputs.effective is None else
+            "its effective rows depend on their position, so the vocabulary has no effective rows") + ")")
+    for space in spaces:
+        where = "raw rows (the paper's reading)" if space == "raw" else \
+            f"effective rows (the output of {inputs.effective_name}: what the model's first attention reads), " \
+            f"against vocabulary rows through the same map"
+        for task in inputs.tasks:
+            sub = table[(table["space"] == space) & (table["task"] == task)].reset_index(drop=True)
+            init_text = next(p.config.get("init_text", "") for p in prompts if p.task == task)
+            out.outputs.append(Output(
+                f"nearest_{task}" + ("" if space == "raw" else "_effective"), "nearest",
+                f"{task.upper()}: nearest tokens, {space}",
+                f"Top-{top_k} vocabulary tokens by cosine similarity for every row of every {task.upper()} "
+                f"prompt, on {where}. Rows top to bottom, most similar left, one block per seed; the first "
+                f"column is the init-text token the row started from; red tokens occur in the init text.",
+                sub, figures.nearest_figure(sub, task, f"{task.upper()} prompt, {space}: \"{init_text}\""),
+                show_table=False))
+    out.outputs.append(Output(
+        "nearest_summary", "nearest", "How much of the init text survives",
+        "Per task and space: top1_is_init_token = share of rows whose top-1 token is the row's init token; "
+        "topk_in_init_text = share of the top-k tokens that occur anywhere in the init text; mean_top1_cosine = "
+        "mean cosine of the top-1 token over rows and seeds.", stats))
+    return out, top1

@@ -11,9 +11,26 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
+from analysis import figures, geometry
 from analysis.geometry import cosine_matrix
+from analysis.inputs import Inputs
+from analysis.results import Output, Section
+
+# column -> (description, the sign of its correlation with the gain if it predicts transfer; 0: a confound)
+PREDICTORS = {
+    "frobenius_raw": ("Frobenius distance, raw (paper)", -1),
+    "frobenius_effective": ("Frobenius distance, effective", -1),
+    "rms_row_distance_raw": ("rms row distance (Frobenius / sqrt rows compared), raw", -1),
+    "rms_row_distance_effective": ("rms row distance, effective", -1),
+    "spot_cosine_raw": ("SPoT cosine of mean-pooled prompts, raw", 1),
+    "spot_cosine_effective": ("SPoT cosine, effective", 1),
+    "ffn_overlap": ("activated FFN neuron overlap (Su et al.)", 1),
+    "init_text_distance": ("distance between the init-text prompts (confound)", 0),
+    "rows_compared": ("rows a distance compares (length confound)", 0),
+}
 
 
 def spot_similarity(prompts: list[torch.Tensor]) -> np.ndarray:
@@ -61,3 +78,59 @@ def activation_states(model, prompts: list[torch.Tensor]) -> np.ndarray:
 def activation_overlap(states: np.ndarray) -> np.ndarray:
     """[P, P] overlap rate: cosine similarity of the 0/1 state vectors [P, d]."""
     return cosine_matrix(states)
+
+
+def predictor_matrices(*, inputs: Inputs, model, distances: dict[str, np.ndarray], rows_compared: pd.DataFrame,
+                       distance: str) -> tuple[dict[str, pd.DataFrame], Section]:
+    """Every PREDICTORS entry that can be computed, as a [T, T] task matrix (seed pairs averaged with
+    ``geometry.task_means``, so each symmetric value is computed once); ``distances`` are the [P, P] matrices of
+    ``analysis.distances.distance_matrices``, ``rows_compared`` its [T, T] row counts. Returns the matrices and a
+    Section holding notes and metadata (the FFN width)."""
+    labels, tasks = inputs.labels, inputs.tasks
+    out = Section()
+    preds = {k: geometry.task_means(v, labels, tasks) for k, v in distances.items()}
+    preds["spot_cosine_raw"] = geometry.task_means(spot_similarity(inputs.raw), labels, tasks)
+    if inputs.effective is not None:
+        preds["spot_cosine_effective"] = geometry.task_means(spot_similarity(inputs.effective), labels, tasks)
+    try:
+        states = activation_states(model, inputs.raw)
+        preds["ffn_overlap"] = geometry.task_means(activation_overlap(states), labels, tasks)
+        out.meta["ffn_neurons"] = int(states.shape[1])
+    except ValueError as err:
+        out.notes.append(f"activated-neuron overlap not computed: {err}")
+    if all(inputs.init.get(t) is not None for t in tasks):
+        preds["init_text_distance"] = pd.DataFrame(
+            geometry.distance_matrix([inputs.init[t] for t in tasks], distance), index=tasks, columns=tasks)
+    preds["rows_compared"] = rows_compared.astype(float)
+    return {k: preds[k] for k in PREDICTORS if k in preds}, out
+
+
+def predictors_section(*, pairs: pd.DataFrame, stats: pd.DataFrame, tasks: list[str]) -> Section:
+    """Every predictor side by side: correlation bars and one scatter per predictor against the exact-match gain.
+    ``pairs`` and ``stats`` come from ``analysis.correlation.pair_table`` / ``correlation_table``."""
+    cols = [c for c in PREDICTORS if c in pairs]
+    labels = {c: v[0] for c, v in PREDICTORS.items()}
+    signs = {c: v[1] for c, v in PREDICTORS.items()}
+    out = Section()
+    out.outputs.append(Output(
+        "predictors", "predictors", "Transferability predictors side by side",
+        "Spearman correlation (rho) of each predictor with the transfer gain over the ordered task pairs, with the "
+        "Mantel p-value (exact permutation test over task labels; the naive p-values, which treat the pairs as "
+        "independent, are in the CSV). Distances should correlate negatively, similarities positively (expected "
+        "sign). SPoT: cosine of mean-pooled prompts (Vu et al. 2022). FFN overlap: cosine of the 0/1 activation "
+        "states of every feed-forward neuron at the prompt's last position, the prompt alone as input (Su et al. "
+        "2022). Confounds: init_text_distance is the distance between the tasks' starting prompts (if it predicts "
+        "as well as the trained prompts do, the distances mostly reflect the init texts); rows_compared is how "
+        "many rows a distance compares (if it predicts, the distances mostly reflect the prompts' lengths).",
+        stats.assign(description=stats.predictor.map(labels), expected_sign=stats.predictor.map(signs)),
+        figures.correlation_bars_figure(stats, labels, signs)))
+    panels = [(c, "delta_exact_match", labels[c], _row(stats, c, "delta_exact_match")) for c in cols]
+    out.outputs.append(Output(
+        "predictor_scatter", "predictors", "Every predictor against the exact-match transfer gain",
+        "One panel per predictor; each point an ordered task pair (colour = source, marker = target).", pairs,
+        figures.scatter_figure(pairs, panels, tasks), show_table=False))
+    return out
+
+
+def _row(stats: pd.DataFrame, predictor: str, gain: str) -> dict:
+    return stats[(stats.predictor == predictor) & (stats.gain == gain)].iloc[0].to_dict()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.pipeline import SECTIONS, Output, Results
+from analysis.results import SECTIONS, Output, Results
 
 DPI = 130
 
@@ -35,6 +35,7 @@ def _jsonable(obj):
 
 
 def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented UTF-8 JSON: numpy numbers as numbers, NaN / inf as null, DataFrames as records."""
     path.write_text(json.dumps(_jsonable(obj), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -96,7 +97,8 @@ CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI','Noto Sans',sans-serif;max-width:1200px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{font-size:1.05em}
-img{max-width:100%;border:1px solid #eee}img.wide{max-width:none}.scroll{overflow-x:auto}table.t{border-collapse:collapse;font-size:.82em;margin:.5em 0}
+img{max-width:100%;border:1px solid #eee}img.wide{max-width:none}.scroll{overflow-x:auto}
+table.t{border-collapse:collapse;font-size:.82em;margin:.5em 0}
 table.t td,table.t th{border:1px solid #ddd;padding:2px 6px;text-align:right}table.t th{background:#f4f4f4}
 table.tokens td{text-align:left}td.init{color:#c0392b;font-weight:bold}small{color:#888}
 .note{color:#555;font-size:.9em}code{background:#f4f4f4;padding:0 3px}
@@ -105,7 +107,7 @@ table.tokens td{text-align:left}td.init{color:#c0392b;font-weight:bold}small{col
 
 def _meta_rows(meta: dict) -> str:
     keys = ["experiment", "study", "model", "num_prompts", "tasks", "seeds", "num_tokens", "hidden_size",
-            "vocab_size", "input_layernorm", "distance_method", "distance_definition", "top_k", "n_boot",
+            "vocab_size", "effective_prompt", "distance_method", "distance_definition", "top_k", "n_boot",
             "num_transfer_runs", "num_baseline_runs", "nearest_seconds", "faithfulness_seconds", "ffn_neurons"]
     rows = "".join(f"<tr><th>{k}</th><td style='text-align:left'>{html.escape(json.dumps(_jsonable(meta[k])))}"
                    f"</td></tr>" for k in keys if k in meta)
@@ -115,13 +117,19 @@ def _meta_rows(meta: dict) -> str:
 INTRO = (
     "This page recomputes the paper's figures and tables from the runs tracked in MLflow and puts the "
     "measurements the paper missed beside them. \"Raw\" numbers use the prompt rows as stored (the paper's "
-    "method). BLOOM applies a LayerNorm to every input embedding, so a prompt row's scale and mean never reach "
-    "the transformer: \"effective\" numbers use the rows after that LayerNorm, i.e. what the model sees. "
-    "Every figure's numbers are in the CSV or JSON file of the same name."
+    "method). A model normalises its input rows before its first attention reads them (BLOOM: a LayerNorm on "
+    "every input embedding, so a prompt row's scale and mean never reach the transformer): \"effective\" numbers "
+    "use the rows after that normalisation (effective_prompt below names it), i.e. what the model sees; n/a "
+    "where the model's family defines none. Every figure's numbers are in the CSV or JSON file of the same name; "
+    "every caption says what its statistics are (standard deviations: sample, ddof=1, except Table 1's "
+    "population variance, ddof=0, as in the paper; which bootstrap interval a figure shows; which p-value "
+    "accounts for the dependence between task pairs)."
 )
 
 
 def write_html(results: Results, files: dict[str, list[str]], out: Path) -> Path:
+    """Write the self-contained ``report.html`` (figures embedded as PNG data URIs) into ``out``; returns its
+    path. ``files``: {output name: its file names}, from ``write_outputs``."""
     meta = results.meta
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Prompt analysis: "
              f"{html.escape(meta['experiment'])}</title><style>{CSS}</style></head><body>",
@@ -176,42 +184,46 @@ def _md_table(df: pd.DataFrame, digits: int = 4) -> str:
 
 
 def write_markdown(results: Results, out: Path) -> Path:
+    """Write ``report.md``, the report's tables without figures, into ``out``; returns its path."""
     meta, s = results.meta, results.summary
     per_task = ", ".join(f"{t}: {len(v)} seeds, {meta['num_tokens'][t]} tokens" for t, v in meta["seeds"].items())
     lines = [f"# Prompt-tuning analysis: `{meta['experiment']}`", "",
              f"Study `{meta['study']}`, model `{meta['model']}`, {meta['num_prompts']} prompts "
              f"({per_task})."
-             f" Input LayerNorm: {meta['input_layernorm'] or 'none (effective = raw)'}. Distances between prompts "
+             f" Effective prompt: {meta.get('effective_prompt') or 'n/a (not defined for this model)'}. "
+             f"Distances between prompts "
              f"of different lengths: {meta.get('distance_definition', meta['distance_method'])}. "
              "The full report with every figure is `report.html`; every number is in `analysis.json` and the CSVs.",
              ""]
     if meta.get("notes"):
         lines += ["**Notes:**", *[f"- {n}" for n in meta["notes"]], ""]
     by_name = {o.name: o for o in results.outputs}
-    for name, heading in (("table1_norms", "Table 1: norms per task"), ("nearest_summary", "Nearest tokens"),
-                          ("within_task", "Within-task distances"), ("correlation_stats", "Distance vs transfer"),
-                          ("predictors", "Transferability predictors (Spearman with transfer gain)")):
+    for name, heading, columns in (
+            ("table1_norms", "Table 1: norms per task",
+             ["task", "num_tokens", "num_seeds", "frobenius_raw_mean", "frobenius_raw_var_ddof0",
+              "rms_row_norm_raw_mean", "frobenius_effective_mean", "rms_row_norm_effective_mean", "drift_raw_mean"]),
+            ("nearest_summary", "Nearest tokens", None),
+            ("within_task", "Within-task distances", None),
+            ("correlation_stats", "Distance vs transfer: Mantel test over task labels (dependence-aware)",
+             ["predictor", "gain", "n_pairs", "spearman_rho", "spearman_p_mantel", "mantel_permutations",
+              "spearman_p_naive", "pearson_r", "pearson_p_mantel", "pearson_p_naive"]),
+            ("predictors", "Transferability predictors (Spearman with transfer gain, Mantel p)",
+             ["predictor", "gain", "expected_sign", "n_pairs", "spearman_rho", "spearman_p_mantel",
+              "spearman_p_naive", "pearson_r"])):
         o = by_name.get(name)
         if o is None or not isinstance(o.data, pd.DataFrame) or o.data.empty:
             continue
-        df = o.data
-        if name == "table1_norms":
-            df = df[["task", "num_tokens", "num_seeds", "frobenius_raw_mean", "frobenius_raw_var",
-                     "per_token_raw_mean", "frobenius_effective_mean", "per_token_effective_mean",
-                     "drift_raw_mean"]]
-        if name == "predictors":
-            df = df[["predictor", "gain", "expected_sign", "n", "spearman_r", "spearman_p", "pearson_r"]]
-        lines += [f"## {heading}", "", _md_table(df), ""]
-        if name == "table1_norms" and s.get("wsc_cb_norm_ratio"):
-            r = s["wsc_cb_norm_ratio"]
-            lines += [f"WSC/CB raw norm ratio {r['frobenius_raw_ratio']:.3f}; sqrt(n_WSC/n_CB) = "
-                      f"{r['sqrt_length_ratio']:.3f}; per-token ratio {r['per_token_raw_ratio']:.3f} "
-                      f"(paper: {r['paper_ratio']:.3f}).", ""]
+        df = o.data[columns] if columns else o.data
+        lines += [f"## {heading}", ""]
+        if name in ("table1_norms", "correlation_stats"):  # these captions define the columns and lead the section
+            lines += [o.text, ""]
+        lines += [_md_table(df), ""]
     if "transfer" in by_name:
         t = by_name["transfer"].data
-        lines += ["## Transfer (accuracy change over no prompt)", "",
+        lines += ["## Transfer (accuracy change over no prompt)", "", by_name["transfer"].text, "",
                   _md_table(t[["source", "target", "metric", "n_seeds", "n_examples", "baseline", "delta_mean",
-                               "delta_std", "ci_low", "ci_high"]]), ""]
+                               "delta_sd_ddof1", "ci95_seeds_examples_low", "ci95_seeds_examples_high",
+                               "ci95_examples_low", "ci95_examples_high"]]), ""]
     if "faithfulness" in by_name:
         lines += ["## Faithfulness (mean over seeds)", "", _md_table(pd.DataFrame(s["faithfulness"])), ""]
     path = out / "report.md"

@@ -1,10 +1,18 @@
 """Zero-shot transfer (paper 5.3, Figure 8): accuracy change of task A's prompts on task B over B's no-prompt run.
 
 For source A, target B and metric (exact match or rank accuracy): every seed s of A gives
-``delta_s = acc(A_s on B) - acc(no prompt on B)``; the table reports the mean and standard deviation (ddof=1) of
-delta over A's seeds and a 95% percentile bootstrap interval of the mean over B's validation examples (examples
-resampled with replacement, the same resample for every seed and the baseline, A's seeds held fixed). CB has 56
-validation examples, so one example moves an accuracy by 1.8 points: the intervals show it.
+``delta_s = acc(A_s on B) - acc(no prompt on B)``. The table reports, per cell:
+
+- ``delta_mean``: the mean of delta over A's seeds; ``delta_sd_ddof1``: their sample standard deviation (ddof=1),
+  the seed spread;
+- ``ci95_examples_low/high``: a 95% percentile bootstrap interval of delta_mean over B's validation examples
+  (examples resampled with replacement, A's seeds held fixed): the uncertainty from the finite evaluation set only;
+- ``ci95_seeds_examples_low/high``: a hierarchical bootstrap that resamples A's seeds and B's examples together
+  (seeds with replacement, then examples with replacement, the same examples for every drawn seed since all seeds
+  are scored on the same examples): both sources of uncertainty. Figure 8 shows this one.
+
+A cell whose seeds disagree can have a narrow examples-only interval and a wide hierarchical one, and the reverse.
+CB has 56 validation examples, so one example moves an accuracy by 1.8 points: the intervals show it.
 
 The diagonal (A on A) comes from ``transfer`` runs when the study has them, else from the train runs' own
 predictions on the validation split. Examples are matched by ``idx``.
@@ -12,14 +20,15 @@ predictions on the validation split. Examples are matched by ``idx``.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
 
+from analysis import figures
 from analysis.records import Study
+from analysis.results import Output, Section
+from ptray import layout
 
-METRICS = {"exact_match": "em_correct", "rank_accuracy": "rank_correct"}
+METRICS = {"exact_match": layout.EM_CORRECT, "rank_accuracy": layout.RANK_CORRECT}
 
 
 def _outcomes(idx, em, rank) -> dict[int, tuple[int, int]]:
@@ -39,13 +48,11 @@ def collect(study: Study) -> tuple[dict, dict]:
     for p in sorted(study.prompts, key=lambda p: p.seed, reverse=True):  # lowest seed wins the baseline fallback
         pred = p.predictions or {}
         cells[(p.task, p.seed, p.task)] = {
-            "outcomes": _outcomes(pred.get("idx", []), pred.get("prompt_em_correct", []),
-                                  pred.get("prompt_rank_correct", [])),
+            "outcomes": _outcomes(*layout.prediction_lists(pred)),
             "metrics": {m: p.metrics.get(m) for m in METRICS}, "origin": f"train run {p.run_id}",
         }
         baselines[p.task] = {
-            "outcomes": _outcomes(pred.get("idx", []), pred.get("no_prompt_em_correct", []),
-                                  pred.get("no_prompt_rank_correct", [])),
+            "outcomes": _outcomes(*layout.prediction_lists(pred, baseline="no_prompt")),
             "metrics": {m: p.metrics.get(f"no_prompt_{m}") for m in METRICS}, "origin": f"train run {p.run_id}",
         }
     for e in study.evals:
@@ -60,7 +67,8 @@ def collect(study: Study) -> tuple[dict, dict]:
 
 def bootstrap_mean_ci(per_example: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
                       block: int = 500) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``per_example`` [N] (examples resampled with replacement)."""
+    """Percentile bootstrap interval of the mean of ``per_example`` [N] (examples resampled with replacement),
+    in the input's units; (nan, nan) for no data or ``n_boot`` 0."""
     x = np.asarray(per_example, dtype=np.float64)
     if x.size == 0 or n_boot <= 0:
         return float("nan"), float("nan")
@@ -72,12 +80,38 @@ def bootstrap_mean_ci(per_example: np.ndarray, n_boot: int = 2000, level: float 
     return float(lo), float(hi)
 
 
+def hierarchical_bootstrap_ci(per_seed_example: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                              seed: int = 0, block: int = 500) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``per_seed_example`` [S seeds, N examples], resampling seeds
+    and examples together: each resample draws S seeds with replacement and N examples with replacement (one draw
+    of examples shared by the drawn seeds, as every seed is scored on the same examples) and takes the mean of
+    that [S, N] block. Units: those of the input (an accuracy change). (nan, nan) for no data or ``n_boot`` 0.
+    """
+    x = np.asarray(per_seed_example, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"per_seed_example must be [seeds, examples], got shape {x.shape}")
+    if x.size == 0 or n_boot <= 0:
+        return float("nan"), float("nan")
+    n_seeds, n_ex = x.shape
+    rng = np.random.default_rng(seed)
+    stats = []
+    for start in range(0, n_boot, block):
+        b = min(block, n_boot - start)
+        s_idx = rng.integers(0, n_seeds, size=(b, n_seeds))
+        e_idx = rng.integers(0, n_ex, size=(b, n_ex))
+        stats.append(x[s_idx[:, :, None], e_idx[:, None, :]].mean(axis=(1, 2)))
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(np.concatenate(stats), [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
 def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per_seed, summary) DataFrames.
 
     per_seed: one row per (source, seed, target, metric) with accuracy, baseline, delta, n_examples, origin.
     summary: one row per (source, target, metric) with n_seeds, n_examples, baseline, accuracy_mean, delta_mean,
-    delta_std (ddof=1 over seeds), ci_low / ci_high (95% bootstrap of delta_mean over target examples).
+    delta_sd_ddof1 (over seeds), ci95_examples_low/high and ci95_seeds_examples_low/high (see the module
+    docstring; NaN without per-example predictions). Accuracies and deltas are fractions (0-1).
     """
     cells, baselines = collect(study)
     tasks = study.tasks
@@ -88,7 +122,7 @@ def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0) -> tuple[pd
             base = baselines.get(target)
             for metric in METRICS:
                 col = 0 if metric == "exact_match" else 1
-                deltas, matrix, origins, n_common = [], [], [], None
+                deltas, matrix, origins, n_common, matrix_idx = [], [], [], None, None
                 base_acc = np.nan
                 for s in seeds:
                     cell = cells.get((source, s, target))
@@ -99,8 +133,9 @@ def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0) -> tuple[pd
                         acc_vec = np.array([cell["outcomes"][i][col] for i in common], dtype=float)
                         base_vec = np.array([base["outcomes"][i][col] for i in common], dtype=float)
                         acc, base_acc = acc_vec.mean(), base_vec.mean()
-                        if n_common is None or len(common) == n_common:
+                        if not matrix or common == matrix_idx:  # the rows of the matrix are the same examples
                             matrix.append(acc_vec - base_vec)
+                            matrix_idx = common
                         n_common = len(common)
                     else:  # no per-example predictions: the recorded metrics, without an interval
                         acc, base_acc = cell["metrics"][metric], base["metrics"][metric]
@@ -116,14 +151,17 @@ def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0) -> tuple[pd
                     continue
                 ok_ci = len(matrix) == len(deltas) and matrix
                 lo, hi = bootstrap_mean_ci(np.mean(matrix, axis=0), n_boot, seed=seed) if ok_ci else (np.nan,) * 2
+                h_lo, h_hi = hierarchical_bootstrap_ci(np.stack(matrix), n_boot, seed=seed) if ok_ci else \
+                    (np.nan,) * 2
                 summary.append({
                     "source": source, "target": target, "metric": metric, "n_seeds": len(deltas),
                     "n_examples": n_common, "baseline": float(base_acc),
                     # rounded: accuracies are ratios of small integers, so 1e-17 is float noise, not a change
                     "accuracy_mean": round(float(np.mean(deltas) + base_acc), 12),
                     "delta_mean": round(float(np.mean(deltas)), 12),
-                    "delta_std": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else float("nan"),
-                    "ci_low": lo, "ci_high": hi,
+                    "delta_sd_ddof1": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else float("nan"),
+                    "ci95_examples_low": lo, "ci95_examples_high": hi,
+                    "ci95_seeds_examples_low": h_lo, "ci95_seeds_examples_high": h_hi,
                     "from": "transfer runs" if all(o.startswith("transfer") for o in origins)
                     else "train runs" if all(o.startswith("train") for o in origins) else "mixed",
                 })
@@ -137,19 +175,45 @@ def summary_matrix(summary: pd.DataFrame, metric: str, value: str, tasks: list[s
     return mat.reindex(index=tasks, columns=tasks).astype(float).rename_axis(index="source", columns="target")
 
 
-def correlation(x, y) -> dict[str, float]:
-    """Spearman and Pearson correlation (with two-sided p-values) of paired values, NaN pairs dropped."""
-    from scipy import stats
-
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    out = {"n": int(x.size), "spearman_r": np.nan, "spearman_p": np.nan, "pearson_r": np.nan, "pearson_p": np.nan}
-    if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            s = stats.spearmanr(x, y)
-            p = stats.pearsonr(x, y)
-        out.update(spearman_r=float(s.statistic), spearman_p=float(s.pvalue), pearson_r=float(p.statistic),
-                   pearson_p=float(p.pvalue))
-    return out
+def transfer_section(*, study: Study, tasks: list[str], n_boot: int, seed: int) -> tuple[Section, pd.DataFrame]:
+    """Figure 8 and the per-seed table; returns ``(section, summary)`` with ``summary`` from ``transfer_tables``
+    (empty when the study has no transfer results)."""
+    per_seed, summary = transfer_tables(study, n_boot, seed)
+    out = Section(summary={"transfer": summary.to_dict(orient="records")})
+    if summary.empty:
+        out.notes.append("no transfer results: the study has no transfer runs and its train runs no predictions")
+        return out, summary
+    panels = []
+    for metric, name in (("exact_match", "exact match"), ("rank_accuracy", "rank accuracy")):
+        mat = {v: summary_matrix(summary, metric, v, tasks) for v in (
+            "delta_mean", "delta_sd_ddof1", "ci95_seeds_examples_low", "ci95_seeds_examples_high", "baseline")}
+        mean = mat["delta_mean"]
+        text = mean.copy().astype(object)
+        for a in tasks:
+            for b in tasks:
+                m, sd = mean.loc[a, b], mat["delta_sd_ddof1"].loc[a, b]
+                lo, hi = mat["ci95_seeds_examples_low"].loc[a, b], mat["ci95_seeds_examples_high"].loc[a, b]
+                if np.isfinite(m):
+                    text.loc[a, b] = f"{m:+.2f}" + (f"±{sd:.2f}" if np.isfinite(sd) else "") + (
+                        f"\n[{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else "")
+        base = mat["baseline"]
+        cols = [f"{b.upper()}\n(none: {base[b].dropna().iloc[0]:.2f})" if base[b].notna().any() else b.upper()
+                for b in tasks]
+        values, text = figures.upper_labels(mean), figures.upper_labels(text)
+        values.columns = text.columns = cols
+        values.columns.name = text.columns.name = "target (no-prompt accuracy)"
+        panels.append((f"Δ {name}: source prompt on target vs no prompt", values, text))
+    out.outputs.append(Output(
+        "transfer", "transfer", "Figure 8: zero-shot transfer",
+        f"Row A, column B: accuracy of A's prompts on B's validation set minus B's no-prompt accuracy (fractions). "
+        f"Each cell: delta_mean ± delta_sd_ddof1 (sample standard deviation over A's seeds), and in brackets the "
+        f"95% hierarchical bootstrap interval (ci95_seeds_examples: A's seeds and B's examples resampled "
+        f"together, {n_boot} resamples). The CSV also has ci95_examples, which resamples B's examples with A's "
+        f"seeds held fixed (evaluation-set uncertainty only). With few examples (CB: 56, one example = 1.8 points) "
+        f"and few seeds the intervals are wide: a cell whose interval contains 0 shows no measurable transfer.",
+        summary, figures.heatmaps_figure(panels, cmap="RdBu", center=0.0, colorbar_label="accuracy change")))
+    out.outputs.append(Output(
+        "transfer_per_seed", "transfer", "Transfer per seed",
+        "Every (source seed, target, metric): accuracy, no-prompt accuracy, change (fractions), and the runs they "
+        "come from.", per_seed, show_table=False))
+    return out, summary

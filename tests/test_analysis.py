@@ -3,12 +3,14 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
 
-from analysis import fonts, geometry, nearest, predictors, transfer
+from analysis import correlation, fonts, geometry, inputs, nearest, predictors, transfer
 from analysis.records import EvalRun, PromptRun, Study
+from ptray import layout
 
 
 # ----------------------------------------------------------------------------------------------- nearest tokens
@@ -35,10 +37,14 @@ def test_chunked_search_equals_the_full_matrix_reference():
 def test_effective_nearest_tokens_ignore_a_rows_scale_and_shift():
     gen = torch.Generator().manual_seed(2)
     emb = torch.randn(300, 16, generator=gen)
-    norm = geometry.InputNorm(torch.rand(16, generator=gen) + 0.5, torch.randn(16, generator=gen) * 0.1, 1e-5)
+    norm = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16, generator=gen) + 0.5)
+        norm.bias.copy_(torch.randn(16, generator=gen) * 0.1)
     ids = torch.tensor([7, 150, 299])
     moved = emb[ids] * 3.7 + 10.0  # what the input LayerNorm undoes
-    _, eff = nearest.nearest_tokens(moved, emb, k=1, transform=norm)
+    with torch.no_grad():
+        _, eff = nearest.nearest_tokens(moved, emb, k=1, transform=norm)
     _, raw = nearest.nearest_tokens(moved, emb, k=1)
     assert torch.equal(eff[:, 0], ids)
     assert (raw[:, 0] != ids).any()  # a shift changes the raw cosine reading
@@ -90,7 +96,7 @@ def test_distances_between_constructed_prompts_equal_hand_computed_values():
     assert geometry.prompt_distance(B, C, "pad") == pytest.approx(math.sqrt(5))
     d = geometry.distance_matrix([A, B, C])
     np.testing.assert_allclose(d, [[0, math.sqrt(6), math.sqrt(2)], [math.sqrt(6), 0, 2], [math.sqrt(2), 2, 0]])
-    per_row = geometry.distance_matrix([A, B, C], per_row=True)
+    per_row = geometry.distance_matrix([A, B, C], rms_row=True)
     assert per_row[0, 1] == pytest.approx(math.sqrt(6) / math.sqrt(2))
     with pytest.raises(ValueError, match="truncate"):
         geometry.prompt_distance(A, B, "align")
@@ -111,16 +117,14 @@ def test_task_means_average_seed_pairs_and_leave_self_pairs_out():
     assert np.isnan(single.loc["x", "x"])
 
 
-def test_norms_per_token_divide_by_the_square_root_of_the_length():
+def test_rms_row_norms_divide_by_the_square_root_of_the_length():
     n = geometry.prompt_norms([torch.ones(4, 9), torch.ones(1, 9)])
     assert n["frobenius"].tolist() == pytest.approx([6.0, 3.0])
-    assert n["per_token"].tolist() == pytest.approx([3.0, 3.0])
+    assert n["rms_row_norm"].tolist() == pytest.approx([3.0, 3.0])
 
 
 def test_effective_metrics_are_invariant_to_scaling_and_shifting_a_row_and_raw_ones_are_not(tiny):
     model, _ = tiny
-    norm = geometry.input_norm(model)
-    assert norm is not None and norm.name == "word_embeddings_layernorm"
     gen = torch.Generator().manual_seed(3)
     p, q = torch.randn(5, 64, generator=gen), torch.randn(4, 64, generator=gen)
     p2 = p.clone()
@@ -128,8 +132,9 @@ def test_effective_metrics_are_invariant_to_scaling_and_shifting_a_row_and_raw_o
     p2[3] = p2[3] * 0.5 - 1.0  # (exact up to the LayerNorm's eps, 1e-5 against a row variance near 1)
     # the effective rows are exactly what BLOOM's LayerNorm makes of them
     ln = model.transformer.word_embeddings_layernorm
-    assert torch.allclose(geometry.effective(p, norm), ln(p), atol=1e-6)
-    e, e2, eq = (geometry.effective(x, norm) for x in (p, p2, q))
+    with torch.no_grad():
+        assert torch.allclose(inputs.effective_prompt(model, p), ln(p), atol=1e-6)
+    e, e2, eq = (inputs.effective_prompt(model, x) for x in (p, p2, q))
     assert torch.allclose(e, e2, atol=1e-4)
     for method in geometry.DISTANCE_METHODS:
         assert geometry.prompt_distance(e, eq, method) == pytest.approx(geometry.prompt_distance(e2, eq, method),
@@ -141,7 +146,32 @@ def test_effective_metrics_are_invariant_to_scaling_and_shifting_a_row_and_raw_o
     assert geometry.prompt_norms([p])["frobenius"][0] != pytest.approx(geometry.prompt_norms([p2])["frobenius"][0])
     eff_sim = predictors.spot_similarity([e, eq])[0, 1]
     assert eff_sim == pytest.approx(predictors.spot_similarity([e2, eq])[0, 1], rel=1e-5)
-    assert geometry.effective(p, None).equal(p)  # no LayerNorm: effective = raw
+    # BLOOM's LayerNorm treats each row alone: the vocabulary can go through it in any blocks
+    transform = inputs.effective_row_transform(model)
+    assert transform is not None and transform.name == "word_embeddings_layernorm"
+    transform.block = 3
+    assert torch.allclose(transform(torch.cat([p, q])), torch.cat([e, eq]), atol=1e-6)
+
+
+def _tiny_causal_lm(kind: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    return OPTForCausalLM(OPTConfig(vocab_size=50, max_position_embeddings=32, hidden_size=16, word_embed_proj_dim=16,
+                                    num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+                                    do_layer_norm_before=False)).eval()
+
+
+def test_effective_prompt_is_na_where_the_family_defines_none_or_depends_on_position():
+    gpt2 = _tiny_causal_lm("gpt2")
+    rows = torch.randn(3, 16)
+    assert inputs.effective_prompt(gpt2, rows).shape == (3, 16)  # defined: ln_1 of token + position
+    assert inputs.effective_row_transform(gpt2) is None  # but it depends on the position: no effective vocabulary
+    post_norm_opt = _tiny_causal_lm("opt")
+    assert inputs.effective_prompt(post_norm_opt, rows) is None
+    assert inputs.effective_row_transform(post_norm_opt) is None
 
 
 def test_tsne_and_pca_of_16_prompts_have_the_right_shape():
@@ -162,14 +192,14 @@ def test_correlation_equals_scipy():
     gen = np.random.default_rng(0)
     x, y = gen.normal(size=12), gen.normal(size=12)
     y = y + 0.8 * x
-    c = transfer.correlation(x, y)
+    c = correlation.correlation(x, y)
     s, p = stats.spearmanr(x, y), stats.pearsonr(x, y)
     assert c["n"] == 12
-    assert c["spearman_r"] == pytest.approx(s.statistic) and c["spearman_p"] == pytest.approx(s.pvalue)
-    assert c["pearson_r"] == pytest.approx(p.statistic) and c["pearson_p"] == pytest.approx(p.pvalue)
+    assert c["spearman_rho"] == pytest.approx(s.statistic) and c["spearman_p_naive"] == pytest.approx(s.pvalue)
+    assert c["pearson_r"] == pytest.approx(p.statistic) and c["pearson_p_naive"] == pytest.approx(p.pvalue)
     x[3] = np.nan
-    assert transfer.correlation(x, y)["n"] == 11
-    assert np.isnan(transfer.correlation(np.arange(5), np.zeros(5))["spearman_r"])  # constant: undefined
+    assert correlation.correlation(x, y)["n"] == 11
+    assert np.isnan(correlation.correlation(np.arange(5), np.zeros(5))["spearman_rho"])  # constant: undefined
 
 
 def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
@@ -185,8 +215,9 @@ def _study_with_known_outcomes() -> Study:
     def prompt(task, seed, em, rank):
         return PromptRun(f"{task}{seed}", task, seed, torch.zeros(2, 4), {"init_text": ""},
                          {"exact_match": np.mean(em), "rank_accuracy": np.mean(rank)},
-                         {"idx": [0, 1, 2, 3], "prompt_em_correct": em, "prompt_rank_correct": rank,
-                          "no_prompt_em_correct": [0, 0, 0, 0], "no_prompt_rank_correct": [1, 0, 0, 0]})
+                         {layout.IDX: [0, 1, 2, 3], layout.EM_CORRECT: em, layout.RANK_CORRECT: rank,
+                          layout.BASELINES: {"no_prompt": {layout.EM_CORRECT: [0, 0, 0, 0],
+                                                           layout.RANK_CORRECT: [1, 0, 0, 0]}}})
 
     prompts = [prompt("a", 0, [1, 1, 0, 0], [1, 1, 1, 0]), prompt("a", 1, [1, 0, 0, 0], [1, 1, 0, 0]),
                prompt("b", 0, [1, 1, 1, 1], [1, 1, 1, 1])]
@@ -209,13 +240,14 @@ def test_transfer_table_equals_hand_computed_deltas():
     # a on b, exact match: seed 0 gets 3/4, seed 1 gets 1/4; the baseline (by idx) gets 1/4
     ab = row.loc[("a", "b", "exact_match")]
     assert ab.baseline == 0.25 and ab.delta_mean == pytest.approx(0.25)
-    assert ab.delta_std == pytest.approx(np.std([0.5, 0.0], ddof=1)) and ab.n_seeds == 2 and ab.n_examples == 4
-    assert ab["from"] == "transfer runs" and ab.ci_low <= 0.25 <= ab.ci_high
+    assert ab.delta_sd_ddof1 == pytest.approx(np.std([0.5, 0.0], ddof=1)) and ab.n_seeds == 2 and ab.n_examples == 4
+    assert ab["from"] == "transfer runs" and ab.ci95_examples_low <= 0.25 <= ab.ci95_examples_high
+    assert ab.ci95_seeds_examples_low <= 0.25 <= ab.ci95_seeds_examples_high
     # the diagonal comes from the train runs: a on a, rank accuracy (3/4, 2/4) against no prompt 1/4
     aa = row.loc[("a", "a", "rank_accuracy")]
     assert aa.delta_mean == pytest.approx(0.375) and aa["from"] == "train runs"
     ba = row.loc[("b", "a", "rank_accuracy")]
-    assert ba.delta_mean == 0.0 and np.isnan(ba.delta_std)  # one seed: no spread
+    assert ba.delta_mean == 0.0 and np.isnan(ba.delta_sd_ddof1)  # one seed: no spread
     assert len(per_seed) == 2 * (2 + 2 + 1 + 1)  # (a0,a1 on a,b) + (b0 on a,b), two metrics
     mat = transfer.summary_matrix(summary, "exact_match", "delta_mean", ["a", "b"])
     assert mat.loc["a", "b"] == pytest.approx(0.25) and mat.shape == (2, 2)
@@ -318,3 +350,134 @@ def test_records_sort_by_task_registry_order_then_seed():
     assert study.tasks == ["cb", "copa", "wsc"]
     assert [p.label for p in study.sorted_prompts()] == ["cb-seed0", "cb-seed1", "copa-seed0", "wsc-seed0",
                                                           "wsc-seed1"]
+
+
+# ----------------------------------------------------------------------------------------------- issue 13
+TASKS4 = ["cb", "rte", "copa", "wsc"]
+
+
+def test_spearman_of_a_study_whose_distances_tie_ranks_equal_distances_equally():
+    # 4 tasks x 4 seeds of random prompts: the task-level distance of (a, b) and (b, a) is one quantity
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 8))
+    d = geometry.distance_matrix([torch.from_numpy(r[None]) for r in x])
+    labels = [t for t in TASKS4 for _ in range(4)]
+    means = geometry.task_means(d, labels, TASKS4)
+    assert (means.to_numpy() == means.to_numpy().T).all()  # bit for bit: equal things are identical
+    # averaging the transposed block again (the bug) breaks the ties in the last bit on these prompts
+    lab = np.asarray(labels)
+    twice = np.array([[np.mean(d[np.ix_(lab == a, lab == b)]) for b in TASKS4] for a in TASKS4])
+    assert (twice != twice.T).any()
+    gain = pd.DataFrame(rng.integers(-3, 4, size=(4, 4)) / 10, index=TASKS4, columns=TASKS4)
+    off = ~np.eye(4, dtype=bool)
+    # the right rho: each unordered pair's mean distance computed once, so each of the 6 values is a tie of two
+    once = {frozenset((a, b)): np.mean(d[np.ix_(lab == a, lab == b)]) for a in TASKS4 for b in TASKS4 if a < b}
+    xs = [once[frozenset((a, b))] for a in TASKS4 for b in TASKS4 if a != b]
+    ys = [gain.loc[a, b] for a in TASKS4 for b in TASKS4 if a != b]
+    right = stats.spearmanr(xs, ys)
+    assert len(set(xs)) == 6
+    table = correlation.correlation_table({"frobenius_raw": means}, {"delta_exact_match": gain}, TASKS4)
+    row = table.iloc[0]
+    assert row.spearman_rho == pytest.approx(right.statistic, abs=1e-15)
+    assert row.spearman_p_naive == pytest.approx(right.pvalue, abs=1e-15)
+    wrong = stats.spearmanr(twice[off], gain.to_numpy()[off]).statistic
+    assert abs(wrong - right.statistic) > 0.005  # -0.134 against the right -0.124
+    # cosine similarities (SPoT, FFN overlap) are symmetric bit for bit too
+    c = geometry.cosine_matrix(rng.normal(size=(16, 33)))
+    assert (c == c.T).all()
+    with pytest.raises(ValueError, match="symmetric"):
+        geometry.task_means(rng.normal(size=(16, 16)), labels, TASKS4)
+
+
+def test_mantel_test_by_hand_three_and_four_tasks():
+    # 3 tasks, gain = -distance, pair values (01, 02, 12) = (1, 2, 3). With 3 tasks a pair is the complement of
+    # a task, so the 6 relabellings put the 3 values in all 6 orders: (1, 2, 3) rho -1 (the identity), (3, 2, 1)
+    # rho +1 (swapping tasks 0 and 2), and four orders with rho -0.5 or +0.5. Two-sided: p = 2/6.
+    d3 = np.array([[0, 1, 2], [1, 0, 3], [2, 3, 0]], dtype=float)
+    m = correlation.mantel_test(d3, -d3)
+    assert m["spearman_rho"] == pytest.approx(-1.0) and m["mantel_permutations"] == 6 and m["mantel_exact"] == 1
+    assert m["spearman_p_mantel"] == pytest.approx(2 / 6) and m["pearson_p_mantel"] == pytest.approx(2 / 6)
+    null = [correlation._off_diagonal_stats(d3[np.ix_(p, p)], -d3)[0] for p in ([1, 0, 2], [1, 2, 0], [2, 1, 0])]
+    assert null == pytest.approx([-0.5, 0.5, 1.0])  # (1, 3, 2), (3, 1, 2), (3, 2, 1) against (3, 2, 1) in ranks
+    # 4 tasks, 6 distinct distances, the same perfect relation: only the identity keeps the 6 values in order
+    # (and none reverses it: the map from a pair to its complement comes from no relabelling of 4 tasks), so
+    # p = 1/24, the smallest possible, while scipy's naive p-value (12 independent points) is far smaller
+    d4 = np.zeros((4, 4))
+    d4[np.triu_indices(4, 1)] = [1, 2, 3, 4, 5, 6]
+    d4 = d4 + d4.T
+    gain = -d4 + np.diag([9, 9, 9, 9])  # the diagonal (a task on itself) is not a pair: ignored
+    m = correlation.mantel_test(d4, gain)
+    assert m["mantel_permutations"] == 24 and m["spearman_p_mantel"] == pytest.approx(1 / 24)
+    assert correlation.correlation(d4[~np.eye(4, dtype=bool)], gain[~np.eye(4, dtype=bool)])[
+        "spearman_p_naive"] < 1e-6
+    # a constant distance: no correlation is defined, for any relabelling
+    got = correlation.mantel_test(np.ones((4, 4)), gain)
+    assert np.isnan(got["spearman_rho"]) and np.isnan(got["spearman_p_mantel"])
+    # past max_exact: the identity plus random relabellings
+    m = correlation.mantel_test(d4, gain, max_exact=1, n_random=99)
+    assert m["mantel_permutations"] == 100 and m["mantel_exact"] == 0 and 0.01 <= m["spearman_p_mantel"] <= 0.2
+    with pytest.raises(ValueError, match=r"\[T, T\]"):
+        correlation.mantel_test(np.zeros((3, 3)), np.zeros((4, 4)))
+
+
+def test_hierarchical_bootstrap_sees_seeds_that_disagree_and_the_examples_only_interval_does_not():
+    # seed 0 gets every example right, seed 1 none: the seed mean is 0.5 on every example
+    disagree = np.array([[1.0] * 56, [0.0] * 56])
+    assert transfer.bootstrap_mean_ci(disagree.mean(axis=0), 2000) == (0.5, 0.5)  # sd over seeds 0.71, width 0
+    lo, hi = transfer.hierarchical_bootstrap_ci(disagree, 2000)
+    assert (lo, hi) == (0.0, 1.0)  # half the resamples draw the same seed twice
+    # seeds that agree: the hierarchical interval is the examples' one (up to the bootstrap's own noise)
+    rng = np.random.default_rng(1)
+    row = (rng.random(100) < 0.3).astype(float)
+    agree = np.stack([row, row, row, row])
+    e_lo, e_hi = transfer.bootstrap_mean_ci(row, 4000, seed=2)
+    h_lo, h_hi = transfer.hierarchical_bootstrap_ci(agree, 4000, seed=2)
+    assert h_lo == pytest.approx(e_lo, abs=0.02) and h_hi == pytest.approx(e_hi, abs=0.02)
+    assert transfer.hierarchical_bootstrap_ci(agree, 500, seed=3) == transfer.hierarchical_bootstrap_ci(
+        agree, 500, seed=3)
+    with pytest.raises(ValueError, match="seeds, examples"):
+        transfer.hierarchical_bootstrap_ci(row, 10)
+
+
+def _inputs_without_effective() -> "inputs.Inputs":
+    gen = torch.Generator().manual_seed(6)
+    prompts = [PromptRun(f"{t}{s}", t, s, torch.randn(n, 8, generator=gen), {"init_text": ""})
+               for t, n in (("cb", 3), ("rte", 4), ("copa", 2)) for s in range(3)]
+    study = Study("e", "s", prompts)
+    return inputs.Inputs(prompts=study.sorted_prompts(), tasks=study.tasks, embedding=torch.randn(20, 8),
+                         init={"cb": None, "rte": None, "copa": None})
+
+
+def test_effective_numbers_are_na_when_the_model_defines_no_effective_prompt():
+    from analysis import distances, stochasticity
+
+    inp = _inputs_without_effective()
+    sec = stochasticity.stochasticity_section(inputs=inp, distance="truncate", seed=0)
+    table = sec.outputs[0].data
+    assert table["frobenius_raw_mean"].notna().all()
+    assert table["frobenius_effective_mean"].isna().all() and table["rms_row_norm_effective_var_ddof0"].isna().all()
+    assert "n/a" in sec.outputs[0].text
+    mats = distances.distance_matrices(inp, "truncate")
+    assert set(mats) == {"frobenius_raw", "rms_row_distance_raw"}
+    sec = distances.distances_section(inputs=inp, matrices=mats, distance="truncate")
+    assert any("n/a" in n for n in sec.notes)
+    long = sec.outputs[0].data
+    # the length confound is stated per task pair: cb (3 rows) with copa (2 rows) compares 2 rows
+    assert set(long[(long.source == "cb") & (long.target == "copa")]["rows_compared"]) == {2}
+    within = sec.outputs[1].data
+    sub = within[(within.task == "cb") & (within.measure == "frobenius_raw")].iloc[0]
+    pair_d = [geometry.prompt_distance(inp.raw[i], inp.raw[j]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert sub.sd_ddof1 == pytest.approx(np.std(pair_d, ddof=1))
+    assert sub.cv_ddof1 == pytest.approx(np.std(pair_d, ddof=1) / np.mean(pair_d))
+
+
+def test_table1_variance_is_the_population_variance_and_the_paper_ratio_is_sourced():
+    from analysis import paper, stochasticity
+
+    per_prompt = pd.DataFrame({"task": ["cb", "cb", "wsc", "wsc"], "seed": [0, 1, 0, 1], "num_tokens": [4, 4, 9, 9],
+                               **{c: [1.0, 3.0, 2.0, 6.0] for c in stochasticity.NORM_COLUMNS}})
+    t1 = stochasticity.table1(per_prompt, ["cb", "wsc"])
+    assert t1["frobenius_raw_var_ddof0"].tolist() == [1.0, 4.0]  # (1 - 2)^2 + (3 - 2)^2 over 2, not over 1
+    r = stochasticity.wsc_cb_ratio(t1)
+    assert r["frobenius_raw_ratio"] == 2.0 and r["sqrt_length_ratio"] == 1.5
+    assert r["paper_ratio"] == paper.wsc_cb_norm_ratio() == pytest.approx(135.3 / 119.2)

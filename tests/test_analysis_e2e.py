@@ -106,12 +106,12 @@ def test_table1_equals_norms_recomputed_from_the_artifacts(report, runs):
     assert set(by_task) == set(table.index) == {"cb", "rte", "copa", "wsc"}
     for task, norms in by_task.items():
         assert table.loc[task, "frobenius_raw_mean"] == pytest.approx(np.mean(norms))
-        assert table.loc[task, "frobenius_raw_var"] == pytest.approx(np.var(norms), abs=1e-12)
+        assert table.loc[task, "frobenius_raw_var_ddof0"] == pytest.approx(np.var(norms), abs=1e-12)
         n = next(r["prompt"].shape[0] for r in runs["train"] if r["tags"]["ptray.task"] == task)
         assert table.loc[task, "num_tokens"] == n
-        assert table.loc[task, "per_token_raw_mean"] == pytest.approx(np.mean(norms) / np.sqrt(n))
+        assert table.loc[task, "rms_row_norm_raw_mean"] == pytest.approx(np.mean(norms) / np.sqrt(n))
     # after BLOOM's input LayerNorm with its initial weights (1, 0) every row has norm sqrt(hidden) = 8
-    assert table["per_token_effective_mean"].to_numpy() == pytest.approx(8.0, rel=1e-3)
+    assert table["rms_row_norm_effective_mean"].to_numpy() == pytest.approx(8.0, rel=1e-3)
 
 
 def test_distances_equal_a_recomputation_over_the_common_length(report, runs):
@@ -139,9 +139,11 @@ def test_transfer_equals_the_runs_recorded_deltas(report, runs):
                         if r["metrics"]["source"] == row.source and r["metrics"]["target"] == row.target]
         assert row.n_seeds == len(recorded) == 2
         assert row.delta_mean == pytest.approx(np.mean(recorded), abs=1e-9)
-        assert row.delta_std == pytest.approx(np.std(recorded, ddof=1), abs=1e-9)
+        assert row.delta_sd_ddof1 == pytest.approx(np.std(recorded, ddof=1), abs=1e-9)
         assert row.baseline == pytest.approx(base[row.target][row.metric])
-        assert row.ci_low <= row.delta_mean + 1e-9 and row.delta_mean <= row.ci_high + 1e-9
+        for ci in ("ci95_examples", "ci95_seeds_examples"):
+            low, high = getattr(row, f"{ci}_low"), getattr(row, f"{ci}_high")
+            assert low <= row.delta_mean + 1e-9 and row.delta_mean <= high + 1e-9
         checked += 1
     assert checked == 4 * 4 * 2
 
@@ -166,12 +168,32 @@ def test_correlations_equal_scipy_on_the_plotted_points(report):
     assert len(points) == 12 and not (points.source == points.target).any()
     st = pd.read_csv(report / "correlation_stats.csv")
     row = st[(st.predictor == "frobenius_raw") & (st.gain == "delta_rank_accuracy")].iloc[0]
+    # the distance of A->B is the distance of B->A, bit for bit: 6 distinct values over the 12 ordered pairs
+    by_pair = points.set_index(["source", "target"])["frobenius_raw"]
+    assert all(by_pair[(a, b)] == by_pair[(b, a)] for a, b in by_pair.index)
+    assert by_pair.nunique() == 6
     if points["delta_rank_accuracy"].nunique() > 1:
         s = stats.spearmanr(points["frobenius_raw"], points["delta_rank_accuracy"])
-        assert row.spearman_r == pytest.approx(s.statistic) and row.spearman_p == pytest.approx(s.pvalue)
+        assert row.spearman_rho == pytest.approx(s.statistic) and row.spearman_p_naive == pytest.approx(s.pvalue)
+        # the dependence-aware p-value: a share of the 24 relabellings of the 4 tasks, never below 1/24
+        assert row.mantel_permutations == 24 and row.mantel_exact == 1
+        assert 1 / 24 - 1e-12 <= row.spearman_p_mantel <= 1 and (row.spearman_p_mantel * 24) % 1 == pytest.approx(0)
     predictors = set(pd.read_csv(report / "predictors.csv")["predictor"])
     assert {"frobenius_raw", "frobenius_effective", "spot_cosine_raw", "ffn_overlap",
-            "init_text_distance"} <= predictors
+            "init_text_distance", "rows_compared"} <= predictors
+
+
+def test_the_report_leads_the_distance_vs_transfer_section_with_the_mantel_test_and_labels_its_statistics(report):
+    md = (report / "report.md").read_text(encoding="utf-8")
+    section = md.split("## Distance vs transfer", 1)[1]
+    first = section.split("\n\n", 2)[1]  # the paragraph under the heading
+    assert first.startswith("Mantel test (exact: all 24 relabellings of the 4 tasks")
+    assert "naive" in first and "Length confound" in first
+    assert "_var_ddof0" in md and "delta_sd_ddof1" in md and "ci95_seeds_examples_low" in md
+    page = (report / "report.html").read_text(encoding="utf-8")
+    assert "hierarchical bootstrap interval" in page and "ddof=1" in page
+    assert "cv_ddof1" in pd.read_csv(report / "within_task.csv").columns
+    assert "rows_compared" in pd.read_csv(report / "distance_pairs.csv").columns
 
 
 def test_faithfulness_soft_accuracy_reproduces_the_recorded_one(report):

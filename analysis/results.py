@@ -1,0 +1,86 @@
+"""What the analysis produces: its options, one report item (``Output``), one section's results (``Section``) and
+the whole analysis (``Results``), with the report's section headings. No computation here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from analysis.geometry import DISTANCE_METHODS
+
+
+@dataclass
+class Options:
+    """How the analysis runs. Every field has a default; ``__post_init__`` raises ValueError for a bad value."""
+
+    top_k: int = 3  # nearest tokens per prompt row (the paper shows 3)
+    distance: str = "truncate"  # how prompts of different lengths are compared: truncate or pad
+    n_boot: int = 2000  # bootstrap resamples for the transfer intervals
+    seed: int = 0  # seeds t-SNE and the bootstraps
+    faithfulness: bool = True  # evaluate discretised prompts (needs the data and model forward passes)
+    data_dir: str | None = None  # overrides the train runs' data_dir for the faithfulness check
+    batch_size: int = 32  # evaluation sequences per step
+    chunk: int = 32768  # vocabulary rows per similarity block in the nearest-token search
+
+    def __post_init__(self):
+        if self.distance not in DISTANCE_METHODS:
+            raise ValueError(f"distance must be one of {DISTANCE_METHODS}, got {self.distance!r}")
+        if self.top_k < 1 or self.n_boot < 0 or self.batch_size < 1 or self.chunk < 1:
+            raise ValueError("top_k, batch_size and chunk must be positive and n_boot not negative")
+
+
+@dataclass
+class Output:
+    """One item of the report: a figure (or None) and the numbers behind it (DataFrame -> CSV, dict -> JSON)."""
+
+    name: str  # file stem: <name>.png beside <name>.csv or <name>.json
+    section: str  # a key of SECTIONS
+    title: str
+    text: str  # the caption: says what every number is (conventions, intervals, tests)
+    data: pd.DataFrame | dict
+    figure: Any = None
+    show_table: bool = True  # show the numbers as a table in the HTML report
+
+
+@dataclass
+class Section:
+    """What one analysis section returns: its report items and what it adds to analysis.json, the MLflow
+    metrics of the analysis run, the report's metadata and its notes."""
+
+    outputs: list[Output] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Results:
+    """The whole analysis: ``meta`` (the report's header, ``meta["notes"]`` a list of strings), every output in
+    report order, ``summary`` (analysis.json) and ``metrics`` (logged as MLflow metrics of the analysis run)."""
+
+    meta: dict[str, Any]
+    outputs: list[Output] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def add(self, section: Section) -> None:
+        """Append one section's outputs and merge its summary, metrics, meta and notes."""
+        self.outputs += section.outputs
+        self.summary.update(section.summary)
+        self.metrics.update(section.metrics)
+        self.meta.update(section.meta)
+        self.meta.setdefault("notes", []).extend(section.notes)
+
+
+SECTIONS = {
+    "nearest": "Nearest tokens (paper 5.1, Figures 2-5)",
+    "stochasticity": "Stochasticity (paper 5.2, Figure 6, Table 1)",
+    "distances": "Distances between prompts (Figure 7)",
+    "transfer": "Zero-shot transfer (Figure 8)",
+    "correlation": "Does distance predict transfer?",
+    "predictors": "Other transferability predictors",
+    "faithfulness": "Faithfulness of the nearest-token reading",
+}

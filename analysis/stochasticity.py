@@ -1,0 +1,144 @@
+"""Stochasticity (paper 5.2): how the prompts of one task's seeds differ. Table 1 (norm and variance per task),
+the norms figure, and Figure 6 (every prompt on a 2-D map).
+
+Conventions, also written in the column names: a spread across seeds is the sample standard deviation (ddof=1),
+except Table 1's variance, which reproduces the paper's table and is the population variance (ddof=0). The rms row
+norm is ||P||_F / sqrt(n), the root mean square of the row norms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures, geometry, paper
+from analysis.inputs import Inputs
+from analysis.results import Output, Section
+
+NORM_COLUMNS = ["frobenius_raw", "rms_row_norm_raw", "frobenius_effective", "rms_row_norm_effective", "drift_raw",
+                "drift_effective"]
+
+
+def per_prompt_norms(inputs: Inputs) -> pd.DataFrame:
+    """One row per prompt: task, seed, num_tokens and NORM_COLUMNS (norms, and the drift ||P - P_init||_F from
+    the task's init-text prompt; NaN where the init prompt or the effective prompt is not defined)."""
+    raw_n = geometry.prompt_norms(inputs.raw)
+    nan = [np.nan] * len(inputs.prompts)
+    eff_n = geometry.prompt_norms(inputs.effective) if inputs.effective is not None else \
+        pd.DataFrame({"frobenius": nan, "rms_row_norm": nan})
+
+    def drift(i, p, space):
+        init = inputs.init.get(p.task)
+        if init is None:
+            return np.nan
+        if space == "raw":
+            return geometry.prompt_distance(p.prompt, init)
+        if inputs.effective is None:
+            return np.nan
+        return geometry.prompt_distance(inputs.effective[i], inputs.init_effective[p.task])
+
+    return pd.DataFrame({
+        "task": inputs.labels, "seed": inputs.seeds, "num_tokens": raw_n["num_tokens"],
+        "frobenius_raw": raw_n["frobenius"], "rms_row_norm_raw": raw_n["rms_row_norm"],
+        "frobenius_effective": eff_n["frobenius"], "rms_row_norm_effective": eff_n["rms_row_norm"],
+        "drift_raw": [drift(i, p, "raw") for i, p in enumerate(inputs.prompts)],
+        "drift_effective": [drift(i, p, "effective") for i, p in enumerate(inputs.prompts)],
+    })
+
+
+def table1(per_prompt: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """The paper's Table 1 and its companions: one row per task with num_tokens, num_seeds, and for every
+    NORM_COLUMNS column ``<c>_mean`` (over seeds) and ``<c>_var_ddof0`` (population variance across seeds, the
+    paper's table)."""
+    g = per_prompt.groupby("task", sort=False)
+    out = pd.DataFrame({"task": tasks})
+    out["num_tokens"] = [int(g.get_group(t)["num_tokens"].iloc[0]) for t in tasks]
+    out["num_seeds"] = [len(g.get_group(t)) for t in tasks]
+    for c in NORM_COLUMNS:
+        out[f"{c}_mean"] = [g.get_group(t)[c].mean() for t in tasks]
+        out[f"{c}_var_ddof0"] = [g.get_group(t)[c].var(ddof=0) for t in tasks]
+    return out
+
+
+def wsc_cb_ratio(table: pd.DataFrame) -> dict[str, float] | None:
+    """WSC / CB ratios of the mean raw norms beside sqrt(n_WSC / n_CB) (what length alone would give) and the
+    paper's ratio (``analysis.paper``); None unless the study has both tasks. All unitless."""
+    if not {"wsc", "cb"} <= set(table["task"]):
+        return None
+    r = table.set_index("task")
+    return {
+        "frobenius_raw_ratio": float(r.loc["wsc", "frobenius_raw_mean"] / r.loc["cb", "frobenius_raw_mean"]),
+        "sqrt_length_ratio": float(np.sqrt(r.loc["wsc", "num_tokens"] / r.loc["cb", "num_tokens"])),
+        "rms_row_norm_raw_ratio": float(r.loc["wsc", "rms_row_norm_raw_mean"] / r.loc["cb", "rms_row_norm_raw_mean"]),
+        "paper_ratio": paper.wsc_cb_norm_ratio(),
+    }
+
+
+def _norms_figure(per_prompt: pd.DataFrame, tasks: list[str], effective: bool):
+    means = per_prompt.groupby("task", sort=False)[NORM_COLUMNS].agg(["mean", "std"])  # pandas std: ddof=1
+    means.columns = [f"{a}_{b}" for a, b in means.columns]
+    means = means.reindex(tasks).reset_index()
+    panels = []
+    for col, title, ylabel in (("frobenius", "Frobenius norm per prompt (paper's Table 1)", "||P||_F"),
+                               ("rms_row_norm", "RMS row norm ||P||_F / sqrt(n)", "norm per row")):
+        series = [(f"{col}_raw_mean", "raw")] + ([(f"{col}_effective_mean", "effective")] if effective else [])
+        panels.append({"data": means, "category": "task", "title": title, "ylabel": ylabel, "series": series,
+                       "errors": {s: s.replace("_mean", "_std") for s, _ in series},
+                       "dots": per_prompt.rename(columns={s.removesuffix("_mean"): s for s, _ in series})})
+    return figures.bars_figure(panels)
+
+
+def _maps(inputs: Inputs, distance: str, seed: int) -> tuple[pd.DataFrame, list, float]:
+    coords = pd.DataFrame({"task": inputs.labels, "seed": inputs.seeds})
+    maps = []
+    spaces = [("raw", inputs.raw)] + ([("effective", inputs.effective)] if inputs.effective is not None else [])
+    perplexity = geometry.tsne_perplexity(len(inputs.prompts))
+    for space, mats in spaces:
+        if len(mats) >= 3:
+            xy = geometry.tsne_map(geometry.distance_matrix(mats, distance), seed=seed, perplexity=perplexity)
+            coords[f"tsne_{space}_x"], coords[f"tsne_{space}_y"] = xy[:, 0], xy[:, 1]
+            maps.append((f"t-SNE, {space} prompts", xy, f"perplexity {perplexity:g}, Frobenius distances "
+                                                         f"({distance})"))
+        feats, m = geometry.common_length_features(mats)
+        xy, ratio = geometry.pca_map(feats)
+        coords[f"pca_{space}_x"], coords[f"pca_{space}_y"] = xy[:, 0], xy[:, 1]
+        maps.append((f"PCA, {space} prompts", xy, f"first {m} rows flattened; PC1 {ratio[0]:.0%}, "
+                                                  f"PC2 {ratio[1]:.0%} of variance"))
+    return coords, maps, perplexity
+
+
+def stochasticity_section(*, inputs: Inputs, distance: str, seed: int) -> Section:
+    """Table 1, the norms figure and Figure 6 (t-SNE and PCA maps; ``seed`` seeds t-SNE, ``distance`` is the
+    ``geometry.DISTANCE_METHODS`` entry t-SNE's distances use)."""
+    per_prompt = per_prompt_norms(inputs)
+    t1 = table1(per_prompt, inputs.tasks)
+    ratio = wsc_cb_ratio(t1)
+    eff = inputs.effective is not None
+    out = Section(summary={"table1": t1.to_dict(orient="records"), "wsc_cb_norm_ratio": ratio})
+    eff_text = f"the output of {inputs.effective_name}" if eff else \
+        "n/a: the effective prompt is not defined for this model"
+    out.outputs.append(Output(
+        "table1_norms", "stochasticity", "Table 1: norm and variance of the prompts per task",
+        "Per task: mean over seeds (_mean) and population variance across seeds (_var_ddof0, the convention of the "
+        "paper's Table 1) of the Frobenius norm ||P||_F (the paper's number, which grows with the prompt's length "
+        "n), the rms row norm ||P||_F / sqrt(n) (root mean square of the row norms, comparable across lengths), "
+        f"the same for the effective rows ({eff_text}), and the drift ||P - P_init||_F from the init-text prompt."
+        + (f" WSC/CB raw norm ratio {ratio['frobenius_raw_ratio']:.3f} against sqrt(n_WSC/n_CB) = "
+           f"{ratio['sqrt_length_ratio']:.3f} (the length confound; paper: {ratio['paper_ratio']:.3f}); rms row "
+           f"norm ratio {ratio['rms_row_norm_raw_ratio']:.3f}." if ratio else ""), t1))
+    out.outputs.append(Output(
+        "norms", "stochasticity", "Prompt norms, raw and effective",
+        "Bars: mean over seeds; error bars: sample standard deviation across seeds (ddof=1); dots: seeds. The raw "
+        "Frobenius norm grows with the number of rows; the rms row norm and the effective rows compare across "
+        "tasks." + ("" if eff else " Effective: n/a for this model."), per_prompt,
+        _norms_figure(per_prompt, inputs.tasks, eff)))
+    coords, maps, perplexity = _maps(inputs, distance, seed)
+    out.outputs.append(Output(
+        "prompt_maps", "stochasticity", "Figure 6: every prompt in two dimensions",
+        f"Each point is one prompt, coloured by task, the seeds of a task joined. t-SNE (perplexity "
+        f"{perplexity:g}, valid for {len(inputs.prompts)} points) runs on the prompt distance matrix, so prompts of "
+        f"different lengths are compared as in the distance section; PCA needs equal-length vectors and uses "
+        f"the first rows common to all prompts. t-SNE distances between clusters are not meaningful; PCA's are. "
+        f"Top: raw rows (the paper)" + ("; bottom: effective rows." if eff else "."), coords,
+        figures.prompt_maps_figure(maps, inputs.labels, inputs.seeds, inputs.tasks), show_table=False))
+    return out
