@@ -46,10 +46,9 @@ class EvalResult:
     rank_correct: list[int] = field(default_factory=list)
     rank_pred: list[int] = field(default_factory=list)  # predicted label index per example
 
-    def metrics(self, prefix: str = "") -> dict[str, float]:
-        """``{prefix}eval_loss``, ``{prefix}exact_match``, ``{prefix}rank_accuracy``."""
-        return {f"{prefix}eval_loss": self.loss, f"{prefix}exact_match": self.exact_match,
-                f"{prefix}rank_accuracy": self.rank_accuracy}
+    def metrics(self) -> dict[str, float]:
+        """``eval_loss`` (mean token NLL), ``exact_match`` and ``rank_accuracy`` (fractions in [0, 1])."""
+        return {"eval_loss": self.loss, "exact_match": self.exact_match, "rank_accuracy": self.rank_accuracy}
 
 
 def shares_source(model, data: list[Encoded] | None = None, num_prompt_tokens: int = 0) -> bool:

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from ptray.errors import PtrayError
-from ptray.prompt import PromptInit, SoftPrompt, init_prompt, load_adapter, save_adapter, text_token_ids
+from ptray.prompt import (
+    PromptInit,
+    SoftPrompt,
+    init_prompt,
+    load_adapter,
+    prepend,
+    save_adapter,
+    text_token_ids,
+)
 from ptray.tasks import TASKS
 
 INIT = TASKS["cb"].init_text
@@ -51,7 +59,7 @@ def test_random_and_vocab_init(tiny):
 def test_soft_prompt_prepends_and_stays_fp32():
     p = SoftPrompt(torch.randn(3, 8, dtype=torch.bfloat16))
     assert p.weight.dtype == torch.float32 and p.num_tokens == 3
-    x, mask = p(torch.zeros(2, 4, 8, dtype=torch.bfloat16), torch.ones(2, 4, dtype=torch.long))
+    x, mask = prepend(p.weight, torch.zeros(2, 4, 8, dtype=torch.bfloat16), torch.ones(2, 4, dtype=torch.long))
     assert x.shape == (2, 7, 8) and x.dtype == torch.bfloat16 and mask.shape == (2, 7) and mask.sum() == 14
     assert torch.equal(x[1, :3], p.weight.detach().bfloat16())
 
