@@ -50,6 +50,19 @@ def resolve_device_precision(device: str = "auto", precision: str = "auto") -> t
     return device, precision
 
 
+def library_versions() -> dict[str, str]:
+    """The installed versions of the libraries ptray's numbers depend on, as run params (``torch_version``, ...)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "accelerate"):
+        try:
+            out[f"{name}_version"] = version(name)
+        except PackageNotFoundError:
+            out[f"{name}_version"] = "not installed"
+    return out
+
+
 def model_dtype(precision: str) -> torch.dtype:
     """Weights dtype for a precision: frozen weights in bf16 halve memory and time; fp16 keeps fp32 weights
     (autocast with loss scaling is the stable fp16 recipe)."""

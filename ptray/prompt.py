@@ -121,8 +121,10 @@ def save_adapter(weight: torch.Tensor, out_dir: str | Path, base_model: str, ini
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # peft < 0.18 has no SAMPLE_VOCAB; the init is only a record there (loading reads the saved rows)
+    sample_vocab = getattr(PromptTuningInit, "SAMPLE_VOCAB", PromptTuningInit.RANDOM)
     peft_init = {PromptInit.TEXT: PromptTuningInit.TEXT, PromptInit.RANDOM: PromptTuningInit.RANDOM,
-                 PromptInit.SAMPLE_VOCAB: PromptTuningInit.SAMPLE_VOCAB}[PromptInit(init)]
+                 PromptInit.SAMPLE_VOCAB: sample_vocab}[PromptInit(init)]
     config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=weight.shape[0],
