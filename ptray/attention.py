@@ -22,6 +22,7 @@ Other families: Llama, Qwen2, Mistral, Gemma, GPT-NeoX... declare SDPA support i
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +45,11 @@ def _fused_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
     kv_length = key.shape[2]
-    bias = alibi.view(batch_size, self.num_heads, 1, -1)[..., :kv_length].to(query.dtype)
-    if attention_mask is None:
-        if q_length > 1:  # no mask given: causal only, the last q queries of a kv-long sequence
-            causal = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - q_length)
-            bias = bias.masked_fill(~causal, torch.finfo(query.dtype).min)
-    elif attention_mask.dtype == torch.bool:
-        bias = bias.masked_fill(~attention_mask[..., :kv_length], torch.finfo(query.dtype).min)
-    else:
-        bias = bias + attention_mask[..., :kv_length].to(query.dtype)
+    bias = self._ptray_shared_bias.get(alibi, attention_mask, lambda: _bias(
+        alibi, attention_mask, batch_size, self.num_heads, q_length, kv_length, query.dtype))
     # Hugging Face: softmax(alibi * beta + inv_norm_factor * Q K^T + mask); beta is 1.0 in every BLOOM.
     context = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=bias.expand(batch_size, self.num_heads, q_length, kv_length),
+        query, key, value, attn_mask=bias,
         dropout_p=self.attention_dropout.p if self.training else 0.0, scale=self.inv_norm_factor,
     )  # [batch, heads, q, head_dim]
     context = context.transpose(1, 2).reshape(batch_size, q_length, self.num_heads * self.head_dim)
@@ -63,6 +57,38 @@ def _fused_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
 
     output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
     return output, None
+
+
+def _bias(alibi, attention_mask, batch_size, num_heads, q_length, kv_length, dtype) -> torch.Tensor:
+    """ALiBi + causal/padding mask as one additive bias [batch, heads, q, kv] (or broadcastable to it)."""
+    bias = alibi.view(batch_size, num_heads, 1, -1)[..., :kv_length].to(dtype)
+    if attention_mask is None:
+        if q_length > 1:  # no mask given: causal only, the last q queries of a kv-long sequence
+            causal = torch.ones(q_length, kv_length, dtype=torch.bool, device=alibi.device).tril(kv_length - q_length)
+            bias = bias.masked_fill(~causal, torch.finfo(dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        bias = bias.masked_fill(~attention_mask[..., :kv_length], torch.finfo(dtype).min)
+    else:
+        bias = bias + attention_mask[..., :kv_length].to(dtype)
+    return bias.expand(batch_size, num_heads, q_length, kv_length)
+
+
+class _SharedBias:
+    """The bias of the forward pass in progress, built by the first layer and reused by the others: every layer
+    gets the same ``alibi`` and mask tensors, so the [batch, heads, q, kv] bias is built (and, for backward, kept)
+    once per pass instead of once per layer. The keys are weak references: a later pass has new tensors."""
+
+    def __init__(self):
+        self._keys: tuple = (None, None)
+        self._bias: torch.Tensor | None = None
+
+    def get(self, alibi: torch.Tensor, mask: torch.Tensor | None, build) -> torch.Tensor:
+        ref_alibi, ref_mask = self._keys
+        same_mask = (ref_mask is None and mask is None) or (ref_mask is not None and ref_mask() is mask)
+        if ref_alibi is None or ref_alibi() is not alibi or not same_mask:
+            self._bias = build()
+            self._keys = (weakref.ref(alibi), weakref.ref(mask) if mask is not None else None)
+        return self._bias
 
 
 def _bloom_attentions(model) -> list[torch.nn.Module]:
@@ -79,12 +105,15 @@ def use_fused_attention(model, enabled: bool = True) -> int:
     Hugging Face code picks SDPA itself). Idempotent. Raises nothing on non-BLOOM models.
     """
     modules = _bloom_attentions(model)
+    shared = _SharedBias()  # one per model: its layers see the same alibi and mask
     for module in modules:
         if enabled:
             module.forward = types.MethodType(_fused_forward, module)
+            module._ptray_shared_bias = shared
             setattr(module, _ORIGINAL, True)
         elif getattr(module, _ORIGINAL, False):
             del module.forward  # the instance attribute goes; the class's eager forward is found again
+            del module._ptray_shared_bias
             delattr(module, _ORIGINAL)
     return len(modules)
 

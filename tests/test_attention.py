@@ -148,3 +148,26 @@ def test_non_bloom_models_are_left_alone():
                                          num_attention_heads=4, num_key_value_heads=4))
     assert model.config._attn_implementation == "sdpa"  # transformers' default where the family supports it
     assert use_fused_attention(model) == 0 and not fused_attention_enabled(model)
+
+
+def test_bias_is_built_once_per_forward(monkeypatch):
+    """Every layer gets the same ALiBi and mask tensors: the [batch, heads, q, kv] bias is built by the first layer
+    only, and built anew for the next pass (whose padding differs)."""
+    import ptray.attention as attention
+
+    built = []
+    real = attention._bias
+    monkeypatch.setattr(attention, "_bias", lambda *a: built.append(a[0].shape) or real(*a))
+    model = _bloom(4)
+    use_fused_attention(model)
+    ids, mask = _padded_batch(6)
+    model(input_ids=ids, attention_mask=mask)
+    assert len(built) == 1
+    other = mask.clone()
+    other[0, 5:] = 0
+    fused = model(input_ids=ids, attention_mask=other).logits
+    assert len(built) == 2
+    use_fused_attention(model, enabled=False)
+    keep = other.bool()
+    torch.testing.assert_close(fused[keep], model(input_ids=ids, attention_mask=other).logits[keep],
+                               rtol=1e-5, atol=1e-5)

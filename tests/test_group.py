@@ -116,3 +116,29 @@ def test_group_refuses_prompts_that_do_not_share_the_model(tiny_model_dir, data_
         train_group([])
     with pytest.raises(PtrayError, match="resume has 2 states for 1 prompts"):
         train_group([a], resume=[None, None])
+
+
+def test_gpu_study_smoke(tmp_path, data_dir):
+    """benchmarks/gpu_study.py --smoke on CPU: every section runs and reports numbers that make sense."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import gpu_study
+
+    out, md = tmp_path / "s.json", tmp_path / "s.md"
+    assert gpu_study.main(["--smoke", "--device", "cpu", "--data-dir", str(data_dir), "--out", str(out),
+                           "--md", str(md)]) == 0
+    res = json.loads(out.read_text())
+    assert res["errors"] == {}
+    for entry in res["attention"]:
+        assert entry["max_abs_logprob_diff"] < 1e-4  # fp32: the fused path computes the eager one's numbers
+        assert entry["eager"]["tokens_per_s"] > 0 and entry["fused"]["tokens_per_s"] > 0
+    assert res["sdpa_kernels"]["MATH"]["ok"]
+    assert [e["prompts"] for e in res["group"]] == [1, 1, 2, 4]
+    study = res["study"]
+    assert study["finished"] and study["epochs_run"] == [2] * 16
+    assert study["evaluations"] == study["evaluations_planned"] == 68
+    text = md.read_text()
+    assert "<!-- bench:gpu-study -->" in text and "68/68 evaluations" in text

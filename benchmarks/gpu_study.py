@@ -1,0 +1,507 @@
+"""Issue 11 on one GPU: fused ALiBi attention, trial groups, and the paper study end to end, in one capped run.
+
+    python benchmarks/gpu_study.py --data-dir DIR --out gpu_study.json --md BENCHMARKS.md   # GPU, < 10 minutes
+    python benchmarks/gpu_study.py --smoke --data-dir DIR --out /tmp/s.json                  # CPU, tiny model, ~1 min
+
+Needs torch, transformers, accelerate and ptray only (no Ray, MLflow, PEFT or ``datasets``). Builds a random model
+with bloomz-560m's exact config (``--smoke``: ptray's tiny BLOOM) and measures, in this order:
+
+1. ``peak``: the dense matmul FLOP/s of the device in the run's dtype (the MFU denominator); the spec peak is
+   989 TFLOP/s dense bf16 for H100/H200 SXM (none assumed for other devices).
+2. ``attention``: forward + backward to a soft prompt (``ptray.model.answer_logprobs``) through Hugging Face's eager
+   BLOOM attention and through ``ptray.attention``'s fused SDPA path, at several batch x length shapes (right
+   padding, lengths drawn from [L/2, L]); tokens/s, MFU, and the largest difference of the answer log-probs
+   between the two. Then which SDPA kernels accept the ALiBi bias (efficient, cuDNN, flash, math).
+3. ``group``: the training step of one trial (batch 8, eager as ``ptray.train`` runs today, and fused) against
+   trial groups of K = 4, 8, 16 prompts (the study's tasks and seeds, real batches from ``train_batches``,
+   ``ptray.group.group_answer_logprobs`` + one Adam per prompt), tokens/s, MFU and peak memory.
+4. ``study``: the paper study run by ``ptray.group.train_group``: 16 prompts (CB, RTE, COPA, WSC x seeds 0-3),
+   up to 50 epochs with a validation pass each, early stopping (patience 5), in one group; then the 68 transfer
+   evaluations (16 prompts x 4 tasks + no prompt on each task). Wall time measured under ``--study-seconds``; when
+   the cap stops it, the epochs each prompt ran are reported (and the evaluations run on the best prompts so far).
+
+Tokens are real text tokens (no padding, no prompt rows); model FLOPs and MFU follow ``benchmarks/measure.py``
+(training FLOPs per sequence: 4 N_lin T + 12 l h T^2 + 4 h V A with T = prompt + text positions, A answer targets).
+The whole run stops starting new measurements once ``--total-seconds`` is near. Writes ``--out`` (JSON) and, with
+``--md``, the ``gpu-study`` section of that markdown file.
+
+On the GPU machine the SuperGLUE folder must travel with the working tree (an ignored folder named in ``carry``),
+passed as ``--data-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.measure import PeakMemory, Shape, matmul_peak, sync  # noqa: E402
+from benchmarks.models import build_model  # noqa: E402
+from ptray.attention import use_fused_attention  # noqa: E402
+from ptray.batching import collate, encode_all, train_batches  # noqa: E402
+from ptray.data import load_split  # noqa: E402
+from ptray.evaluate import evaluate  # noqa: E402
+from ptray.group import group_answer_logprobs, train_group  # noqa: E402
+from ptray.model import answer_logprobs  # noqa: E402
+from ptray.prompt import init_prompt  # noqa: E402
+from ptray.tasks import get_task  # noqa: E402
+from ptray.train import TrainConfig  # noqa: E402
+
+TASKS = ("cb", "rte", "copa", "wsc")
+SEEDS = (0, 1, 2, 3)
+SPEC_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 TFLOP/s of the SXM parts (NVIDIA's data sheets)
+ATTENTION_SHAPES = [(8, 256), (32, 256), (128, 256), (64, 512)]
+SMOKE_ATTENTION_SHAPES = [(4, 32), (8, 64)]
+GROUP_SIZES = (4, 8, 16)
+SMOKE_GROUP_SIZES = (2, 4)
+MAX_LENGTH = 512  # tokens of source + answer (ptray's default)
+SMOKE_MAX_LENGTH = 96  # the tiny model on CPU: attention over 400-token rows would dominate the smoke run
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny model, few steps, small study: checks that it runs")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data-dir", default=os.environ.get("PTRAY_DATA_DIR", str(ROOT.parent / "shared" / "data" /
+                                                                           "superglue")))
+    p.add_argument("--out", default="gpu_study.json", help="results JSON")
+    p.add_argument("--md", default=None, help="markdown file whose gpu-study section is replaced (e.g. BENCHMARKS.md)")
+    p.add_argument("--total-seconds", type=float, default=None, help="whole-run cap (default 480; smoke 240)")
+    p.add_argument("--study-seconds", type=float, default=None, help="study training cap (default 300; smoke 120)")
+    p.add_argument("--section-seconds", type=float, default=None, help="timing window per measurement (default 4)")
+    a = p.parse_args(argv)
+    if not Path(a.data_dir, "CB", "train.jsonl").is_file():
+        p.error(f"--data-dir {a.data_dir!r} holds no CB/train.jsonl; pass the SuperGLUE jsonl folder")
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible; use --device cpu (with --smoke)")
+    if a.device == "cpu" and not a.smoke:
+        p.error("a bloomz-560m-shaped run on CPU takes hours; pass --smoke on CPU")
+    a.total_seconds = a.total_seconds or (240.0 if a.smoke else 480.0)
+    a.study_seconds = a.study_seconds or (120.0 if a.smoke else 300.0)
+    a.section_seconds = a.section_seconds or (0.3 if a.smoke else 4.0)
+    return a
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Run:
+    """The run's model, data, clock and results."""
+
+    def __init__(self, a):
+        self.a = a
+        self.t0 = time.perf_counter()
+        self.dev = a.device
+        self.dtype = torch.bfloat16 if self.dev == "cuda" else torch.float32
+        self.res = {"meta": meta(a), "errors": {}}
+
+    def left(self) -> float:
+        return self.a.total_seconds - (time.perf_counter() - self.t0)
+
+    def autocast(self):
+        if self.dev == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def mfu(self, flops_per_s: float) -> dict:
+        spec = next((v for k, v in SPEC_PEAK.items() if k in self.res["meta"]["device_name"]), None)
+        return {"tflops": flops_per_s / 1e12, "mfu_measured_peak": flops_per_s / self.peak,
+                "mfu_spec_peak": flops_per_s / spec if spec and self.dev == "cuda" else None}
+
+    def setup(self):
+        self.model, self.tok = build_model("tiny" if self.a.smoke else "bloomz-560m", self.dev, self.dtype)
+        self.shape = Shape.of(self.model)
+        self.pad, self.eos = self.tok.pad_token_id, self.tok.eos_token_id
+        limit_train, limit_val = (16, 8) if self.a.smoke else (None, None)
+        self.max_length = SMOKE_MAX_LENGTH if self.a.smoke else MAX_LENGTH
+        self.train_data, self.val_data = {}, {}
+        for name in TASKS:
+            task = get_task(name)
+            self.train_data[name] = encode_all(task, load_split(task, "train", self.a.data_dir, limit=limit_train),
+                                               self.tok, self.max_length)
+            self.val_data[name] = encode_all(task, load_split(task, "val", self.a.data_dir, limit=limit_val),
+                                             self.tok, self.max_length)
+        emb = self.model.get_input_embeddings().weight
+        self.init = {t: init_prompt(emb, self.tok, "text", get_task(t).init_text) for t in TASKS}
+        self.res["model"] = {"shape": "tiny" if self.a.smoke else "bloomz-560m", "n_lin": self.shape.n_lin,
+                             "layers": self.shape.n_layer, "hidden": self.shape.hidden, "vocab": self.shape.vocab,
+                             "train_flops_per_token_at_T256": self.shape.train_flops(256, 0) / 256}
+
+
+def meta(a) -> dict:
+    import transformers
+
+    dev = "cpu"
+    if a.device == "cuda":
+        dev = torch.cuda.get_device_name(0)
+    return {"device": a.device, "device_name": dev, "torch": torch.__version__,
+            "transformers": transformers.__version__, "smoke": a.smoke,
+            "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def batch_flops(shape: Shape, batch, n_prompt: int) -> tuple[int, float]:
+    """(real tokens, training model FLOPs) of one batch with an ``n_prompt``-row prompt."""
+    lengths = batch.attention_mask.sum(1).tolist()
+    answers = torch.bincount(batch.ans_seq, minlength=len(lengths)).tolist()
+    return int(sum(lengths)), float(sum(shape.train_flops(n_prompt + t, a) for t, a in zip(lengths, answers)))
+
+
+def timed_steps(run: Run, step, seconds: float, warmup: int = 2, max_steps: int = 10_000) -> tuple[int, float]:
+    """Run ``step()`` ``warmup`` times, then as many times as fit in ``seconds``; returns (timed steps, seconds)."""
+    for _ in range(warmup):
+        step()
+    sync(run.dev)
+    t0 = time.perf_counter()
+    n = 0
+    while n < max_steps:
+        step()
+        n += 1
+        if n % 4 == 0 or run.dev != "cuda":
+            sync(run.dev)
+            if time.perf_counter() - t0 >= seconds:
+                break
+    sync(run.dev)
+    return n, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def random_batch(run: Run, rows: int, length: int, seed: int):
+    """Right-padded random sequences of [length/2, length] tokens, each ending with a 2-token answer."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = []
+    for _ in range(rows):
+        n = int(torch.randint(length // 2, length + 1, (1,), generator=gen))
+        ids = torch.randint(4, len(run.tok), (n,), generator=gen).tolist()
+        seqs.append((ids[:-2], ids[-2:]))
+    return collate(seqs, run.pad, run.eos)
+
+
+def prompt_step(run: Run, batch, prompt, kernel=None):
+    """One forward + backward to ``prompt`` on ``batch`` (``kernel``: an SDPA backend to force)."""
+
+    def step():
+        with sdpa_kernel_or_any(kernel), run.autocast():
+            lp = answer_logprobs(run.model, batch, prompt)[0]
+        (-lp.mean()).backward()
+        prompt.grad = None
+
+    return step
+
+
+def sdpa_kernel_or_any(kernel):
+    if kernel is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel([kernel])
+
+
+def attention(run: Run) -> None:
+    shapes = SMOKE_ATTENTION_SHAPES if run.a.smoke else ATTENTION_SHAPES
+    n_prompt = 8
+    out = []
+    for rows, length in shapes:
+        if run.left() < 60:
+            break
+        batch = random_batch(run, rows, length, seed=rows + length).to(run.dev)
+        tokens, flops = batch_flops(run.shape, batch, n_prompt)
+        prompt = torch.nn.Parameter(run.init["cb"][:1].repeat(n_prompt, 1).to(run.dev))
+        entry = {"rows": rows, "length": length, "tokens_per_step": tokens, "train_flops_per_step": flops}
+        logps = {}
+        step = prompt_step(run, batch, prompt)
+        for mode in ("eager", "fused"):
+            use_fused_attention(run.model, enabled=mode == "fused")
+            try:
+                with torch.no_grad(), run.autocast():
+                    logps[mode] = answer_logprobs(run.model, batch, prompt)[0].float()
+                with PeakMemory(run.dev) as mem:
+                    n, s = timed_steps(run, step, run.a.section_seconds)
+                entry[mode] = {"steps": n, "seconds": s, "tokens_per_s": tokens * n / s, **run.mfu(flops * n / s),
+                               "peak_mib": mem.peak / 2**20 if mem.peak is not None else None}
+            except torch.OutOfMemoryError as err:
+                entry[mode] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+            finally:
+                if run.dev == "cuda":
+                    torch.cuda.empty_cache()
+        use_fused_attention(run.model, enabled=False)
+        if "eager" in logps and "fused" in logps:
+            entry["max_abs_logprob_diff"] = float((logps["eager"] - logps["fused"]).abs().max())
+        if "tokens_per_s" in entry.get("eager", {}) and "tokens_per_s" in entry.get("fused", {}):
+            entry["speedup"] = entry["fused"]["tokens_per_s"] / entry["eager"]["tokens_per_s"]
+        log(f"attention {rows}x{length}: " + ", ".join(
+            f"{m} {entry[m].get('tokens_per_s', float('nan')):,.0f} tok/s" for m in ("eager", "fused")))
+        out.append(entry)
+    run.res["attention"] = out
+    run.res["sdpa_kernels"] = sdpa_kernels(run)
+
+
+def sdpa_kernels(run: Run) -> dict:
+    """Which SDPA backends run the fused path (forward + backward) here, and how fast, on one mid-size shape."""
+    from torch.nn.attention import SDPBackend
+
+    rows, length = (8, 64) if run.a.smoke else (32, 256)
+    batch = random_batch(run, rows, length, seed=7).to(run.dev)
+    tokens, _ = batch_flops(run.shape, batch, 8)
+    prompt = torch.nn.Parameter(run.init["cb"][:1].repeat(8, 1).to(run.dev))
+    use_fused_attention(run.model)
+    out = {}
+    for name in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "FLASH_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+        try:
+            n, s = timed_steps(run, prompt_step(run, batch, prompt, backend), min(1.0, run.a.section_seconds),
+                               warmup=1)
+            out[name] = {"ok": True, "tokens_per_s": tokens * n / s}
+        except Exception as err:  # a backend that refuses the bias or the device says why
+            out[name] = {"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    use_fused_attention(run.model, enabled=False)
+    log(f"sdpa kernels: {', '.join(k for k, v in out.items() if v['ok'])} run the ALiBi bias")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- group step
+
+
+def study_streams(run: Run, k: int):
+    """The first ``k`` study prompts (task-major over seeds, so K=4 mixes the four tasks): each its epoch-1 batches
+    (``train_batches``, batch 8, its seed) and its TEXT-init prompt."""
+    members = [(t, s) for s in SEEDS for t in TASKS][:k]
+    return [(train_batches(run.train_data[t], 8, s, 1, run.pad, run.eos), run.init[t]) for t, s in members]
+
+
+def group_step(run: Run, batches: list[list], prompts: list[torch.nn.Parameter], state: dict):
+    """One training step of a group: the next batch of every prompt in one forward, the sum of each prompt's mean
+    loss backward, one Adam step per prompt (its own parameter group). Counts tokens and FLOPs into ``state``."""
+    opt = torch.optim.Adam([{"params": [p], "lr": 3e-2} for p in prompts])
+    counts = [[batch_flops(run.shape, b, p.shape[0]) for b in bs] for bs, p in zip(batches, prompts)]
+
+    def step():
+        i = state["i"]
+        parts = [(bs[i % len(bs)], p) for bs, p in zip(batches, prompts)]
+        with run.autocast():
+            logps = group_answer_logprobs(run.model, parts)
+        torch.stack([-lp.mean() for lp in logps]).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for c in counts:
+            state["tokens"] += c[i % len(c)][0]
+            state["flops"] += c[i % len(c)][1]
+        state["i"] += 1
+
+    return step
+
+
+def group_step_bench(run: Run) -> None:
+    out = []
+    sizes = SMOKE_GROUP_SIZES if run.a.smoke else GROUP_SIZES
+    for label, k, fused in [("one trial, eager", 1, False), ("one trial, fused", 1, True),
+                            *[(f"group of {k}, fused", k, True) for k in sizes]]:
+        if run.left() < 45:
+            break
+        use_fused_attention(run.model, enabled=fused)
+        streams = study_streams(run, k)
+        prompts = [torch.nn.Parameter(p.to(run.dev)) for _, p in streams]
+        batches = [[b.to(run.dev) for b in bs] for bs, _ in streams]
+        state = {"i": 0, "tokens": 0, "flops": 0.0}
+        step = group_step(run, batches, prompts, state)
+        try:
+            with PeakMemory(run.dev) as mem:
+                for _ in range(2):  # warm-up, not counted
+                    step()
+                state.update(tokens=0, flops=0.0)
+                n, s = timed_steps(run, step, run.a.section_seconds, warmup=0)
+            entry = {"mode": label, "prompts": k, "rows_per_step": 8 * k, "steps": n, "seconds": s,
+                     "tokens_per_s": state["tokens"] / s, **run.mfu(state["flops"] / s),
+                     "peak_mib": mem.peak / 2**20 if mem.peak is not None else None}
+        except torch.OutOfMemoryError as err:
+            entry = {"mode": label, "prompts": k, "error": f"out of memory: {str(err).splitlines()[0]}"}
+        finally:
+            if run.dev == "cuda":
+                torch.cuda.empty_cache()
+        log(f"group step {label}: {entry.get('tokens_per_s', float('nan')):,.0f} tok/s")
+        out.append(entry)
+    use_fused_attention(run.model, enabled=False)
+    base = next((e["tokens_per_s"] for e in out if e["mode"] == "one trial, eager" and "tokens_per_s" in e), None)
+    for e in out:
+        if base and "tokens_per_s" in e:
+            e["vs_one_trial_eager"] = e["tokens_per_s"] / base
+    run.res["group"] = out
+
+
+# ---------------------------------------------------------------------------------------------------- study
+
+
+class _Cap(Exception):
+    pass
+
+
+def study(run: Run) -> None:
+    a = run.a
+    precision = "bf16" if run.dev == "cuda" else "no"
+    eval_batch = 8 if a.smoke else 256  # sequences per evaluation step: the GPU wants many (same numbers)
+    cfgs = [TrainConfig(task=t, seed=s, model="random-" + run.res["model"]["shape"], data_dir=a.data_dir,
+                        device=run.dev, precision=precision, eval_batch_size=eval_batch, baselines=False,
+                        max_length=run.max_length,
+                        max_epochs=2 if a.smoke else 50, max_train_examples=16 if a.smoke else None,
+                        max_eval_examples=8 if a.smoke else None)
+            for t in TASKS for s in SEEDS]
+    cap = min(a.study_seconds, max(0.0, run.left() - (20 if a.smoke else 60)))
+    epochs: dict[int, int] = {}
+    best: dict[int, torch.Tensor] = {}
+    t0 = time.perf_counter()
+
+    def on_epoch_end(i, metrics, state):
+        epochs[i] = metrics["epoch"]
+        best[i] = state["best"]["prompt"]
+        if time.perf_counter() - t0 > cap:
+            raise _Cap
+
+    if run.dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    finished = True
+    results = None
+    try:
+        results = train_group(cfgs, on_epoch_end=on_epoch_end, fused_attention=run.dev == "cuda",
+                              model_and_tokenizer=(run.model, run.tok))
+    except _Cap:
+        finished = False
+    sync(run.dev)
+    train_s = time.perf_counter() - t0
+    train_peak = torch.cuda.max_memory_allocated() / 2**30 if run.dev == "cuda" else None
+    prompts = [r.prompt for r in results] if results else [best.get(i) for i in range(len(cfgs))]
+    log(f"study training: {'finished' if finished else 'stopped by the cap'} after {train_s:.0f} s; "
+        f"epochs per prompt {[epochs.get(i, 0) for i in range(len(cfgs))]}")
+
+    # the 68 transfer evaluations: every prompt on every task's validation set, and no prompt on each task
+    use_fused_attention(run.model, enabled=run.dev == "cuda")
+    t1 = time.perf_counter()
+    done = 0
+    jobs = [(None, t) for t in TASKS] + [(p, t) for p in prompts for t in TASKS]
+    for prompt, t in jobs:
+        if run.left() < 10:
+            break
+        with run.autocast():
+            evaluate(run.model, run.val_data[t], prompt, eval_batch, run.pad, run.eos, device=run.dev)
+        done += 1
+    sync(run.dev)
+    eval_s = time.perf_counter() - t1
+    use_fused_attention(run.model, enabled=False)
+    run.res["study"] = {
+        "prompts": len(cfgs), "finished": finished, "cap_seconds": cap, "train_seconds": train_s,
+        "epochs_run": [epochs.get(i, 0) for i in range(len(cfgs))],
+        "stopped_early": [r.metrics["stopped_early"] for r in results] if results else None,
+        "evaluations": done, "evaluations_planned": len(jobs), "eval_seconds": eval_s,
+        "wall_seconds": train_s + eval_s, "train_peak_gib": train_peak, "eval_batch_size": eval_batch,
+        "tasks": list(TASKS), "seeds": list(SEEDS),
+    }
+    log(f"study evaluations: {done}/{len(jobs)} in {eval_s:.0f} s")
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+def render(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"Measured {m['utc']} on {m['device_name']} (torch {m['torch']}, transformers {m['transformers']})"
+             f"{' - SMOKE run, tiny model: not a timing' if m['smoke'] else ''}, `python benchmarks/gpu_study.py`.",
+             ""]
+    if "peak" in res:
+        spec = next((v for k, v in SPEC_PEAK.items() if k in m["device_name"]), None)
+        lines += [f"Matmul peak measured: {res['peak'] / 1e12:.1f} TFLOP/s"
+                  f"{f'; spec {spec / 1e12:.0f} TFLOP/s' if spec else ''}. Training FLOPs per token (T=256): "
+                  f"{res['model']['train_flops_per_token_at_T256'] / 1e9:.2f} GFLOP.", ""]
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    if res.get("attention"):
+        lines += ["| rows x length | eager tok/s | fused tok/s | speedup | fused MFU (measured / spec) | "
+                  "max logprob diff |", "|---|---|---|---|---|---|"]
+        for e in res["attention"]:
+            ea, fu = e.get("eager", {}), e.get("fused", {})
+            lines.append(f"| {e['rows']}x{e['length']} | {ea.get('tokens_per_s', float('nan')):,.0f} | "
+                         f"{fu.get('tokens_per_s', float('nan')):,.0f} | {e.get('speedup', float('nan')):.2f}x | "
+                         f"{pct(fu.get('mfu_measured_peak'))} / {pct(fu.get('mfu_spec_peak'))} | "
+                         f"{e.get('max_abs_logprob_diff', float('nan')):.2e} |")
+        ok = [k for k, v in res.get("sdpa_kernels", {}).items() if v["ok"]]
+        lines += ["", f"SDPA kernels that run the ALiBi bias with backward: {', '.join(ok) or 'none'}.", ""]
+    if res.get("group"):
+        lines += ["| training step | rows/step | tok/s | vs one trial (eager) | MFU (measured / spec) | peak MiB |",
+                  "|---|---|---|---|---|---|"]
+        for e in res["group"]:
+            if "error" in e:
+                lines.append(f"| {e['mode']} | - | {e['error']} | | | |")
+                continue
+            lines.append(f"| {e['mode']} | {e['rows_per_step']} | {e['tokens_per_s']:,.0f} | "
+                         f"{e.get('vs_one_trial_eager', float('nan')):.2f}x | {pct(e['mfu_measured_peak'])} / "
+                         f"{pct(e['mfu_spec_peak'])} | {e['peak_mib'] or 0:.0f} |")
+        lines.append("")
+    s = res.get("study")
+    if s:
+        peak = "-" if s["train_peak_gib"] is None else f"{s['train_peak_gib']:.1f} GiB"
+        lines += [f"Paper study by `ptray.group.train_group` ({s['prompts']} prompts in one group, fused attention): "
+                  f"training {'finished' if s['finished'] else 'STOPPED by the cap'} in {s['train_seconds']:.0f} s "
+                  f"(cap {s['cap_seconds']:.0f} s; epochs per prompt {s['epochs_run']}), then "
+                  f"{s['evaluations']}/{s['evaluations_planned']} evaluations in {s['eval_seconds']:.0f} s; "
+                  f"wall {s['wall_seconds']:.0f} s; peak GPU memory {peak}.", ""]
+    if res.get("errors"):
+        lines += [f"Errors: {', '.join(f'{k}: {v.splitlines()[-1]}' for k, v in res['errors'].items())}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def section(run: Run, name: str, fn) -> None:
+    t = time.perf_counter()
+    try:
+        fn(run)
+    except Exception:  # one failing section must not cost the others their numbers
+        run.res["errors"][name] = traceback.format_exc()
+        log(f"{name} failed:\n{run.res['errors'][name]}")
+    run.res.setdefault("section_seconds", {})[name] = time.perf_counter() - t
+    save(run)
+
+
+def save(run: Run) -> None:
+    Path(run.a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(run.a.out).write_text(json.dumps(run.res, indent=1, default=str) + "\n")
+    if run.a.md:
+        from benchmarks.markdown import update_markdown
+
+        update_markdown(run.a.md, "gpu-study", render(run.res))
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    run = Run(a)
+    log(f"device {run.res['meta']['device_name']}, caps: total {a.total_seconds:.0f} s, study {a.study_seconds:.0f} s")
+    run.setup()
+    sizes = (256, 512) if a.smoke else (2048, 4096, 8192)
+    run.res["peak"] = run.peak = matmul_peak(run.dev, run.dtype, sizes=sizes, seconds=0.5 if a.smoke else 2.0)["flops"]
+    log(f"matmul peak {run.peak / 1e12:.1f} TFLOP/s")
+    section(run, "attention", attention)
+    section(run, "group", group_step_bench)
+    section(run, "study", study)
+    run.res["wall_seconds"] = time.perf_counter() - run.t0
+    save(run)
+    log(f"done in {run.res['wall_seconds']:.0f} s; wrote {a.out}")
+    return 1 if run.res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
