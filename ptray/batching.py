@@ -119,7 +119,7 @@ def check_positions(model_config, prompt_tokens: int, max_length: int) -> None:
     limit = getattr(model_config, "max_position_embeddings", None)
     if isinstance(limit, int) and prompt_tokens + max_length > limit:
         raise PtrayError(
-            f"the soft prompt's {prompt_tokens} tokens + --max-length {max_length} exceed the model's {limit} "
+            f"{prompt_tokens} prompt tokens + --max-length {max_length} exceed the model's {limit} "
             f"positions (max_position_embeddings); lower --max-length to at most {limit - prompt_tokens}"
         )
 

@@ -121,7 +121,9 @@ def train(
                                     cfg.seed))
     optimizer = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
     prompt, optimizer = accelerator.prepare(prompt, optimizer)
-    check_positions(model.config, prompt.num_tokens, cfg.max_length)  # before the baselines and training
+    # before the baselines and training; the init-text baseline puts the init text before each source
+    hard_tokens = len(text_token_ids(tokenizer, init_text)) if cfg.baselines else 0
+    check_positions(model.config, max(prompt.num_tokens, hard_tokens), cfg.max_length)
 
     resolved = {
         **cfg.to_dict(),
