@@ -132,7 +132,7 @@ def test_example_whose_fixed_fields_do_not_fit_is_refused_naming_the_limit(tiny)
 
 def test_prompt_and_max_length_beyond_the_models_positions_are_refused():
     check_positions(SimpleNamespace(max_position_embeddings=64), 20, 44)  # exactly fits
-    with pytest.raises(PtrayError, match=r"20 tokens \+ --max-length 45 exceed the model's 64 positions .* at most 44"):
+    with pytest.raises(PtrayError, match=r"20 prompt tokens \+ --max-length 45 exceed the model's 64 positions .* at most 44"):
         check_positions(SimpleNamespace(max_position_embeddings=64), 20, 45)
     check_positions(SimpleNamespace(), 100, 10**6)  # BLOOM (ALiBi) has no position limit
 

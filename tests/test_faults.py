@@ -72,6 +72,37 @@ def test_train_cli_refuses_a_max_length_below_the_answer_cue(tiny_model_dir, dat
     assert not out.exists()
 
 
+def test_train_cli_refuses_prompt_plus_max_length_beyond_the_models_positions(data_dir, tmp_path, capsys):
+    # GPT-2 learns 64 position embeddings here: a longer input would index past them mid-run
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ptray.prompt import text_token_ids
+    from ptray.tiny_model import build_tokenizer
+    from ptray.train import main
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=1,
+                               eos_token_id=2)).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "run"
+    argv = ["--task", "cb", "--seed", "0", "--model", str(tmp_path / "gpt2"), "--data-dir", str(data_dir),
+            "--output-dir", str(out), "--num-tokens", "10", "--max-train-examples", "4", "--max-eval-examples", "4",
+            "--max-epochs", "1", "--device", "cpu"]
+    # the init-text baseline puts the whole init text (more than the soft prompt's 10 rows) before each source
+    hard = len(text_token_ids(tok, get_task("cb").init_text))
+    assert hard > 10
+    code = main([*argv, "--max-length", str(64 - hard + 1)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and errors == [f"error: {hard} prompt tokens + --max-length {64 - hard + 1} exceed the model's "
+                                    f"64 positions (max_position_embeddings); lower --max-length to at most "
+                                    f"{64 - hard}"]
+    assert not out.exists()
+    assert main([*argv, "--max-length", str(64 - hard)]) == 0  # the limit itself fits
+    assert main([*argv, "--max-length", "54", "--no-baselines", "--overwrite"]) == 0  # the soft prompt alone: 10
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. seeds: every CLI checks the range up front; derived seeds stay in range (tests/test_batching.py)
 
