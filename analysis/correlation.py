@@ -141,9 +141,12 @@ def correlation_section(*, pairs: pd.DataFrame, stats: pd.DataFrame, tasks: list
         out.metrics[f"mantel_p_{r.predictor}_{r.gain}"] = r.spearman_p_mantel
     n_perm = int(stats["mantel_permutations"].iloc[0]) if len(stats) else 0
     exact = bool(stats["mantel_exact"].iloc[0]) if len(stats) else True
+    defined = [r for r in main.itertuples() if np.isfinite(r.spearman_rho)]
     lead = "; ".join(
         f"{r.predictor} vs {r.gain}: Spearman rho {_fmt(r.spearman_rho)}, Mantel p {_fmt(r.spearman_p_mantel)} "
-        f"(naive p {_fmt(r.spearman_p_naive)})" for r in main.itertuples())
+        f"(naive p {_fmt(r.spearman_p_naive)})" for r in defined) or "no correlation is defined (a constant gain)"
+    if len(defined) < len(main):
+        lead += " (n/a where every gain or distance is equal)"
     out.outputs.append(Output(
         "correlation_stats", "correlation", "Distance against transfer gain: the dependence-aware test",
         f"Mantel test ({'exact: all' if exact else 'random:'} {n_perm} relabellings of the {len(tasks)} tasks; "

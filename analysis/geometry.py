@@ -124,7 +124,7 @@ def tsne_perplexity(n_points: int) -> float:
 
 def tsne_map(distances: np.ndarray, seed: int = 0, perplexity: float | None = None) -> np.ndarray:
     """t-SNE of a [P, P] distance matrix -> [P, 2] coordinates (exact method, random init: precomputed
-    distances allow no PCA init)."""
+    distances allow no PCA init). Raises ValueError for fewer than 3 prompts."""
     from sklearn.manifold import TSNE
 
     n = distances.shape[0]

@@ -15,6 +15,8 @@ import pandas as pd
 import torch
 
 from analysis import figures
+from analysis.inputs import Inputs
+from analysis.records import PromptRun
 from analysis.results import Output, Section
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -109,7 +111,7 @@ def escaped(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- report section
-def init_token_ids(p, tokenizer) -> list[int]:
+def init_token_ids(p: PromptRun, tokenizer) -> list[int]:
     """The token ids prompt ``p``'s rows started from ([n], the init text repeated / cut to n), [] without one."""
     from ptray.prompt import repeat_to, text_token_ids
 
@@ -119,7 +121,8 @@ def init_token_ids(p, tokenizer) -> list[int]:
     return repeat_to(text_token_ids(tokenizer, text), p.num_tokens)
 
 
-def nearest_section(*, inputs, tokenizer, top_k: int, chunk: int) -> tuple[Section, dict[str, list[torch.Tensor]]]:
+def nearest_section(*, inputs: Inputs, tokenizer, top_k: int, chunk: int
+                    ) -> tuple[Section, dict[str, list[torch.Tensor]]]:
     """Nearest tokens of every prompt row, raw and (when defined) effective: the paper's Figures 2-5.
 
     Returns ``(section, top1)``: an ``analysis.results.Section`` (one token figure per task and space, the
