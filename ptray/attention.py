@@ -11,9 +11,9 @@ which takes an additive bias and has a backward pass; on CPU it is PyTorch's ref
 
 Everything around the attention core is Hugging Face's: the QKV projection, the KV cache update (``Cache``
 objects, so ``generate`` and ptray's shared-source evaluation work unchanged), the output projection and dropout.
-``output_attentions=True`` (SDPA returns no probabilities) and ``pretraining_tp > 1`` with ``slow_but_exact`` fall
-back to the original forward for that call. ``tests/test_attention.py`` checks logits, the soft prompt's gradient
-and generation against the eager model.
+``output_attentions=True`` (SDPA returns no probabilities), a ``head_mask`` (transformers 4.x) and
+``pretraining_tp > 1`` with ``slow_but_exact`` fall back to the original forward for that call.
+``tests/test_attention.py`` checks logits, the soft prompt's gradient and generation against the eager model.
 
 Other families: Llama, Qwen2, Mistral, Gemma, GPT-NeoX... declare SDPA support in transformers 5 and load with
 ``attn_implementation="sdpa"`` by default; ``use_fused_attention`` leaves them as they are (returns 0).
@@ -32,18 +32,22 @@ _ORIGINAL = "_ptray_eager_forward"  # marks a patched module; holds nothing (the
 
 def _fused_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
                    output_attentions=False, **kwargs):
-    """``BloomAttention.forward`` (transformers 5.17 to 5.24 signature) with the core as one SDPA call.
+    """``BloomAttention.forward`` (the signature of transformers 4.56 to 5.24) with the core as one SDPA call.
 
     alibi: [batch * heads, 1, kv] (slope x key position); attention_mask: None, or Hugging Face's 4D mask
     [batch, 1, q, kv] (additive float, or bool where True keeps a key). Returns ``(output, None)``.
     """
-    if output_attentions or (self.pretraining_tp > 1 and self.slow_but_exact):
+    if (output_attentions or kwargs.get("head_mask") is not None
+            or (self.pretraining_tp > 1 and self.slow_but_exact)):
         return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
                                   use_cache=use_cache, output_attentions=output_attentions, **kwargs)
     batch_size, q_length, _ = hidden_states.shape
     query, key, value = self._reshape(self.query_key_value(hidden_states))  # [batch, heads, len, head_dim] each
     if layer_past is not None:
-        key, value = layer_past.update(key, value, self.layer_idx)
+        if kwargs.get("cache_position") is not None:  # transformers 4.x passes it on to static caches
+            key, value = layer_past.update(key, value, self.layer_idx, {"cache_position": kwargs["cache_position"]})
+        else:
+            key, value = layer_past.update(key, value, self.layer_idx)
     kv_length = key.shape[2]
     bias = self._ptray_shared_bias.get(alibi, attention_mask, lambda: _bias(
         alibi, attention_mask, batch_size, self.num_heads, q_length, kv_length, query.dtype))
