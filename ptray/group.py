@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ptray.batching import Batch, encode_all, train_batches
+from ptray.batching import Batch, check_positions, encode_all, train_batches
 from ptray.data import load_split
 from ptray.errors import PtrayError
 from ptray.evaluate import EvalResult, evaluate
@@ -167,6 +167,8 @@ def train_group(
         weight = torch.nn.Parameter(
             init_prompt(embedding, tokenizer, cfg.init, init_text, cfg.num_tokens, cfg.seed).to(accelerator.device))
         optimizer.add_param_group({"params": [weight], "lr": cfg.lr})
+        hard_tokens = len(text_token_ids(tokenizer, init_text)) if cfg.baselines else 0  # the init-text baseline
+        check_positions(model.config, max(weight.shape[0], hard_tokens), cfg.max_length)
         resolved = {
             **cfg.to_dict(), "init_text": init_text, "num_tokens": weight.shape[0], "hidden_size": embedding.shape[1],
             "template_version": task.version, "verbalizer": dict(task.verbalizer), "device": device,
