@@ -97,6 +97,7 @@ def build(out_dir: str | Path, shape: str = "tiny", seed: int = 0, hidden_size: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ptray.tiny_model OUT_DIR``: build the tiny model there; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m ptray.tiny_model", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write the model and tokenizer to (must be new or empty)")
     parser.add_argument("--shape", default="tiny", choices=["tiny", "bloomz-560m"], help="model size")

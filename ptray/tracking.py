@@ -58,6 +58,7 @@ def store_exists(uri: str) -> bool:
 
 
 def is_server(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server (http or https)."""
     return urlparse(uri).scheme in ("http", "https")
 
 
@@ -112,6 +113,7 @@ def _check_server(uri: str, timeout: float) -> None:
 
 
 def client(uri: str):
+    """An ``MlflowClient`` bound to ``uri`` (never MLflow's global state)."""
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -140,6 +142,7 @@ def get_or_create_experiment(mlflow_client, name: str) -> str:
 
 
 def read_plan(mlflow_client, experiment_name: str, study: str) -> dict | None:
+    """The plan (JSON) stored for ``study`` in the experiment, or None (no such experiment, deleted, or no plan)."""
     exp = mlflow_client.get_experiment_by_name(experiment_name)
     if exp is None or exp.lifecycle_stage != "active":
         return None
@@ -148,6 +151,7 @@ def read_plan(mlflow_client, experiment_name: str, study: str) -> dict | None:
 
 
 def write_plan(mlflow_client, experiment_id: str, study: str, plan: dict) -> None:
+    """Store ``plan`` (JSON) as the experiment tag ``ptray.plan.<study>``."""
     mlflow_client.set_experiment_tag(experiment_id, layout.PLAN_TAG_PREFIX + study, json.dumps(plan, sort_keys=True))
 
 
@@ -187,6 +191,7 @@ def find_run(mlflow_client, experiment_id: str, study: str, name: str):
 
 
 def create_run(mlflow_client, experiment_id: str, name: str, tags: dict[str, str]):
+    """A new RUNNING run named ``name`` with ``tags`` (``layout.run_tags``)."""
     return mlflow_client.create_run(experiment_id, run_name=name, tags=tags)
 
 
@@ -223,6 +228,7 @@ def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
 
 
 def logged_epochs(mlflow_client, run_id: str) -> list[int]:
+    """The epochs (steps) a train run has logged, sorted."""
     return sorted(m.step for m in mlflow_client.get_metric_history(run_id, layout.HISTORY_KEY))
 
 

@@ -88,7 +88,8 @@ def test_wrong_type_names_field(tmp_path):
 
 def test_label_outside_task_labels(tmp_path):
     _write(tmp_path, "RTE", "train", [json.dumps({"premise": "p", "hypothesis": "h", "label": "neutral", "idx": 0})])
-    with pytest.raises(PtrayError, match=r"RTE/train.jsonl:1: field 'label': label 'neutral' is not one of rte's labels"):
+    message = r"RTE/train.jsonl:1: field 'label': label 'neutral' is not one of rte's labels"
+    with pytest.raises(PtrayError, match=message):
         load_split(get_task("rte"), "train", tmp_path)
 
 

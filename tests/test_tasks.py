@@ -11,13 +11,15 @@ from ptray.tasks import TASK_NAMES, TASKS, _build_registry, get_task
 
 def test_golden_cb():
     ex = {"premise": "B: They just love kittens. A: Yeah.", "hypothesis": "this is a cat"}
-    assert get_task("cb").format(ex) == "Premise: B: They just love kittens. A: Yeah.\nHypothesis: this is a cat\nAnswer:"
+    assert get_task("cb").format(ex) == (
+        "Premise: B: They just love kittens. A: Yeah.\nHypothesis: this is a cat\nAnswer:")
     assert get_task("cb").answers == (" yes", " no", " maybe")
 
 
 def test_golden_rte():
     ex = {"premise": "There has been a lot of concern.", "hypothesis": "Bacteria is winning."}
-    assert get_task("rte").format(ex) == "Premise: There has been a lot of concern.\nHypothesis: Bacteria is winning.\nAnswer:"
+    assert get_task("rte").format(ex) == (
+        "Premise: There has been a lot of concern.\nHypothesis: Bacteria is winning.\nAnswer:")
     assert get_task("rte").target(1) == " no"  # not_entailment
 
 
@@ -25,7 +27,8 @@ def test_golden_copa():
     ex = {"premise": "My eyes became red and puffy.", "choice1": " I was sobbing.", "choice2": "I was laughing.",
           "question": "effect"}
     assert get_task("copa").format(ex) == (
-        "Premise: My eyes became red and puffy.\nWhat happened as a result?\n1: I was sobbing.\n2: I was laughing.\nAnswer:"
+        "Premise: My eyes became red and puffy.\nWhat happened as a result?\n1: I was sobbing.\n2: I was laughing.\n"
+        "Answer:"
     )  # the leading space of an official COPA choice (train idx 128) is dropped
     assert get_task("copa").answers == (" 1", " 2")
 
@@ -65,7 +68,8 @@ def test_invariants(name, data_dir):
 
 
 def test_unknown_task_lists_valid_and_suggests():
-    with pytest.raises(PtrayError, match=r"unknown task 'rtee'; valid tasks: cb, rte, copa, wsc\. Did you mean 'rte'\?"):
+    message = r"unknown task 'rtee'; valid tasks: cb, rte, copa, wsc\. Did you mean 'rte'\?"
+    with pytest.raises(PtrayError, match=message):
         get_task("rtee")
     assert get_task("COPA").name == "copa"
 

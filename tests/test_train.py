@@ -66,7 +66,11 @@ def test_resume_from_epoch_state_equals_uninterrupted(tiny_model_dir, data_dir, 
     resumed = train(_cfg(tiny_model_dir, data_dir, patience=50), resume=state)
     assert torch.equal(resumed.prompt, full.prompt)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    assert resumed.history[0] == full.history[0]
+    # The epochs trained after the resume reproduce the uninterrupted run's (timings aside).
+    timing = ("train_tokens_per_s", "epoch_seconds")
+    for after, ref in zip(resumed.history[1:], full.history[1:]):
+        assert {k: v for k, v in after.items() if k not in timing} == {k: v for k, v in ref.items() if k not in timing}
+    assert resumed.metrics == full.metrics
 
 
 def test_early_stopping_restores_best(tiny_model_dir, data_dir, monkeypatch):
@@ -96,7 +100,8 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, data_dir, monkeypat
         return logp * float("nan"), ok
 
     monkeypatch.setattr(ptray.train, "answer_logprobs", nan_logprobs)
-    with pytest.raises(PtrayError, match=r"the training loss became nan at epoch 1, step \d+ \(cb, seed 0\); lower --lr"):
+    message = r"the training loss became nan at epoch 1, step \d+ \(cb, seed 0\); lower --lr"
+    with pytest.raises(PtrayError, match=message):
         train(_cfg(tiny_model_dir, data_dir, baselines=False))
 
 

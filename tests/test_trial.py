@@ -184,7 +184,8 @@ def test_transfer_logs_one_run_per_evaluation_and_skips_finished_ones(store, tin
                             "delta_exact_match", "delta_rank_accuracy"}
     assert (metrics["source"], metrics["source_seed"], metrics["target"]) == ("cb", 0, "rte")
     assert metrics["no_prompt_rank_accuracy"] == base.data.metrics["rank_accuracy"]
-    assert metrics["delta_rank_accuracy"] == pytest.approx(metrics["rank_accuracy"] - base.data.metrics["rank_accuracy"])
+    delta = metrics["rank_accuracy"] - base.data.metrics["rank_accuracy"]
+    assert metrics["delta_rank_accuracy"] == pytest.approx(delta)
     assert metrics["num_examples"] == 16
     preds = json.loads((down / "predictions.json").read_text())
     assert set(preds) == {"idx", "em_correct", "rank_correct", "rank_pred"}  # the train runs' schema, no baselines
