@@ -279,6 +279,43 @@ def test_answer_ids_are_tokenized_in_context(fam):
         assert tok(text + answer, add_special_tokens=False)["input_ids"] == enc.source + ids
 
 
+def test_train_save_and_reload_into_peft(fam, data_dir, tmp_path):
+    """As a user would: ``train`` a CB prompt (a few examples, 2 epochs), ``save_run``, reload it into PEFT; the
+    trained prompt lowers the loss it was trained on, and PEFT with the saved adapter scores what ptray reported."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ptray.config import TrainConfig
+    from ptray.train import save_run, train
+
+    name, path, _, tok, _ = fam
+    cfg = TrainConfig(task="cb", seed=0, model=str(path), data_dir=str(data_dir), max_epochs=2, batch_size=4,
+                      lr=0.05, max_length=96, eval_split="train", max_train_examples=8, max_eval_examples=8,
+                      device="cpu")
+    result = train(cfg)
+    out = save_run(result, tmp_path / "run")
+    assert result.metrics["eval_loss"] < result.metrics["init_text_eval_loss"]
+    assert result.resolved["transformers_version"] and result.resolved["torch_version"]
+
+    from ptray.batching import encode_all
+    from ptray.data import load_split
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(path)), str(out / "prompt"))
+    peft_model.eval()
+    n = result.prompt.shape[0]
+    nll = count = 0.0
+    data = encode_all(TASKS["cb"], load_split(TASKS["cb"], "train", str(data_dir))[:8], tok, 96)
+    with torch.no_grad():
+        for d in data:
+            a = d.answers[d.label]
+            ids = torch.tensor([d.source + a])
+            lp = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, n:].float().log_softmax(-1)
+            pos = torch.arange(len(d.source) - 1, len(d.source) + len(a))
+            nll -= lp[pos].gather(1, torch.tensor(a + [tok.eos_token_id])[:, None]).sum().item()
+            count += len(a) + 1
+    assert nll / count == pytest.approx(result.metrics["eval_loss"], rel=1e-4)
+
+
 def test_gemma2_final_logit_softcapping(tmp_path):
     """ptray's answer log-probabilities include Gemma2's soft cap (the model's own logits; PEFT agrees above).
     Without the cap (the bug in issue 10) the same example scores differently."""
