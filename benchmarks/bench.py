@@ -47,10 +47,15 @@ from benchmarks.ablations import ABLATIONS, ablation  # noqa: E402
 from benchmarks.context import Context, log, write_json  # noqa: E402
 from benchmarks.evaluation import evaluate  # noqa: E402
 from benchmarks.markdown import render_markdown, update_markdown  # noqa: E402
+from benchmarks.models import SHAPES  # noqa: E402
 from benchmarks.study_estimate import PAPER_TASKS  # noqa: E402
 from benchmarks.targets import conclude  # noqa: E402
 from benchmarks.training import train  # noqa: E402
 from benchmarks.trials import concurrency, packed  # noqa: E402
+from ptray.cli import OneLineParser, non_negative_int, positive_float, positive_int  # noqa: E402
+from ptray.tasks import TASK_NAMES  # noqa: E402
+
+SECTIONS = ("train", "eval", "packed", "concurrency", "ablations")  # --sections: the measurements after the peak
 
 
 def add_data_dir_argument(p: argparse.ArgumentParser) -> None:
@@ -67,34 +72,35 @@ def check_data_dir(p: argparse.ArgumentParser, data_dir: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model, few steps: checks that everything runs")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--model-shape", default=None,
-                   help="tiny, small, small-560m-ratio, bloomz-560m (default: bloomz-560m on cuda, "
-                        "small-560m-ratio on cpu, tiny with --smoke)")
+    p.add_argument("--model-shape", default=None, choices=list(SHAPES),
+                   help="default: bloomz-560m on cuda, small-560m-ratio on cpu, tiny with --smoke")
     p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"],
                    help="auto: bf16 on cuda, fp32 ('no') on cpu, as ptray chooses")
     add_data_dir_argument(p)
     p.add_argument("--tasks", default=",".join(PAPER_TASKS))
-    p.add_argument("--batch-size", type=int, default=8, help="training examples per step (ptray's default)")
-    p.add_argument("--eval-batch-size", type=int, default=32, help="sequences per evaluation batch")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps before each timed window")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per window")
-    p.add_argument("--repeats", type=int, default=None, help="windows per measurement (the median is reported)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="training examples per step (ptray's default)")
+    p.add_argument("--eval-batch-size", type=positive_int, default=32, help="sequences per evaluation batch")
+    p.add_argument("--warmup", type=non_negative_int, default=None, help="untimed steps before each timed window")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed training steps per window")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="windows per measurement (the median is reported)")
     p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"subset of {','.join(ABLATIONS)} or 'none'")
     p.add_argument("--ablation-tasks", default=None, help="tasks for the ablations (default: --tasks)")
-    p.add_argument("--ablation-repeats", type=int, default=None, help="windows per ablation (default: --repeats)")
+    p.add_argument("--ablation-repeats", type=positive_int, default=None,
+                   help="windows per ablation (default: --repeats)")
     p.add_argument("--packed", default=None, help="trial counts to pack into one forward pass, e.g. 4,16")
     p.add_argument("--trials", default=None, help="concurrent trial processes to run, e.g. 1,8,16")
-    p.add_argument("--trial-seconds", type=float, default=None, help="timed seconds per concurrent trial")
-    p.add_argument("--max-train-examples", type=int, default=None)
-    p.add_argument("--max-eval-examples", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--trial-seconds", type=positive_float, default=None, help="timed seconds per concurrent trial")
+    p.add_argument("--max-train-examples", type=positive_int, default=None)
+    p.add_argument("--max-eval-examples", type=positive_int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's own; 1 steadies timings on a shared machine)")
-    p.add_argument("--time-budget", type=float, default=None,
+    p.add_argument("--time-budget", type=positive_float, default=None,
                    help="seconds; optional sections that would end later are skipped (default 420 on cuda)")
-    p.add_argument("--sections", default="train,eval,packed,concurrency,ablations",
+    p.add_argument("--sections", default=",".join(SECTIONS),
                    help="which measurements to run (the matmul peak always runs)")
     p.add_argument("--out", default=None, help="write all numbers here (JSON)")
     p.add_argument("--md", default=None, help="markdown file whose '<!-- bench:DEVICE-SHAPE -->' section to replace")
@@ -102,6 +108,8 @@ def parse_args(argv=None):
                    help="measure nothing: load --out, redo the conclusions and the markdown")
     a = p.parse_args(argv)
     check_data_dir(p, a.data_dir)
+    if a.render_only and not (a.out and Path(a.out).is_file()):
+        p.error(f"--render-only renders a results file: pass --out RESULTS.json (got {a.out!r}, not a file)")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -132,15 +140,30 @@ def parse_args(argv=None):
         a.ablations = ",".join(x for x in a.ablations.split(",") if x not in compiling)
     if a.threads:
         torch.set_num_threads(a.threads)
-    a.tasks = [t for t in a.tasks.split(",") if t]
-    a.ablations = [] if a.ablations == "none" else [x for x in a.ablations.split(",") if x]
-    for x in a.ablations:
-        if x not in ABLATIONS:
-            p.error(f"unknown ablation {x!r}; valid: {', '.join(ABLATIONS)}")
-    a.ablation_tasks = a.ablation_tasks.split(",") if a.ablation_tasks else a.tasks
-    a.packed = [int(x) for x in a.packed.split(",") if x]
-    a.trials = [int(x) for x in a.trials.split(",") if x]
+    a.tasks = names_argument(p, "--tasks", a.tasks.lower(), TASK_NAMES)
+    a.ablations = [] if a.ablations == "none" else names_argument(p, "--ablations", a.ablations, ABLATIONS)
+    a.ablation_tasks = (names_argument(p, "--ablation-tasks", a.ablation_tasks.lower(), TASK_NAMES)
+                        if a.ablation_tasks else a.tasks)
+    names_argument(p, "--sections", a.sections, SECTIONS)
+    a.packed, a.trials = counts_argument(p, "--packed", a.packed), counts_argument(p, "--trials", a.trials)
     return a
+
+
+def names_argument(p: argparse.ArgumentParser, flag: str, text: str, valid) -> list[str]:
+    """A comma-separated list of names, each one of ``valid`` (else a one-line error)."""
+    names = [x for x in text.split(",") if x]
+    for x in names:
+        if x not in valid:
+            p.error(f"{flag}: unknown name {x!r}; valid: {', '.join(valid)}")
+    return names
+
+
+def counts_argument(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """A comma-separated list of positive integers, e.g. "4,16" (else a one-line error)."""
+    try:
+        return [positive_int(x) for x in text.split(",") if x]
+    except argparse.ArgumentTypeError as err:
+        p.error(f"{flag} takes positive integers separated by commas, e.g. 4,16: {err}")
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -179,13 +202,17 @@ def save(ctx: Context) -> None:
 
 def render_only(args) -> int:
     """Redo conclusions and markdown from a results file (e.g. a GPU run's JSON, on a machine without the GPU)."""
-    measured = json.loads(Path(args.out).read_text())
-    m = measured["meta"]
+    try:
+        measured = json.loads(Path(args.out).read_text())
+        m, peaks = measured["meta"], measured["matmul_peak"]
+    except (ValueError, KeyError, TypeError) as err:
+        print(f"error: {args.out} is not a results file of bench.py ({type(err).__name__}: {err})", file=sys.stderr)
+        return 2
     # the data and prompt lengths come from the tokenizer alone: a tiny CPU model suffices to rebuild them
     args.device, args.model_shape, args.precision = "cpu", "tiny", "no"
     ctx = Context(args)
     ctx.setup()
-    ctx.res, ctx.peaks = measured, measured["matmul_peak"]
+    ctx.res, ctx.peaks = measured, peaks
     args.device, args.model_shape, args.precision = m["device"], m["model_shape"], m["precision"]
     ctx.dev = m["device"]
     conclude(ctx)

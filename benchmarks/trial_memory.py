@@ -19,7 +19,6 @@ This is an estimate, not the GPU measurement: ``bench.py --device cuda`` runs th
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -32,37 +31,40 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
 import torch  # noqa: E402
 
 from benchmarks import variants as V  # noqa: E402
-from benchmarks.bench import add_data_dir_argument, check_data_dir  # noqa: E402
+from benchmarks.bench import add_data_dir_argument, check_data_dir, names_argument  # noqa: E402
 from benchmarks.context import utc_now, write_json  # noqa: E402
 from benchmarks.markdown import update_markdown  # noqa: E402
 from benchmarks.measure import PeakMemory  # noqa: E402
-from benchmarks.models import build_model  # noqa: E402
+from benchmarks.models import SHAPES, build_model  # noqa: E402
 from benchmarks.study_estimate import PAPER_TASKS  # noqa: E402
 from ptray.batching import encode_all, train_batches  # noqa: E402
+from ptray.cli import OneLineParser, non_negative_float, positive_float, positive_int  # noqa: E402
 from ptray.data import load_split  # noqa: E402
 from ptray.prompt import init_prompt  # noqa: E402
-from ptray.tasks import get_task  # noqa: E402
+from ptray.tasks import TASK_NAMES, get_task  # noqa: E402
 
 GIB = 2**30
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-shape", default="bloomz-560m", help="tiny for a quick check, bloomz-560m for the figures")
+    p = OneLineParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-shape", default="bloomz-560m", choices=list(SHAPES),
+                   help="tiny for a quick check, bloomz-560m for the figures")
     add_data_dir_argument(p)
     p.add_argument("--tasks", default=",".join(PAPER_TASKS))
-    p.add_argument("--batch-size", type=int, default=8, help="training examples per step (ptray's default)")
-    p.add_argument("--eval-batch-size", type=int, default=32, help="sequences per evaluation batch (ptray's default)")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU memory to fit trials into")
-    p.add_argument("--overhead-gib", type=float, default=1.0,
+    p.add_argument("--batch-size", type=positive_int, default=8, help="training examples per step (ptray's default)")
+    p.add_argument("--eval-batch-size", type=positive_int, default=32,
+                   help="sequences per evaluation batch (ptray's default)")
+    p.add_argument("--max-length", type=positive_int, default=512)
+    p.add_argument("--gpu-gib", type=positive_float, default=80.0, help="the GPU memory to fit trials into")
+    p.add_argument("--overhead-gib", type=non_negative_float, default=1.0,
                    help="assumed per-process CUDA context + allocator slack (not measurable without a GPU)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", default=None, help="write the numbers here (JSON)")
     p.add_argument("--md", default=None, help="markdown file whose '<!-- bench:trial-memory -->' section to replace")
     a = p.parse_args(argv)
     check_data_dir(p, a.data_dir)
-    a.tasks = [t for t in a.tasks.split(",") if t]
+    a.tasks = names_argument(p, "--tasks", a.tasks.lower(), TASK_NAMES)
     return a
 
 

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.markdown import update_markdown  # noqa: E402
+from benchmarks.markdown import render_markdown, update_markdown  # noqa: E402
 
 
 def positive(x) -> bool:
@@ -75,6 +77,28 @@ def test_markdown_section_is_replaced_in_place(tmp_path):
     assert md.read_text() == "intro\n<!-- bench:cpu-x -->\nnew\n<!-- /bench:cpu-x -->\noutro\n"
     update_markdown(str(md), "cuda-y", "gpu\n")
     assert md.read_text().endswith("<!-- bench:cuda-y -->\ngpu\n<!-- /bench:cuda-y -->\n")
+
+
+@pytest.mark.parametrize("name", ["cpu-small-560m-ratio", "cpu-small"])
+def test_committed_results_render_as_benchmarks_md_shows_them(name):
+    """BENCHMARKS.md's tables are exactly what the renderer makes of the committed results files."""
+    res = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+    md = (ROOT / "BENCHMARKS.md").read_text()
+    section = md.split(f"<!-- bench:{name} -->\n", 1)[1].split(f"<!-- /bench:{name} -->", 1)[0]
+    assert render_markdown(res) == section
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--render-only"], "--render-only renders a results file"),
+    (["--tasks", "cb,xx"], "--tasks: unknown name 'xx'; valid: cb, rte, copa, wsc"),
+    (["--packed", "4,x"], "--packed takes positive integers"),
+    (["--steps", "0"], "--steps: must be a positive integer"),
+])
+def test_bad_arguments_get_one_line(args, message, data_dir):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--data-dir", str(data_dir), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1
 
 
 def test_trial_memory_estimate_runs_and_adds_up(tmp_path, data_dir):
