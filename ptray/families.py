@@ -30,6 +30,7 @@ Per family (``FAMILIES``):
   and OPT the rows depend on their positions 0..n-1, which a prepended prompt always occupies: that is what the
   model sees, and dropping the positions would describe rows the model never reads. OPT post-norm configs
   (``do_layer_norm_before=False``, e.g. opt-350m) and families outside the tested set: None (report "n/a").
+  ``effective_rows`` maps other rows (the vocabulary) the same way where that is position-free (not GPT-2/OPT).
 
 A model of another ``model_type`` is checked once, at load time, with the same equality checks on a few random
 inputs (``check_family``): it is refused with a one-line ``PtrayError`` naming the failed check, or accepted with
@@ -202,6 +203,24 @@ def effective_prompt(model, weight: torch.Tensor) -> torch.Tensor | None:
     if "rows" not in captured:
         return None
     return captured["rows"][0].float().cpu()
+
+
+def effective_rows(model, rows: torch.Tensor, chunk: int = 256) -> torch.Tensor | None:
+    """Any embedding rows [N, embed_dim] (e.g. the whole vocabulary, for nearest tokens in the effective space)
+    mapped as ``effective_prompt`` maps prompt rows, in chunks of ``chunk`` rows; fp32 on the CPU, [N, hidden].
+
+    None where the effective prompt is undefined, and for GPT-2 and OPT, whose effective rows depend on the
+    position (a vocabulary row has none).
+    """
+    if family(model).name in ("gpt2", "opt"):
+        return None
+    parts = []
+    for start in range(0, rows.shape[0], chunk):
+        part = effective_prompt(model, rows[start:start + chunk])
+        if part is None:
+            return None
+        parts.append(part)
+    return torch.cat(parts)
 
 
 def answer_ids_in_context(tokenizer, source_text: str, answers: tuple[str, ...] | list[str]) -> tuple[list[int], ...]:

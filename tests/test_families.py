@@ -269,6 +269,18 @@ def test_effective_prompt_is_what_the_first_attention_reads(fam):
     torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_effective_rows_of_the_vocabulary(fam):
+    """Position-free families map any rows (chunked) as their prompt rows; GPT-2/OPT rows depend on position: None."""
+    name, _, model, _, _ = fam
+    rows = families.embed(model, torch.arange(4, 41)).detach()
+    got = families.effective_rows(model, rows, chunk=8)
+    if name in ("gpt2", "opt"):
+        assert got is None
+    else:
+        torch.testing.assert_close(got, families.effective_prompt(model, rows), atol=1e-6, rtol=1e-5)
+        assert got.shape == (37, 64)
+
+
 def test_answer_ids_are_tokenized_in_context(fam):
     name, _, _, tok, _ = fam
     task = TASKS["cb"]
