@@ -28,8 +28,8 @@ PREDICTORS = {
     "spot_cosine_raw": ("SPoT cosine of mean-pooled prompts, raw", 1),
     "spot_cosine_effective": ("SPoT cosine, effective", 1),
     "ffn_overlap": ("activated FFN neuron overlap (Su et al.)", 1),
-    "init_text_distance": ("distance between the init-text prompts (confound)", 0),
-    "rows_compared": ("rows a distance compares (length confound)", 0),
+    "init_text_distance": ("distance between the init-text prompts", 0),
+    "rows_compared": ("rows a distance compares (prompt lengths)", 0),
 }
 
 

@@ -439,6 +439,18 @@ def test_hierarchical_bootstrap_sees_seeds_that_disagree_and_the_examples_only_i
         transfer.hierarchical_bootstrap_ci(row, 10)
 
 
+def test_hierarchical_bootstrap_equals_a_naive_loop_over_the_same_draws():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 40))
+    n_boot = 300
+    ref_rng = np.random.default_rng(7)  # the same generator, drawn in the same order: seeds, then examples
+    seeds, examples = ref_rng.integers(0, 3, size=(n_boot, 3)), ref_rng.integers(0, 40, size=(n_boot, 40))
+    means = [np.mean([[x[s, e] for e in examples[b]] for s in seeds[b]]) for b in range(n_boot)]
+    expected = tuple(np.quantile(means, [0.025, 0.975]))
+    got = transfer.hierarchical_bootstrap_ci(x, n_boot, seed=7, block=n_boot)
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
 def _inputs_without_effective() -> "inputs.Inputs":
     gen = torch.Generator().manual_seed(6)
     prompts = [PromptRun(f"{t}{s}", t, s, torch.randn(n, 8, generator=gen), {"init_text": ""})
