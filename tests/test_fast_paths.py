@@ -72,7 +72,7 @@ def test_answer_only_loss_and_gradient_equal_peft_prompt_tuning(model_tok, tiny_
     the prompt gradient; PEFT's TEXT init starts from ptray's init_prompt."""
     model, tok = model_tok
     base = copy.deepcopy(model)
-    init = init_prompt(model.get_input_embeddings().weight, tok, "text", INIT_TEXT)
+    init = init_prompt(model.get_input_embeddings(), tok, "text", INIT_TEXT)
     pm = V.peft_model(base, str(tiny_model_dir), INIT_TEXT, init.shape[0])
     peft_prompt = pm.prompt_encoder["default"].embedding.weight
     assert torch.equal(peft_prompt.detach(), init)
@@ -93,7 +93,7 @@ def test_answer_only_loss_and_gradient_equal_peft_prompt_tuning(model_tok, tiny_
 
 def test_full_logits_ablation_computes_the_same_loss_and_gradient(model_tok):
     model, tok = model_tok
-    init = init_prompt(model.get_input_embeddings().weight, tok, "text", INIT_TEXT)
+    init = init_prompt(model.get_input_embeddings(), tok, "text", INIT_TEXT)
     batch = gold_batch(random_examples(8, len(tok), seed=2), tok)
     fast = loss_and_grad(V.answer_loss, model, batch, init)
     slow = loss_and_grad(V.full_logits_loss, model, batch, init)
@@ -108,7 +108,7 @@ def test_length_grouped_batches_give_the_same_per_example_losses_as_unsorted(mod
     """Grouping by length changes only how much padding a row gets; with right padding a row's loss does not move."""
     model, tok = model_tok
     data = random_examples(40, len(tok), seed=3)
-    init = init_prompt(model.get_input_embeddings().weight, tok, "text", INIT_TEXT)
+    init = init_prompt(model.get_input_embeddings(), tok, "text", INIT_TEXT)
     pad, eos = tok.pad_token_id, tok.eos_token_id
 
     def losses_by_example(batches_fn):
@@ -156,7 +156,7 @@ def test_bf16_autocast_with_fp32_prompt_is_close_to_fp32(model_tok):
     stay fp32, the loss is within bf16 rounding of fp32's and the gradient points the same way."""
     model, tok = model_tok
     model16 = copy.deepcopy(model).to(torch.bfloat16)
-    init = init_prompt(model.get_input_embeddings().weight, tok, "text", INIT_TEXT)
+    init = init_prompt(model.get_input_embeddings(), tok, "text", INIT_TEXT)
     batch = gold_batch(random_examples(8, len(tok), seed=5), tok)
     loss32, grad32 = loss_and_grad(V.answer_loss, model, batch, init)
     prompt = init.clone().requires_grad_(True)
@@ -173,7 +173,7 @@ def test_bf16_autocast_with_fp32_prompt_is_close_to_fp32(model_tok):
 def test_ptray_step_trains_only_the_prompt_and_the_weights_ablation_restores_the_model(model_tok):
     model, tok = model_tok
     data = random_examples(24, len(tok), seed=6)
-    init = init_prompt(model.get_input_embeddings().weight, tok, "text", INIT_TEXT)
+    init = init_prompt(model.get_input_embeddings(), tok, "text", INIT_TEXT)
     batches, _ = V.batch_stream(data, 8, 4, 0, tok.pad_token_id, tok.eos_token_id)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -197,7 +197,7 @@ def test_packed_trials_equal_separate_trials(model_tok):
     """K prompts and K batches in one forward pass: the loss is the sum of the K losses and each prompt gets its own
     trial's gradient, whatever the other rows hold."""
     model, tok = model_tok
-    emb = model.get_input_embeddings().weight
+    emb = model.get_input_embeddings()
     inits = [init_prompt(emb, tok, "text", t) for t in (INIT_TEXT, "Which one?", "Is it so or not, really?")]
     batches = [gold_batch(random_examples(n, len(tok), seed=10 + n), tok) for n in (3, 5, 8)]
     prompts = [i.clone().requires_grad_(True) for i in inits]
@@ -211,7 +211,7 @@ def test_packed_trials_equal_separate_trials(model_tok):
 
 def test_sdpa_attention_variant_matches_bloom_eager_attention(model_tok):
     model, tok = model_tok
-    init = init_prompt(model.get_input_embeddings().weight, tok, "text", INIT_TEXT)
+    init = init_prompt(model.get_input_embeddings(), tok, "text", INIT_TEXT)
     batch = gold_batch(random_examples(8, len(tok), seed=7), tok)
     eager = loss_and_grad(V.answer_loss, model, batch, init)
     with V.sdpa_attention(model):
