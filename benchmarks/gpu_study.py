@@ -79,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--md", default=None, help="markdown file whose gpu-study section is replaced (e.g. BENCHMARKS.md)")
     p.add_argument("--total-seconds", type=float, default=None, help="whole-run cap (default 480; smoke 240)")
     p.add_argument("--study-seconds", type=float, default=None, help="study training cap (default 300; smoke 120)")
+    p.add_argument("--chunks", type=int, default=4, help="forward passes per group step in the study (rows by length)")
     p.add_argument("--section-seconds", type=float, default=None, help="timing window per measurement (default 4)")
     a = p.parse_args(argv)
     if not Path(a.data_dir, "CB", "train.jsonl").is_file():
@@ -89,6 +90,8 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA GPU is visible; use --device cpu (with --smoke)")
     if a.device == "cpu" and not a.smoke:
         p.error("a bloomz-560m-shaped run on CPU takes hours; pass --smoke on CPU")
+    if a.chunks < 1:
+        p.error(f"--chunks must be at least 1, got {a.chunks}")
     a.total_seconds = a.total_seconds or (240.0 if a.smoke else 480.0)
     a.study_seconds = a.study_seconds or (120.0 if a.smoke else 300.0)
     a.section_seconds = a.section_seconds or (0.3 if a.smoke else 4.0)
@@ -286,7 +289,7 @@ def study_streams(run: Run, k: int):
     return [(train_batches(run.train_data[t], 8, s, 1, run.pad, run.eos), run.init[t]) for t, s in members]
 
 
-def group_step(run: Run, batches: list[list], prompts: list[torch.nn.Parameter], state: dict):
+def group_step(run: Run, batches: list[list], prompts: list[torch.nn.Parameter], state: dict, chunks: int = 1):
     """One training step of a group: the next batch of every prompt in one forward, the sum of each prompt's mean
     loss backward, one Adam step per prompt (its own parameter group). Counts tokens and FLOPs into ``state``."""
     opt = torch.optim.Adam([{"params": [p], "lr": 3e-2} for p in prompts])
@@ -296,7 +299,7 @@ def group_step(run: Run, batches: list[list], prompts: list[torch.nn.Parameter],
         i = state["i"]
         parts = [(bs[i % len(bs)], p) for bs, p in zip(batches, prompts)]
         with run.autocast():
-            logps = group_answer_logprobs(run.model, parts)
+            logps = group_answer_logprobs(run.model, parts, chunks)
         torch.stack([-lp.mean() for lp in logps]).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -311,8 +314,10 @@ def group_step(run: Run, batches: list[list], prompts: list[torch.nn.Parameter],
 def group_step_bench(run: Run) -> None:
     out = []
     sizes = SMOKE_GROUP_SIZES if run.a.smoke else GROUP_SIZES
-    for label, k, fused in [("one trial, eager", 1, False), ("one trial, fused", 1, True),
-                            *[(f"group of {k}, fused", k, True) for k in sizes]]:
+    chunked = run.a.chunks if run.a.chunks > 1 else 2
+    for label, k, fused, chunks in [("one trial, eager", 1, False, 1), ("one trial, fused", 1, True, 1),
+                                    *[(f"group of {k}, fused", k, True, 1) for k in sizes],
+                                    (f"group of {sizes[-1]}, fused, {chunked} chunks", sizes[-1], True, chunked)]:
         if run.left() < 45:
             break
         use_fused_attention(run.model, enabled=fused)
@@ -320,14 +325,14 @@ def group_step_bench(run: Run) -> None:
         prompts = [torch.nn.Parameter(p.to(run.dev)) for _, p in streams]
         batches = [[b.to(run.dev) for b in bs] for bs, _ in streams]
         state = {"i": 0, "tokens": 0, "flops": 0.0}
-        step = group_step(run, batches, prompts, state)
+        step = group_step(run, batches, prompts, state, chunks)
         try:
             with PeakMemory(run.dev) as mem:
                 for _ in range(2):  # warm-up, not counted
                     step()
                 state.update(tokens=0, flops=0.0)
                 n, s = timed_steps(run, step, run.a.section_seconds, warmup=0)
-            entry = {"mode": label, "prompts": k, "rows_per_step": 8 * k, "steps": n, "seconds": s,
+            entry = {"mode": label, "prompts": k, "chunks": chunks, "rows_per_step": 8 * k, "steps": n, "seconds": s,
                      "tokens_per_s": state["tokens"] / s, **run.mfu(state["flops"] / s),
                      "peak_mib": mem.peak / 2**20 if mem.peak is not None else None}
         except torch.OutOfMemoryError as err:
@@ -379,7 +384,7 @@ def study(run: Run) -> None:
     results = None
     try:
         results = train_group(cfgs, on_epoch_end=on_epoch_end, fused_attention=run.dev == "cuda",
-                              model_and_tokenizer=(run.model, run.tok))
+                              model_and_tokenizer=(run.model, run.tok), chunks=a.chunks)
     except _Cap:
         finished = False
     sync(run.dev)
@@ -409,6 +414,7 @@ def study(run: Run) -> None:
         "stopped_early": [r.metrics["stopped_early"] for r in results] if results else None,
         "evaluations": done, "evaluations_planned": len(jobs), "eval_seconds": eval_s,
         "wall_seconds": train_s + eval_s, "train_peak_gib": train_peak, "eval_batch_size": eval_batch,
+        "chunks": a.chunks,
         "tasks": list(TASKS), "seeds": list(SEEDS),
     }
     log(f"study evaluations: {done}/{len(jobs)} in {eval_s:.0f} s")
@@ -456,7 +462,8 @@ def render(res: dict) -> str:
     s = res.get("study")
     if s:
         peak = "-" if s["train_peak_gib"] is None else f"{s['train_peak_gib']:.1f} GiB"
-        lines += [f"Paper study by `ptray.group.train_group` ({s['prompts']} prompts in one group, fused attention): "
+        lines += [f"Paper study by `ptray.group.train_group` ({s['prompts']} prompts in one group, fused attention, "
+                  f"{s['chunks']} length chunks per step): "
                   f"training {'finished' if s['finished'] else 'STOPPED by the cap'} in {s['train_seconds']:.0f} s "
                   f"(cap {s['cap_seconds']:.0f} s; epochs per prompt {s['epochs_run']}), then "
                   f"{s['evaluations']}/{s['evaluations_planned']} evaluations in {s['eval_seconds']:.0f} s; "

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ptray.batching import Batch, check_positions, encode_all, train_batches
+from ptray.batching import Batch, check_fits, encode_all, train_batches
 from ptray.data import load_split
 from ptray.errors import PtrayError
 from ptray.evaluate import EvalResult, evaluate
@@ -44,12 +44,14 @@ log = logging.getLogger("ptray")
 SHARED_FIELDS = ("model", "precision", "device", "compile")  # what the prompts of one group must agree on
 
 
-def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]]) -> list[torch.Tensor]:
-    """One forward pass for several (batch, prompt) pairs; each batch's rows get their own prompt [n_i, hidden].
+def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]], chunks: int = 1) -> list[torch.Tensor]:
+    """One step's forward for several (batch, prompt) pairs; each batch's rows get their own prompt [n_i, hidden].
 
     Rows are right-padded to the longest prompt + sequence (causal attention: a row's real tokens never see the
-    padding after them). Returns, per pair, the log-probability of each answer token [A_i] (fp32), as
-    ``ptray.model.answer_logprobs(model, batch_i, prompt_i)[0]`` would.
+    padding after them). ``chunks`` > 1 sorts the rows by length and runs them as that many forward passes, each
+    padded to its own longest row: prompts of different tasks have very different lengths (COPA ~30 tokens, RTE
+    up to 512), and one pass pads every row to the longest. Returns, per pair, the log-probability of each answer
+    token [A_i] (fp32), as ``ptray.model.answer_logprobs(model, batch_i, prompt_i)[0]`` would.
     """
     emb = model.get_input_embeddings()
     embeds, masks, seqs, positions, tokens, counts = [], [], [], [], [], []
@@ -66,8 +68,28 @@ def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]]) -> lis
     width = max(e.shape[1] for e in embeds)
     embeds = torch.cat([torch.nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in embeds])
     mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
-    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-    selected = hidden[torch.cat(seqs), torch.cat(positions)]
+    seqs, positions = torch.cat(seqs), torch.cat(positions)
+    if chunks <= 1:
+        hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        selected = hidden[seqs, positions]
+    else:
+        # Each chunk's hidden states are flattened to [rows * its width, hidden]; an answer of row r at position p
+        # is then row r's base (its chunk's offset + its index in the chunk x the chunk's width) + p.
+        lengths = mask.sum(1).tolist()  # one device sync per step
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        size = math.ceil(len(order) / chunks)
+        base = torch.zeros(len(order), dtype=torch.long)
+        flat, start = [], 0
+        for c in range(0, len(order), size):
+            rows = order[c:c + size]
+            w = lengths[rows[-1]]
+            idx = torch.tensor(rows, device=embeds.device)
+            h = model.base_model(inputs_embeds=embeds[idx, :w], attention_mask=mask[idx, :w],
+                                 use_cache=False).last_hidden_state
+            flat.append(h.reshape(-1, h.shape[-1]))
+            base[rows] = start + torch.arange(len(rows)) * w
+            start += len(rows) * w
+        selected = torch.cat(flat)[base.to(embeds.device)[seqs] + positions]
     logits = model.get_output_embeddings()(selected).float()
     logp = torch.log_softmax(logits, dim=-1).gather(1, torch.cat(tokens).unsqueeze(1)).squeeze(1)
     return list(logp.split(counts))
@@ -114,16 +136,20 @@ def train_group(
     resume: list[dict[str, Any] | None] | None = None,
     fused_attention: bool | None = None,
     model_and_tokenizer=None,
+    chunks: int = 1,
 ) -> list[TrainResult]:
     """Train the prompts of ``cfgs`` together; return each one's ``TrainResult`` as ``train(cfg)`` would.
 
     ``on_epoch_end(i, metrics, state)`` is called when prompt i finishes an epoch, with ``train``'s metrics and
     state; ``resume[i]`` (such a state, or None) continues prompt i after that epoch. ``fused_attention``: None
-    turns ``ptray.attention.use_fused_attention`` on for GPUs only. ``model_and_tokenizer`` reuses a loaded frozen
+    turns ``ptray.attention.use_fused_attention`` on for GPUs only. ``chunks``: forward passes per step, rows
+    grouped by length (see ``group_answer_logprobs``; the same numbers). ``model_and_tokenizer`` reuses a loaded frozen
     model (the benchmark's); the model must be the one ``cfgs[0].model`` names. Raises PtrayError when the configs
     disagree on a shared field (``SHARED_FIELDS``) or a loss becomes non-finite.
     """
     _check_group(cfgs)
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise PtrayError(f"chunks (forward passes per group step) must be a positive integer, got {chunks!r}")
     resume = list(resume) if resume is not None else [None] * len(cfgs)
     if len(resume) != len(cfgs):
         raise PtrayError(f"resume has {len(resume)} states for {len(cfgs)} prompts; pass one (or None) per prompt")
@@ -157,6 +183,8 @@ def train_group(
     no_prompt_cache: dict[tuple, EvalResult] = {}
     optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)  # a placeholder group, removed
     optimizer.param_groups.clear()
+    for cfg in cfgs:  # every member's lengths, before any work
+        check_fits([cfg.task], tokenizer, model.config, cfg)
     for i, (cfg, state) in enumerate(zip(cfgs, resume)):
         task = get_task(cfg.task)
         train_data = encode_all(task, load_split(task, "train", cfg.data_dir, cfg.hub_dataset,
@@ -167,8 +195,6 @@ def train_group(
         weight = torch.nn.Parameter(
             init_prompt(embedding, tokenizer, cfg.init, init_text, cfg.num_tokens, cfg.seed).to(accelerator.device))
         optimizer.add_param_group({"params": [weight], "lr": cfg.lr})
-        hard_tokens = len(text_token_ids(tokenizer, init_text)) if cfg.baselines else 0  # the init-text baseline
-        check_positions(model.config, max(weight.shape[0], hard_tokens), cfg.max_length)
         resolved = {
             **cfg.to_dict(), "init_text": init_text, "num_tokens": weight.shape[0], "hidden_size": embedding.shape[1],
             "template_version": task.version, "verbalizer": dict(task.verbalizer), "device": device,
@@ -259,7 +285,7 @@ def train_group(
     while active:
         parts = [(m.batches[m.step].to(accelerator.device), m.weight) for m in active]
         with accelerator.autocast():
-            logps = group_answer_logprobs(model, parts)
+            logps = group_answer_logprobs(model, parts, chunks)
             losses = [-lp.mean() for lp in logps]
         accelerator.backward(torch.stack(losses).sum())  # each prompt's gradient is its own mean's gradient
         optimizer.step()

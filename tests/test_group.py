@@ -25,7 +25,8 @@ def _cfgs(model_dir, data_dir):
     ]
 
 
-def test_one_forward_gives_each_prompt_its_own_logprobs_and_gradient(tiny, data_dir):
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_one_forward_gives_each_prompt_its_own_logprobs_and_gradient(tiny, data_dir, chunks):
     model, tok = tiny
     parts, refs = [], []
     for k, (name, n, seed) in enumerate([("cb", 3, 0), ("rte", 7, 1), ("wsc", 5, 2)]):
@@ -38,7 +39,7 @@ def test_one_forward_gives_each_prompt_its_own_logprobs_and_gradient(tiny, data_
         (grad,) = torch.autograd.grad(-lp.mean(), prompt)
         refs.append((lp.detach(), grad))
         parts.append((batch, prompt))
-    logps = group_answer_logprobs(model, parts)
+    logps = group_answer_logprobs(model, parts, chunks)  # chunks: rows by length in 3 passes, the same numbers
     grads = torch.autograd.grad(sum(-lp.mean() for lp in logps), [p for _, p in parts])
     for lp, grad, (ref_lp, ref_grad) in zip(logps, grads, refs):
         assert ref_grad.abs().max() > 1e-3
@@ -88,7 +89,7 @@ def test_group_resumes_from_states(tiny_model_dir, data_dir):
     cfgs = [c for c in _cfgs(tiny_model_dir, data_dir)[1:]]
     for c in cfgs:
         c.baselines = False
-    full = train_group(cfgs)
+    full = train_group(cfgs, chunks=2)  # interrupted with 1 chunk per step, resumed with 3: all the same numbers
     latest: dict[int, dict] = {}
 
     class Stop(Exception):
@@ -101,7 +102,7 @@ def test_group_resumes_from_states(tiny_model_dir, data_dir):
 
     with pytest.raises(Stop):
         train_group(cfgs, on_epoch_end=on_epoch_end)
-    resumed = train_group(cfgs, resume=[latest[0], latest[1]])
+    resumed = train_group(cfgs, resume=[latest[0], latest[1]], chunks=3)
     for r, f in zip(resumed, full):
         torch.testing.assert_close(r.prompt, f.prompt, rtol=1e-5, atol=1e-5)
         assert [h["eval_loss"] for h in r.history] == pytest.approx([h["eval_loss"] for h in f.history], rel=1e-5)
@@ -116,6 +117,8 @@ def test_group_refuses_prompts_that_do_not_share_the_model(tiny_model_dir, data_
         train_group([])
     with pytest.raises(PtrayError, match="resume has 2 states for 1 prompts"):
         train_group([a], resume=[None, None])
+    with pytest.raises(PtrayError, match="chunks .* must be a positive integer, got 0"):
+        train_group([a], chunks=0)
 
 
 def test_gpu_study_smoke(tmp_path, data_dir):
@@ -136,7 +139,7 @@ def test_gpu_study_smoke(tmp_path, data_dir):
         assert entry["max_abs_logprob_diff"] < 1e-4  # fp32: the fused path computes the eager one's numbers
         assert entry["eager"]["tokens_per_s"] > 0 and entry["fused"]["tokens_per_s"] > 0
     assert res["sdpa_kernels"]["MATH"]["ok"]
-    assert [e["prompts"] for e in res["group"]] == [1, 1, 2, 4]
+    assert [(e["prompts"], e["chunks"]) for e in res["group"]] == [(1, 1), (1, 1), (2, 1), (4, 1), (4, 4)]
     study = res["study"]
     assert study["finished"] and study["epochs_run"] == [2] * 16
     assert study["evaluations"] == study["evaluations_planned"] == 68
