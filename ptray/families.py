@@ -87,7 +87,16 @@ def family(model) -> Family:
         return known
     cached = model.__dict__.get(_CHECKED)
     if cached is None:
-        cached = check_family(model)
+        try:
+            cached = check_family(model)
+        except PtrayError:
+            raise
+        except Exception as err:  # the model cannot even run ptray's way (e.g. no inputs_embeds): refuse it
+            raise PtrayError(
+                f"model type {getattr(model.config, 'model_type', None)!r} is not supported: ptray's checks could not "
+                f"run it ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); supported families: "
+                f"{', '.join(FAMILIES)}"
+            ) from None
         model.__dict__[_CHECKED] = cached
     return cached
 

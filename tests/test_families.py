@@ -426,3 +426,18 @@ def test_untested_family_failing_a_check_is_refused(tmp_path):
     with pytest.raises(PtrayError, match=r"model type 'cohere' is not supported: ptray's logits at the answer "
                                          r"positions differ from the model's own \(max log-probability difference"):
         load_model(str(tmp_path / "m"))
+
+
+def test_untested_family_that_cannot_run_is_refused_in_one_line(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(_build(tmp_path / "m", "llama")))
+    model.config.model_type = "somelm"
+
+    def no_embeds(*args, **kwargs):
+        raise ValueError("inputs_embeds is not supported\nsecond line")
+
+    monkeypatch.setattr(model, "forward", no_embeds)
+    with pytest.raises(PtrayError, match=r"^model type 'somelm' is not supported: ptray's checks could not run it "
+                                         r"\(ValueError: inputs_embeds is not supported\); supported families: bloom"):
+        families.family(model)
