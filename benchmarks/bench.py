@@ -21,8 +21,9 @@ Numbers go to ``--out`` (JSON) and, with ``--md``, into a marked section of a ma
 ``benchmarks/measure.py`` for what tokens, FLOPs and MFU mean here.
 
 This file is the command line and the order of the sections; each section has its file: ``context.py`` (the
-model, data and timing helpers they share), ``training.py`` (2), ``evaluation.py`` (3), ``ablations.py`` and
-``trials.py`` (4, 5), ``targets.py`` and ``study_estimate.py`` (6), ``markdown.py`` (the tables).
+model, data and timing helpers they share), ``training.py`` (2), ``evaluation.py`` (3), ``ablations.py`` (4: the
+table of named variants), ``trials.py`` (4's packed trials, and 5), ``targets.py`` and ``study_estimate.py`` (6),
+``markdown.py`` (the tables); ``variants.py`` holds the code being compared, ``measure.py`` the timers and FLOPs.
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ def parse_args(argv=None):
     a.ablations = [] if a.ablations == "none" else names_argument(p, "--ablations", a.ablations, ABLATIONS)
     a.ablation_tasks = (names_argument(p, "--ablation-tasks", a.ablation_tasks.lower(), TASK_NAMES)
                         if a.ablation_tasks else a.tasks)
+    if not set(a.ablation_tasks) <= set(a.tasks):
+        p.error(f"--ablation-tasks {','.join(a.ablation_tasks)} must be among --tasks {','.join(a.tasks)} "
+                "(only those are loaded)")
     names_argument(p, "--sections", a.sections, SECTIONS)
     a.packed, a.trials = counts_argument(p, "--packed", a.packed), counts_argument(p, "--trials", a.trials)
     return a

@@ -39,6 +39,7 @@ def methods(ctx: Context, task: str) -> dict:
 
 
 def evaluate(ctx: Context) -> None:
+    """Every method of ``methods`` on each task's validation set, timed and compared (``res["eval"]``)."""
     a, out = ctx.a, {}
     for task in a.tasks:
         val, n_prompt = ctx.val[task], int(ctx.init[task].shape[0])

@@ -13,6 +13,7 @@ from ptray.tasks import get_task
 
 
 def train(ctx: Context) -> None:
+    """Both sides on each task, ``--repeats`` alternating windows each, then the study mix (``res["train"]``)."""
     a, out = ctx.a, {}
     for task in a.tasks:
         def reference(memory_pass=False, task=task):
