@@ -214,6 +214,25 @@ def effective_prompt(model, weight: torch.Tensor) -> torch.Tensor | None:
     return captured["rows"][0].float().cpu()
 
 
+_EFFECTIVE_DEFINITIONS = {
+    "bloom": "after BLOOM's word_embeddings_layernorm",
+    "gpt2": "after the first block's ln_1, position embeddings (0..n-1) added",
+    "opt": "after project_in, learned positions (0..n-1) and the first block's self_attn_layer_norm",
+    "llama": "after the first block's input RMSNorm (weight included)",
+    "qwen2": "after the first block's input RMSNorm (weight included)",
+    "gemma2": "after the sqrt(hidden) normaliser and the first block's input RMSNorm (weight included)",
+}
+
+
+def effective_definition(model) -> str | None:
+    """One line saying what ``effective_prompt`` computes for ``model``'s family, or None where it is undefined
+    (the report then says n/a)."""
+    fam = family(model)
+    if fam.effective_norm is None or (fam.name == "opt" and not getattr(model.config, "do_layer_norm_before", True)):
+        return None
+    return _EFFECTIVE_DEFINITIONS.get(fam.name)
+
+
 def effective_rows(model, rows: torch.Tensor, chunk: int = 256) -> torch.Tensor | None:
     """Any embedding rows [N, embed_dim] (e.g. the whole vocabulary, for nearest tokens in the effective space)
     mapped as ``effective_prompt`` maps prompt rows, in chunks of ``chunk`` rows; fp32 on the CPU, [N, hidden].

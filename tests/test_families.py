@@ -267,6 +267,7 @@ def test_effective_prompt_is_what_the_first_attention_reads(fam):
         want = w * torch.rsqrt(w.pow(2).mean(-1, keepdim=True) + eps) * scale
     assert got.shape == (5, 64)
     torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    assert families.effective_definition(model).startswith("after ")
 
 
 def test_effective_rows_of_the_vocabulary(fam):
@@ -411,6 +412,7 @@ def test_untested_family_passes_the_load_time_checks(tmp_path):
     fam = families.family(model)
     assert fam.name == "mistral" and not fam.tested and fam.shares_source and fam.positions == "ids"
     assert families.effective_prompt(model, torch.zeros(2, 64)) is None  # undefined: the report says n/a
+    assert families.effective_definition(model) is None
 
 
 def test_untested_family_failing_a_check_is_refused(tmp_path):
