@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_study.py --data-dir DIR --out gpu_study.json --md BENCHMARKS.md   # GPU, < 10 minutes
     python benchmarks/gpu_study.py --smoke --data-dir DIR --out /tmp/s.json                  # CPU, tiny model, ~1 min
+    python benchmarks/gpu_study.py --render gpu_study.json --md BENCHMARKS.md                # the section from a JSON
 
 Needs torch, transformers, accelerate and ptray only (no Ray, MLflow, PEFT or ``datasets``). Builds a random model
 with bloomz-560m's exact config (``--smoke``: ptray's tiny BLOOM) and measures, in this order:
@@ -25,8 +26,11 @@ Tokens are real text tokens (no padding, no prompt rows); model FLOPs and MFU fo
 The whole run stops starting new measurements once ``--total-seconds`` is near. Writes ``--out`` (JSON) and, with
 ``--md``, the ``gpu-study`` section of that markdown file.
 
-On the GPU machine the SuperGLUE folder must travel with the working tree (an ignored folder named in ``carry``),
-passed as ``--data-dir``.
+On the GPU machine the SuperGLUE folder must travel with the working tree: copy it into a folder that
+``.git/info/exclude`` ignores (e.g. ``.gpu_data/superglue``), name that folder in the device tool's ``carry``, run
+``PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python benchmarks/gpu_study.py --data-dir .gpu_data/superglue --out
+$OUT/gpu_study.json 2>&1 | tee $OUT/log`` (about 7 minutes with the default caps), then render the JSON here with
+``--render``.
 """
 
 from __future__ import annotations
@@ -72,16 +76,21 @@ SMOKE_MAX_LENGTH = 96  # the tiny model on CPU: attention over 400-token rows wo
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model, few steps, small study: checks that it runs")
+    p.add_argument("--render", metavar="JSON", help="only write --md's section from this results file, then exit")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--data-dir", default=os.environ.get("PTRAY_DATA_DIR", str(ROOT.parent / "shared" / "data" /
                                                                            "superglue")))
     p.add_argument("--out", default="gpu_study.json", help="results JSON")
     p.add_argument("--md", default=None, help="markdown file whose gpu-study section is replaced (e.g. BENCHMARKS.md)")
-    p.add_argument("--total-seconds", type=float, default=None, help="whole-run cap (default 480; smoke 240)")
-    p.add_argument("--study-seconds", type=float, default=None, help="study training cap (default 300; smoke 120)")
+    p.add_argument("--total-seconds", type=float, default=None, help="whole-run cap (default 420; smoke 240)")
+    p.add_argument("--study-seconds", type=float, default=None, help="study training cap (default 240; smoke 120)")
     p.add_argument("--chunks", type=int, default=4, help="forward passes per group step in the study (rows by length)")
     p.add_argument("--section-seconds", type=float, default=None, help="timing window per measurement (default 4)")
     a = p.parse_args(argv)
+    if a.render:
+        if not a.md or not Path(a.render).is_file():
+            p.error("--render needs an existing results JSON and --md (the markdown file to update)")
+        return a
     if not Path(a.data_dir, "CB", "train.jsonl").is_file():
         p.error(f"--data-dir {a.data_dir!r} holds no CB/train.jsonl; pass the SuperGLUE jsonl folder")
     if a.device == "auto":
@@ -92,8 +101,8 @@ def parse_args(argv=None):
         p.error("a bloomz-560m-shaped run on CPU takes hours; pass --smoke on CPU")
     if a.chunks < 1:
         p.error(f"--chunks must be at least 1, got {a.chunks}")
-    a.total_seconds = a.total_seconds or (240.0 if a.smoke else 480.0)
-    a.study_seconds = a.study_seconds or (120.0 if a.smoke else 300.0)
+    a.total_seconds = a.total_seconds or (240.0 if a.smoke else 420.0)
+    a.study_seconds = a.study_seconds or (120.0 if a.smoke else 240.0)
     a.section_seconds = a.section_seconds or (0.3 if a.smoke else 4.0)
     return a
 
@@ -488,13 +497,20 @@ def save(run: Run) -> None:
     Path(run.a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(run.a.out).write_text(json.dumps(run.res, indent=1, default=str) + "\n")
     if run.a.md:
-        from benchmarks.markdown import update_markdown
+        write_md(run.a.md, run.res)
 
-        update_markdown(run.a.md, "gpu-study", render(run.res))
+
+def write_md(path: str, res: dict) -> None:
+    from benchmarks.markdown import update_markdown
+
+    update_markdown(path, "gpu-study", render(res))
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.render:
+        write_md(a.md, json.loads(Path(a.render).read_text()))
+        return 0
     run = Run(a)
     log(f"device {run.res['meta']['device_name']}, caps: total {a.total_seconds:.0f} s, study {a.study_seconds:.0f} s")
     run.setup()

@@ -145,3 +145,6 @@ def test_gpu_study_smoke(tmp_path, data_dir):
     assert study["evaluations"] == study["evaluations_planned"] == 68
     text = md.read_text()
     assert "<!-- bench:gpu-study -->" in text and "68/68 evaluations" in text
+    again = tmp_path / "again.md"  # the GPU machine returns the JSON; the section is rendered from it here
+    assert gpu_study.main(["--render", str(out), "--md", str(again)]) == 0
+    assert again.read_text() == text
