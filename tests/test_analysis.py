@@ -493,3 +493,48 @@ def test_table1_variance_is_the_population_variance_and_the_paper_ratio_is_sourc
     r = stochasticity.wsc_cb_ratio(t1)
     assert r["frobenius_raw_ratio"] == 2.0 and r["sqrt_length_ratio"] == 1.5
     assert r["paper_ratio"] == paper.wsc_cb_norm_ratio() == pytest.approx(135.3 / 119.2)
+
+
+def _random_study(hidden: int) -> Study:
+    """3 tasks x 2 seeds of random prompts of different lengths, with transfer and baseline outcomes."""
+    gen = torch.Generator().manual_seed(8)
+    rng = np.random.default_rng(8)
+    lengths = {"cb": 3, "rte": 4, "copa": 2}
+    prompts = [PromptRun(f"{t}{s}", t, s, torch.randn(n, hidden, generator=gen), {"init_text": ""},
+                         {"exact_match": 0.5, "rank_accuracy": 0.5}) for t, n in lengths.items() for s in (0, 1)]
+    idx = list(range(10))
+    evals = [EvalRun(f"base-{t}", "baseline", t, idx=idx, em_correct=[0] * 10,
+                     rank_correct=rng.integers(0, 2, 10).tolist()) for t in lengths]
+    evals += [EvalRun(f"{a}{s}{b}", "transfer", b, a, s, idx=idx, em_correct=rng.integers(0, 2, 10).tolist(),
+                      rank_correct=rng.integers(0, 2, 10).tolist())
+              for a in lengths for s in (0, 1) for b in lengths]
+    return Study("e", "s", prompts, evals)
+
+
+def test_a_model_without_an_effective_prompt_gets_n_a_in_the_whole_report(tiny, tmp_path):
+    from analysis import report
+    from analysis.pipeline import Options, compute
+
+    _, tokenizer = tiny
+    model = _tiny_causal_lm("opt")  # post-norm OPT: the family defines no effective prompt
+    results = compute(_random_study(16), model, tokenizer, Options(faithfulness=False, n_boot=50))
+    names = {o.name for o in results.outputs}
+    assert "nearest_cb" in names and not any(n.endswith("_effective") for n in names)
+    assert results.meta["effective_prompt"] is None
+    assert any("effective" in n and "n/a" in n for n in results.meta["notes"])
+    report.write_all(results, tmp_path)
+    t1 = pd.read_csv(tmp_path / "table1_norms.csv")
+    assert t1["frobenius_effective_mean"].isna().all() and t1["frobenius_raw_mean"].notna().all()
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "Effective prompt: n/a" in md
+    assert "frobenius_effective" not in set(pd.read_csv(tmp_path / "predictors.csv")["predictor"])
+    stats_ = pd.read_csv(tmp_path / "correlation_stats.csv")
+    assert (stats_["mantel_permutations"] == 6).all()  # 3 tasks: 3! relabellings, enumerated
+    # GPT-2: the effective prompt is defined (ln_1 of token + position) but the vocabulary has no effective rows
+    gpt2 = _tiny_causal_lm("gpt2")
+    results = compute(_random_study(16), gpt2, tokenizer, Options(faithfulness=False, n_boot=50))
+    names = {o.name for o in results.outputs}
+    assert not any(n.startswith("nearest_") and n.endswith("_effective") for n in names)
+    assert results.meta["effective_prompt"] == "h.0.ln_1"
+    t1 = next(o.data for o in results.outputs if o.name == "table1_norms")
+    assert t1["frobenius_effective_mean"].notna().all()
