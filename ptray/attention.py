@@ -27,6 +27,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+_ALIGN = 16  # elements: the row alignment PyTorch's memory-efficient attention asks of an attn_mask
 _ORIGINAL = "_ptray_eager_forward"  # marks a patched module; holds nothing (the class keeps the original)
 
 
@@ -74,6 +75,9 @@ def _bias(alibi, attention_mask, batch_size, num_heads, q_length, kv_length, dty
         bias = bias.masked_fill(~attention_mask[..., :kv_length], torch.finfo(dtype).min)
     else:
         bias = bias + attention_mask[..., :kv_length].to(dtype)
+    # The memory-efficient CUDA kernel wants the bias's row strides to be multiples of 16 and otherwise copies it
+    # into a padded buffer on every call (every layer): allocate that padding once and pass a view.
+    bias = F.pad(bias, (0, -kv_length % _ALIGN))[..., :kv_length]
     return bias.expand(batch_size, num_heads, q_length, kv_length)
 
 

@@ -157,12 +157,14 @@ def test_bias_is_built_once_per_forward(monkeypatch):
 
     built = []
     real = attention._bias
-    monkeypatch.setattr(attention, "_bias", lambda *a: built.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(attention, "_bias", lambda *a: built.append(real(*a)) or built[-1])
     model = _bloom(4)
     use_fused_attention(model)
     ids, mask = _padded_batch(6)
     model(input_ids=ids, attention_mask=mask)
     assert len(built) == 1
+    # rows aligned to 16 elements (11 keys here), so CUDA's memory-efficient kernel takes the bias without a copy
+    assert built[0].shape == (4, 4, 11, 11) and all(st % 16 == 0 for st in built[0].stride()[:-1])
     other = mask.clone()
     other[0, 5:] = 0
     fused = model(input_ids=ids, attention_mask=other).logits
