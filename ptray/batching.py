@@ -10,8 +10,9 @@ import torch
 from ptray.data import Example
 from ptray.errors import PtrayError
 from ptray.families import answer_ids_in_context
+from ptray.prompt import text_token_ids
 from ptray.seeds import epoch_seed
-from ptray.tasks import ANSWER_CUE, Task
+from ptray.tasks import ANSWER_CUE, Task, get_task
 
 
 def pad_token_id(tokenizer) -> int:
@@ -122,6 +123,19 @@ def check_positions(model_config, prompt_tokens: int, max_length: int) -> None:
             f"{prompt_tokens} prompt tokens + --max-length {max_length} exceed the model's {limit} "
             f"positions (max_position_embeddings); lower --max-length to at most {limit - prompt_tokens}"
         )
+
+
+def check_fits(task_names, tokenizer, model_config, cfg) -> None:
+    """Every length check a run of ``cfg`` (a ``TrainConfig``) on each of ``task_names`` needs, before any work:
+    ``check_lengths``, and ``check_positions`` with the longest prompt the run puts before a source (the soft
+    prompt: ``cfg.num_tokens`` rows or the init text's length; with ``cfg.baselines`` also the init text itself as
+    a hard prompt). ``train`` runs it first; a study's driver runs it for every task before any trial starts."""
+    for name in task_names:
+        task = get_task(name)
+        check_lengths(task, tokenizer, cfg.max_length)
+        init_tokens = len(text_token_ids(tokenizer, cfg.init_text if cfg.init_text is not None else task.init_text))
+        soft = cfg.num_tokens or init_tokens
+        check_positions(model_config, max(soft, init_tokens if cfg.baselines else 0), cfg.max_length)
 
 
 def encode(task: Task, example: Example, tokenizer, max_length: int) -> Encoded:

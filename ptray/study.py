@@ -228,6 +228,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
                              f"({digest} != {stored_digest}); resume with the same files or start a new --study")
     plan.model_digest = model_bundle.digest if model_bundle else None
     plan.data_digest = data_bundle.digest if data_bundle else None
+    preflight.check_fits(plan, str(model_bundle.materialize()) if model_bundle else plan.train.model)
 
     import ray
 

@@ -26,7 +26,7 @@ import torch
 
 import ptray
 from ptray import layout
-from ptray.batching import check_positions, encode_all, pad_token_id, train_batches
+from ptray.batching import check_fits, encode_all, pad_token_id, train_batches
 from ptray.cli import OneLineParser, add_config_arguments, config_from_args
 from ptray.config import TrainConfig
 from ptray.data import load_split
@@ -111,6 +111,7 @@ def train(
 
     model, tokenizer, accelerator = setup_model(cfg.model, device, precision, cfg.compile)
     pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
+    check_fits([task.name], tokenizer, model.config, cfg)  # a max length that cannot serve: refused before any work
 
     train_data = encode_all(task, train_examples, tokenizer, cfg.max_length)
     eval_data = encode_all(task, eval_examples, tokenizer, cfg.max_length)
@@ -121,9 +122,6 @@ def train(
                                     cfg.seed))
     optimizer = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
     prompt, optimizer = accelerator.prepare(prompt, optimizer)
-    # before the baselines and training; the init-text baseline puts the init text before each source
-    hard_tokens = len(text_token_ids(tokenizer, init_text)) if cfg.baselines else 0
-    check_positions(model.config, max(prompt.num_tokens, hard_tokens), cfg.max_length)
 
     resolved = {
         **cfg.to_dict(),
