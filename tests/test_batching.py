@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from ptray.batching import Encoded, check_positions, encode, encode_all, eval_batches, train_batches
+from ptray.batching import Encoded, check_fits, check_positions, encode, encode_all, eval_batches, train_batches
 from ptray.data import Example
 from ptray.errors import PtrayError
+from ptray.prompt import text_token_ids
 from ptray.seeds import MAX_SEED, epoch_seed
 from ptray.tasks import get_task
 
@@ -132,9 +133,27 @@ def test_example_whose_fixed_fields_do_not_fit_is_refused_naming_the_limit(tiny)
 
 def test_prompt_and_max_length_beyond_the_models_positions_are_refused():
     check_positions(SimpleNamespace(max_position_embeddings=64), 20, 44)  # exactly fits
-    with pytest.raises(PtrayError, match=r"20 prompt tokens \+ --max-length 45 exceed the model's 64 positions .* at most 44"):
+    with pytest.raises(PtrayError, match=r"20 prompt tokens \+ --max-length 45 exceed the model's 64 positions .* "
+                                         r"at most 44"):
         check_positions(SimpleNamespace(max_position_embeddings=64), 20, 45)
     check_positions(SimpleNamespace(), 100, 10**6)  # BLOOM (ALiBi) has no position limit
+
+
+def test_check_fits_counts_the_longest_prompt_a_run_puts_before_a_source(tiny):
+    _, tok = tiny
+    init = len(text_token_ids(tok, get_task("cb").init_text))
+    gpt2 = SimpleNamespace(max_position_embeddings=64)
+    run = dict(max_length=64 - init, init_text=None, num_tokens=None, baselines=True)
+    check_fits(["cb"], tok, gpt2, SimpleNamespace(**run))  # the init text's length + max length = 64: fits
+    with pytest.raises(PtrayError, match=rf"^{init} prompt tokens \+ --max-length {65 - init} exceed"):
+        check_fits(["cb"], tok, gpt2, SimpleNamespace(**{**run, "max_length": 65 - init}))
+    with pytest.raises(PtrayError, match=rf"^{init} prompt tokens"):  # the init-text baseline is the longest
+        check_fits(["cb"], tok, gpt2, SimpleNamespace(**{**run, "max_length": 65 - init, "num_tokens": 2}))
+    check_fits(["cb"], tok, gpt2, SimpleNamespace(**{**run, "max_length": 62, "num_tokens": 2, "baselines": False}))
+    with pytest.raises(PtrayError, match=r"^40 prompt tokens \+ --max-length 25"):  # more rows than the init text
+        check_fits(["cb"], tok, gpt2, SimpleNamespace(**{**run, "max_length": 25, "num_tokens": 40}))
+    with pytest.raises(PtrayError, match="--max-length 2 cannot hold copa's answer cue"):
+        check_fits(["copa", "cb"], tok, SimpleNamespace(), SimpleNamespace(**{**run, "max_length": 2}))
 
 
 def test_epoch_seeds_keep_the_old_order_and_never_overflow():

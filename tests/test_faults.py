@@ -226,6 +226,18 @@ def test_study_refuses_a_model_path_that_does_not_exist_before_anything_starts(w
     assert list(workdir.iterdir()) == []  # no tracking store, no Tune folder
 
 
+def test_study_refuses_a_max_length_that_cannot_serve_before_any_trial(workdir, capsys):
+    from ptray import tracking
+
+    code, _, err = _study(capsys, "--smoke", "--study", "short", "--tasks", "cb,copa", "--seeds", "0",
+                          "--max-length", "3")
+    assert code == 2
+    assert err.startswith("error: --max-length 3 cannot hold cb's answer cue 'Answer:' and longest answer")
+    assert err.count("\n") == 1
+    assert not (workdir / "outputs").exists()  # no Tune folder: no trial started
+    assert tracking.read_plan(tracking.client(tracking.resolve_tracking_uri()), "ptray-short", "short") is None
+
+
 @pytest.mark.slow
 def test_study_with_a_relative_model_path_trains_and_transfers(tmp_path, tiny_model_dir, data_dir):
     # issue 12's command: the trial failed with "model path './tinymodel' does not exist", the baseline loaded it
