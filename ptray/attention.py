@@ -15,8 +15,9 @@ objects, so ``generate`` and ptray's shared-source evaluation work unchanged), t
 ``pretraining_tp > 1`` with ``slow_but_exact`` fall back to the original forward for that call.
 ``tests/test_attention.py`` checks logits, the soft prompt's gradient and generation against the eager model.
 
-Other families: Llama, Qwen2, Mistral, Gemma, GPT-NeoX... declare SDPA support in transformers 5 and load with
-``attn_implementation="sdpa"`` by default; ``use_fused_attention`` leaves them as they are (returns 0).
+Other families: GPT-2, OPT, Llama and Qwen2 load with ``attn_implementation="sdpa"`` by default in transformers 5
+(tested); Gemma2 loads eager (its attention-logit soft-capping). ``use_fused_attention`` leaves them as they are
+(returns 0).
 """
 
 from __future__ import annotations
