@@ -122,7 +122,8 @@ def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0) -> tuple[pd
             base = baselines.get(target)
             for metric in METRICS:
                 col = 0 if metric == "exact_match" else 1
-                deltas, matrix, origins, n_common, matrix_idx = [], [], [], None, None
+                deltas, matrix, correct, origins = [], [], [], []
+                n_common, matrix_idx = None, None
                 base_acc = np.nan
                 for s in seeds:
                     cell = cells.get((source, s, target))
@@ -135,6 +136,7 @@ def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0) -> tuple[pd
                         acc, base_acc = acc_vec.mean(), base_vec.mean()
                         if not matrix or common == matrix_idx:  # the rows of the matrix are the same examples
                             matrix.append(acc_vec - base_vec)
+                            correct.append(acc_vec.sum())
                             matrix_idx = common
                         n_common = len(common)
                     else:  # no per-example predictions: the recorded metrics, without an interval
@@ -153,12 +155,19 @@ def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0) -> tuple[pd
                 lo, hi = bootstrap_mean_ci(np.mean(matrix, axis=0), n_boot, seed=seed) if ok_ci else (np.nan,) * 2
                 h_lo, h_hi = hierarchical_bootstrap_ci(np.stack(matrix), n_boot, seed=seed) if ok_ci else \
                     (np.nan,) * 2
+                if ok_ci:
+                    # an integer count over seeds x examples, divided once: equal ratios give identical floats
+                    # (IEEE division rounds the exact ratio), so a rank statistic sees equal changes as ties
+                    size = len(matrix) * len(matrix_idx)
+                    delta_mean = float(np.stack(matrix).sum()) / size
+                    accuracy_mean = float(np.sum(correct)) / size
+                else:  # recorded metrics only
+                    delta_mean = float(np.mean(deltas))
+                    accuracy_mean = delta_mean + float(base_acc)
                 summary.append({
                     "source": source, "target": target, "metric": metric, "n_seeds": len(deltas),
                     "n_examples": n_common, "baseline": float(base_acc),
-                    # rounded: accuracies are ratios of small integers, so 1e-17 is float noise, not a change
-                    "accuracy_mean": round(float(np.mean(deltas) + base_acc), 12),
-                    "delta_mean": round(float(np.mean(deltas)), 12),
+                    "accuracy_mean": accuracy_mean, "delta_mean": delta_mean,
                     "delta_sd_ddof1": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else float("nan"),
                     "ci95_examples_low": lo, "ci95_examples_high": hi,
                     "ci95_seeds_examples_low": h_lo, "ci95_seeds_examples_high": h_hi,

@@ -538,3 +538,20 @@ def test_a_model_without_an_effective_prompt_gets_n_a_in_the_whole_report(tiny, 
     assert results.meta["effective_prompt"] == "h.0.ln_1"
     t1 = next(o.data for o in results.outputs if o.name == "table1_norms")
     assert t1["frobenius_effective_mean"].notna().all()
+
+
+def test_equal_transfer_changes_are_identical_floats():
+    # a on b: 3/10 right against a baseline of 1/10; c on a: 2/10 against 0/10. Both change by exactly 1/5, but
+    # 0.3 - 0.1 != 0.2 in floating point: the table divides integer counts once, so the two are one value.
+    idx = list(range(10))
+    ones = lambda k: [1] * k + [0] * (10 - k)  # noqa: E731
+    prompts = [PromptRun(t, t, 0, torch.zeros(1, 2)) for t in ("a", "b", "c")]
+    evals = [EvalRun("base-b", "baseline", "b", idx=idx, em_correct=ones(1), rank_correct=ones(1)),
+             EvalRun("base-a", "baseline", "a", idx=idx, em_correct=ones(0), rank_correct=ones(0)),
+             EvalRun("ab", "transfer", "b", "a", 0, idx=idx, em_correct=ones(3), rank_correct=ones(3)),
+             EvalRun("ca", "transfer", "a", "c", 0, idx=idx, em_correct=ones(2), rank_correct=ones(2))]
+    _, summary = transfer.transfer_tables(Study("e", "s", prompts, evals), n_boot=10)
+    row = summary.set_index(["source", "target", "metric"])
+    assert 0.3 - 0.1 != 0.2
+    assert row.loc[("a", "b", "exact_match"), "delta_mean"] == row.loc[("c", "a", "exact_match"), "delta_mean"]
+    assert row.loc[("a", "b", "exact_match"), "accuracy_mean"] == 0.3
