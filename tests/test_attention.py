@@ -157,3 +157,28 @@ def test_non_bloom_models_are_left_alone_and_use_sdpa(family):
     model = T.AutoModelForCausalLM.from_config(config)
     assert model.config._attn_implementation == "sdpa"  # transformers' default where the family supports it
     assert use_fused_attention(model) == 0 and not fused_attention_enabled(model)
+
+
+def test_bias_is_built_once_per_forward(monkeypatch):
+    """Every layer gets the same ALiBi and mask tensors: the [batch, heads, q, kv] bias is built by the first layer
+    only, and built anew for the next pass (whose padding differs)."""
+    import ptray.attention as attention
+
+    built = []
+    real = attention._bias
+    monkeypatch.setattr(attention, "_bias", lambda *a: built.append(real(*a)) or built[-1])
+    model = _bloom(4)
+    use_fused_attention(model)
+    ids, mask = _padded_batch(6)
+    model(input_ids=ids, attention_mask=mask)
+    assert len(built) == 1
+    # rows aligned to 16 elements (11 keys here), so CUDA's memory-efficient kernel takes the bias without a copy
+    assert built[0].shape == (4, 4, 11, 11) and all(st % 16 == 0 for st in built[0].stride()[:-1])
+    other = mask.clone()
+    other[0, 5:] = 0
+    fused = model(input_ids=ids, attention_mask=other).logits
+    assert len(built) == 2
+    use_fused_attention(model, enabled=False)
+    keep = other.bool()
+    torch.testing.assert_close(fused[keep], model(input_ids=ids, attention_mask=other).logits[keep],
+                               rtol=1e-5, atol=1e-5)
