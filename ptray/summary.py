@@ -3,10 +3,12 @@ MLflow (the source of truth, also after ``--resume``)."""
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from ptray import layout, tracking
 from ptray.config import DEFAULT_GPUS_PER_TRIAL, Options, Plan
+from ptray.paths import study_path
 from ptray.trial import tune_path
 
 
@@ -102,10 +104,11 @@ def resume_command(plan: Plan, opts: Options) -> str:
     parts = ["python sweeps/all.py", "--resume", f"--study {plan.study}"]
     if opts.experiment:
         parts.append(f"--experiment {opts.experiment}")
+    # absolute, quoted: the command must name the same store and storage from any working directory
     if opts.tracking_uri:
-        parts.append(f"--tracking-uri {opts.tracking_uri}")
+        parts.append(f"--tracking-uri {shlex.quote(tracking.resolve_tracking_uri(opts.tracking_uri))}")
     if opts.storage_path:
-        parts.append(f"--storage-path {opts.storage_path}")
+        parts.append(f"--storage-path {shlex.quote(study_path(opts.storage_path, '--storage-path'))}")
     if opts.address:
         parts.append(f"--address {opts.address}")
     return " ".join(parts)
