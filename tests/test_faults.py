@@ -218,6 +218,17 @@ def test_every_study_path_reaches_the_workers_absolute(workdir, tiny_model_dir, 
         assert plan_from_args(build_parser().parse_args(["--model", hub])).train.model == hub
 
 
+def test_the_printed_resume_command_names_the_same_store_and_storage_from_anywhere(workdir):
+    from ptray.config import Options, Plan
+    from ptray.summary import resume_command
+
+    opts = Options(tracking_uri="sqlite:///runs/mlflow.db", storage_path="ray results")
+    assert resume_command(Plan(study="S"), opts) == (
+        f"python sweeps/all.py --resume --study S --tracking-uri sqlite:///{workdir}/runs/mlflow.db "
+        f"--storage-path '{workdir}/ray results'")
+    assert resume_command(Plan(study="S"), Options(storage_path="s3://bucket/ray")).endswith("--storage-path s3://bucket/ray")
+
+
 def test_study_refuses_a_model_path_that_does_not_exist_before_anything_starts(workdir, capsys):
     code, _, err = _study(capsys, "--model", "./tinymodel", "--tasks", "cb", "--seeds", "0")
     assert code == 2
