@@ -130,7 +130,7 @@ class Run:
         return contextlib.nullcontext()
 
     def mfu(self, flops_per_s: float) -> dict:
-        spec = next((v for k, v in SPEC_PEAK.items() if k in self.res["meta"]["device_name"]), None)
+        spec = spec_peak(self.res["meta"]["device_name"])
         return {"tflops": flops_per_s / 1e12, "mfu_measured_peak": flops_per_s / self.peak,
                 "mfu_spec_peak": flops_per_s / spec if spec and self.dev == "cuda" else None}
 
@@ -152,6 +152,13 @@ class Run:
         self.res["model"] = {"shape": "tiny" if self.a.smoke else "bloomz-560m", "n_lin": self.shape.n_lin,
                              "layers": self.shape.n_layer, "hidden": self.shape.hidden, "vocab": self.shape.vocab,
                              "train_flops_per_token_at_T256": self.shape.train_flops(256, 0) / 256}
+
+
+def spec_peak(device_name: str) -> float | None:
+    """The dense bf16 spec FLOP/s of an H100/H200 SXM (PCIe and NVL parts are slower: none assumed)."""
+    if any(part in device_name for part in ("PCIe", "NVL")):
+        return None
+    return next((v for k, v in SPEC_PEAK.items() if k in device_name), None)
 
 
 def meta(a) -> dict:
@@ -381,7 +388,10 @@ def study(run: Run) -> None:
     best: dict[int, torch.Tensor] = {}
     t0 = time.perf_counter()
 
+    timeline = []  # (seconds since the start, prompt, epoch, eval loss): how the group progressed
+
     def on_epoch_end(i, metrics, state):
+        timeline.append((round(time.perf_counter() - t0, 2), i, metrics["epoch"], metrics["eval_loss"]))
         epochs[i] = metrics["epoch"]
         best[i] = state["best"]["prompt"]
         if time.perf_counter() - t0 > cap:
@@ -407,7 +417,8 @@ def study(run: Run) -> None:
     use_fused_attention(run.model, enabled=run.dev == "cuda")
     t1 = time.perf_counter()
     done = 0
-    jobs = [(None, t) for t in TASKS] + [(p, t) for p in prompts for t in TASKS]
+    # a prompt the cap stopped before its first epoch has nothing to evaluate: it is left out (and counted)
+    jobs = [(None, t) for t in TASKS] + [(p, t) for p in prompts if p is not None for t in TASKS]
     for prompt, t in jobs:
         if run.left() < 10:
             break
@@ -421,9 +432,9 @@ def study(run: Run) -> None:
         "prompts": len(cfgs), "finished": finished, "cap_seconds": cap, "train_seconds": train_s,
         "epochs_run": [epochs.get(i, 0) for i in range(len(cfgs))],
         "stopped_early": [r.metrics["stopped_early"] for r in results] if results else None,
-        "evaluations": done, "evaluations_planned": len(jobs), "eval_seconds": eval_s,
+        "evaluations": done, "evaluations_planned": len(TASKS) * (len(cfgs) + 1), "eval_seconds": eval_s,
         "wall_seconds": train_s + eval_s, "train_peak_gib": train_peak, "eval_batch_size": eval_batch,
-        "chunks": a.chunks,
+        "chunks": a.chunks, "timeline": timeline,
         "tasks": list(TASKS), "seeds": list(SEEDS),
     }
     log(f"study evaluations: {done}/{len(jobs)} in {eval_s:.0f} s")
@@ -438,7 +449,7 @@ def render(res: dict) -> str:
              f"{' - SMOKE run, tiny model: not a timing' if m['smoke'] else ''}, `python benchmarks/gpu_study.py`.",
              ""]
     if "peak" in res:
-        spec = next((v for k, v in SPEC_PEAK.items() if k in m["device_name"]), None)
+        spec = spec_peak(m["device_name"])
         lines += [f"Matmul peak measured: {res['peak'] / 1e12:.1f} TFLOP/s"
                   f"{f'; spec {spec / 1e12:.0f} TFLOP/s' if spec else ''}. Training FLOPs per token (T=256): "
                   f"{res['model']['train_flops_per_token_at_T256'] / 1e9:.2f} GFLOP.", ""]
