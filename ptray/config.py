@@ -154,6 +154,10 @@ class Plan:
     # against the files themselves).
     NOT_COMPARED = ("study", "train", "model_digest", "data_digest")
 
+    def __post_init__(self):
+        for seed in self.seeds:  # here, not in each trial: also a stored plan, before --resume starts anything
+            check_seed(seed, "every seed of a study")
+
     def to_json(self) -> dict[str, Any]:
         """The plan as stored in MLflow: plain JSON values, the train config without its per-trial fields."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
