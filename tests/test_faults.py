@@ -156,6 +156,19 @@ def test_sweep_refuses_seeds_out_of_range_before_anything_starts(tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_stored_plan_with_a_seed_out_of_range_is_refused_before_resuming(workdir, capsys):
+    from ptray import tracking
+    from ptray.config import Plan
+
+    mc = tracking.client(tracking.resolve_tracking_uri())
+    exp = tracking.get_or_create_experiment(mc, "ptray-old")
+    stored = {**Plan(study="old", tasks=("cb",), seeds=(0,)).to_json(), "seeds": [int(BIG)]}  # written before checks
+    tracking.write_plan(mc, exp, "old", stored)
+    code, _, err = _study(capsys, "--resume", "--study", "old", "--dry-run")
+    assert code == 2 and err == f"error: every seed of a study must be an integer from 0 to {MAX_SEED} (2**32 - 1), " \
+                                f"got {BIG}\n"
+
+
 @pytest.mark.parametrize("module", ["ptray.tiny_model", "analysis.__main__"])
 def test_other_clis_with_a_seed_check_its_range(module, tmp_path, capsys):
     import importlib
