@@ -32,15 +32,16 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def run(experiment: str, tracking_uri: str | None = None, out_dir: str | os.PathLike | None = None,
-        model: str | None = None, data_dir: str | None = None, top_k: int = 3, distance: str = "truncate",
-        n_boot: int = 2000, seed: int = 0, faithfulness: bool = True, device: str = "auto",
-        overwrite: bool = False, log_to_mlflow: bool = True, batch_size: int = 32) -> Path:
+        model: str | None = None, device: str = "auto", overwrite: bool = False, log_to_mlflow: bool = True,
+        **options) -> Path:
     """Analyse ``experiment``; returns the report folder (default ``outputs/analysis/<experiment>``; an earlier
     report there is replaced).
 
-    ``model`` overrides the train runs' ``config.json`` model; ``data_dir`` their data folder (faithfulness
-    check). Raises PtrayError for a store, experiment, model or output folder that is not usable; nothing is
-    written then. The folder is written whole (a temp sibling renamed into place), then logged to MLflow.
+    ``model`` overrides the train runs' ``config.json`` model; ``options`` are fields of
+    ``analysis.results.Options`` (``n_boot=200``, ``faithfulness=False``, ``data_dir=...``, ...). Raises
+    PtrayError for an option out of range or a store, experiment, model or output folder that is not usable;
+    nothing is written then (TypeError for an unknown option). The folder is written whole (a temp sibling
+    renamed into place), then logged to MLflow.
     """
     import torch
 
@@ -49,8 +50,7 @@ def run(experiment: str, tracking_uri: str | None = None, out_dir: str | os.Path
     from ptray.model import load_model, resolve_device_precision
 
     try:
-        options = Options(top_k=top_k, distance=distance, n_boot=n_boot, seed=seed, faithfulness=faithfulness,
-                          data_dir=data_dir, batch_size=batch_size)
+        options = Options(**options)
     except ValueError as err:
         raise PtrayError(str(err)) from None
     out = Path(out_dir) if out_dir is not None else DEFAULT_OUT / experiment

@@ -9,20 +9,32 @@ from typing import Any
 import pandas as pd
 
 from analysis.geometry import DISTANCE_METHODS
+from ptray.cli import config_field, non_negative_int, positive_int, seed_int
 
 
 @dataclass
 class Options:
-    """How the analysis runs. Every field has a default; ``__post_init__`` raises ValueError for a bad value."""
+    """How the analysis runs; ``python -m analysis`` has a flag per field. Every field has a default.
 
-    top_k: int = 3  # nearest tokens per prompt row (the paper shows 3)
-    distance: str = "truncate"  # how prompts of different lengths are compared: truncate or pad
-    n_boot: int = 2000  # bootstrap resamples for the transfer intervals
-    seed: int = 0  # seeds t-SNE and the bootstraps
-    faithfulness: bool = True  # evaluate discretised prompts (needs the data and model forward passes)
-    data_dir: str | None = None  # overrides the train runs' data_dir for the faithfulness check
-    batch_size: int = 32  # evaluation sequences per step
-    chunk: int = 32768  # vocabulary rows per similarity block in the nearest-token search
+    Raises:
+        ValueError: a field is out of range (the message names it).
+    """
+
+    top_k: int = config_field(3, "nearest tokens per prompt row (the paper shows 3)", type=positive_int)
+    distance: str = config_field(
+        "truncate", "distance between prompts of different lengths: over the common length (truncate) or with "
+        "zero rows padded (pad)", choices=DISTANCE_METHODS)
+    n_boot: int = config_field(2000, "bootstrap resamples for the transfer intervals", flag="bootstrap",
+                               type=non_negative_int)
+    seed: int = config_field(0, "seeds t-SNE, the bootstraps and the random relabellings of a Mantel test (0 to "
+                                "2**32 - 1)", type=seed_int)
+    faithfulness: bool = config_field(True, "evaluate the discretised prompts (needs the data and forward passes)",
+                                      off_help="skip evaluating the discretised prompts (the slow part on CPU)")
+    data_dir: str | None = config_field(None, "SuperGLUE jsonl folder for the faithfulness check (unset: the "
+                                              "train runs' data_dir)")
+    batch_size: int = config_field(32, "evaluation sequences per step (faithfulness check)", type=positive_int)
+    chunk: int = config_field(32768, "vocabulary rows per similarity block in the nearest-token search",
+                              type=positive_int, cli=False)
 
     def __post_init__(self):
         if self.distance not in DISTANCE_METHODS:

@@ -334,6 +334,21 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert len(err) == 1 and err[0].startswith("error: argument --top-k")
 
 
+def test_the_cli_flags_are_the_options_fields(capsys):
+    from analysis.__main__ import build_parser
+    from analysis.results import Options
+    from ptray.cli import config_from_args
+
+    args = build_parser().parse_args(["--experiment", "x", "--bootstrap", "5", "--no-faithfulness", "--seed", "3",
+                                      "--distance", "pad"])
+    assert config_from_args(Options, args) == Options(n_boot=5, faithfulness=False, seed=3, distance="pad")
+    assert config_from_args(Options, build_parser().parse_args(["--experiment", "x"])) == Options()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--experiment", "x", "--seed", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --seed")
+
+
 def test_a_non_empty_output_folder_is_refused(tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("mine")
