@@ -289,7 +289,7 @@ def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_
             norms.setdefault(run.data.tags["ptray.task"], []).append(float(rows.norm()))
     for task, values in norms.items():
         assert table.loc[task, "frobenius_raw_mean"] == pytest.approx(np.mean(values))
-        assert table.loc[task, "frobenius_raw_var"] == pytest.approx(np.var(values), abs=1e-12)
+        assert table.loc[task, "frobenius_raw_var_ddof0"] == pytest.approx(np.var(values), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------
