@@ -51,13 +51,17 @@ def _fused_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
         else:
             key, value = layer_past.update(key, value, self.layer_idx)
     kv_length = key.shape[2]
-    bias = self._ptray_shared_bias.get(alibi, attention_mask, lambda: _bias(
-        alibi, attention_mask, batch_size, self.num_heads, q_length, kv_length, query.dtype))
-    # Hugging Face: softmax(alibi * beta + inv_norm_factor * Q K^T + mask); beta is 1.0 in every BLOOM.
-    context = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=bias,
-        dropout_p=self.attention_dropout.p if self.training else 0.0, scale=self.inv_norm_factor,
-    )  # [batch, heads, q, head_dim]
+    per_pass = self._ptray_per_pass
+    dropout = self.attention_dropout.p if self.training else 0.0
+    if (per_pass.fold_alibi and q_length == kv_length
+            and per_pass.get(alibi, attention_mask, "right_padded", lambda: _right_padded(attention_mask))):
+        context = _folded_alibi_attention(query, key, value, alibi, self.inv_norm_factor, dropout)
+    else:
+        bias = per_pass.get(alibi, attention_mask, "bias", lambda: _bias(
+            alibi, attention_mask, batch_size, self.num_heads, q_length, kv_length, query.dtype))
+        # Hugging Face: softmax(alibi * beta + inv_norm_factor * Q K^T + mask); beta is 1.0 in every BLOOM.
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
+                                                 scale=self.inv_norm_factor)  # [batch, heads, q, head_dim]
     context = context.transpose(1, 2).reshape(batch_size, q_length, self.num_heads * self.head_dim)
     from transformers.models.bloom.modeling_bloom import dropout_add
 
@@ -82,22 +86,58 @@ def _bias(alibi, attention_mask, batch_size, num_heads, q_length, kv_length, dty
     return bias.expand(batch_size, num_heads, q_length, kv_length)
 
 
-class _SharedBias:
-    """The bias of the forward pass in progress, built by the first layer and reused by the others: every layer
-    gets the same ``alibi`` and mask tensors, so the [batch, heads, q, kv] bias is built (and, for backward, kept)
-    once per pass instead of once per layer. The keys are weak references: a later pass has new tensors."""
+def _right_padded(attention_mask) -> bool:
+    """Whether every row's real tokens come first (right padding, or none), from Hugging Face's causal 4D mask:
+    its last query row allows exactly the real keys. One device sync, once per pass."""
+    if attention_mask is None:
+        return True
+    last = attention_mask[:, 0, -1, :]
+    real = last if last.dtype == torch.bool else last == 0
+    return bool((real[:, 1:] <= real[:, :-1]).all())
 
-    def __init__(self):
+
+def _folded_alibi_attention(query, key, value, alibi, scale: float, dropout: float) -> torch.Tensor:
+    """Causal attention with ALiBi for right-padded rows and no cache, with no [batch, heads, q, kv] bias at all.
+
+    ALiBi adds slope x key position to every score of a key, whatever the query: that is one more dot-product
+    term. So each query gets two extra dimensions of 1 and each key the value slope x position / scale, split in a
+    high and a low part (exact to ~2^-16 in bf16, where one part would round it); SDPA's scale x (Q K^T) then
+    holds the bias, and the only mask left is the causal one (``is_causal``), which flash kernels take. Padding
+    keys come after every real token, so no real query sees them; padded queries compute values nobody reads.
+    Head dims are zero-padded to a multiple of 8, as flash kernels want.
+    """
+    batch, heads, length, dim = query.shape
+    x = alibi.view(batch, heads, -1, 1)[:, :, :length].float() / scale
+    hi = x.to(query.dtype)
+    lo = (x - hi.float()).to(query.dtype)
+    pad = -(dim + 2) % 8
+    ones = query.new_ones(batch, heads, length, 2)
+    q = F.pad(torch.cat([query, ones], dim=-1), (0, pad))
+    k = F.pad(torch.cat([key, hi, lo], dim=-1), (0, pad))
+    v = F.pad(value, (0, 2 + pad))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
+    return out[..., :dim]
+
+
+class _PerPass:
+    """What the layers of one forward pass share, computed by the first layer and reused by the others: every
+    layer gets the same ``alibi`` and mask tensors, so the [batch, heads, q, kv] bias is built (and, for backward,
+    kept) once per pass instead of once per layer. The keys are weak references: a later pass has new tensors."""
+
+    def __init__(self, fold_alibi: bool):
+        self.fold_alibi = fold_alibi
         self._keys: tuple = (None, None)
-        self._bias: torch.Tensor | None = None
+        self._values: dict = {}
 
-    def get(self, alibi: torch.Tensor, mask: torch.Tensor | None, build) -> torch.Tensor:
+    def get(self, alibi: torch.Tensor, mask: torch.Tensor | None, name: str, build):
         ref_alibi, ref_mask = self._keys
         same_mask = (ref_mask is None and mask is None) or (ref_mask is not None and ref_mask() is mask)
         if ref_alibi is None or ref_alibi() is not alibi or not same_mask:
-            self._bias = build()
+            self._values = {}
             self._keys = (weakref.ref(alibi), weakref.ref(mask) if mask is not None else None)
-        return self._bias
+        if name not in self._values:
+            self._values[name] = build()
+        return self._values[name]
 
 
 def _bloom_attentions(model) -> list[torch.nn.Module]:
@@ -106,23 +146,28 @@ def _bloom_attentions(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, BloomAttention)]
 
 
-def use_fused_attention(model, enabled: bool = True) -> int:
+def use_fused_attention(model, enabled: bool = True, fold_alibi: bool = False) -> int:
     """Run ``model``'s BLOOM attention through ``scaled_dot_product_attention`` (``enabled=False``: back to eager).
+
+    ``fold_alibi``: passes with right-padded rows and no cached keys (training, the source pass of evaluation)
+    carry ALiBi inside Q and K and use only the causal mask (``_folded_alibi_attention``: flash kernels become
+    eligible, no [batch, heads, q, kv] bias); other passes use the bias. Off by default until a GPU run shows it
+    pays (``benchmarks/gpu_study.py`` measures both).
 
     Works on a ``BloomForCausalLM``/``BloomModel`` or anything holding one (a PEFT model). Returns the number of
     attention modules now patched (enabled) or restored (disabled); 0 for models that are not BLOOM (their
     Hugging Face code picks SDPA itself). Idempotent. Raises nothing on non-BLOOM models.
     """
     modules = _bloom_attentions(model)
-    shared = _SharedBias()  # one per model: its layers see the same alibi and mask
+    per_pass = _PerPass(fold_alibi)  # one per model: its layers see the same alibi and mask
     for module in modules:
         if enabled:
             module.forward = types.MethodType(_fused_forward, module)
-            module._ptray_shared_bias = shared
+            module._ptray_per_pass = per_pass
             setattr(module, _ORIGINAL, True)
         elif getattr(module, _ORIGINAL, False):
             del module.forward  # the instance attribute goes; the class's eager forward is found again
-            del module._ptray_shared_bias
+            del module._ptray_per_pass
             delattr(module, _ORIGINAL)
     return len(modules)
 

@@ -45,13 +45,14 @@ def _logits_and_grad(model, ids, mask, prompt):
     return logits.detach(), full_mask.bool(), grad
 
 
+@pytest.mark.parametrize("fold_alibi", [False, True])
 @pytest.mark.parametrize("n_head", [4, 6])
-def test_logits_and_prompt_gradient_match_eager(n_head):
+def test_logits_and_prompt_gradient_match_eager(n_head, fold_alibi):
     model = _bloom(n_head)
     ids, mask = _padded_batch(1)
     prompt = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
     ref_logits, keep, ref_grad = _logits_and_grad(model, ids, mask, prompt)
-    assert use_fused_attention(model) == 3 and fused_attention_enabled(model)
+    assert use_fused_attention(model, fold_alibi=fold_alibi) == 3 and fused_attention_enabled(model)
     logits, _, grad = _logits_and_grad(model, ids, mask, prompt)
     assert ref_grad.abs().max() > 1e-3  # a gradient that is really there
     torch.testing.assert_close(logits[keep], ref_logits[keep], rtol=1e-5, atol=1e-5)
@@ -87,7 +88,8 @@ def test_output_attentions_falls_back_to_eager():
     torch.testing.assert_close(out.logits, ref.logits)
 
 
-def test_greedy_generate_with_kv_cache_matches_eager():
+@pytest.mark.parametrize("fold_alibi", [False, True])
+def test_greedy_generate_with_kv_cache_matches_eager(fold_alibi):
     """Left-padded ``generate`` from embeddings runs the KV cache path (one query against cached keys)."""
     model = _bloom(6)
     lengths = (8, 5, 2)
@@ -99,13 +101,14 @@ def test_greedy_generate_with_kv_cache_matches_eager():
     kwargs = dict(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask, max_new_tokens=6,
                   do_sample=False, pad_token_id=3, eos_token_id=None)
     ref = model.generate(**kwargs, output_scores=True, return_dict_in_generate=True)
-    use_fused_attention(model)
+    use_fused_attention(model, fold_alibi=fold_alibi)  # left padding: never folded
     out = model.generate(**kwargs, output_scores=True, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=1e-5, atol=1e-5)
 
 
-def test_evaluate_and_answer_logprobs_match_eager(tiny, data_dir):
+@pytest.mark.parametrize("fold_alibi", [False, True])
+def test_evaluate_and_answer_logprobs_match_eager(tiny, data_dir, fold_alibi):
     """ptray's own paths: training's answer log-probs, and evaluation's shared-source pass (KV cache repeated
     per label) with a prompt, on real CB examples."""
     model, tok = tiny
@@ -116,7 +119,7 @@ def test_evaluate_and_answer_logprobs_match_eager(tiny, data_dir):
     try:
         ref_lp = answer_logprobs(model, batch, prompt)[0]
         ref = evaluate(model, data, prompt, 8, tok.pad_token_id, tok.eos_token_id)
-        use_fused_attention(model)
+        use_fused_attention(model, fold_alibi=fold_alibi)  # folded: the source pass; the answers' pass: bias
         lp = answer_logprobs(model, batch, prompt)[0]
         res = evaluate(model, data, prompt, 8, tok.pad_token_id, tok.eos_token_id)
     finally:
@@ -182,3 +185,20 @@ def test_bias_is_built_once_per_forward(monkeypatch):
     keep = other.bool()
     torch.testing.assert_close(fused[keep], model(input_ids=ids, attention_mask=other).logits[keep],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_folded_alibi_is_used_for_right_padding_only(monkeypatch):
+    """Right-padded passes without a cache never build the bias; left-padded ones (generation) do."""
+    import ptray.attention as attention
+
+    built, folded = [], []
+    real_bias, real_fold = attention._bias, attention._folded_alibi_attention
+    monkeypatch.setattr(attention, "_bias", lambda *a: built.append(1) or real_bias(*a))
+    monkeypatch.setattr(attention, "_folded_alibi_attention", lambda *a: folded.append(1) or real_fold(*a))
+    model = _bloom(4)
+    use_fused_attention(model, fold_alibi=True)
+    ids, mask = _padded_batch(8)
+    model(input_ids=ids, attention_mask=mask)
+    assert (len(built), len(folded)) == (0, 3)
+    model(input_ids=ids, attention_mask=mask.flip(1))  # left padding
+    assert (len(built), len(folded)) == (1, 3)
