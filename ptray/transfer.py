@@ -66,7 +66,7 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     from mlflow.artifacts import download_artifacts
 
     from ptray.evaluate import evaluate_on_task
-    from ptray.model import resolve_device_precision
+    from ptray.model import library_versions, resolve_device_precision
     from ptray.prompt import load_adapter
     from ptray.tasks import get_task
     from ptray.train import code_version, setup_model
@@ -80,6 +80,7 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
         **ctx.params, "model": ctx.model_label, "data_dir": ctx.data_label, "target": target,
         "template_version": get_task(target).version, "eval_split": cfg.split, "max_eval_examples": cfg.max_examples,
         "max_length": cfg.max_length, "device": device, "precision": precision, "code_version": code_version(),
+        **library_versions(),  # torch_version, transformers_version, peft_version, accelerate_version
     }
     baseline_run = tracking.replace_unfinished(client, ctx.experiment_id, ctx.study, layout.baseline_run_name(target))
     todo = []
