@@ -17,9 +17,9 @@ Per family (``FAMILIES``):
 - logits: the base model's ``last_hidden_state`` already has the final norm (and OPT's ``project_out``); then the LM
   head, then Gemma2's ``final_logit_softcapping`` (``cap * tanh(logits / cap)``; computed in fp32 here).
 - positions, for the shared-source evaluation (prompt + source once, its KV cache repeated per label, answers
-  appended after the padded source): BLOOM's ALiBi and OPT's learned positions (offset 2) come from the attention
-  mask's cumulative sum, so padding holes are skipped; GPT-2 (absolute) and RoPE models (Llama, Qwen2, Gemma2) get
-  ``position_ids`` that skip pads, passed explicitly. Sliding-window attention counts cache slots, holes included,
+  appended after the padded source): BLOOM's ALiBi comes from the attention mask's cumulative sum, so padding
+  holes are skipped; GPT-2 (absolute), OPT (learned, offset 2; its default is the mask's cumulative sum too) and
+  RoPE models (Llama, Qwen2, Gemma2) get ``position_ids`` that skip pads, passed explicitly. Sliding-window attention counts cache slots, holes included,
   so a model with a window shares the source only when the whole padded sequence fits in it.
 - effective prompt (what the analysis calls "effective"): the prompt rows as the first attention reads them, i.e.
   the output of the first normalisation the rows go through, computed by the model itself (a forward hook), so
@@ -51,8 +51,8 @@ from ptray.errors import PtrayError
 class Family:
     """What ptray knows about one model family.
 
-    ``positions``: where positions come from ("mask": from the attention mask, as BLOOM's ALiBi and OPT's learned
-    positions; "ids": from ``position_ids``, which ptray passes explicitly when a cache is reused).
+    ``positions``: where positions come from ("mask": from the attention mask, as BLOOM's ALiBi; "ids": from
+    ``position_ids``, which ptray passes explicitly when a cache is reused).
     ``effective_norm``: attribute path, from the base model, of the module whose output is the effective prompt;
     None where undefined. ``shares_source``: whether the shared-source evaluation is exact (before the sliding
     window rule). ``tested``: one of the families tests/test_families.py checks (else checked at load time).
@@ -132,7 +132,8 @@ def _accepts_position_ids(model) -> bool:
 def position_ids(model, attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor | None:
     """``position_ids`` [B, T] that skip padding (None where positions come from the mask, as BLOOM's ALiBi).
 
-    ``attention_mask`` [B, past + T] covers the cached positions too; a pad gets position 0 (never attended).
+    ``attention_mask`` [B, past + T] covers the cached positions too; a pad repeats a neighbour's position (it is
+    never attended to and its output never read).
     """
     if family(model).positions == "mask" and not _accepts_position_ids(model):
         return None
@@ -141,7 +142,8 @@ def position_ids(model, attention_mask: torch.Tensor, past: int = 0) -> torch.Te
 
 
 def _cache_keyword(model) -> str:
-    # transformers <= 5.2x names the KV cache `past_key_values`; later releases `cache` (the old name deprecated)
+    # transformers 4.x and 5.17 name the KV cache `past_key_values`; 5.24 names it `cache` (the old name deprecated,
+    # to be removed in 5.40): use the name the installed release declares
     return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
 
 
