@@ -15,10 +15,15 @@ COMPLETE = ".complete"  # marks a cache folder whose files are all written
 
 
 def cache_dir() -> Path:
-    """This node's ptray cache: $PTRAY_CACHE, else $XDG_CACHE_HOME/ptray, else ~/.cache/ptray."""
+    """This node's ptray cache, absolute: $PTRAY_CACHE, else $XDG_CACHE_HOME/ptray, else ~/.cache/ptray.
+
+    Absolute because the smoke model's folder in it is logged as the study's model and read later (the analysis)
+    from any directory. A relative $PTRAY_CACHE still names a folder in each process's working directory (a trial's
+    is its own folder): set an absolute one to share one copy per node.
+    """
     if os.environ.get("PTRAY_CACHE"):
-        return Path(os.environ["PTRAY_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ptray"
+        return Path(os.environ["PTRAY_CACHE"]).expanduser().resolve()
+    return (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ptray").expanduser().resolve()
 
 
 @dataclass(frozen=True)
