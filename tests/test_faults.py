@@ -242,6 +242,17 @@ def test_the_printed_resume_command_names_the_same_store_and_storage_from_anywhe
     assert resume_command(Plan(study="S"), Options(storage_path="s3://bucket/ray")).endswith("--storage-path s3://bucket/ray")
 
 
+def test_the_node_cache_is_absolute(workdir, monkeypatch):
+    # the smoke model's folder in it is logged as the study's model, and read later from other directories
+    from ptray.bundle import cache_dir
+
+    monkeypatch.setenv("PTRAY_CACHE", "cache")
+    assert cache_dir() == workdir / "cache"
+    monkeypatch.delenv("PTRAY_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "xdg")
+    assert cache_dir() == workdir / "xdg" / "ptray"
+
+
 def test_study_refuses_a_model_path_that_does_not_exist_before_anything_starts(workdir, capsys):
     code, _, err = _study(capsys, "--model", "./tinymodel", "--tasks", "cb", "--seeds", "0")
     assert code == 2
