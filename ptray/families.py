@@ -19,8 +19,9 @@ Per family (``FAMILIES``):
 - positions, for the shared-source evaluation (prompt + source once, its KV cache repeated per label, answers
   appended after the padded source): BLOOM's ALiBi comes from the attention mask's cumulative sum, so padding
   holes are skipped; GPT-2 (absolute), OPT (learned, offset 2; its default is the mask's cumulative sum too) and
-  RoPE models (Llama, Qwen2, Gemma2) get ``position_ids`` that skip pads, passed explicitly. Sliding-window attention counts cache slots, holes included,
-  so a model with a window shares the source only when the whole padded sequence fits in it.
+  RoPE models (Llama, Qwen2, Gemma2) get ``position_ids`` that skip pads, passed explicitly. Sliding-window
+  attention counts cache slots, holes included, so a model with a window shares the source only when the whole
+  padded sequence fits in it.
 - effective prompt (what the analysis calls "effective"): the prompt rows as the first attention reads them, i.e.
   the output of the first normalisation the rows go through, computed by the model itself (a forward hook), so
   every input transform before it is included:
