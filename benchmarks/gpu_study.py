@@ -10,14 +10,17 @@ with bloomz-560m's exact config (``--smoke``: ptray's tiny BLOOM) and measures, 
 1. ``peak``: the dense matmul FLOP/s of the device in the run's dtype (the MFU denominator); the spec peak is
    989 TFLOP/s dense bf16 for H100/H200 SXM (none assumed for other devices).
 2. ``attention``: forward + backward to a soft prompt (``ptray.model.answer_logprobs``) through Hugging Face's eager
-   BLOOM attention and through ``ptray.attention``'s fused SDPA path, at several batch x length shapes (right
-   padding, lengths drawn from [L/2, L]); tokens/s, MFU, and the largest difference of the answer log-probs
-   between the two. Then which SDPA kernels accept the ALiBi bias (efficient, cuDNN, flash, math).
-3. ``group``: the training step of one trial (batch 8, eager as ``ptray.train`` runs today, and fused) against
-   trial groups of K = 4, 8, 16 prompts (the study's tasks and seeds, real batches from ``train_batches``,
-   ``ptray.group.group_answer_logprobs`` + one Adam per prompt), tokens/s, MFU and peak memory.
+   BLOOM attention and through ``ptray.attention``'s two fused paths (the ALiBi + mask bias; ALiBi folded into Q
+   and K with a causal-only call), at several batch x length shapes (right padding, lengths drawn from [L/2, L]);
+   tokens/s, MFU, and the largest difference of the answer log-probs from eager. Then which SDPA kernels
+   (efficient, cuDNN, flash, math) run each fused path.
+3. ``group``: the training step of one trial (batch 8, eager as ``ptray.train`` runs today, and both fused paths)
+   against trial groups of K = 4, 8, 16 prompts, and of 16 with rows in length chunks (the study's tasks and
+   seeds, real batches from ``train_batches``, ``ptray.group.group_answer_logprobs`` + one Adam per prompt):
+   tokens/s, MFU and peak memory.
 4. ``study``: the paper study run by ``ptray.group.train_group``: 16 prompts (CB, RTE, COPA, WSC x seeds 0-3),
-   up to 50 epochs with a validation pass each, early stopping (patience 5), in one group; then the 68 transfer
+   up to 50 epochs with a validation pass each, early stopping (patience 5), in one group, with the fused
+   attention mode that ran the group of 16 faster and ``--chunks`` length chunks per step; then the 68 transfer
    evaluations (16 prompts x 4 tasks + no prompt on each task). Wall time measured under ``--study-seconds``; when
    the cap stops it, the epochs each prompt ran are reported (and the evaluations run on the best prompts so far).
 
@@ -67,6 +70,7 @@ SEEDS = (0, 1, 2, 3)
 SPEC_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 TFLOP/s of the SXM parts (NVIDIA's data sheets)
 ATTENTION_SHAPES = [(8, 256), (32, 256), (128, 256), (64, 512)]
 SMOKE_ATTENTION_SHAPES = [(4, 32), (8, 64)]
+ATTENTION_MODES = ("eager", "fused", "folded")  # see set_attention
 GROUP_SIZES = (4, 8, 16)
 SMOKE_GROUP_SIZES = (2, 4)
 MAX_LENGTH = 512  # tokens of source + answer (ptray's default)
@@ -211,6 +215,14 @@ def random_batch(run: Run, rows: int, length: int, seed: int):
     return collate(seqs, run.pad, run.eos)
 
 
+def set_attention(run: Run, mode: str) -> None:
+    """eager: Hugging Face's BLOOM attention; fused: one SDPA call with the ALiBi + mask bias; folded: ALiBi in two
+    extra Q/K dimensions and a causal-only SDPA call where the rows are right-padded (``ptray.attention``)."""
+    use_fused_attention(run.model, enabled=False)
+    if mode != "eager":
+        use_fused_attention(run.model, fold_alibi=mode == "folded")
+
+
 def prompt_step(run: Run, batch, prompt, kernel=None):
     """One forward + backward to ``prompt`` on ``batch`` (``kernel``: an SDPA backend to force)."""
 
@@ -244,8 +256,8 @@ def attention(run: Run) -> None:
         entry = {"rows": rows, "length": length, "tokens_per_step": tokens, "train_flops_per_step": flops}
         logps = {}
         step = prompt_step(run, batch, prompt)
-        for mode in ("eager", "fused"):
-            use_fused_attention(run.model, enabled=mode == "fused")
+        for mode in ATTENTION_MODES:
+            set_attention(run, mode)
             try:
                 with torch.no_grad(), run.autocast():
                     logps[mode] = answer_logprobs(run.model, batch, prompt)[0].float()
@@ -258,13 +270,14 @@ def attention(run: Run) -> None:
             finally:
                 if run.dev == "cuda":
                     torch.cuda.empty_cache()
-        use_fused_attention(run.model, enabled=False)
-        if "eager" in logps and "fused" in logps:
-            entry["max_abs_logprob_diff"] = float((logps["eager"] - logps["fused"]).abs().max())
-        if "tokens_per_s" in entry.get("eager", {}) and "tokens_per_s" in entry.get("fused", {}):
-            entry["speedup"] = entry["fused"]["tokens_per_s"] / entry["eager"]["tokens_per_s"]
+        set_attention(run, "eager")
+        for mode in ATTENTION_MODES[1:]:
+            if "eager" in logps and mode in logps:
+                entry[f"{mode}_max_abs_logprob_diff"] = float((logps["eager"] - logps[mode]).abs().max())
+            if "tokens_per_s" in entry.get("eager", {}) and "tokens_per_s" in entry.get(mode, {}):
+                entry[f"{mode}_speedup"] = entry[mode]["tokens_per_s"] / entry["eager"]["tokens_per_s"]
         log(f"attention {rows}x{length}: " + ", ".join(
-            f"{m} {entry[m].get('tokens_per_s', float('nan')):,.0f} tok/s" for m in ("eager", "fused")))
+            f"{m} {entry[m].get('tokens_per_s', float('nan')):,.0f} tok/s" for m in ATTENTION_MODES))
         out.append(entry)
     run.res["attention"] = out
     run.res["sdpa_kernels"] = sdpa_kernels(run)
@@ -278,20 +291,22 @@ def sdpa_kernels(run: Run) -> dict:
     batch = random_batch(run, rows, length, seed=7).to(run.dev)
     tokens, _ = batch_flops(run.shape, batch, 8)
     prompt = torch.nn.Parameter(run.init["cb"][:1].repeat(8, 1).to(run.dev))
-    use_fused_attention(run.model)
     out = {}
-    for name in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "FLASH_ATTENTION", "MATH"):
-        backend = getattr(SDPBackend, name, None)
-        if backend is None:
-            continue
-        try:
-            n, s = timed_steps(run, prompt_step(run, batch, prompt, backend), min(1.0, run.a.section_seconds),
-                               warmup=1)
-            out[name] = {"ok": True, "tokens_per_s": tokens * n / s}
-        except Exception as err:  # a backend that refuses the bias or the device says why
-            out[name] = {"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-    use_fused_attention(run.model, enabled=False)
-    log(f"sdpa kernels: {', '.join(k for k, v in out.items() if v['ok'])} run the ALiBi bias")
+    for mode in ATTENTION_MODES[1:]:
+        set_attention(run, mode)
+        for name in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "FLASH_ATTENTION", "MATH"):
+            backend = getattr(SDPBackend, name, None)
+            if backend is None:
+                continue
+            try:
+                n, s = timed_steps(run, prompt_step(run, batch, prompt, backend), min(1.0, run.a.section_seconds),
+                                   warmup=1)
+                out[f"{mode} {name}"] = {"ok": True, "tokens_per_s": tokens * n / s}
+            except Exception as err:  # a backend that refuses the bias, the shape or the device says why
+                out[f"{mode} {name}"] = {"ok": False,
+                                         "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    set_attention(run, "eager")
+    log(f"sdpa kernels that run: {', '.join(k for k, v in out.items() if v['ok'])}")
     return out
 
 
@@ -331,12 +346,15 @@ def group_step_bench(run: Run) -> None:
     out = []
     sizes = SMOKE_GROUP_SIZES if run.a.smoke else GROUP_SIZES
     chunked = run.a.chunks if run.a.chunks > 1 else 2
-    for label, k, fused, chunks in [("one trial, eager", 1, False, 1), ("one trial, fused", 1, True, 1),
-                                    *[(f"group of {k}, fused", k, True, 1) for k in sizes],
-                                    (f"group of {sizes[-1]}, fused, {chunked} chunks", sizes[-1], True, chunked)]:
+    big = sizes[-1]
+    plan = [(1, "eager", 1), (1, "fused", 1), (1, "folded", 1), *[(k, "fused", 1) for k in sizes],
+            (big, "folded", 1), (big, "fused", chunked), (big, "folded", chunked)]
+    for k, attention_mode, chunks in plan:
         if run.left() < 45:
             break
-        use_fused_attention(run.model, enabled=fused)
+        label = (f"{'one trial' if k == 1 else f'group of {k}'}, {attention_mode}"
+                 f"{f', {chunks} chunks' if chunks > 1 else ''}")
+        set_attention(run, attention_mode)
         streams = study_streams(run, k)
         prompts = [torch.nn.Parameter(p.to(run.dev)) for _, p in streams]
         batches = [[b.to(run.dev) for b in bs] for bs, _ in streams]
@@ -348,17 +366,19 @@ def group_step_bench(run: Run) -> None:
                     step()
                 state.update(tokens=0, flops=0.0)
                 n, s = timed_steps(run, step, run.a.section_seconds, warmup=0)
-            entry = {"mode": label, "prompts": k, "chunks": chunks, "rows_per_step": 8 * k, "steps": n, "seconds": s,
+            entry = {"mode": label, "prompts": k, "attention": attention_mode, "chunks": chunks,
+                     "rows_per_step": 8 * k, "steps": n, "seconds": s,
                      "tokens_per_s": state["tokens"] / s, **run.mfu(state["flops"] / s),
                      "peak_mib": mem.peak / 2**20 if mem.peak is not None else None}
         except torch.OutOfMemoryError as err:
-            entry = {"mode": label, "prompts": k, "error": f"out of memory: {str(err).splitlines()[0]}"}
+            entry = {"mode": label, "prompts": k, "attention": attention_mode, "chunks": chunks,
+                     "error": f"out of memory: {str(err).splitlines()[0]}"}
         finally:
             if run.dev == "cuda":
                 torch.cuda.empty_cache()
         log(f"group step {label}: {entry.get('tokens_per_s', float('nan')):,.0f} tok/s")
         out.append(entry)
-    use_fused_attention(run.model, enabled=False)
+    set_attention(run, "eager")
     base = next((e["tokens_per_s"] for e in out if e["mode"] == "one trial, eager" and "tokens_per_s" in e), None)
     for e in out:
         if base and "tokens_per_s" in e:
@@ -367,6 +387,13 @@ def group_step_bench(run: Run) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- study
+
+
+def study_attention(run: Run) -> str:
+    """The fused attention mode that ran the largest group faster in the group section ("fused" if unmeasured)."""
+    speed = {e["attention"]: e["tokens_per_s"] for e in run.res.get("group", [])
+             if e["prompts"] == max(GROUP_SIZES) and e["chunks"] == 1 and "tokens_per_s" in e}
+    return "folded" if speed.get("folded", 0) > speed.get("fused", float("inf")) else "fused"
 
 
 class _Cap(Exception):
@@ -401,9 +428,10 @@ def study(run: Run) -> None:
         torch.cuda.reset_peak_memory_stats()
     finished = True
     results = None
+    fold = study_attention(run) == "folded"
     try:
         results = train_group(cfgs, on_epoch_end=on_epoch_end, fused_attention=run.dev == "cuda",
-                              model_and_tokenizer=(run.model, run.tok), chunks=a.chunks)
+                              model_and_tokenizer=(run.model, run.tok), chunks=a.chunks, fold_alibi=fold)
     except _Cap:
         finished = False
     sync(run.dev)
@@ -414,7 +442,7 @@ def study(run: Run) -> None:
         f"epochs per prompt {[epochs.get(i, 0) for i in range(len(cfgs))]}")
 
     # the 68 transfer evaluations: every prompt on every task's validation set, and no prompt on each task
-    use_fused_attention(run.model, enabled=run.dev == "cuda")
+    set_attention(run, ("folded" if fold else "fused") if run.dev == "cuda" else "eager")
     t1 = time.perf_counter()
     done = 0
     # a prompt the cap stopped before its first epoch has nothing to evaluate: it is left out (and counted)
@@ -427,14 +455,15 @@ def study(run: Run) -> None:
         done += 1
     sync(run.dev)
     eval_s = time.perf_counter() - t1
-    use_fused_attention(run.model, enabled=False)
+    set_attention(run, "eager")
     run.res["study"] = {
         "prompts": len(cfgs), "finished": finished, "cap_seconds": cap, "train_seconds": train_s,
         "epochs_run": [epochs.get(i, 0) for i in range(len(cfgs))],
         "stopped_early": [r.metrics["stopped_early"] for r in results] if results else None,
         "evaluations": done, "evaluations_planned": len(TASKS) * (len(cfgs) + 1), "eval_seconds": eval_s,
         "wall_seconds": train_s + eval_s, "train_peak_gib": train_peak, "eval_batch_size": eval_batch,
-        "chunks": a.chunks, "timeline": timeline,
+        "chunks": a.chunks, "attention": ("folded" if fold else "fused") if run.dev == "cuda" else "eager",
+        "timeline": timeline,
         "tasks": list(TASKS), "seeds": list(SEEDS),
     }
     log(f"study evaluations: {done}/{len(jobs)} in {eval_s:.0f} s")
@@ -458,16 +487,27 @@ def render(res: dict) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
 
     if res.get("attention"):
-        lines += ["| rows x length | eager tok/s | fused tok/s | speedup | fused MFU (measured / spec) | "
-                  "max logprob diff |", "|---|---|---|---|---|---|"]
+        lines += ["Forward + backward to an 8-row prompt (fused: SDPA with the ALiBi + mask bias; folded: ALiBi in "
+                  "two extra Q/K dimensions, causal-only SDPA):", "",
+                  "| rows x length | attention | tok/s | vs eager | MFU (measured / spec) | peak MiB | "
+                  "max logprob diff vs eager |", "|---|---|---|---|---|---|---|"]
         for e in res["attention"]:
-            ea, fu = e.get("eager", {}), e.get("fused", {})
-            lines.append(f"| {e['rows']}x{e['length']} | {ea.get('tokens_per_s', float('nan')):,.0f} | "
-                         f"{fu.get('tokens_per_s', float('nan')):,.0f} | {e.get('speedup', float('nan')):.2f}x | "
-                         f"{pct(fu.get('mfu_measured_peak'))} / {pct(fu.get('mfu_spec_peak'))} | "
-                         f"{e.get('max_abs_logprob_diff', float('nan')):.2e} |")
-        ok = [k for k, v in res.get("sdpa_kernels", {}).items() if v["ok"]]
-        lines += ["", f"SDPA kernels that run the ALiBi bias with backward: {', '.join(ok) or 'none'}.", ""]
+            for mode in ("eager", "fused", "folded"):
+                r = e.get(mode)
+                if r is None:
+                    continue
+                if "error" in r:
+                    lines.append(f"| {e['rows']}x{e['length']} | {mode} | {r['error']} | | | | |")
+                    continue
+                diff = e.get(f"{mode}_max_abs_logprob_diff")
+                lines.append(f"| {e['rows']}x{e['length']} | {mode} | {r['tokens_per_s']:,.0f} | "
+                             f"{e.get(f'{mode}_speedup', 1.0):.2f}x | {pct(r['mfu_measured_peak'])} / "
+                             f"{pct(r['mfu_spec_peak'])} | {r['peak_mib'] or 0:.0f} | "
+                             f"{'-' if diff is None else f'{diff:.2e}'} |")
+        kernels = res.get("sdpa_kernels", {})
+        ok = [k for k, v in kernels.items() if v["ok"]]
+        lines += ["", f"SDPA kernels that run forward + backward: {', '.join(ok) or 'none'}; refused: "
+                  f"{', '.join(k for k in kernels if k not in ok) or 'none'}.", ""]
     if res.get("group"):
         lines += ["| training step | rows/step | tok/s | vs one trial (eager) | MFU (measured / spec) | peak MiB |",
                   "|---|---|---|---|---|---|"]
@@ -482,7 +522,8 @@ def render(res: dict) -> str:
     s = res.get("study")
     if s:
         peak = "-" if s["train_peak_gib"] is None else f"{s['train_peak_gib']:.1f} GiB"
-        lines += [f"Paper study by `ptray.group.train_group` ({s['prompts']} prompts in one group, fused attention, "
+        lines += [f"Paper study by `ptray.group.train_group` ({s['prompts']} prompts in one group, {s['attention']} "
+                  "attention, "
                   f"{s['chunks']} length chunks per step): "
                   f"training {'finished' if s['finished'] else 'STOPPED by the cap'} in {s['train_seconds']:.0f} s "
                   f"(cap {s['cap_seconds']:.0f} s; epochs per prompt {s['epochs_run']}), then "

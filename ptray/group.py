@@ -137,15 +137,17 @@ def train_group(
     fused_attention: bool | None = None,
     model_and_tokenizer=None,
     chunks: int = 1,
+    fold_alibi: bool = False,
 ) -> list[TrainResult]:
     """Train the prompts of ``cfgs`` together; return each one's ``TrainResult`` as ``train(cfg)`` would.
 
     ``on_epoch_end(i, metrics, state)`` is called when prompt i finishes an epoch, with ``train``'s metrics and
     state; ``resume[i]`` (such a state, or None) continues prompt i after that epoch. ``fused_attention``: None
-    turns ``ptray.attention.use_fused_attention`` on for GPUs only. ``chunks``: forward passes per step, rows
-    grouped by length (see ``group_answer_logprobs``; the same numbers). ``model_and_tokenizer`` reuses a loaded frozen
-    model (the benchmark's); the model must be the one ``cfgs[0].model`` names. Raises PtrayError when the configs
-    disagree on a shared field (``SHARED_FIELDS``) or a loss becomes non-finite.
+    turns ``ptray.attention.use_fused_attention`` on for GPUs only (``fold_alibi`` is passed to it). ``chunks``:
+    forward passes per step, rows grouped by length (see ``group_answer_logprobs``; the same numbers).
+    ``model_and_tokenizer`` reuses a loaded frozen model (the benchmark's); the model must be the one
+    ``cfgs[0].model`` names. Raises PtrayError when the configs disagree on a shared field (``SHARED_FIELDS``) or
+    a loss becomes non-finite.
     """
     _check_group(cfgs)
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
@@ -170,7 +172,7 @@ def train_group(
     if fused_attention or (fused_attention is None and device == "cuda"):
         from ptray.attention import use_fused_attention
 
-        use_fused_attention(model)
+        use_fused_attention(model, fold_alibi=fold_alibi)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
     embedding = model.get_input_embeddings().weight
