@@ -120,7 +120,8 @@ def logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """fp32 logits [..., vocab] from the base model's last hidden states [..., hidden], as the model computes them:
     the LM head, then final logit soft-capping where the config has it (Gemma2)."""
     out = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         out = torch.tanh(out / cap) * cap
     return out

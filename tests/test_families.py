@@ -399,18 +399,24 @@ def test_sentencepiece_legacy_answer_ids(tmp_path):
     assert res.em_correct == [1]
 
 
-def test_untested_family_passes_the_load_time_checks(tmp_path):
-    from transformers import AutoModelForCausalLM, MistralConfig
+@pytest.mark.parametrize("kind", ["mistral", "gemma3_text"])
+def test_untested_family_passes_the_load_time_checks(tmp_path, kind):
+    """Mistral (RoPE, like Llama) and Gemma3 (scaled embeddings, soft-capped logits) pass the checks at load time."""
+    import transformers as tf
 
     tok = build_tokenizer()
+    ids = dict(vocab_size=len(tok), pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    if kind == "mistral":
+        cfg = tf.MistralConfig(sliding_window=None, **ids, **SMALL)
+    else:
+        cfg = tf.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
+                                  final_logit_softcapping=2.0, **ids, **SMALL)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(MistralConfig(vocab_size=len(tok), pad_token_id=3, bos_token_id=1,
-                                                   eos_token_id=2, sliding_window=None, **SMALL)
-                                     ).save_pretrained(tmp_path / "m")
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     model, _ = load_model(str(tmp_path / "m"))
     fam = families.family(model)
-    assert fam.name == "mistral" and not fam.tested and fam.shares_source and fam.positions == "ids"
+    assert fam.name == kind and not fam.tested and fam.shares_source and fam.positions == "ids"
     assert families.effective_prompt(model, torch.zeros(2, 64)) is None  # undefined: the report says n/a
     assert families.effective_definition(model) is None
 
