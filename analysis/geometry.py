@@ -132,7 +132,8 @@ def tsne_map(distances: np.ndarray, seed: int = 0, perplexity: float | None = No
         raise ValueError(f"t-SNE needs at least 3 prompts, got {n}")
     tsne = TSNE(n_components=2, metric="precomputed", init="random", random_state=seed, method="exact",
                 perplexity=perplexity or tsne_perplexity(n))
-    return tsne.fit_transform(np.asarray(distances, dtype=np.float64))
+    # a copy: scikit-learn squares a precomputed distance matrix in place
+    return tsne.fit_transform(np.array(distances, dtype=np.float64, copy=True))
 
 
 def pca_map(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

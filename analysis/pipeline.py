@@ -61,8 +61,9 @@ def compute(study: Study, model, tokenizer, options: Options | None = None, note
     section, top1 = nearest.nearest_section(inputs=inputs, tokenizer=tokenizer, top_k=opt.top_k, chunk=opt.chunk)
     res.add(section)
     log.info("nearest tokens: %s s", section.meta["nearest_seconds"])
-    res.add(stochasticity.stochasticity_section(inputs=inputs, distance=opt.distance, seed=opt.seed))
-    mats = distances.distance_matrices(inputs, opt.distance)
+    mats = distances.distance_matrices(inputs, opt.distance)  # every [P, P] distance, computed once
+    res.add(stochasticity.stochasticity_section(inputs=inputs, distances=mats, distance=opt.distance,
+                                                seed=opt.seed))
     res.add(distances.distances_section(inputs=inputs, matrices=mats, distance=opt.distance))
     section, summary = transfer.transfer_section(study=study, tasks=tasks, n_boot=opt.n_boot, seed=opt.seed)
     res.add(section)

@@ -88,14 +88,15 @@ def _norms_figure(per_prompt: pd.DataFrame, tasks: list[str], effective: bool):
     return figures.bars_figure(panels)
 
 
-def _maps(inputs: Inputs, distance: str, seed: int) -> tuple[pd.DataFrame, list, float]:
+def _maps(inputs: Inputs, distances: dict[str, np.ndarray], distance: str, seed: int
+          ) -> tuple[pd.DataFrame, list, float]:
     coords = pd.DataFrame({"task": inputs.labels, "seed": inputs.seeds})
     maps = []
     spaces = [("raw", inputs.raw)] + ([("effective", inputs.effective)] if inputs.effective is not None else [])
     perplexity = geometry.tsne_perplexity(len(inputs.prompts))
     for space, mats in spaces:
         if len(mats) >= 3:
-            xy = geometry.tsne_map(geometry.distance_matrix(mats, distance), seed=seed, perplexity=perplexity)
+            xy = geometry.tsne_map(distances[f"frobenius_{space}"], seed=seed, perplexity=perplexity)
             coords[f"tsne_{space}_x"], coords[f"tsne_{space}_y"] = xy[:, 0], xy[:, 1]
             maps.append((f"t-SNE, {space} prompts", xy, f"perplexity {perplexity:g}, Frobenius distances "
                                                          f"({distance})"))
@@ -107,9 +108,10 @@ def _maps(inputs: Inputs, distance: str, seed: int) -> tuple[pd.DataFrame, list,
     return coords, maps, perplexity
 
 
-def stochasticity_section(*, inputs: Inputs, distance: str, seed: int) -> Section:
-    """Table 1, the norms figure and Figure 6 (t-SNE and PCA maps; ``seed`` seeds t-SNE, ``distance`` is the
-    ``geometry.DISTANCE_METHODS`` entry t-SNE's distances use)."""
+def stochasticity_section(*, inputs: Inputs, distances: dict[str, np.ndarray], distance: str, seed: int) -> Section:
+    """Table 1, the norms figure and Figure 6 (t-SNE and PCA maps). t-SNE runs on ``distances["frobenius_raw"]``
+    (and ``"frobenius_effective"``), the [P, P] matrices of ``analysis.distances.distance_matrices``, computed
+    with ``distance``; ``seed`` seeds t-SNE."""
     per_prompt = per_prompt_norms(inputs)
     t1 = table1(per_prompt, inputs.tasks)
     ratio = wsc_cb_ratio(t1)
@@ -132,7 +134,7 @@ def stochasticity_section(*, inputs: Inputs, distance: str, seed: int) -> Sectio
         "Frobenius norm grows with the number of rows; the rms row norm and the effective rows compare across "
         "tasks." + ("" if eff else " Effective: n/a for this model."), per_prompt,
         _norms_figure(per_prompt, inputs.tasks, eff)))
-    coords, maps, perplexity = _maps(inputs, distance, seed)
+    coords, maps, perplexity = _maps(inputs, distances, distance, seed)
     out.outputs.append(Output(
         "prompt_maps", "stochasticity", "Figure 6: every prompt in two dimensions",
         f"Each point is one prompt, coloured by task, the seeds of a task joined. t-SNE (perplexity "

@@ -179,8 +179,11 @@ def test_tsne_and_pca_of_16_prompts_have_the_right_shape():
     prompts = [torch.randn(n, 8, generator=gen) + i // 4 for i, n in enumerate([15] * 4 + [14] * 4 + [12] * 4 +
                                                                              [20] * 4)]
     assert geometry.tsne_perplexity(16) == 5.0 and geometry.tsne_perplexity(3) < 2
-    xy = geometry.tsne_map(geometry.distance_matrix(prompts), seed=0)
+    d = geometry.distance_matrix(prompts)
+    kept = d.copy()
+    xy = geometry.tsne_map(d, seed=0)
     assert xy.shape == (16, 2) and np.isfinite(xy).all()
+    assert (d == kept).all()  # the caller's matrix is left as it was (scikit-learn squares its input in place)
     feats, m = geometry.common_length_features(prompts)
     assert m == 12 and feats.shape == (16, 12 * 8)
     coords, ratio = geometry.pca_map(feats)
@@ -479,13 +482,13 @@ def test_effective_numbers_are_na_when_the_model_defines_no_effective_prompt():
     from analysis import distances, stochasticity
 
     inp = _inputs_without_effective()
-    sec = stochasticity.stochasticity_section(inputs=inp, distance="truncate", seed=0)
+    mats = distances.distance_matrices(inp, "truncate")
+    assert set(mats) == {"frobenius_raw", "rms_row_distance_raw"}
+    sec = stochasticity.stochasticity_section(inputs=inp, distances=mats, distance="truncate", seed=0)
     table = sec.outputs[0].data
     assert table["frobenius_raw_mean"].notna().all()
     assert table["frobenius_effective_mean"].isna().all() and table["rms_row_norm_effective_var_ddof0"].isna().all()
     assert "n/a" in sec.outputs[0].text
-    mats = distances.distance_matrices(inp, "truncate")
-    assert set(mats) == {"frobenius_raw", "rms_row_distance_raw"}
     sec = distances.distances_section(inputs=inp, matrices=mats, distance="truncate")
     assert any("n/a" in n for n in sec.notes)
     long = sec.outputs[0].data
