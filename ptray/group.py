@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ptray.batching import Batch, check_fits, encode_all, train_batches
+from ptray.batching import Batch, check_fits, encode_all, pad_token_id, train_batches
 from ptray.data import load_split
 from ptray.errors import PtrayError
 from ptray.evaluate import EvalResult, evaluate
@@ -173,8 +173,7 @@ def train_group(
         from ptray.attention import use_fused_attention
 
         use_fused_attention(model, fold_alibi=fold_alibi)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id
+    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
     embedding = model.get_input_embeddings().weight
 
     def run_eval(cfg, data, weight):
