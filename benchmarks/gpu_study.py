@@ -111,6 +111,12 @@ def parse_args(argv=None):
     return a
 
 
+def error_line(err: Exception) -> str:
+    """An exception as one short line for the results."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+
+
 def log(msg: str) -> None:
     print(f"[gpu_study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -265,8 +271,8 @@ def attention(run: Run) -> None:
                     n, s = timed_steps(run, step, run.a.section_seconds)
                 entry[mode] = {"steps": n, "seconds": s, "tokens_per_s": tokens * n / s, **run.mfu(flops * n / s),
                                "peak_mib": mem.peak / 2**20 if mem.peak is not None else None}
-            except torch.OutOfMemoryError as err:
-                entry[mode] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+            except Exception as err:  # out of memory, or a kernel that refuses: recorded, the other modes go on
+                entry[mode] = {"error": error_line(err)}
             finally:
                 if run.dev == "cuda":
                     torch.cuda.empty_cache()
@@ -303,8 +309,7 @@ def sdpa_kernels(run: Run) -> dict:
                                    warmup=1)
                 out[f"{mode} {name}"] = {"ok": True, "tokens_per_s": tokens * n / s}
             except Exception as err:  # a backend that refuses the bias, the shape or the device says why
-                out[f"{mode} {name}"] = {"ok": False,
-                                         "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+                out[f"{mode} {name}"] = {"ok": False, "error": error_line(err)}
     set_attention(run, "eager")
     log(f"sdpa kernels that run: {', '.join(k for k, v in out.items() if v['ok'])}")
     return out
@@ -370,9 +375,9 @@ def group_step_bench(run: Run) -> None:
                      "rows_per_step": 8 * k, "steps": n, "seconds": s,
                      "tokens_per_s": state["tokens"] / s, **run.mfu(state["flops"] / s),
                      "peak_mib": mem.peak / 2**20 if mem.peak is not None else None}
-        except torch.OutOfMemoryError as err:
+        except Exception as err:  # out of memory, or a kernel that refuses: recorded, the other modes go on
             entry = {"mode": label, "prompts": k, "attention": attention_mode, "chunks": chunks,
-                     "error": f"out of memory: {str(err).splitlines()[0]}"}
+                     "error": error_line(err)}
         finally:
             if run.dev == "cuda":
                 torch.cuda.empty_cache()
