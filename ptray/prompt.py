@@ -26,7 +26,7 @@ class PromptInit(str, Enum):
 class SoftPrompt(torch.nn.Module):
     """A trainable prompt ``weight`` [n, hidden], kept in fp32 whatever the model's dtype.
 
-    ``forward(embeds [B, T, hidden], attention_mask [B, T])`` prepends the rows (see ``prepend``).
+    The model sees it through ``prepend(weight, embeds, attention_mask)`` (``ptray.model.answer_logprobs``).
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -37,10 +37,6 @@ class SoftPrompt(torch.nn.Module):
     def num_tokens(self) -> int:
         """n, the number of prompt rows."""
         return self.weight.shape[0]
-
-    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor):
-        """``prepend`` these rows to ``embeds`` [B, T, embed_dim] and ones to ``attention_mask`` [B, T]."""
-        return prepend(self.weight, embeds, attention_mask)
 
 
 def prepend(weight: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor):

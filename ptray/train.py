@@ -17,9 +17,10 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,12 @@ from ptray.tasks import get_task
 
 log = logging.getLogger("ptray")
 
+
 @dataclass
 class TrainResult:
+    """What ``train`` returns: the best prompt, its metrics, the history, the resolved config and per-example
+    results (``save_run`` writes them as a run folder)."""
+
     prompt: torch.Tensor  # best prompt rows [n, hidden], fp32, CPU
     metrics: dict[str, Any]  # final metrics (see ``metrics.json``)
     history: list[dict[str, Any]]  # per-epoch metrics
@@ -60,6 +65,7 @@ def code_version() -> str:
 
 
 def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (``seed`` in [0, 2**32 - 1], ``ptray.seeds.check_seed``)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
