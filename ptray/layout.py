@@ -46,8 +46,10 @@ FINAL_PREFIX = "final_"
 HISTORY_KEY = "eval_loss"  # logged once per epoch, in the same batch as every other per-epoch metric
 
 # -------------------------------------------------------------------------------------------------- artifacts
-PROMPT_DIR = "prompt"  # a PEFT prompt-tuning adapter folder
-PROMPT_FILES = (f"{PROMPT_DIR}/adapter_config.json", f"{PROMPT_DIR}/adapter_model.safetensors")
+PROMPT_DIR = "prompt"  # a PEFT prompt-tuning adapter folder (ptray.prompt.save_adapter writes it):
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"  # one fp32 tensor "prompt_embeddings" [n, hidden]
+PROMPT_FILES = (f"{PROMPT_DIR}/{PEFT_CONFIG}", f"{PROMPT_DIR}/{PEFT_WEIGHTS}")
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"

@@ -10,9 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ptray.errors import PtrayError
-
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
+from ptray.layout import PEFT_CONFIG, PEFT_WEIGHTS
 
 
 class PromptInit(str, Enum):
