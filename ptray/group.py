@@ -145,9 +145,9 @@ def train_group(
     state; ``resume[i]`` (such a state, or None) continues prompt i after that epoch. ``fused_attention``: None
     turns ``ptray.attention.use_fused_attention`` on for GPUs only (``fold_alibi`` is passed to it). ``chunks``:
     forward passes per step, rows grouped by length (see ``group_answer_logprobs``; the same numbers).
-    ``model_and_tokenizer`` reuses a loaded frozen model (the benchmark's); the model must be the one
-    ``cfgs[0].model`` names. Raises PtrayError when the configs disagree on a shared field (``SHARED_FIELDS``) or
-    a loss becomes non-finite.
+    ``model_and_tokenizer`` reuses a loaded frozen model (the benchmark's; the fused attention, if turned on, stays
+    on it); the model must be the one ``cfgs[0].model`` names. Raises PtrayError when the configs disagree on a
+    shared field (``SHARED_FIELDS``) or a loss becomes non-finite.
     """
     _check_group(cfgs)
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
