@@ -116,3 +116,29 @@ def test_tiny_model_refuses_non_empty_dir(tmp_path):
 
     (tmp_path / "x").write_text("keep")
     assert tiny_main([str(tmp_path)]) == 2
+
+
+def test_every_train_config_field_is_a_flag_with_the_dataclass_default():
+    """The CLI is built from TrainConfig: each field is a flag, its help shows the dataclass's default, and the
+    parsed flags build the same config as the dataclass would."""
+    import dataclasses
+
+    from ptray.cli import config_from_args
+    from ptray.config import TrainConfig
+    from ptray.prompt import PromptInit
+    from ptray.train import build_parser
+
+    parser = build_parser()
+    dests = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= dests
+    defaults = TrainConfig()
+    help_text = " ".join(parser.format_help().split())
+    for name in ("max_epochs", "patience", "batch_size", "lr", "max_length"):
+        assert f"(default: {getattr(defaults, name)})" in help_text, name
+    args = parser.parse_args(["--task", "rte", "--seed", "3", "--output-dir", "o", "--no-baselines", "--init",
+                              "random", "--max-epochs", "7", "--lr", "0.5", "--num-tokens", "4"])
+    assert config_from_args(TrainConfig, args) == TrainConfig(task="rte", seed=3, baselines=False,
+                                                              init=PromptInit.RANDOM, max_epochs=7, lr=0.5,
+                                                              num_tokens=4)
+    assert config_from_args(TrainConfig, parser.parse_args(["--task", "cb", "--seed", "0", "--output-dir", "o"])) \
+        == TrainConfig(task="cb", seed=0)

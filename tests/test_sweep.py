@@ -124,6 +124,11 @@ def test_resume_refuses_a_changed_plan(workdir, capsys, data_dir):
     assert code == 2
     assert err.strip() == ("error: --resume continues study 'smoke' as it was started, but --tasks (the study has "
                            "cb,rte, the command line says cb); leave those flags out, or start a new --study")
+    # Every training setting is compared, not a hand-kept list of them.
+    code, _, err = run_main(capsys, "--resume", "--study", "smoke", "--eval-batch-size", "4", "--lr", "0.03")
+    assert code == 2 and err.strip() == ("error: --resume continues study 'smoke' as it was started, but "
+                                         "--eval-batch-size (the study has 32, the command line says 4); leave those "
+                                         "flags out, or start a new --study")
     code, _, err = run_main(capsys, "--smoke", "--study", "smoke", "--data-dir", str(data_dir))  # same name
     assert code == 2 and "study 'smoke' already exists in MLflow experiment 'ptray-smoke'" in err
     assert "pass --resume to finish it, or choose another --study" in err
@@ -131,6 +136,26 @@ def test_resume_refuses_a_changed_plan(workdir, capsys, data_dir):
     assert code == 0 and "study 'smoke' (resume, smoke)" in out and "4 trials (cb, rte x seeds 0, 1)" in out
     code, _, err = run_main(capsys, "--resume", "--smoke")
     assert code == 2 and err.startswith("error: --resume --smoke needs --study: each smoke run is its own study")
+
+
+def test_plan_round_trips_and_reads_flat_plans():
+    import dataclasses
+    import json
+
+    plan = Plan(study="s", tasks=("cb", "wsc"), seeds=(1, 5), smoke=True, tiny_model=True, model_digest="abc",
+                train=TrainConfig(lr=0.1, max_length=64, init="random", max_eval_examples=8))
+    stored = json.loads(json.dumps(plan.to_json()))
+    assert "task" not in stored["train"] and "seed" not in stored["train"] and "compile" not in stored["train"]
+    assert Plan.from_json(stored) == plan
+    compared = plan.compared()
+    assert set(compared) == ({f.name for f in dataclasses.fields(TrainConfig)} - {"task", "seed", "compile"}
+                             | {"tasks", "seeds", "smoke", "tiny_model"})
+    # Studies stored before the plan held a TrainConfig resume as they were.
+    flat = {"study": "old", "tasks": ["cb"], "seeds": [0], "model": "tiny", "data_dir": None, "max_epochs": 2,
+            "patience": 5, "lr": 0.03, "batch_size": 8, "max_train_examples": 32, "max_eval_examples": 32,
+            "max_length": 128, "smoke": True, "model_digest": "d", "data_digest": None}
+    old = Plan.from_json(flat)
+    assert old.tiny_model and old.train.max_epochs == 2 and old.train.max_length == 128 and old.model_digest == "d"
 
 
 def test_the_analysis_is_passed_in_by_the_entry_script():

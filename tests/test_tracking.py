@@ -96,6 +96,27 @@ def test_run_names_and_tags_follow_the_contract():
         layout.run_tags("paper", "eval")
 
 
+def test_predictions_and_eval_metrics_follow_one_schema():
+    from ptray.evaluate import EvalResult
+
+    res = EvalResult(loss=0.5, exact_match=0.5, rank_accuracy=1.0, num_examples=2, em_correct=[1, 0],
+                     rank_correct=[1, 1], rank_pred=[0, 2])
+    base = EvalResult(loss=0.7, exact_match=0.0, rank_accuracy=0.5, num_examples=2, em_correct=[0, 0],
+                      rank_correct=[1, 0], rank_pred=[0, 1])
+    preds = layout.predictions([7, 9], res, {"no_prompt": base})
+    assert preds == {"idx": [7, 9], "em_correct": [1, 0], "rank_correct": [1, 1], "rank_pred": [0, 2],
+                     "baselines": {"no_prompt": {"em_correct": [0, 0], "rank_correct": [1, 0], "rank_pred": [0, 1]}}}
+    assert layout.predictions([7, 9], base) == {"idx": [7, 9], "em_correct": [0, 0], "rank_correct": [1, 0],
+                                                "rank_pred": [0, 1]}
+    assert layout.prediction_lists(preds) == ([7, 9], [1, 0], [1, 1])
+    assert layout.prediction_lists(preds, baseline="no_prompt") == ([7, 9], [0, 0], [1, 0])
+    assert layout.prediction_lists({}) == ([], [], [])
+    m = layout.eval_metrics("cb", 1, "rte", res, {"exact_match": 0.25, "rank_accuracy": 0.75})
+    assert tuple(m) == layout.EVAL_METRIC_KEYS
+    assert (m["source"], m["source_seed"], m["delta_exact_match"], m["delta_rank_accuracy"]) == ("cb", 1, 0.25, 0.25)
+    assert layout.eval_metrics(None, None, "rte", base, {"exact_match": 0.0, "rank_accuracy": 0.5})["source"] == "none"
+
+
 def test_tracking_uri_resolution(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
