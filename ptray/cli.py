@@ -9,7 +9,7 @@ import enum
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from ptray.seeds import MAX_SEED
@@ -141,16 +141,13 @@ def _base_type(annotation: Any) -> Any:
     return args[0] if args and typing.get_origin(annotation) in (typing.Union, types.UnionType) else annotation
 
 
-def config_from_args(cls: type, args: argparse.Namespace, convert: dict[str, Callable] | None = None, **fixed):
+def config_from_args(cls: type, args: argparse.Namespace, **fixed):
     """An instance of the dataclass ``cls`` from the flags ``add_config_arguments`` added, plus ``fixed`` values.
 
-    Flags left unset (None) keep the field's default; ``convert`` maps a field to a parser of its flag's text.
+    Flags left unset (None) keep the field's default. Raises what ``cls`` raises for a bad value (``PtrayError``).
     """
     values = dict(fixed)
     for f in dataclasses.fields(cls):
-        if f.name in values or not hasattr(args, f.name):
-            continue
-        value = getattr(args, f.name)
-        if value is not None:
-            values[f.name] = (convert or {}).get(f.name, lambda v: v)(value)
+        if f.name not in values and getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
     return cls(**values)
