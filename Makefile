@@ -41,6 +41,7 @@ real-study: real-model
 	$(PY) sweeps/all.py --study smollm2-cpu --model $(abspath $(REAL_MODEL_DIR)) --data-dir $(DATA_DIR) $(REAL_STUDY_CAPS)
 
 test: install system-deps real-model
+	$(PY) -m ruff check .
 	PTRAY_DATA_DIR=$(DATA_DIR) PTRAY_REAL_MODEL_DIR=$(abspath $(REAL_MODEL_DIR)) $(PY) -m pytest -q
 
 # The lowest supported versions: a second venv with torch, transformers, peft and accelerate pinned to

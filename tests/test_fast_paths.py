@@ -248,7 +248,7 @@ def greedy_mix(model, tok, n=24, seed=8):
             greedy.append(ids[-2:])
     eos = Counter(g2 for g1, g2 in greedy if g1 != g2).most_common(1)[0][0]
     data = []
-    for i, (src, (g1, g2)) in enumerate(zip(sources, greedy)):
+    for i, (src, (g1, _g2)) in enumerate(zip(sources, greedy)):
         if g1 == eos:
             continue
         other = next(t for t in range(4, len(tok)) if t not in (g1, eos))
