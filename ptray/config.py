@@ -24,6 +24,11 @@ from ptray.seeds import check_seed
 from ptray.tasks import TASK_NAMES, get_task
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+DEFAULT_GPUS_PER_TRIAL = 0.25  # four trials share a GPU: one bloomz-560m prompt-tuning run leaves most of it idle
+# Prompts per trial group on a GPU. issue 11 measured on one H200 (bloomz-560m's shape, bf16, batch 8): 1 prompt
+# per forward 24k tokens/s, 4 packed 44k, 16 packed 35k (wider padded rows and a longer step cost more than the
+# launches they save). So 4 prompts per group, and a group gets a whole GPU (4 x DEFAULT_GPUS_PER_TRIAL).
+DEFAULT_GPU_GROUP_SIZE = 4
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -146,6 +151,9 @@ class Plan:
                                       f"examples")
     tiny_model: bool = config_field(False, "train a tiny random BLOOM built on the fly (--smoke without --model)",
                                     cli=False)
+    group_size: int | None = config_field(
+        None, f"prompts per Tune trial, trained together on one frozen model (ptray.group; each keeps its own MLflow "
+              f"run); unset: 1 on CPUs, {DEFAULT_GPU_GROUP_SIZE} when trials get GPUs", type=positive_int)
     train: TrainConfig = field(default_factory=TrainConfig)  # every trial's config, but its task and seed
     model_digest: str | None = config_field(None, "of the files of a model built on the fly", cli=False)
     data_digest: str | None = config_field(None, "of the data files read from data_dir", cli=False)
@@ -157,6 +165,10 @@ class Plan:
     def __post_init__(self):
         for seed in self.seeds:  # here, not in each trial: also a stored plan, before --resume starts anything
             check_seed(seed, "every seed of a study")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                                            or self.group_size < 1):
+            raise PtrayError(f"group_size must be a positive integer (prompts per trial) or unset, got "
+                             f"{self.group_size!r}")
 
     def to_json(self) -> dict[str, Any]:
         """The plan as stored in MLflow: plain JSON values, the train config without its per-trial fields."""
@@ -176,6 +188,7 @@ class Plan:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["tasks"], d["seeds"] = tuple(d["tasks"]), tuple(d["seeds"])
+        d.setdefault("group_size", 1)  # plans stored before trial groups trained one prompt per trial
         return cls(train=TrainConfig(**{k: v for k, v in train.items() if k in train_names}), **d)
 
     def compared(self) -> dict[str, Any]:
@@ -189,13 +202,22 @@ class Plan:
         """(task, seed) of every trial, task-major."""
         return [(t, s) for t in self.tasks for s in self.seeds]
 
+    def groups(self, size: int | None = None) -> list[tuple[tuple[str, int], ...]]:
+        """The (task, seed) prompts packed into Tune trials of ``size`` (default ``group_size``, which must then be
+        resolved): consecutive trials of the task-major order, so a group mostly holds one task's seeds, whose
+        epochs are equally long and whose rows equally wide (no member waits for, or pads to, another task's)."""
+        size = size or self.group_size
+        if not size:
+            raise PtrayError("the plan's group_size is not resolved yet (1 on CPUs, more with GPUs); pass a size")
+        trials = self.trials
+        return [tuple(trials[i:i + size]) for i in range(0, len(trials), size)]
+
     @property
     def num_evaluations(self) -> int:
         """Transfer runs (every prompt on every task) plus one no-prompt baseline per task."""
         return len(self.trials) * len(self.tasks) + len(self.tasks)
 
 
-DEFAULT_GPUS_PER_TRIAL = 0.25  # four trials share a GPU: one bloomz-560m prompt-tuning run leaves most of it idle
 
 
 @dataclass
@@ -211,7 +233,8 @@ class Options:
                                              "embedded Ray)")
     gpus_per_trial: float | None = config_field(None, f"GPU fraction per trial/evaluation task (unset: "
                                                       f"{DEFAULT_GPUS_PER_TRIAL} where the cluster has or can add "
-                                                      f"GPUs, else 0)", type=non_negative_float)
+                                                      f"GPUs, else 0; a group's trial: that times its prompts, at "
+                                                      f"most 1)", type=non_negative_float)
     cpus_per_trial: float = config_field(1.0, "CPUs per trial and evaluation task", type=positive_float)
     max_failures: int = config_field(3, "retries of a failed trial, a lost node included", type=non_negative_int)
     compile: bool = config_field(False, "torch.compile each transformer block in the trials (see BENCHMARKS.md)")

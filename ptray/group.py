@@ -34,7 +34,7 @@ from ptray.batching import Batch, check_fits, encode_all, pad_token_id, train_ba
 from ptray.data import load_split
 from ptray.errors import PtrayError
 from ptray.evaluate import EvalResult, evaluate
-from ptray.model import load_model, model_dtype, resolve_device_precision
+from ptray.model import library_versions, load_model, model_dtype, resolve_device_precision
 from ptray.prompt import init_prompt, prepend, text_token_ids
 from ptray.tasks import get_task
 from ptray.train import TrainConfig, TrainResult, code_version, compile_blocks, set_seed
@@ -138,6 +138,7 @@ def train_group(
     model_and_tokenizer=None,
     chunks: int = 1,
     fold_alibi: bool = False,
+    on_prompt_end: Callable[[int, TrainResult], None] | None = None,
 ) -> list[TrainResult]:
     """Train the prompts of ``cfgs`` together; return each one's ``TrainResult`` as ``train(cfg)`` would.
 
@@ -145,6 +146,8 @@ def train_group(
     state; ``resume[i]`` (such a state, or None) continues prompt i after that epoch. ``fused_attention``: None
     turns ``ptray.attention.use_fused_attention`` on for GPUs only (``fold_alibi`` is passed to it). ``chunks``:
     forward passes per step, rows grouped by length (see ``group_answer_logprobs``; the same numbers).
+    ``on_prompt_end(i, result)`` is called as soon as prompt i leaves the group (stopped early or out of epochs),
+    while the others go on: a Tune trial finishes that prompt's MLflow run there.
     ``model_and_tokenizer`` reuses a loaded frozen model (the benchmark's; the fused attention, if turned on, stays
     on it); the model must be the one ``cfgs[0].model`` names. Raises PtrayError when the configs disagree on a
     shared field (``SHARED_FIELDS``) or a loss becomes non-finite.
@@ -199,7 +202,8 @@ def train_group(
         resolved = {
             **cfg.to_dict(), "init_text": init_text, "num_tokens": weight.shape[0], "hidden_size": embedding.shape[1],
             "template_version": task.version, "verbalizer": dict(task.verbalizer), "device": device,
-            "precision": precision, "code_version": code_version(), "num_train_examples": len(train_data),
+            "precision": precision, "code_version": code_version(), **library_versions(),
+            "num_train_examples": len(train_data),
             "num_eval_examples": len(eval_data), "num_truncated": sum(d.truncated for d in train_data + eval_data),
             "group_size": len(cfgs), "group_index": i,
         }
@@ -234,6 +238,8 @@ def train_group(
         m.result = _result(m)
         adam.param_groups.remove(m.param_group)
         adam.state.pop(m.weight, None)
+        if on_prompt_end is not None:
+            on_prompt_end(m.index, m.result)
 
     def start_epoch(m: _Member) -> bool:
         """Set up ``m``'s next epoch; False (and ``m`` leaves) when it is done."""

@@ -29,7 +29,7 @@ from typing import Any
 from ptray import preflight, tracking
 from ptray.bundle import Bundle, tiny_model_bundle
 from ptray.cli import OneLineParser, add_config_arguments, config_from_args
-from ptray.config import PER_TRIAL_FIELDS, SMOKE_TRAIN, Options, Plan, TrainConfig
+from ptray.config import DEFAULT_GPU_GROUP_SIZE, PER_TRIAL_FIELDS, SMOKE_TRAIN, Options, Plan, TrainConfig
 from ptray.context import StudyContext, quiet
 from ptray.errors import PtrayError
 from ptray.paths import study_path
@@ -111,6 +111,8 @@ def plan_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = Non
         given["seeds"] = parse_seeds(args.seeds)
     if args.smoke is not None:
         given["smoke"] = args.smoke
+    if args.group_size is not None:
+        given["group_size"] = args.group_size
     train_names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_TRIAL_FIELDS]
     given_train = {k: getattr(args, k) for k in train_names if getattr(args, k, None) is not None}
     if "data_dir" in given_train:
@@ -236,12 +238,15 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     try:
         uri = preflight.check_cluster(opts, uri, storage)
         gpus = preflight.gpus_per_trial(opts)
+        if plan.group_size is None:  # stored resolved, so that --resume keeps the grouping on any cluster
+            plan.group_size = DEFAULT_GPU_GROUP_SIZE if gpus > 0 else 1
+        trial_gpus = group_gpus(gpus, plan.group_size, opts)
         exp_id = tracking.get_or_create_experiment(mc, experiment)
         if not opts.resume:
             tracking.write_plan(mc, exp_id, plan.study, plan.to_json())
         ctx = study_context(plan, exp_id, uri, model_bundle, data_bundle, compile=opts.compile)
-        print(describe(plan, opts, uri, storage, experiment, new=not opts.resume, gpus=gpus), flush=True)
-        outcome = train_phase(plan, opts, ctx, storage, gpus)
+        print(describe(plan, opts, uri, storage, experiment, new=not opts.resume, gpus=trial_gpus), flush=True)
+        outcome = train_phase(plan, opts, ctx, storage, trial_gpus)
         if outcome["interrupted"]:
             print(f"\ninterrupted: {outcome['interrupted']} trial(s) unfinished. Finish the study with:\n  "
                   f"{resume_command(plan, opts)}", file=sys.stderr)
@@ -261,6 +266,14 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     if not complete:
         print(f"finish the missing runs with:\n  {resume_command(plan, opts)}", file=sys.stderr)
     return 0 if complete and not analysis_note.startswith("failed") else 1
+
+
+def group_gpus(gpus: float, group_size: int, opts: Options) -> float:
+    """The GPU fraction of one Tune trial of ``group_size`` prompts: ``--gpus-per-trial`` as given, else the
+    per-prompt default times the group's prompts, at most one GPU (a group runs in one process, on one GPU)."""
+    if opts.gpus_per_trial is not None:
+        return opts.gpus_per_trial
+    return min(1.0, gpus * group_size)
 
 
 def _bundles(plan: Plan) -> tuple[Bundle | None, Bundle | None]:

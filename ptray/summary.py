@@ -7,7 +7,7 @@ import shlex
 from typing import Any
 
 from ptray import layout, tracking
-from ptray.config import DEFAULT_GPUS_PER_TRIAL, Options, Plan
+from ptray.config import DEFAULT_GPU_GROUP_SIZE, DEFAULT_GPUS_PER_TRIAL, Options, Plan
 from ptray.paths import study_path
 from ptray.trial import tune_path
 
@@ -38,12 +38,28 @@ def describe(plan: Plan, opts: Options, uri: str, storage: str, experiment: str,
         f"max length {cfg.max_length}{subset}; "
         f"{opts.max_failures} retries",
         f"             {' '.join(names)}",
+        f"  groups     {_groups_text(plan)}",
         f"  transfer   {plan.num_evaluations} evaluations ({len(plan.trials)} prompts x {len(plan.tasks)} tasks + "
         f"{len(plan.tasks)} no-prompt baselines), one Ray task per target task, same resources",
         f"  MLflow     experiment {experiment!r} at {uri}",
         f"  Tune       {tune_path(storage, plan.study)} (checkpoint every epoch)",
         f"  analysis   {'python -m analysis --experiment ' + experiment if opts.analysis else 'off'}",
     ])
+
+
+def _groups_text(plan: Plan) -> str:
+    """How the prompts are packed into Tune trials (``--group-size``)."""
+    def show(size: int) -> str:
+        groups = plan.groups(size)
+        return f"{len(groups)} trials: " + " ".join(
+            "[" + " ".join(layout.train_run_name(t, s) for t, s in g) + "]" for g in groups)
+
+    if plan.group_size is None:
+        return (f"auto: one prompt per trial on CPUs; with GPUs {DEFAULT_GPU_GROUP_SIZE} prompts per trial "
+                f"(one GPU each), {show(DEFAULT_GPU_GROUP_SIZE)}")
+    if plan.group_size == 1:
+        return "one prompt per trial (--group-size N trains N together on one model)"
+    return f"{plan.group_size} prompts per trial, trained together on one model, {show(plan.group_size)}"
 
 
 def summarize(mc, exp_id: str, plan: Plan) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""One Tune trial trains one (task, seed) prompt into its MLflow run, and the Tuner runs the study's grid of them.
+"""One Tune trial trains one (task, seed) prompt, or a group of them (``run_group``), each prompt into its own MLflow
+run; the Tuner runs the study's grid of them.
 
 ``train_trial`` is the thin Tune function (config dict -> ``TrainConfig`` -> ``train`` -> ``tune.report``);
 ``run_training`` holds the logic without Ray, so tests drive it with a fake ``report``. Both are safe to run
@@ -109,16 +110,7 @@ def run_training(config: dict[str, Any], ctx: StudyContext, resume: dict[str, An
         report({**final, "done_before": 1}, None, run.info.run_id)
         return final
 
-    history = list(resume["history"]) if resume else []
-    run_id = tracking.sync_history(client, run, history)
-    client.update_run(run_id, status=layout.RUNNING)
-    client.set_tag(run_id, layout.TAG_NODE, socket.gethostname())
-    if _ray_node_id():
-        client.set_tag(run_id, layout.TAG_RAY_NODE_ID, _ray_node_id())
-    if resume:
-        client.set_tag(run_id, layout.TAG_RESUMED_AFTER_EPOCH, str(resume["epoch"]))
-    known = {k: v for k, v in cfg.to_dict().items() if k not in RESOLVED_LATER}
-    tracking.log_params_once(client, run_id, ctx.logged_config(known))
+    run_id = _open_run(client, ctx, run, cfg, resume)
 
     def on_epoch_end(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         report(metrics, state, run_id)  # the checkpoint first: see the module docstring
@@ -133,6 +125,22 @@ def run_training(config: dict[str, Any], ctx: StudyContext, resume: dict[str, An
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "seed"}
     report(final, None, run_id)
     return final
+
+
+def _open_run(client, ctx: StudyContext, run, cfg, resume: dict[str, Any] | None) -> str:
+    """Make ``run`` RUNNING on this node with the checkpointed history (``tracking.sync_history``) and the params
+    known before training; return the run id to log into."""
+    history = list(resume["history"]) if resume else []
+    run_id = tracking.sync_history(client, run, history)
+    client.update_run(run_id, status=layout.RUNNING)
+    client.set_tag(run_id, layout.TAG_NODE, socket.gethostname())
+    if _ray_node_id():
+        client.set_tag(run_id, layout.TAG_RAY_NODE_ID, _ray_node_id())
+    if resume:
+        client.set_tag(run_id, layout.TAG_RESUMED_AFTER_EPOCH, str(resume["epoch"]))
+    known = {k: v for k, v in cfg.to_dict().items() if k not in RESOLVED_LATER}
+    tracking.log_params_once(client, run_id, ctx.logged_config(known))
+    return run_id
 
 
 def finish_train_run(client, run_id: str, result, config: dict[str, Any]) -> None:
@@ -200,10 +208,133 @@ def _train_state(resume: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the group trial: several prompts, one frozen model (ptray.group), each prompt still its own MLflow run
+
+
+def group_key(members) -> str:
+    """A group's (task, seed) prompts as the Tune config value: ``"cb:0,cb:1"`` (a string: Tune would try to
+    resolve nested lists as search spaces)."""
+    return ",".join(f"{task}:{seed}" for task, seed in members)
+
+
+def parse_group_key(key: str) -> list[tuple[str, int]]:
+    """Inverse of ``group_key``."""
+    return [(task, int(seed)) for task, seed in (part.split(":") for part in key.split(","))]
+
+
+def save_group_checkpoint(folder: str | Path, states: dict[str, tuple[dict[str, Any], str]]) -> None:
+    """A group's Tune checkpoint: one ``save_checkpoint`` folder per prompt still training, named by its run name
+    (``states``: run name -> (its latest epoch state, its MLflow run id))."""
+    for name, (state, run_id) in states.items():
+        sub = Path(folder) / name
+        sub.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(sub, state, run_id)
+
+
+def load_group_checkpoint(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """Run name -> ``load_checkpoint`` state, for every prompt in a group checkpoint."""
+    return {sub.name: load_checkpoint(sub) for sub in sorted(Path(folder).iterdir())
+            if (sub / STATE_FILE).exists()}
+
+
+# report(metrics, states, ) where states maps run name -> (state, run_id), or None: no checkpoint.
+GroupReport = Callable[[dict[str, Any], "dict[str, tuple[dict[str, Any], str]] | None"], None]
+
+
+def train_group_trial(config: dict[str, Any], ctx: StudyContext) -> None:
+    """Tune function: train the prompts of ``config['group']`` together, resuming from Tune's checkpoint if any."""
+    from ray import tune
+
+    quiet()
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_group_checkpoint(folder)
+    run_group(config, ctx, resume, _tune_group_report)
+
+
+def _tune_group_report(metrics: dict[str, Any], states: dict[str, tuple[dict[str, Any], str]] | None) -> None:
+    from ray import tune
+
+    if states is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="ptray-ckpt-") as folder:
+        save_group_checkpoint(folder, states)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # persisted before it returns
+
+
+def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[str, Any]] | None,
+              report: GroupReport) -> dict[str, dict[str, Any]]:
+    """Train a group of prompts (``config['group']``, a ``group_key``) with ``ptray.group.train_group``, each into
+    its own MLflow run exactly as ``run_training`` would; return each prompt's final metrics by run name.
+
+    ``resume`` (``load_group_checkpoint``) holds the prompts' last checkpointed epochs. Every epoch's report carries
+    a checkpoint of the latest state of every prompt still training, written before that epoch reaches MLflow. A
+    prompt that leaves the group (early stopping, last epoch) has its run finished at once; one whose run is
+    already FINISHED is not trained again.
+    """
+    from ptray.group import train_group
+
+    members = parse_group_key(config["group"])
+    resume = resume or {}
+    client = ctx.client()
+    finals: dict[str, dict[str, Any]] = {}
+    latest: dict[str, tuple[dict[str, Any], str]] = {}  # what the group's checkpoint holds
+    todo: list[dict[str, Any]] = []  # the prompts to train: name, index in the group, cfg, run id, resume state
+    for index, (task, seed) in enumerate(members):
+        name = layout.train_run_name(task, seed)
+        state = resume.get(name)
+        run = _train_run(client, ctx, name, task, seed, state)
+        if run.info.status == layout.FINISHED:
+            finals[name] = tracking.final_metrics(run)
+            log.info("%s already finished in MLflow run %s; not training again", name, run.info.run_id)
+            continue
+        cfg = ctx.train_config(task, seed)
+        run_id = _open_run(client, ctx, run, cfg, state)
+        if state is not None:
+            latest[name] = (_train_state(state), run_id)
+        todo.append({"name": name, "index": index, "cfg": cfg, "run_id": run_id, "state": _train_state(state),
+                     "done": False})
+    if not todo:
+        report({"prompts": len(members), "done_before": 1}, None)
+        return finals
+
+    def on_epoch_end(i: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        m = todo[i]
+        latest[m["name"]] = (state, m["run_id"])
+        report({**metrics, "prompt": m["name"]}, dict(latest))  # the checkpoint first: see the module docstring
+        tracking.log_metrics(client, m["run_id"], tracking.epoch_metrics(metrics), step=metrics["epoch"])
+
+    def on_prompt_end(i: int, result) -> None:
+        m = todo[i]
+        # The whole group's size and this prompt's place in it, not the resumed remainder's.
+        result.resolved.update(group_size=len(members), group_index=m["index"])
+        finish_train_run(client, m["run_id"], result, ctx.logged_config(result.resolved))
+        m["done"] = True
+        latest.pop(m["name"], None)
+        finals[m["name"]] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "seed"}
+
+    try:
+        train_group([m["cfg"] for m in todo], on_epoch_end=on_epoch_end, resume=[m["state"] for m in todo],
+                    on_prompt_end=on_prompt_end)
+    except BaseException:
+        for m in todo:
+            if not m["done"]:
+                mark_failed(client, m["run_id"])
+        raise
+    report({"prompts": len(members), "done": len(finals)}, None)
+    return finals
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the Tuner
 
 
 def _trial_name(trial) -> str:
+    if "group" in trial.config:  # cb-seed0+cb-seed1: its prompts' run names
+        return "+".join(layout.train_run_name(t, s) for t, s in parse_group_key(trial.config["group"]))
     return layout.train_run_name(trial.config["task"], trial.config["seed"])
 
 
@@ -212,14 +343,21 @@ def _trial_dirname(trial) -> str:
 
 
 def train_phase(plan: Plan, opts: Options, ctx: StudyContext, storage: str, gpus: float) -> dict[str, int]:
-    """One Tune trial per (task, seed), or Tune's restore of them on ``--resume``.
+    """One Tune trial per (task, seed), or per group of ``plan.group_size`` of them (``plan.groups()``, trained by
+    ``run_group``) when that is above 1; or Tune's restore of them on ``--resume`` (the stored plan keeps its
+    grouping). ``gpus``: the GPU fraction of each Tune trial (a group's, when grouped).
 
     Returns counts of trials ``done``, ``failed`` and ``interrupted`` (unfinished after fit, e.g. by Ctrl-C).
     """
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
+    grouped = plan.group_size > 1
+    trainable = tune.with_resources(tune.with_parameters(train_group_trial if grouped else train_trial, ctx=ctx),
                                     {"cpu": opts.cpus_per_trial, "gpu": gpus})
+    if grouped:
+        space = {"group": tune.grid_search([group_key(g) for g in plan.groups()])}
+    else:
+        space = {"task": tune.grid_search(list(plan.tasks)), "seed": tune.grid_search(list(plan.seeds))}
     path = tune_path(storage, plan.study)
     if opts.resume and tune_state_exists(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
@@ -227,7 +365,7 @@ def train_phase(plan: Plan, opts: Options, ctx: StudyContext, storage: str, gpus
         # Trials with the same resources reuse their worker process: imports and the model cache stay warm.
         tuner = tune.Tuner(
             trainable,
-            param_space={"task": tune.grid_search(list(plan.tasks)), "seed": tune.grid_search(list(plan.seeds))},
+            param_space=space,
             tune_config=tune.TuneConfig(reuse_actors=True, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(

@@ -20,6 +20,7 @@ import pytest
 
 from ptray import preflight, tracking
 from ptray.config import Options, Plan, TrainConfig
+from ptray.errors import PtrayError
 from ptray.study import analysis_phase, main, parse_seeds, parse_tasks
 from ptray.trial import trial_statuses
 
@@ -112,12 +113,17 @@ def test_dry_run_prints_the_plan(workdir, capsys, data_dir):
                             "--no-analysis")
     assert "1 trials (rte x seeds 4), each 1 CPU + 0.5 GPU" in out and "bigscience/bloomz-560m" in out
     assert "2 evaluations (1 prompts x 1 tasks + 1 no-prompt baselines)" in out and "analysis   off" in out
+    assert "groups     auto: one prompt per trial on CPUs; with GPUs 4 prompts per trial (one GPU each), 1 trials: " \
+           "[rte-seed4]" in out
+    code, out, _ = run_main(capsys, "--dry-run", "--tasks", "cb,rte", "--seeds", "0-2", "--group-size", "2")
+    assert code == 0 and "groups     2 prompts per trial, trained together on one model, 3 trials: " \
+                         "[cb-seed0 cb-seed1] [cb-seed2 rte-seed0] [rte-seed1 rte-seed2]" in out
 
 
 def test_resume_refuses_a_changed_plan(workdir, capsys, data_dir):
     mc = tracking.client(tracking.resolve_tracking_uri())
     exp = tracking.get_or_create_experiment(mc, "ptray-smoke")
-    plan = Plan(study="smoke", tasks=("cb", "rte"), seeds=(0, 1), smoke=True, tiny_model=True,
+    plan = Plan(study="smoke", tasks=("cb", "rte"), seeds=(0, 1), smoke=True, tiny_model=True, group_size=2,
                 train=TrainConfig(data_dir=str(data_dir)))
     tracking.write_plan(mc, exp, "smoke", plan.to_json())
     code, _, err = run_main(capsys, "--resume", "--smoke", "--study", "smoke", "--tasks", "cb")
@@ -134,6 +140,9 @@ def test_resume_refuses_a_changed_plan(workdir, capsys, data_dir):
     assert "pass --resume to finish it, or choose another --study" in err
     code, out, _ = run_main(capsys, "--resume", "--study", "smoke", "--dry-run")
     assert code == 0 and "study 'smoke' (resume, smoke)" in out and "4 trials (cb, rte x seeds 0, 1)" in out
+    assert "2 prompts per trial, trained together on one model, 2 trials: [cb-seed0 cb-seed1]" in out  # as stored
+    code, _, err = run_main(capsys, "--resume", "--study", "smoke", "--group-size", "4")
+    assert code == 2 and "--group-size (the study has 2, the command line says 4)" in err
     code, _, err = run_main(capsys, "--resume", "--smoke")
     assert code == 2 and err.startswith("error: --resume --smoke needs --study: each smoke run is its own study")
 
@@ -149,13 +158,20 @@ def test_plan_round_trips_and_reads_flat_plans():
     assert Plan.from_json(stored) == plan
     compared = plan.compared()
     assert set(compared) == ({f.name for f in dataclasses.fields(TrainConfig)} - {"task", "seed", "compile"}
-                             | {"tasks", "seeds", "smoke", "tiny_model"})
+                             | {"tasks", "seeds", "smoke", "tiny_model", "group_size"})
+    grouped = dataclasses.replace(plan, group_size=2)
+    assert Plan.from_json(json.loads(json.dumps(grouped.to_json()))).group_size == 2
+    assert grouped.groups() == [(("cb", 1), ("cb", 5)), (("wsc", 1), ("wsc", 5))]  # one task's seeds together
+    assert grouped.groups(3) == [(("cb", 1), ("cb", 5), ("wsc", 1)), (("wsc", 5),)]
+    with pytest.raises(PtrayError, match="group_size must be a positive integer"):
+        Plan(group_size=0)
     # Studies stored before the plan held a TrainConfig resume as they were.
     flat = {"study": "old", "tasks": ["cb"], "seeds": [0], "model": "tiny", "data_dir": None, "max_epochs": 2,
             "patience": 5, "lr": 0.03, "batch_size": 8, "max_train_examples": 32, "max_eval_examples": 32,
             "max_length": 128, "smoke": True, "model_digest": "d", "data_digest": None}
     old = Plan.from_json(flat)
     assert old.tiny_model and old.train.max_epochs == 2 and old.train.max_length == 128 and old.model_digest == "d"
+    assert old.group_size == 1  # stored before trial groups: one prompt per trial, as it ran
 
 
 def test_the_analysis_is_passed_in_by_the_entry_script():

@@ -4,6 +4,7 @@ carry files to nodes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -17,7 +18,16 @@ from ptray.config import TrainConfig
 from ptray.context import StudyContext
 from ptray.prompt import load_adapter
 from ptray.transfer import transfer_target
-from ptray.trial import load_checkpoint, run_training, save_checkpoint
+from ptray.trial import (
+    group_key,
+    load_checkpoint,
+    load_group_checkpoint,
+    parse_group_key,
+    run_group,
+    run_training,
+    save_checkpoint,
+    save_group_checkpoint,
+)
 
 EPOCHS = 3
 
@@ -207,3 +217,105 @@ def test_transfer_logs_one_run_per_evaluation_and_skips_finished_ones(store, tin
     assert [s["name"] for s in redone] == ["transfer-cb-seed0-on-rte"]
     names = [r.info.run_name for r in tracking.search_study_runs(mc, ctx.experiment_id, "transfer")]
     assert sorted(names).count("transfer-cb-seed0-on-rte") == 1 and len(names) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trial groups: several prompts per Tune trial, each still its own MLflow run
+
+
+class OneEpochForSeed0(StudyContext):
+    """Prompts of seed 0 train one epoch, the others EPOCHS: a group member that leaves while the group goes on."""
+
+    def train_config(self, task, seed):
+        cfg = super().train_config(task, seed)
+        return dataclasses.replace(cfg, max_epochs=1) if seed == 0 else cfg
+
+
+class GroupRecorder:
+    """tune.report for a group: each group checkpoint kept as Tune persists it; the run statuses seen then."""
+
+    def __init__(self, tmp: Path, client, die_at: tuple[str, int] | None = None):
+        self.tmp, self.client, self.die = tmp, client, die_at
+        self.checkpoints: list[Path] = []
+        self.metrics: list[dict] = []
+        self.statuses: list[dict] = []
+
+    def __call__(self, metrics, states):
+        self.metrics.append(dict(metrics))
+        if states is not None:
+            folder = self.tmp / f"ckpt{len(self.checkpoints)}"
+            save_group_checkpoint(folder, states)
+            self.checkpoints.append(folder)
+            self.statuses.append({n: self.client.get_run(r).info.status for n, (_, r) in states.items()})
+            if (metrics.get("prompt"), metrics.get("epoch")) == self.die:
+                raise SystemExit("node lost")  # after the checkpoint, before the epoch reaches MLflow
+
+
+def contract_tags(run) -> dict:
+    """A train run's ptray tags but those naming its study, node or resume."""
+    where = {"ptray.study", "ptray.node", "ptray.ray_node_id", "ptray.resumed_after_epoch"}
+    return {k: v for k, v in run.data.tags.items() if k.startswith("ptray.") and k not in where}
+
+
+def make_group_ctx(store, study, tiny_model_dir, data_dir) -> StudyContext:
+    ctx = make_ctx(store, study, tiny_model_dir, data_dir)
+    return OneEpochForSeed0(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)})
+
+
+def test_group_trial_logs_each_prompt_as_a_single_trial_and_resumes(store, tiny_model_dir, data_dir, tmp_path):
+    assert parse_group_key(group_key([("cb", 0), ("copa", 1)])) == [("cb", 0), ("copa", 1)]
+    ref = make_group_ctx(store, "gref", tiny_model_dir, data_dir)
+    for task, seed in (("cb", 0), ("copa", 1)):
+        run_training({"task": task, "seed": seed}, ref, None, Recorder(tmp_path / f"ref{task}"))
+    mc = ref.client()
+    refs = {r.info.run_name: r for r in tracking.search_study_runs(mc, ref.experiment_id, "gref")}
+
+    ctx = make_group_ctx(store, "grp", tiny_model_dir, data_dir)
+    config = {"group": group_key([("cb", 0), ("copa", 1)])}
+    dying = GroupRecorder(tmp_path / "a", mc, die_at=("copa-seed1", 2))
+    with pytest.raises(SystemExit):
+        run_group(config, ctx, None, dying)
+    runs = {r.info.run_name: r for r in tracking.search_study_runs(mc, ctx.experiment_id, "grp")}
+    assert sorted(runs) == ["cb-seed0", "copa-seed1"]
+    # cb-seed0 left the group after its one epoch and its run was finished while copa-seed1 went on.
+    assert runs["cb-seed0"].info.status == "FINISHED" and runs["copa-seed1"].info.status == "FAILED"
+    assert dying.statuses[-1] == {"copa-seed1": "RUNNING"}  # the finished prompt is no longer checkpointed
+    assert tracking.logged_epochs(mc, runs["copa-seed1"].info.run_id) == [1]  # epoch 2: checkpointed, not logged
+    last = load_group_checkpoint(dying.checkpoints[-1])
+    assert sorted(last) == ["copa-seed1"] and last["copa-seed1"]["epoch"] == 2
+    assert last["copa-seed1"]["run_id"] == runs["copa-seed1"].info.run_id
+
+    resumed = GroupRecorder(tmp_path / "b", mc)
+    finals = run_group(config, ctx, last, resumed)
+    assert sorted(finals) == ["cb-seed0", "copa-seed1"]
+    assert {m.get("prompt") for m in resumed.metrics if "epoch" in m} == {"copa-seed1"}  # cb was not trained again
+    after = {r.info.run_name: r for r in tracking.search_study_runs(mc, ctx.experiment_id, "grp")}
+    assert len(after) == 2 and after["copa-seed1"].info.run_id == runs["copa-seed1"].info.run_id
+    assert after["cb-seed0"].info.end_time == runs["cb-seed0"].info.end_time
+    assert after["copa-seed1"].data.tags["ptray.resumed_after_epoch"] == "2"
+    for name, epochs in (("cb-seed0", [1]), ("copa-seed1", [1, 2, 3])):
+        run, single = after[name], refs[name]
+        assert run.info.status == "FINISHED" and tracking.logged_epochs(mc, run.info.run_id) == epochs
+        assert contract_tags(run) == contract_tags(single)  # kind, task, seed: the same tags as a single trial
+        # The group's numbers are the single trial's, to fp32 rounding (rows are padded to other widths).
+        for key in ("eval_loss", "train_loss"):
+            ours = [m.value for m in sorted(mc.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+            theirs = [m.value for m in sorted(mc.get_metric_history(single.info.run_id, key), key=lambda m: m.step)]
+            assert ours == pytest.approx(theirs, rel=1e-4), (name, key)
+        assert set(single.data.metrics) <= set(run.data.metrics)
+        for key in ("final_eval_loss", "final_rank_accuracy", "final_best_epoch", "final_no_prompt_eval_loss"):
+            assert run.data.metrics[key] == pytest.approx(single.data.metrics[key], rel=1e-4)
+        assert set(single.data.params) <= set(run.data.params)
+        assert run.data.params["group_size"] == "2"
+        assert sorted(a.path for a in mc.list_artifacts(run.info.run_id)) == sorted(layout.TRAIN_FILES)
+        ours = load_adapter(mc.download_artifacts(run.info.run_id, "prompt", str(tmp_path / run.info.run_id)))
+        theirs = load_adapter(mc.download_artifacts(single.info.run_id, "prompt", str(tmp_path / single.info.run_id)))
+        assert torch.allclose(ours, theirs, atol=1e-4)
+    assert after["cb-seed0"].data.params["group_index"] == "0"
+    assert after["copa-seed1"].data.params["group_index"] == "1"
+
+    # The group restarted once more (e.g. Tune retried after the last report): nothing is trained or logged again.
+    again = GroupRecorder(tmp_path / "c", mc)
+    run_group(config, ctx, None, again)
+    assert again.metrics == [{"prompts": 2, "done_before": 1}]
+    assert len(tracking.search_study_runs(mc, ctx.experiment_id, "grp")) == 2
