@@ -30,6 +30,15 @@ DEFAULT_GPUS_PER_TRIAL = 0.25  # four trials share a GPU: one bloomz-560m prompt
 # launches they save). So 4 prompts per group, and a group gets a whole GPU (4 x DEFAULT_GPUS_PER_TRIAL).
 DEFAULT_GPU_GROUP_SIZE = 4
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTIONS = ("auto", "eager", "fused")
+
+
+def resolve_attention(attention: str, device: str) -> str:
+    """``TrainConfig.attention`` on a resolved ``device``: auto is fused on CUDA (where SDPA's kernels pay), eager
+    on CPU (PyTorch's reference SDPA there is no faster than Hugging Face's eager BLOOM)."""
+    if attention == "auto":
+        return "fused" if device == "cuda" else "eager"
+    return attention
 
 
 @dataclass
@@ -74,6 +83,10 @@ class TrainConfig:
     baselines: bool = config_field(True, "also evaluate no prompt and the init text as a hard prompt",
                                    off_help="skip the no-prompt and init-text baselines")
     compile: bool = config_field(False, "torch.compile each transformer block (regional; see BENCHMARKS.md)")
+    attention: str = config_field("auto", "BLOOM's attention: fused (ALiBi as a scaled_dot_product_attention bias, "
+                                          "ptray.attention, tested equal to eager) or Hugging Face's eager; auto is "
+                                          "fused on CUDA, eager on CPU (other families pick SDPA themselves)",
+                                  choices=ATTENTIONS)
 
     def __post_init__(self):
         try:
@@ -91,6 +104,8 @@ class TrainConfig:
             raise PtrayError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.device not in DEVICES:
             raise PtrayError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.attention not in ATTENTIONS:
+            raise PtrayError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.eval_split not in SPLITS or self.eval_split == "test":
             raise PtrayError(f"eval_split must be train or val (test has no labels), got {self.eval_split!r}")
         check_seed(self.seed)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ptray.batching import Batch, check_fits, encode_all, pad_token_id, train_batches
+from ptray.config import resolve_attention
 from ptray.data import load_split
 from ptray.errors import PtrayError
 from ptray.evaluate import EvalResult, evaluate
@@ -41,7 +42,7 @@ from ptray.train import TrainConfig, TrainResult, code_version, compile_blocks, 
 
 log = logging.getLogger("ptray")
 
-SHARED_FIELDS = ("model", "precision", "device", "compile")  # what the prompts of one group must agree on
+SHARED_FIELDS = ("model", "precision", "device", "compile", "attention")  # what the prompts of one group must agree on
 
 
 def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]], chunks: int = 1) -> list[torch.Tensor]:
@@ -144,8 +145,9 @@ def train_group(
 
     ``on_epoch_end(i, metrics, state)`` is called when prompt i finishes an epoch, with ``train``'s metrics and
     state; ``resume[i]`` (such a state, or None) continues prompt i after that epoch. ``fused_attention``: None
-    turns ``ptray.attention.use_fused_attention`` on for GPUs only (``fold_alibi`` is passed to it). ``chunks``:
-    forward passes per step, rows grouped by length (see ``group_answer_logprobs``; the same numbers).
+    follows the configs' ``attention`` (auto: ``ptray.attention.use_fused_attention`` on GPUs only; ``fold_alibi``
+    is passed to it). ``chunks``: forward passes per step, rows grouped by length (see ``group_answer_logprobs``;
+    the same numbers).
     ``on_prompt_end(i, result)`` is called as soon as prompt i leaves the group (stopped early or out of epochs),
     while the others go on: a Tune trial finishes that prompt's MLflow run there.
     ``model_and_tokenizer`` reuses a loaded frozen model (the benchmark's; the fused attention, if turned on, stays
@@ -172,7 +174,9 @@ def train_group(
             compile_blocks(model)
     else:
         model, tokenizer = model_and_tokenizer
-    if fused_attention or (fused_attention is None and device == "cuda"):
+    if fused_attention is None:
+        fused_attention = resolve_attention(first.attention, device) == "fused"
+    if fused_attention:
         from ptray.attention import use_fused_attention
 
         use_fused_attention(model, fold_alibi=fold_alibi)
@@ -202,7 +206,8 @@ def train_group(
         resolved = {
             **cfg.to_dict(), "init_text": init_text, "num_tokens": weight.shape[0], "hidden_size": embedding.shape[1],
             "template_version": task.version, "verbalizer": dict(task.verbalizer), "device": device,
-            "precision": precision, "code_version": code_version(), **library_versions(),
+            "precision": precision, "attention": "fused" if fused_attention else "eager",
+            "code_version": code_version(), **library_versions(),
             "num_train_examples": len(train_data),
             "num_eval_examples": len(eval_data), "num_truncated": sum(d.truncated for d in train_data + eval_data),
             "group_size": len(cfgs), "group_index": i,

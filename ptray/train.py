@@ -29,7 +29,7 @@ import ptray
 from ptray import layout
 from ptray.batching import check_fits, encode_all, pad_token_id, train_batches
 from ptray.cli import OneLineParser, add_config_arguments, config_from_args
-from ptray.config import TrainConfig
+from ptray.config import TrainConfig, resolve_attention
 from ptray.data import load_split
 from ptray.errors import PtrayError
 from ptray.evaluate import EvalResult, evaluate
@@ -82,18 +82,23 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=True)
 
 
-def setup_model(name_or_path: str, device: str, precision: str, compile: bool = False):
+def setup_model(name_or_path: str, device: str, precision: str, compile: bool = False, attention: str = "eager"):
     """The frozen model on its device, for training and evaluation alike: ``(model, tokenizer, accelerator)``.
 
     ``device`` and ``precision`` are resolved values (``resolve_device_precision``); weights load in
-    ``model_dtype(precision)``; ``compile`` compiles each block (``compile_blocks``). Raises ``PtrayError`` when
-    the model cannot be loaded.
+    ``model_dtype(precision)``; ``attention`` (resolved: eager or fused) "fused" runs BLOOM's attention through
+    ``ptray.attention.use_fused_attention`` (other families are left as loaded); ``compile`` compiles each block
+    (``compile_blocks``) after that. Raises ``PtrayError`` when the model cannot be loaded.
     """
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
     model, tokenizer = load_model(name_or_path, dtype=model_dtype(precision))
     model.to(accelerator.device)
+    if attention == "fused":
+        from ptray.attention import use_fused_attention
+
+        use_fused_attention(model)
     if compile:
         compile_blocks(model)
     return model, tokenizer, accelerator
@@ -115,7 +120,8 @@ def train(
     device, precision = resolve_device_precision(cfg.device, cfg.precision)
     set_seed(cfg.seed)
 
-    model, tokenizer, accelerator = setup_model(cfg.model, device, precision, cfg.compile)
+    attention = resolve_attention(cfg.attention, device)
+    model, tokenizer, accelerator = setup_model(cfg.model, device, precision, cfg.compile, attention)
     pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
     check_fits([task.name], tokenizer, model.config, cfg)  # a max length that cannot serve: refused before any work
 
@@ -138,6 +144,7 @@ def train(
         "verbalizer": dict(task.verbalizer),
         "device": device,
         "precision": precision,
+        "attention": attention,
         "code_version": code_version(),
         **library_versions(),  # torch_version, transformers_version, peft_version, accelerate_version
         "num_train_examples": len(train_data),

@@ -32,7 +32,7 @@ RUN_FILE = "run.json"
 
 # Config fields that ``train`` resolves (None -> the init text's length, auto -> cuda/bf16, ...): logged only once
 # resolved, since MLflow never changes a param after it is set.
-RESOLVED_LATER = ("init_text", "num_tokens", "device", "precision")
+RESOLVED_LATER = ("init_text", "num_tokens", "device", "precision", "attention")
 
 
 # ---------------------------------------------------------------------------------------------------------------

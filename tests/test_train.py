@@ -150,3 +150,31 @@ def test_compile_refuses_a_model_without_known_blocks():
 
     with pytest.raises(PtrayError, match="does not know where"):
         ptray.train.compile_blocks(Model())
+
+
+def test_fused_attention_is_a_train_setting_recorded_in_the_config(tiny_model_dir, data_dir, monkeypatch):
+    from ptray import attention
+    from ptray.config import resolve_attention
+
+    assert resolve_attention("auto", "cuda") == "fused" and resolve_attention("auto", "cpu") == "eager"
+    assert resolve_attention("eager", "cuda") == "eager"
+    patched = []
+    real = attention.use_fused_attention
+    monkeypatch.setattr(attention, "use_fused_attention", lambda model, **kw: patched.append(real(model, **kw)))
+    eager = train(_cfg(tiny_model_dir, data_dir, max_epochs=2))  # auto on CPU: eager
+    assert eager.resolved["attention"] == "eager" and patched == []
+    fused = train(_cfg(tiny_model_dir, data_dir, max_epochs=2, attention="fused"))
+    assert fused.resolved["attention"] == "fused" and patched == [fused_model_layers(tiny_model_dir)]
+    # The fused path trains the same prompt (fp32 on CPU; tests/test_attention.py checks logits and gradients).
+    for a, b in zip(eager.history, fused.history):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+    assert torch.allclose(fused.prompt, eager.prompt, atol=1e-5)
+    assert fused.metrics["no_prompt_eval_loss"] == pytest.approx(eager.metrics["no_prompt_eval_loss"], rel=1e-5)
+    with pytest.raises(PtrayError, match="attention must be one of"):
+        TrainConfig(attention="flash")
+
+
+def fused_model_layers(tiny_model_dir) -> int:
+    """The tiny BLOOM's attention modules (one per layer): how many ``use_fused_attention`` patches."""
+    return json.loads((tiny_model_dir / "config.json").read_text())["n_layer"]
