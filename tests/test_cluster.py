@@ -154,7 +154,8 @@ def test_multi_node_study_logs_every_trial_once_to_the_server(tmp_path, server, 
 
 @pytest.mark.slow
 def test_lost_worker_node_resumes_the_trial_in_the_same_run(tmp_path, server, cluster, data_dir):
-    """Chaos: the node of a running trial is removed; the trial restarts on the other node from its checkpoint."""
+    """Chaos: the node of a running trial, a group of two prompts, is removed; the group restarts on the other node
+    from its checkpoint, each prompt in its own MLflow run."""
     ensure_workers(cluster)
     epochs = 8
     killed: dict = {}
@@ -178,7 +179,7 @@ def test_lost_worker_node_resumes_the_trial_in_the_same_run(tmp_path, server, cl
     watcher = threading.Thread(target=kill_a_running_trials_node, daemon=True)
     watcher.start()
     code = sweep(tmp_path, server, cluster, "chaos", "--data-dir", str(data_dir), "--tasks", "cb", "--seeds", "0,1",
-                 "--max-epochs", str(epochs), "--patience", str(epochs))
+                 "--max-epochs", str(epochs), "--patience", str(epochs), "--group-size", "2")
     watcher.join(timeout=10)
     assert killed, "no trial was caught running on a worker node"
     assert code == 0
@@ -192,5 +193,8 @@ def test_lost_worker_node_resumes_the_trial_in_the_same_run(tmp_path, server, cl
     assert int(run.data.tags["ptray.resumed_after_epoch"]) >= killed["epochs"]  # resumed, not restarted
     survivors = {n.node_id for n in cluster.worker_nodes}
     assert run.data.tags["ptray.ray_node_id"] in survivors
-    for key in ("eval_loss", "train_loss", "exact_match", "rank_accuracy"):
-        assert [m.step for m in mc.get_metric_history(run.info.run_id, key)] == list(range(1, epochs + 1)), key
+    for run in (r for r in runs if r.data.tags["ptray.kind"] == "train"):  # both prompts of the lost group
+        assert run.info.status == "FINISHED" and "ptray.resumed_after_epoch" in run.data.tags
+        assert run.data.params["group_size"] == "2"
+        for key in ("eval_loss", "train_loss", "exact_match", "rank_accuracy"):
+            assert [m.step for m in mc.get_metric_history(run.info.run_id, key)] == list(range(1, epochs + 1)), key
