@@ -138,13 +138,14 @@ class EvalConfig:
     precision: str = "auto"
     device: str = "auto"
     compile: bool = False
+    attention: str = "auto"
 
     @classmethod
     def from_train(cls, cfg: TrainConfig) -> EvalConfig:
         """The evaluation settings of a training config (its model, data, eval examples, length and precision)."""
         return cls(model=cfg.model, data_dir=cfg.data_dir, hub_dataset=cfg.hub_dataset, split=cfg.eval_split,
                    max_examples=cfg.max_eval_examples, max_length=cfg.max_length, batch_size=cfg.eval_batch_size,
-                   precision=cfg.precision, device=cfg.device, compile=cfg.compile)
+                   precision=cfg.precision, device=cfg.device, compile=cfg.compile, attention=cfg.attention)
 
 
 # A trial's task and seed come from the plan's grid; --compile is a run option (Options), free on --resume.

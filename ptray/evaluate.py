@@ -30,7 +30,6 @@ from ptray import families
 from ptray.batching import Encoded, encode_all, eval_batches, pad_token_id
 from ptray.data import DEFAULT_HUB_DATASET, load_split
 from ptray.model import answer_logprobs
-from ptray.prompt import prepend
 from ptray.tasks import get_task
 
 
@@ -80,29 +79,65 @@ def evaluate(model, data: list[Encoded], prompt: torch.Tensor | None, batch_size
                          f"model for these lengths (see ptray.families.shares_source); use share_source=None")
     device = device or next(model.parameters()).device
     prompt = prompt.to(device) if prompt is not None else None
-    score = [[0.0] * len(d.answers) for d in data]
-    em = [0] * len(data)
-    nll_sum, nll_tokens = 0.0, 0
-    scored = _score_shared(model, data, prompt, batch_size, pad_id, eos_id, device, autocast) if share_source else \
-        _score_per_label(model, data, prompt, batch_size, pad_id, eos_id, device, autocast)
+    if share_source:
+        scored = _score_shared_many(model, data, [prompt], batch_size, pad_id, eos_id, device, autocast)
+    else:
+        per_label = _score_per_label(model, data, prompt, batch_size, pad_id, eos_id, device, autocast)
+        scored = (([(0, e, k) for e, k in keys], logp, wrong) for keys, logp, wrong in per_label)
+    return _results(data, 1, scored)[0]
+
+
+@torch.no_grad()
+def evaluate_prompts(model, data: list[Encoded], prompts: list[torch.Tensor | None], batch_size: int, pad_id: int,
+                     eos_id: int, device=None, autocast=None) -> list[EvalResult]:
+    """``[evaluate(model, data, p, ...) for p in prompts]`` (the same numbers), with many prompts per forward: the
+    transfer grid evaluates every prompt of a study on one target task this way.
+
+    Each prompt is [n_p, hidden] (lengths may differ) or None (no prompt). Where the model shares the source pass
+    (``shares_source``, BLOOM), its rows are (prompt, example) pairs sorted by length across all prompts, so a pass
+    holds ``batch_size`` sequences of several prompts (``_score_shared_many``); elsewhere each prompt is evaluated
+    on its own. Raises ValueError when ``data`` has no labeled example.
+    """
+    data = [d for d in data if d.label is not None]
+    if not data:
+        raise ValueError("no labeled examples to evaluate")
+    longest = max((p.shape[0] for p in prompts if p is not None), default=0)
+    if not prompts or not shares_source(model, data, longest):
+        return [evaluate(model, data, p, batch_size, pad_id, eos_id, device=device, autocast=autocast)
+                for p in prompts]
+    device = device or next(model.parameters()).device
+    prompts = [p.to(device) if p is not None else None for p in prompts]
+    scored = _score_shared_many(model, data, prompts, batch_size, pad_id, eos_id, device, autocast)
+    return _results(data, len(prompts), scored)
+
+
+def _results(data: list[Encoded], num_prompts: int, scored) -> list[EvalResult]:
+    """Each prompt's ``EvalResult`` from scored sequences: ``(keys, logp, wrong)`` with keys (prompt, example,
+    label), every (prompt, example, label) once."""
+    score = [[[0.0] * len(d.answers) for d in data] for _ in range(num_prompts)]
+    em = [[0] * len(data) for _ in range(num_prompts)]
+    nll = [[0.0, 0] for _ in range(num_prompts)]  # summed NLL and its token count, per prompt
     for keys, seq_logp, seq_wrong in scored:
-        for i, (e, k) in enumerate(keys):
-            score[e][k] = seq_logp[i]
+        for i, (p, e, k) in enumerate(keys):
+            score[p][e][k] = seq_logp[i]
             if k == data[e].label:
-                em[e] = int(seq_wrong[i] == 0)
-                nll_sum -= seq_logp[i]
-                nll_tokens += len(data[e].answers[k]) + 1
-    pred = [max(range(len(s)), key=s.__getitem__) for s in score]
-    rank = [int(p == d.label) for p, d in zip(pred, data)]
-    return EvalResult(
-        loss=nll_sum / nll_tokens,
-        exact_match=sum(em) / len(data),
-        rank_accuracy=sum(rank) / len(data),
-        num_examples=len(data),
-        em_correct=em,
-        rank_correct=rank,
-        rank_pred=pred,
-    )
+                em[p][e] = int(seq_wrong[i] == 0)
+                nll[p][0] -= seq_logp[i]
+                nll[p][1] += len(data[e].answers[k]) + 1
+    results = []
+    for p in range(num_prompts):
+        pred = [max(range(len(s)), key=s.__getitem__) for s in score[p]]
+        rank = [int(q == d.label) for q, d in zip(pred, data)]
+        results.append(EvalResult(
+            loss=nll[p][0] / nll[p][1],
+            exact_match=sum(em[p]) / len(data),
+            rank_accuracy=sum(rank) / len(data),
+            num_examples=len(data),
+            em_correct=em[p],
+            rank_correct=rank,
+            rank_pred=pred,
+        ))
+    return results
 
 
 def _autocast(autocast):
@@ -123,32 +158,36 @@ def _score_per_label(model, data, prompt, batch_size, pad_id, eos_id, device, au
         yield keys, seq_logp, seq_wrong
 
 
-def _score_shared(model, data, prompt, batch_size, pad_id, eos_id, device, autocast):
-    """As ``_score_per_label``, with one prompt + source pass per example and a short pass over the answers."""
+def _score_shared_many(model, data, prompts, batch_size, pad_id, eos_id, device, autocast):
+    """As ``_score_per_label``, with one prompt + source pass per (prompt, example) and a short pass over the
+    answers (the cache repeated per label), for several prompts (each [n_p, hidden] or None) at once: each row has
+    its own prompt before its source (rows differ in prompt length as in source length, both right-padded), so one
+    forward serves many prompts. Yields ``(keys, logp, wrong)`` with keys ``(prompt index, example, label)``."""
     labels = max(len(d.answers) for d in data)
-    per_batch = max(1, batch_size // labels)  # the answer pass has examples x labels rows, as many as batch_size
-    order = sorted(range(len(data)), key=lambda e: len(data[e].source))
-    n = 0 if prompt is None else prompt.shape[0]
-    for start in range(0, len(order), per_batch):
-        part = order[start:start + per_batch]
-        b, k = len(part), max(len(data[e].answers) for e in part)
-        m = max(len(a) for e in part for a in data[e].answers)
-        width = max(len(data[e].source) for e in part)
-        src = torch.full((b, width), pad_id, dtype=torch.long)
+    per_batch = max(1, batch_size // labels)  # the answer pass has rows x labels rows, as many as batch_size
+    lengths = [0 if p is None else p.shape[0] for p in prompts]
+    items = sorted(((p, e) for p in range(len(prompts)) for e in range(len(data))),
+                   key=lambda pe: lengths[pe[0]] + len(data[pe[1]].source))
+    for start in range(0, len(items), per_batch):
+        part = items[start:start + per_batch]
+        b, k = len(part), max(len(data[e].answers) for _, e in part)
+        m = max(len(a) for _, e in part for a in data[e].answers)
+        width = max(lengths[p] + len(data[e].source) for p, e in part)
+        src = torch.full((b, width), pad_id, dtype=torch.long)  # token ids after each row's prompt rows
         src_mask = torch.zeros((b, width), dtype=torch.long)
         last = torch.zeros(b, dtype=torch.long)  # the last source position (predicts the first answer token)
-        ans = torch.full((b * k, m), pad_id, dtype=torch.long)  # row r * k + j: example r, label j
+        ans = torch.full((b * k, m), pad_id, dtype=torch.long)  # row r * k + j: item r, label j
         ans_mask = torch.zeros((b * k, m), dtype=torch.long)
         first = torch.zeros(b * k, dtype=torch.long)  # each row's first answer token
         rest = torch.full((b * k, m), -1, dtype=torch.long)  # answer position t predicts token t + 1, then EOS
         keys = []
-        for r, e in enumerate(part):
-            s = data[e].source
-            src[r, :len(s)] = torch.tensor(s)
-            src_mask[r, :len(s)] = 1
+        for r, (p, e) in enumerate(part):
+            s, n = data[e].source, lengths[p]
+            src[r, n:n + len(s)] = torch.tensor(s)
+            src_mask[r, :n + len(s)] = 1
             last[r] = n + len(s) - 1
             for j in range(k):
-                keys.append((e, j))
+                keys.append((p, e, j))
                 if j >= len(data[e].answers):  # a label this example lacks: scored, never read
                     continue
                 a = data[e].answers[j]
@@ -162,8 +201,9 @@ def _score_shared(model, data, prompt, batch_size, pad_id, eos_id, device, autoc
         ans, ans_mask, first = ans.to(device), ans_mask.to(device), first.to(device)
         rows, pos, targets = rows.to(device), pos.to(device), targets.to(device)
         embeds = families.embed(model, src)
-        if prompt is not None:
-            embeds, src_mask = prepend(prompt, embeds, src_mask)
+        for p in sorted({p for p, _ in part if lengths[p]}):  # each prompt's rows over its rows' first positions
+            sel = torch.tensor([r for r, (q, _) in enumerate(part) if q == p], device=device)
+            embeds[sel, :lengths[p]] = prompts[p].to(device=device, dtype=embeds.dtype)
         with _autocast(autocast):
             out = families.base_forward(model, embeds, src_mask, position_ids=families.position_ids(model, src_mask),
                                         use_cache=True)
@@ -185,7 +225,7 @@ def _score_shared(model, data, prompt, batch_size, pad_id, eos_id, device, autoc
         per_seq[0].index_add_(0, rows, rest_lp.double())
         per_seq[1].index_add_(0, rows, (rest_logits.argmax(-1) != targets).double())
         seq_logp, seq_wrong = per_seq.tolist()  # one device sync per batch
-        keep = [i for i, (e, j) in enumerate(keys) if j < len(data[e].answers)]
+        keep = [i for i, (_, e, j) in enumerate(keys) if j < len(data[e].answers)]
         yield [keys[i] for i in keep], [seq_logp[i] for i in keep], [seq_wrong[i] for i in keep]
 
 

@@ -1,7 +1,8 @@
 """The transfer grid: every trained prompt, and no prompt, evaluated on every task's validation split.
 
 ``transfer_phase`` fans out one Ray task per target task (the model and the target's data load once for all the
-prompts); ``transfer_target`` is that task, without Ray, so tests call it directly. Each evaluation is one MLflow
+prompts, which are evaluated together, many per forward: ``ptray.evaluate.evaluate_prompts``); ``transfer_target``
+is that task, without Ray, so tests call it directly. Each evaluation is one MLflow
 run laid out as ``ptray.layout`` says; evaluations already FINISHED are skipped, so a retried task (or
 ``--resume``) redoes only what is missing.
 """
@@ -59,13 +60,17 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     """Evaluate each source prompt and no prompt on ``target``'s validation split, one MLflow run per evaluation.
 
     ``sources``: ``{"task", "seed", "run_id"}`` of finished train runs. The model and data load once for all of
-    them. Evaluations already FINISHED in MLflow are skipped. Returns one summary dict per new evaluation run
-    (``run_id``, ``name``, ``kind`` and its ``metrics.json``), the baseline first.
+    them, and every prompt still to evaluate (and no prompt) is scored in the same passes (``evaluate_prompts``,
+    equal to one evaluation per prompt). Evaluations already FINISHED in MLflow are skipped. Returns one summary
+    dict per new evaluation run (``run_id``, ``name``, ``kind`` and its ``metrics.json``), the baseline first.
     """
     import torch
     from mlflow.artifacts import download_artifacts
 
-    from ptray.evaluate import evaluate_on_task
+    from ptray.batching import encode_all, pad_token_id
+    from ptray.config import resolve_attention
+    from ptray.data import load_split
+    from ptray.evaluate import evaluate_prompts
     from ptray.model import library_versions, resolve_device_precision
     from ptray.prompt import load_adapter
     from ptray.tasks import get_task
@@ -76,10 +81,12 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     client = ctx.client()
     cfg = ctx.eval_config()
     device, precision = resolve_device_precision(cfg.device, cfg.precision)
+    attention = resolve_attention(cfg.attention, device)
     base_params = {
         **ctx.params, "model": ctx.model_label, "data_dir": ctx.data_label, "target": target,
         "template_version": get_task(target).version, "eval_split": cfg.split, "max_eval_examples": cfg.max_examples,
-        "max_length": cfg.max_length, "device": device, "precision": precision, "code_version": code_version(),
+        "max_length": cfg.max_length, "device": device, "precision": precision, "attention": attention,
+        "code_version": code_version(),
         **library_versions(),  # torch_version, transformers_version, peft_version, accelerate_version
     }
     baseline_run = tracking.replace_unfinished(client, ctx.experiment_id, ctx.study, layout.baseline_run_name(target))
@@ -91,32 +98,31 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     if baseline_run is not None and not todo:
         return []
 
-    model, tokenizer, accelerator = setup_model(cfg.model, device, precision, cfg.compile)
-
-    def run_eval(prompt):
-        return evaluate_on_task(model, tokenizer, target, prompt, data_dir=cfg.data_dir, split=cfg.split,
-                                max_examples=cfg.max_examples, max_length=cfg.max_length,
-                                batch_size=cfg.batch_size, hub_dataset=cfg.hub_dataset, autocast=accelerator.autocast)
+    model, tokenizer, accelerator = setup_model(cfg.model, device, precision, cfg.compile, attention)
+    task = get_task(target)
+    data = encode_all(task, load_split(task, cfg.split, cfg.data_dir, cfg.hub_dataset, cfg.max_examples), tokenizer,
+                      cfg.max_length)
+    idx = [d.idx for d in data if d.label is not None]
+    with tempfile.TemporaryDirectory(prefix="ptray-prompts-") as tmp:
+        prompts = [load_adapter(download_artifacts(run_id=src["run_id"], artifact_path=layout.PROMPT_DIR,
+                                                   dst_path=str(Path(tmp) / src["run_id"]),
+                                                   tracking_uri=ctx.tracking_uri)) for src in todo]
+    with torch.no_grad():
+        results = evaluate_prompts(model, data, ([None] if baseline_run is None else []) + prompts, cfg.batch_size,
+                                   pad_token_id(tokenizer), tokenizer.eos_token_id, autocast=accelerator.autocast)
 
     summaries = []
     if baseline_run is None:
-        base, idx = run_eval(None)
+        base = results.pop(0)
         no_prompt = {"exact_match": base.exact_match, "rank_accuracy": base.rank_accuracy}
         summaries.append(log_evaluation(client, ctx, None, None, target, base, idx, no_prompt,
                                         {**base_params, "source": layout.NO_SOURCE}))
     else:
         no_prompt = {k: baseline_run.data.metrics[k] for k in ("exact_match", "rank_accuracy")}
-    with tempfile.TemporaryDirectory(prefix="ptray-prompts-") as tmp:
-        for src in todo:
-            folder = download_artifacts(run_id=src["run_id"], artifact_path=layout.PROMPT_DIR,
-                                        dst_path=str(Path(tmp) / src["run_id"]), tracking_uri=ctx.tracking_uri)
-            prompt = load_adapter(folder)
-            with torch.no_grad():
-                res, idx = run_eval(prompt)
-            params = {**base_params, "source": src["task"], "source_seed": src["seed"],
-                      "source_run_id": src["run_id"], "num_tokens": int(prompt.shape[0])}
-            summaries.append(log_evaluation(client, ctx, src["task"], src["seed"], target, res, idx, no_prompt,
-                                            params))
+    for src, prompt, res in zip(todo, prompts, results):
+        params = {**base_params, "source": src["task"], "source_seed": src["seed"],
+                  "source_run_id": src["run_id"], "num_tokens": int(prompt.shape[0])}
+        summaries.append(log_evaluation(client, ctx, src["task"], src["seed"], target, res, idx, no_prompt, params))
     log.info("transfer on %s: %d runs in %.1f s", target, len(summaries), time.perf_counter() - t0)
     return summaries
 

@@ -133,3 +133,26 @@ def test_shared_source_pass_refuses_sequences_longer_than_a_sliding_window(tiny)
         assert shares_source(model, data)
     finally:
         del model.config.sliding_window
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_many_prompts_per_pass_equal_each_prompt_alone(tiny, batch_size):
+    """The transfer grid's grouped evaluation (prompts of different lengths and no prompt, rows of several prompts
+    in one pass) gives each prompt's own evaluation: the per-label reference's loss, exact match and ranking."""
+    from ptray.evaluate import evaluate_prompts
+
+    model, tok = tiny
+    data = _random_examples(17, len(tok), seed=10 + batch_size)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randn(n, model.config.hidden_size, generator=g) * 0.5 for n in (5, 2, 9)]
+    prompts.insert(1, None)
+    kw = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    got = evaluate_prompts(model, data, prompts, batch_size, **kw)
+    assert len(got) == 4
+    for p, res in zip(prompts, got):
+        ref = evaluate(model, data, p, batch_size, share_source=False, **kw)
+        assert res.loss == pytest.approx(ref.loss, rel=1e-5)
+        assert res.em_correct == ref.em_correct and res.rank_pred == ref.rank_pred
+        assert res.rank_accuracy == ref.rank_accuracy and res.num_examples == ref.num_examples
+    assert len({r.loss for r in got}) == 4  # the prompts really differ: a mixed-up row would show
+    assert evaluate_prompts(model, data, [], batch_size, **kw) == []

@@ -202,6 +202,16 @@ def test_transfer_logs_one_run_per_evaluation_and_skips_finished_ones(store, tin
     assert set(metrics) == set(layout.EVAL_METRIC_KEYS)
     assert len(preds["idx"]) == len(preds["rank_pred"]) == 16
     assert sum(preds["rank_correct"]) / 16 == pytest.approx(metrics["rank_accuracy"])
+    # The prompts were scored together (evaluate_prompts); each equals its own evaluation of the downloaded prompt.
+    from ptray.evaluate import evaluate_on_task
+    from ptray.model import load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    alone, idx = evaluate_on_task(model, tok, "rte", load_adapter(mc.download_artifacts(
+        sources[0]["run_id"], "prompt", str(tmp_path / "src"))), data_dir=str(data_dir), max_examples=16,
+        max_length=64, batch_size=8)
+    assert metrics["eval_loss"] == pytest.approx(alone.loss, rel=1e-5) and preds["idx"] == idx
+    assert preds["em_correct"] == alone.em_correct and preds["rank_pred"] == alone.rank_pred
     base_metrics = json.loads(Path(mc.download_artifacts(base.info.run_id, "metrics.json", str(tmp_path / "b")))
                               .read_text())
     assert base_metrics["source"] == "none" and base_metrics["source_seed"] is None
