@@ -58,7 +58,7 @@ from benchmarks.models import build_model  # noqa: E402
 from ptray.attention import use_fused_attention  # noqa: E402
 from ptray.batching import collate, encode_all, train_batches  # noqa: E402
 from ptray.data import load_split  # noqa: E402
-from ptray.evaluate import evaluate  # noqa: E402
+from ptray.evaluate import evaluate_prompts  # noqa: E402
 from ptray.group import group_answer_logprobs, train_group  # noqa: E402
 from ptray.model import answer_logprobs  # noqa: E402
 from ptray.prompt import init_prompt  # noqa: E402
@@ -450,14 +450,16 @@ def study(run: Run) -> None:
     set_attention(run, ("folded" if fold else "fused") if run.dev == "cuda" else "eager")
     t1 = time.perf_counter()
     done = 0
-    # a prompt the cap stopped before its first epoch has nothing to evaluate: it is left out (and counted)
-    jobs = [(None, t) for t in TASKS] + [(p, t) for p in prompts if p is not None for t in TASKS]
-    for prompt, t in jobs:
+    # a prompt the cap stopped before its first epoch has nothing to evaluate: it is left out (and counted).
+    # Per target, no prompt and every prompt are scored together (evaluate_prompts: many prompts per pass, as the
+    # study's transfer grid does).
+    jobs = [None] + [p for p in prompts if p is not None]
+    for t in TASKS:
         if run.left() < 10:
             break
         with run.autocast():
-            evaluate(run.model, run.val_data[t], prompt, eval_batch, run.pad, run.eos, device=run.dev)
-        done += 1
+            evaluate_prompts(run.model, run.val_data[t], jobs, eval_batch, run.pad, run.eos, device=run.dev)
+        done += len(jobs)
     sync(run.dev)
     eval_s = time.perf_counter() - t1
     set_attention(run, "eager")
@@ -471,7 +473,7 @@ def study(run: Run) -> None:
         "timeline": timeline,
         "tasks": list(TASKS), "seeds": list(SEEDS),
     }
-    log(f"study evaluations: {done}/{len(jobs)} in {eval_s:.0f} s")
+    log(f"study evaluations: {done}/{len(jobs) * len(TASKS)} in {eval_s:.0f} s")
 
 
 # ------------------------------------------------------------------------------------------------ reporting

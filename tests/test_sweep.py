@@ -230,13 +230,15 @@ def finished_train_runs(mc, sid):
 @pytest.mark.slow
 def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_dir):
     """The 'done when' study (16 train runs, 68 transfer/baseline runs with their artifacts), interrupted by Ctrl-C
-    after a few trials and finished with the --resume command it printed."""
+    after a few trials and finished with the --resume command it printed. Its prompts train in trial groups of two
+    (8 Tune trials), a grouping the stored plan keeps on --resume."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen([sys.executable, str(SWEEP), "--smoke", "--data-dir", str(data_dir), "--no-analysis"],
+        first = subprocess.Popen([sys.executable, str(SWEEP), "--smoke", "--data-dir", str(data_dir),
+                                  "--group-size", "2", "--no-analysis"],
                                  cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
@@ -261,7 +263,8 @@ def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_
                for n, r in before.items()}
     statuses = trial_statuses(str(tmp_path / "outputs" / "ray_results" / sid))
     tune_done = [name for name, status in statuses.items() if status == "TERMINATED"]
-    assert len(statuses) == 16 and 0 < len(tune_done) <= len(before)
+    assert len(statuses) == 8 and 0 < 2 * len(tune_done) <= len(before)  # a finished group: two finished runs
+    assert all("+" in name for name in statuses)  # cb-seed0+cb-seed1: its prompts' run names
 
     # The printed command, as a user would paste it (plus --no-analysis to keep the test short).
     resume = [sys.executable, str(SWEEP), *resume_cmd.group(1).split()[2:], "--no-analysis"]
@@ -294,13 +297,14 @@ def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_
     stored = tracking.read_plan(mc, f"ptray-{sid}", sid)
     assert stored["tasks"] == ["cb", "rte", "copa", "wsc"] and stored["seeds"] == [0, 1, 2, 3]
     assert stored["train"]["max_epochs"] == 2 and stored["tiny_model"] and stored["model_digest"]
+    assert stored["group_size"] == 2
     assert Plan.from_json(stored).train.max_length == 128
 
     # Once more, as printed (with the analysis this time): nothing is left to train or evaluate.
     third = subprocess.run(resume[:-1], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
                            check=False)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert "Trial cb-seed0 started" not in third.stdout
+    assert "Trial cb-seed0+cb-seed1 started" not in third.stdout
     assert "transfer on cb: 0 new runs" in third.stdout
     after = Counter(r.data.tags["ptray.kind"] for r in tracking.search_study_runs(mc, exp, sid))
     assert after == {"train": 16, "transfer": 64, "baseline": 4, "analysis": 1}
