@@ -17,6 +17,10 @@ Two ways to score the labels, with the same numbers (tests/test_evaluate.py chec
   answers must change nothing: positions skip it (from the mask, or ``position_ids`` passed explicitly, see
   ``ptray.families``); where that is not exact (a sliding window shorter than the sequences, an untested family
   that failed the check) the per-label path is used.
+
+``evaluate_prompts`` scores many prompts at once (the transfer grid: every prompt of a study on one target): the
+rows of the shared source pass are (prompt, example) pairs, each with its own prompt, so a pass serves several
+prompts (tests/test_evaluate.py checks each prompt's result against its own per-label evaluation).
 """
 
 from __future__ import annotations

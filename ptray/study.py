@@ -238,8 +238,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     try:
         uri = preflight.check_cluster(opts, uri, storage)
         gpus = preflight.gpus_per_trial(opts)
-        if plan.group_size is None:  # stored resolved, so that --resume keeps the grouping on any cluster
-            plan.group_size = DEFAULT_GPU_GROUP_SIZE if gpus > 0 else 1
+        plan.group_size = resolve_group_size(plan.group_size, gpus)  # stored resolved: --resume keeps it
         trial_gpus = group_gpus(gpus, plan.group_size, opts)
         exp_id = tracking.get_or_create_experiment(mc, experiment)
         if not opts.resume:
@@ -266,6 +265,14 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     if not complete:
         print(f"finish the missing runs with:\n  {resume_command(plan, opts)}", file=sys.stderr)
     return 0 if complete and not analysis_note.startswith("failed") else 1
+
+
+def resolve_group_size(group_size: int | None, gpus: float) -> int:
+    """``--group-size`` as given, else 1 on CPUs and ``DEFAULT_GPU_GROUP_SIZE`` when trials get GPUs (``gpus``, the
+    per-prompt GPU fraction, above 0)."""
+    if group_size is not None:
+        return group_size
+    return DEFAULT_GPU_GROUP_SIZE if gpus > 0 else 1
 
 
 def group_gpus(gpus: float, group_size: int, opts: Options) -> float:

@@ -21,7 +21,7 @@ import pytest
 from ptray import preflight, tracking
 from ptray.config import Options, Plan, TrainConfig
 from ptray.errors import PtrayError
-from ptray.study import analysis_phase, main, parse_seeds, parse_tasks
+from ptray.study import analysis_phase, group_gpus, main, parse_seeds, parse_tasks, resolve_group_size
 from ptray.trial import trial_statuses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +145,15 @@ def test_resume_refuses_a_changed_plan(workdir, capsys, data_dir):
     assert code == 2 and "--group-size (the study has 2, the command line says 4)" in err
     code, _, err = run_main(capsys, "--resume", "--smoke")
     assert code == 2 and err.startswith("error: --resume --smoke needs --study: each smoke run is its own study")
+
+
+def test_group_size_and_gpus_per_group_trial():
+    # Unset: one prompt per trial on CPUs; 4 per trial with GPUs, a group then asking for one whole GPU.
+    assert resolve_group_size(None, 0.0) == 1 and resolve_group_size(None, 0.25) == 4
+    assert resolve_group_size(3, 0.0) == 3 and resolve_group_size(1, 0.25) == 1
+    assert group_gpus(0.25, 4, Options()) == 1.0 and group_gpus(0.25, 1, Options()) == 0.25
+    assert group_gpus(0.25, 8, Options()) == 1.0 and group_gpus(0.0, 4, Options()) == 0.0
+    assert group_gpus(0.5, 4, Options(gpus_per_trial=0.5)) == 0.5  # --gpus-per-trial is per Tune trial, as given
 
 
 def test_plan_round_trips_and_reads_flat_plans():
