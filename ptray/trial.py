@@ -237,7 +237,8 @@ def load_group_checkpoint(folder: str | Path) -> dict[str, dict[str, Any]]:
             if (sub / STATE_FILE).exists()}
 
 
-# report(metrics, states, ) where states maps run name -> (state, run_id), or None: no checkpoint.
+# report(metrics, states): persist a group checkpoint of ``states`` (run name -> (state, run_id); None: none) and
+# hand ``metrics`` to Tune.
 GroupReport = Callable[[dict[str, Any], "dict[str, tuple[dict[str, Any], str]] | None"], None]
 
 
