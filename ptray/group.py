@@ -30,15 +30,16 @@ from typing import Any
 
 import torch
 
+from ptray import families
 from ptray.batching import Batch, check_fits, encode_all, pad_token_id, train_batches
 from ptray.config import resolve_attention
 from ptray.data import load_split
 from ptray.errors import PtrayError
 from ptray.evaluate import EvalResult, evaluate
-from ptray.model import library_versions, load_model, model_dtype, resolve_device_precision
+from ptray.model import library_versions, resolve_device_precision
 from ptray.prompt import init_prompt, prepend, text_token_ids
 from ptray.tasks import get_task
-from ptray.train import TrainConfig, TrainResult, code_version, compile_blocks, set_seed
+from ptray.train import TrainConfig, TrainResult, code_version, set_seed, setup_model
 
 log = logging.getLogger("ptray")
 
@@ -54,11 +55,10 @@ def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]], chunks
     up to 512), and one pass pads every row to the longest. Returns, per pair, the log-probability of each answer
     token [A_i] (fp32), as ``ptray.model.answer_logprobs(model, batch_i, prompt_i)[0]`` would.
     """
-    emb = model.get_input_embeddings()
     embeds, masks, seqs, positions, tokens, counts = [], [], [], [], [], []
     offset = 0
     for batch, prompt in parts:
-        e, m = prepend(prompt, emb(batch.input_ids), batch.attention_mask)
+        e, m = prepend(prompt, families.embed(model, batch.input_ids), batch.attention_mask)
         embeds.append(e)
         masks.append(m)
         seqs.append(batch.ans_seq + offset)
@@ -71,7 +71,7 @@ def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]], chunks
     mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
     seqs, positions = torch.cat(seqs), torch.cat(positions)
     if chunks <= 1:
-        hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = families.base_forward(model, embeds, mask).last_hidden_state
         selected = hidden[seqs, positions]
     else:
         # Each chunk's hidden states are flattened to [rows * its width, hidden]; an answer of row r at position p
@@ -85,13 +85,12 @@ def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]], chunks
             rows = order[c:c + size]
             w = lengths[rows[-1]]
             idx = torch.tensor(rows, device=embeds.device)
-            h = model.base_model(inputs_embeds=embeds[idx, :w], attention_mask=mask[idx, :w],
-                                 use_cache=False).last_hidden_state
+            h = families.base_forward(model, embeds[idx, :w], mask[idx, :w]).last_hidden_state
             flat.append(h.reshape(-1, h.shape[-1]))
             base[rows] = start + torch.arange(len(rows)) * w
             start += len(rows) * w
         selected = torch.cat(flat)[base.to(embeds.device)[seqs] + positions]
-    logits = model.get_output_embeddings()(selected).float()
+    logits = families.logits(model, selected)
     logp = torch.log_softmax(logits, dim=-1).gather(1, torch.cat(tokens).unsqueeze(1)).squeeze(1)
     return list(logp.split(counts))
 
@@ -163,23 +162,24 @@ def train_group(
     first = cfgs[0]
     device, precision = resolve_device_precision(first.device, first.precision)
     set_seed(first.seed)  # nothing random happens in a frozen model in eval mode; set for any dropout
-
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
-    if model_and_tokenizer is None:
-        model, tokenizer = load_model(first.model, dtype=model_dtype(precision))
-        model.to(accelerator.device)
-        if first.compile:
-            compile_blocks(model)
-    else:
-        model, tokenizer = model_and_tokenizer
     if fused_attention is None:
         fused_attention = resolve_attention(first.attention, device) == "fused"
-    if fused_attention:
-        from ptray.attention import use_fused_attention
+    attention = "fused" if fused_attention else "eager"
+    if model_and_tokenizer is None:
+        model, tokenizer, accelerator = setup_model(first.model, device, precision, first.compile, attention,
+                                                    fold_alibi)
+    else:
+        from accelerate import Accelerator
 
-        use_fused_attention(model, fold_alibi=fold_alibi)
+        accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+        model, tokenizer = model_and_tokenizer
+        if fused_attention:
+            from ptray.attention import use_fused_attention
+
+            use_fused_attention(model, fold_alibi=fold_alibi)
+    resumed = [state for state in resume if state is not None]
+    if resumed:  # nothing draws from it while training; restored so a resumed run continues train's RNG stream
+        torch.set_rng_state(resumed[0]["rng"])
     pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
     embedding = model.get_input_embeddings().weight
 
@@ -200,13 +200,14 @@ def train_group(
         eval_data = encode_all(task, load_split(task, cfg.eval_split, cfg.data_dir, cfg.hub_dataset,
                                                 cfg.max_eval_examples), tokenizer, cfg.max_length)
         init_text = cfg.init_text if cfg.init_text is not None else task.init_text
-        weight = torch.nn.Parameter(
-            init_prompt(embedding, tokenizer, cfg.init, init_text, cfg.num_tokens, cfg.seed).to(accelerator.device))
+        # the module, not its rows: TEXT init must include any embedding scale (Gemma2), as the model's own input does
+        rows = init_prompt(model.get_input_embeddings(), tokenizer, cfg.init, init_text, cfg.num_tokens, cfg.seed)
+        weight = torch.nn.Parameter(rows.to(accelerator.device))
         optimizer.add_param_group({"params": [weight], "lr": cfg.lr})
         resolved = {
             **cfg.to_dict(), "init_text": init_text, "num_tokens": weight.shape[0], "hidden_size": embedding.shape[1],
             "template_version": task.version, "verbalizer": dict(task.verbalizer), "device": device,
-            "precision": precision, "attention": "fused" if fused_attention else "eager",
+            "precision": precision, "attention": attention,
             "code_version": code_version(), **library_versions(),
             "num_train_examples": len(train_data),
             "num_eval_examples": len(eval_data), "num_truncated": sum(d.truncated for d in train_data + eval_data),
@@ -218,6 +219,7 @@ def train_group(
                 weight.copy_(state["prompt"].to(weight.device))
             best, history, epoch = dict(state["best"]), list(state["history"]), state["epoch"] + 1
             baselines = {k: EvalResult(**v) for k, v in state.get("baselines", {}).items()}
+            log.info("resuming %s seed %d after epoch %d", task.name, cfg.seed, state["epoch"])
         else:
             best = {"eval_loss": math.inf, "epoch": 0, "prompt": weight.detach().cpu().clone(), "bad_epochs": 0}
             history, epoch = [], 1
@@ -227,6 +229,9 @@ def train_group(
                 no_prompt_cache[key] = run_eval(cfg, eval_data, None)
             hard = embedding[torch.tensor(text_token_ids(tokenizer, init_text), device=embedding.device)]
             baselines = {"no_prompt": no_prompt_cache[key], "init_text": run_eval(cfg, eval_data, hard)}
+            for name, res in baselines.items():
+                log.info("baseline %-9s eval_loss %.4f exact_match %.4f rank_accuracy %.4f",
+                         name, res.loss, res.exact_match, res.rank_accuracy)
         members.append(_Member(i, cfg, weight, {}, train_data, eval_data, resolved, init_text, baselines, best,
                                history, epoch))
     optimizer = accelerator.prepare(optimizer)
@@ -276,9 +281,10 @@ def train_group(
             "epoch_seconds": time.perf_counter() - m.t0,
         }
         m.history.append(metrics)
-        log.info("[%d] %s seed %d epoch %d/%d train_loss %.4f eval_loss %.4f exact_match %.4f%s", m.index,
-                 m.cfg.task, m.cfg.seed, m.epoch, m.cfg.max_epochs, metrics["train_loss"], result.loss,
-                 result.exact_match, " *" if improved else "")
+        log.info("%sepoch %d/%d train_loss %.4f eval_loss %.4f exact_match %.4f rank_accuracy %.4f%s (%.1fs)",
+                 f"[{m.index}] {m.cfg.task} seed {m.cfg.seed} " if len(members) > 1 else "", m.epoch,
+                 m.cfg.max_epochs, metrics["train_loss"], result.loss, result.exact_match, result.rank_accuracy,
+                 " *" if improved else "", metrics["epoch_seconds"])
         if on_epoch_end is not None:
             state = copy.deepcopy({
                 "epoch": m.epoch,
@@ -310,8 +316,8 @@ def train_group(
             if (m.step % 20 == 0 or m.step == len(m.batches)) and not torch.isfinite(m.loss_sum):
                 raise PtrayError(
                     f"the training loss became {m.loss_sum.item()} at epoch {m.epoch}, step {m.step} "
-                    f"({m.cfg.task}, seed {m.cfg.seed}, group prompt {m.index}); lower its lr (now {m.cfg.lr}) "
-                    f"or use a more stable precision (bf16 or no)")
+                    f"({m.cfg.task}, seed {m.cfg.seed}{f', group prompt {m.index}' if len(members) > 1 else ''}); "
+                    f"lower --lr (now {m.cfg.lr}) or use a more stable precision (--precision bf16/no)")
             if m.step == len(m.batches):
                 end_epoch(m)
                 if not start_epoch(m):

@@ -9,14 +9,10 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import logging
-import math
 import random
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +23,13 @@ import torch
 
 import ptray
 from ptray import layout
-from ptray.batching import check_fits, encode_all, pad_token_id, train_batches
 from ptray.cli import OneLineParser, add_config_arguments, config_from_args
-from ptray.config import TrainConfig, resolve_attention
-from ptray.data import load_split
+from ptray.config import TrainConfig
 from ptray.errors import PtrayError
-from ptray.evaluate import EvalResult, evaluate
+from ptray.evaluate import EvalResult
 from ptray.files import atomic_folder, write_json
-from ptray.model import answer_logprobs, library_versions, load_model, model_dtype, resolve_device_precision
-from ptray.prompt import SoftPrompt, init_prompt, save_adapter, text_token_ids
-from ptray.tasks import get_task
+from ptray.model import load_model, model_dtype
+from ptray.prompt import save_adapter
 
 log = logging.getLogger("ptray")
 
@@ -82,13 +75,15 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=True)
 
 
-def setup_model(name_or_path: str, device: str, precision: str, compile: bool = False, attention: str = "eager"):
+def setup_model(name_or_path: str, device: str, precision: str, compile: bool = False, attention: str = "eager",
+                fold_alibi: bool = False):
     """The frozen model on its device, for training and evaluation alike: ``(model, tokenizer, accelerator)``.
 
     ``device`` and ``precision`` are resolved values (``resolve_device_precision``); weights load in
     ``model_dtype(precision)``; ``attention`` (resolved: eager or fused) "fused" runs BLOOM's attention through
-    ``ptray.attention.use_fused_attention`` (other families are left as loaded); ``compile`` compiles each block
-    (``compile_blocks``) after that. Raises ``PtrayError`` when the model cannot be loaded.
+    ``ptray.attention.use_fused_attention`` (``fold_alibi`` passed to it; other families are left as loaded);
+    ``compile`` compiles each block (``compile_blocks``) after that. Raises ``PtrayError`` when the model cannot be
+    loaded.
     """
     from accelerate import Accelerator
 
@@ -98,7 +93,7 @@ def setup_model(name_or_path: str, device: str, precision: str, compile: bool = 
     if attention == "fused":
         from ptray.attention import use_fused_attention
 
-        use_fused_attention(model)
+        use_fused_attention(model, fold_alibi=fold_alibi)
     if compile:
         compile_blocks(model)
     return model, tokenizer, accelerator
@@ -111,147 +106,20 @@ def train(
 ) -> TrainResult:
     """Train ``cfg.task``'s soft prompt; early-stop on eval loss; return the best prompt and its metrics.
 
-    ``on_epoch_end(metrics, state)`` is called after every epoch; ``state`` (tensors and plain values, loadable with
-    ``torch.load(weights_only=True)``) passed back as ``resume`` continues the run after that epoch.
+    A single trial is a trial group of one: ``ptray.group.train_group([cfg])`` runs the loop (per-epoch evaluation,
+    early stopping, the best prompt restored, the final metrics). ``on_epoch_end(metrics, state)`` is called after
+    every epoch; ``state`` (tensors and plain values, loadable with ``torch.load(weights_only=True)``) passed back as
+    ``resume`` continues the run after that epoch. Raises ``PtrayError`` on bad input or a non-finite loss.
     """
-    task = get_task(cfg.task)
-    train_examples = load_split(task, "train", cfg.data_dir, cfg.hub_dataset, cfg.max_train_examples)
-    eval_examples = load_split(task, cfg.eval_split, cfg.data_dir, cfg.hub_dataset, cfg.max_eval_examples)
-    device, precision = resolve_device_precision(cfg.device, cfg.precision)
-    set_seed(cfg.seed)
+    from ptray.group import train_group  # group.py builds on this module (setup_model, TrainResult): imported here
 
-    attention = resolve_attention(cfg.attention, device)
-    model, tokenizer, accelerator = setup_model(cfg.model, device, precision, cfg.compile, attention)
-    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
-    check_fits([task.name], tokenizer, model.config, cfg)  # a max length that cannot serve: refused before any work
+    def each(_index: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        on_epoch_end(metrics, state)
 
-    train_data = encode_all(task, train_examples, tokenizer, cfg.max_length)
-    eval_data = encode_all(task, eval_examples, tokenizer, cfg.max_length)
-    init_text = cfg.init_text if cfg.init_text is not None else task.init_text
-    embedding = model.get_input_embeddings().weight
-    # the module, not its rows: TEXT init must include any embedding scale (Gemma2), as the model's own input does
-    prompt = SoftPrompt(init_prompt(model.get_input_embeddings(), tokenizer, cfg.init, init_text, cfg.num_tokens,
-                                    cfg.seed))
-    optimizer = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
-    prompt, optimizer = accelerator.prepare(prompt, optimizer)
-
-    resolved = {
-        **cfg.to_dict(),
-        "init_text": init_text,
-        "num_tokens": prompt.num_tokens,
-        "hidden_size": embedding.shape[1],
-        "template_version": task.version,
-        "verbalizer": dict(task.verbalizer),
-        "device": device,
-        "precision": precision,
-        "attention": attention,
-        "code_version": code_version(),
-        **library_versions(),  # torch_version, transformers_version, peft_version, accelerate_version
-        "num_train_examples": len(train_data),
-        "num_eval_examples": len(eval_data),
-        "num_truncated": sum(d.truncated for d in train_data + eval_data),
-    }
-
-    def run_eval(weight):
-        return evaluate(model, eval_data, weight, cfg.eval_batch_size, pad_id, eos_id,
-                        device=accelerator.device, autocast=accelerator.autocast)
-
-    baselines: dict[str, EvalResult] = {}
-    if resume is not None:
-        prompt.weight.data.copy_(resume["prompt"].to(prompt.weight.device))
-        optimizer.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng"])
-        best = dict(resume["best"])
-        history = list(resume["history"])
-        start_epoch = resume["epoch"] + 1
-        baselines = {k: EvalResult(**v) for k, v in resume.get("baselines", {}).items()}
-        log.info("resuming %s seed %d after epoch %d", task.name, cfg.seed, resume["epoch"])
-    else:
-        best = {"eval_loss": math.inf, "epoch": 0, "prompt": prompt.weight.detach().cpu().clone(), "bad_epochs": 0}
-        history = []
-        start_epoch = 1
-    if cfg.baselines and not baselines:
-        hard = embedding[torch.tensor(text_token_ids(tokenizer, init_text), device=embedding.device)]
-        baselines = {"no_prompt": run_eval(None), "init_text": run_eval(hard)}
-        for name, res in baselines.items():
-            log.info("baseline %-9s eval_loss %.4f exact_match %.4f rank_accuracy %.4f",
-                     name, res.loss, res.exact_match, res.rank_accuracy)
-
-    best_eval: EvalResult | None = None
-    for epoch in range(start_epoch, cfg.max_epochs + 1):
-        if best["bad_epochs"] >= cfg.patience:
-            break
-        t0 = time.perf_counter()
-        batches = train_batches(train_data, cfg.batch_size, cfg.seed, epoch, pad_id, eos_id)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        tokens = 0
-        for step, batch in enumerate(batches, start=1):
-            batch = batch.to(accelerator.device)
-            with accelerator.autocast():
-                logp, _ = answer_logprobs(model, batch, prompt.weight)
-                loss = -logp.mean()
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            tokens += int(batch.attention_mask.sum())
-            if (step % 20 == 0 or step == len(batches)) and not torch.isfinite(loss_sum):
-                raise PtrayError(
-                    f"the training loss became {loss_sum.item()} at epoch {epoch}, step {step} ({task.name}, seed "
-                    f"{cfg.seed}); lower --lr (now {cfg.lr}) or use a more stable precision (--precision bf16/no)"
-                )
-        train_time = time.perf_counter() - t0
-        result = run_eval(prompt.weight.detach())
-        improved = result.loss < best["eval_loss"]
-        if improved:
-            best = {"eval_loss": result.loss, "epoch": epoch, "prompt": prompt.weight.detach().cpu().clone(),
-                    "bad_epochs": 0}
-            best_eval = result
-        else:
-            best["bad_epochs"] += 1
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum.item() / len(batches),
-            **result.metrics(),
-            "best_eval_loss": best["eval_loss"],
-            "best_epoch": best["epoch"],
-            "train_tokens_per_s": tokens / train_time,
-            "epoch_seconds": time.perf_counter() - t0,
-        }
-        history.append(metrics)
-        log.info("epoch %d/%d train_loss %.4f eval_loss %.4f exact_match %.4f rank_accuracy %.4f%s (%.1fs)",
-                 epoch, cfg.max_epochs, metrics["train_loss"], result.loss, result.exact_match,
-                 result.rank_accuracy, " *" if improved else "", metrics["epoch_seconds"])
-        if on_epoch_end is not None:
-            # A snapshot: the optimizer's state tensors, ``best`` and ``history`` change in place next epoch.
-            state = copy.deepcopy({
-                "epoch": epoch,
-                "prompt": prompt.weight.detach().cpu(),
-                "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(),
-                "best": best,
-                "history": history,
-                "baselines": {k: dataclasses.asdict(v) for k, v in baselines.items()},
-            })
-            on_epoch_end(metrics, state)
-
-    if best_eval is None:  # resumed after the best epoch: evaluate the restored best prompt again
-        best_eval = run_eval(best["prompt"])
-    final = {
-        "task": task.name,
-        "seed": cfg.seed,
-        **best_eval.metrics(),
-        "best_epoch": best["epoch"],
-        "epochs_run": len(history),
-        "stopped_early": len(history) < cfg.max_epochs,
-        "num_tokens": int(best["prompt"].shape[0]),
-        "num_eval_examples": best_eval.num_examples,
-    }
-    for name, res in baselines.items():
-        final.update({f"{name}_{k}": v for k, v in res.metrics().items()})
-    evals = {"prompt": best_eval, **baselines}
-    eval_idx = [d.idx for d in eval_data if d.label is not None]
-    return TrainResult(best["prompt"], final, history, resolved, evals, eval_idx)
+    (result,) = train_group([cfg], each if on_epoch_end is not None else None, [resume])
+    for key in ("group_size", "group_index"):  # a single run's config has no group
+        result.resolved.pop(key)
+    return result
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import ptray.group
 import ptray.train
 from ptray.errors import PtrayError
 from ptray.evaluate import EvalResult
@@ -75,14 +76,14 @@ def test_resume_from_epoch_state_equals_uninterrupted(tiny_model_dir, data_dir, 
 
 def test_early_stopping_restores_best(tiny_model_dir, data_dir, monkeypatch):
     losses = iter([5.0, 3.0, 1.0, 2.0, 2.5, 0.5])  # baselines take the first two
-    real_evaluate = ptray.train.evaluate
+    real_evaluate = ptray.group.evaluate  # train is a group of one: the group evaluates
 
     def fake_evaluate(*args, **kwargs):
         res = real_evaluate(*args, **kwargs)
         return EvalResult(next(losses), res.exact_match, res.rank_accuracy, res.num_examples, res.em_correct,
                           res.rank_correct, res.rank_pred)
 
-    monkeypatch.setattr(ptray.train, "evaluate", fake_evaluate)
+    monkeypatch.setattr(ptray.group, "evaluate", fake_evaluate)
     states = []
     result = train(_cfg(tiny_model_dir, data_dir, max_epochs=10, patience=2),
                    on_epoch_end=lambda m, s: states.append(s))
@@ -93,13 +94,12 @@ def test_early_stopping_restores_best(tiny_model_dir, data_dir, monkeypatch):
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, data_dir, monkeypatch):
-    real = ptray.train.answer_logprobs
+    real = ptray.group.group_answer_logprobs  # train is a group of one: its forward is the group's
 
-    def nan_logprobs(model, batch, prompt=None):
-        logp, ok = real(model, batch, prompt)
-        return logp * float("nan"), ok
+    def nan_logprobs(model, parts, *args, **kwargs):
+        return [logp * float("nan") for logp in real(model, parts, *args, **kwargs)]
 
-    monkeypatch.setattr(ptray.train, "answer_logprobs", nan_logprobs)
+    monkeypatch.setattr(ptray.group, "group_answer_logprobs", nan_logprobs)
     message = r"the training loss became nan at epoch 1, step \d+ \(cb, seed 0\); lower --lr"
     with pytest.raises(PtrayError, match=message):
         train(_cfg(tiny_model_dir, data_dir, baselines=False))
