@@ -15,12 +15,12 @@ with bloomz-560m's exact config (``--smoke``: ptray's tiny BLOOM) and measures, 
    tokens/s, MFU, and the largest difference of the answer log-probs from eager. Then which SDPA kernels
    (efficient, cuDNN, flash, math) run each fused path.
 3. ``group``: the training step of one trial (batch 8, eager as ``ptray.train`` runs today, and both fused paths)
-   against trial groups of K = 4, 8, 16 prompts, and of 16 with rows in length chunks (the study's tasks and
+   against trial groups of K = 4, 8, 16 prompts, and of 16 in token-sized forward passes (the study's tasks and
    seeds, real batches from ``train_batches``, ``ptray.group.group_answer_logprobs`` + one Adam per prompt):
    tokens/s, MFU and peak memory.
 4. ``study``: the paper study run by ``ptray.group.train_group``: 16 prompts (CB, RTE, COPA, WSC x seeds 0-3),
    up to 50 epochs with a validation pass each, early stopping (patience 5), in one group, with the fused
-   attention mode that ran the group of 16 faster and ``--chunks`` length chunks per step; then the 68 transfer
+   attention mode that ran the group of 16 faster and ``--max-tokens-per-forward``; then the 68 transfer
    evaluations (16 prompts x 4 tasks + no prompt on each task). Wall time measured under ``--study-seconds``; when
    the cap stops it, the epochs each prompt ran are reported (and the evaluations run on the best prompts so far).
 
@@ -88,7 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--md", default=None, help="markdown file whose gpu-study section is replaced (e.g. BENCHMARKS.md)")
     p.add_argument("--total-seconds", type=float, default=None, help="whole-run cap (default 420; smoke 240)")
     p.add_argument("--study-seconds", type=float, default=None, help="study training cap (default 240; smoke 120)")
-    p.add_argument("--chunks", type=int, default=4, help="forward passes per group step in the study (rows by length)")
+    p.add_argument("--max-tokens-per-forward", type=int, default=None,
+                   help="padded tokens per forward pass of a group step in the study, rows by length, widths in "
+                        "multiples of 32 (0: one pass per step; default 16384, smoke 256)")
     p.add_argument("--section-seconds", type=float, default=None, help="timing window per measurement (default 4)")
     a = p.parse_args(argv)
     if a.render:
@@ -103,8 +105,10 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA GPU is visible; use --device cpu (with --smoke)")
     if a.device == "cpu" and not a.smoke:
         p.error("a bloomz-560m-shaped run on CPU takes hours; pass --smoke on CPU")
-    if a.chunks < 1:
-        p.error(f"--chunks must be at least 1, got {a.chunks}")
+    if a.max_tokens_per_forward is None:
+        a.max_tokens_per_forward = 256 if a.smoke else 16384
+    if a.max_tokens_per_forward < 0:
+        p.error(f"--max-tokens-per-forward must be at least 0 (0: one pass per step), got {a.max_tokens_per_forward}")
     a.total_seconds = a.total_seconds or (240.0 if a.smoke else 420.0)
     a.study_seconds = a.study_seconds or (120.0 if a.smoke else 240.0)
     a.section_seconds = a.section_seconds or (0.3 if a.smoke else 4.0)
@@ -325,7 +329,7 @@ def study_streams(run: Run, k: int):
     return [(train_batches(run.train_data[t], 8, s, 1, run.pad, run.eos), run.init[t]) for t, s in members]
 
 
-def group_step(run: Run, batches: list[list], prompts: list[torch.nn.Parameter], state: dict, chunks: int = 1):
+def group_step(run: Run, batches: list[list], prompts: list[torch.nn.Parameter], state: dict, max_tokens: int = 0):
     """One training step of a group: the next batch of every prompt in one forward, the sum of each prompt's mean
     loss backward, one Adam step per prompt (its own parameter group). Counts tokens and FLOPs into ``state``."""
     opt = torch.optim.Adam([{"params": [p], "lr": 3e-2} for p in prompts])
@@ -335,7 +339,7 @@ def group_step(run: Run, batches: list[list], prompts: list[torch.nn.Parameter],
         i = state["i"]
         parts = [(bs[i % len(bs)], p) for bs, p in zip(batches, prompts)]
         with run.autocast():
-            logps = group_answer_logprobs(run.model, parts, chunks)
+            logps = group_answer_logprobs(run.model, parts, max_tokens)
         torch.stack([-lp.mean() for lp in logps]).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -350,33 +354,33 @@ def group_step(run: Run, batches: list[list], prompts: list[torch.nn.Parameter],
 def group_step_bench(run: Run) -> None:
     out = []
     sizes = SMOKE_GROUP_SIZES if run.a.smoke else GROUP_SIZES
-    chunked = run.a.chunks if run.a.chunks > 1 else 2
+    budget = run.a.max_tokens_per_forward or (256 if run.a.smoke else 16384)
     big = sizes[-1]
-    plan = [(1, "eager", 1), (1, "fused", 1), (1, "folded", 1), *[(k, "fused", 1) for k in sizes],
-            (big, "folded", 1), (big, "fused", chunked), (big, "folded", chunked)]
-    for k, attention_mode, chunks in plan:
+    plan = [(1, "eager", 0), (1, "fused", 0), (1, "folded", 0), *[(k, "fused", 0) for k in sizes],
+            (big, "folded", 0), (big, "fused", budget), (big, "folded", budget)]
+    for k, attention_mode, max_tokens in plan:
         if run.left() < 45:
             break
         label = (f"{'one trial' if k == 1 else f'group of {k}'}, {attention_mode}"
-                 f"{f', {chunks} chunks' if chunks > 1 else ''}")
+                 f"{f', {max_tokens} tokens per forward' if max_tokens else ''}")
         set_attention(run, attention_mode)
         streams = study_streams(run, k)
         prompts = [torch.nn.Parameter(p.to(run.dev)) for _, p in streams]
         batches = [[b.to(run.dev) for b in bs] for bs, _ in streams]
         state = {"i": 0, "tokens": 0, "flops": 0.0}
-        step = group_step(run, batches, prompts, state, chunks)
+        step = group_step(run, batches, prompts, state, max_tokens)
         try:
             with PeakMemory(run.dev) as mem:
                 for _ in range(2):  # warm-up, not counted
                     step()
                 state.update(tokens=0, flops=0.0)
                 n, s = timed_steps(run, step, run.a.section_seconds, warmup=0)
-            entry = {"mode": label, "prompts": k, "attention": attention_mode, "chunks": chunks,
+            entry = {"mode": label, "prompts": k, "attention": attention_mode, "max_tokens": max_tokens,
                      "rows_per_step": 8 * k, "steps": n, "seconds": s,
                      "tokens_per_s": state["tokens"] / s, **run.mfu(state["flops"] / s),
                      "peak_mib": mem.peak / 2**20 if mem.peak is not None else None}
         except Exception as err:  # out of memory, or a kernel that refuses: recorded, the other modes go on
-            entry = {"mode": label, "prompts": k, "attention": attention_mode, "chunks": chunks,
+            entry = {"mode": label, "prompts": k, "attention": attention_mode, "max_tokens": max_tokens,
                      "error": error_line(err)}
         finally:
             if run.dev == "cuda":
@@ -397,7 +401,7 @@ def group_step_bench(run: Run) -> None:
 def study_attention(run: Run) -> str:
     """The fused attention mode that ran the largest group faster in the group section ("fused" if unmeasured)."""
     speed = {e["attention"]: e["tokens_per_s"] for e in run.res.get("group", [])
-             if e["prompts"] == max(GROUP_SIZES) and e["chunks"] == 1 and "tokens_per_s" in e}
+             if e["prompts"] == max(GROUP_SIZES) and not e["max_tokens"] and "tokens_per_s" in e}
     return "folded" if speed.get("folded", 0) > speed.get("fused", float("inf")) else "fused"
 
 
@@ -411,7 +415,7 @@ def study(run: Run) -> None:
     eval_batch = 8 if a.smoke else 256  # sequences per evaluation step: the GPU wants many (same numbers)
     cfgs = [TrainConfig(task=t, seed=s, model="random-" + run.res["model"]["shape"], data_dir=a.data_dir,
                         device=run.dev, precision=precision, eval_batch_size=eval_batch, baselines=False,
-                        max_length=run.max_length,
+                        max_length=run.max_length, max_tokens_per_forward=a.max_tokens_per_forward,
                         max_epochs=2 if a.smoke else 50, max_train_examples=16 if a.smoke else None,
                         max_eval_examples=8 if a.smoke else None)
             for t in TASKS for s in SEEDS]
@@ -436,7 +440,7 @@ def study(run: Run) -> None:
     fold = study_attention(run) == "folded"
     try:
         results = train_group(cfgs, on_epoch_end=on_epoch_end, fused_attention=run.dev == "cuda",
-                              model_and_tokenizer=(run.model, run.tok), chunks=a.chunks, fold_alibi=fold)
+                              model_and_tokenizer=(run.model, run.tok), fold_alibi=fold)
     except _Cap:
         finished = False
     sync(run.dev)
@@ -469,7 +473,8 @@ def study(run: Run) -> None:
         "stopped_early": [r.metrics["stopped_early"] for r in results] if results else None,
         "evaluations": done, "evaluations_planned": len(TASKS) * (len(cfgs) + 1), "eval_seconds": eval_s,
         "wall_seconds": train_s + eval_s, "train_peak_gib": train_peak, "eval_batch_size": eval_batch,
-        "chunks": a.chunks, "attention": ("folded" if fold else "fused") if run.dev == "cuda" else "eager",
+        "max_tokens_per_forward": a.max_tokens_per_forward,
+        "attention": ("folded" if fold else "fused") if run.dev == "cuda" else "eager",
         "timeline": timeline,
         "tasks": list(TASKS), "seeds": list(SEEDS),
     }
@@ -531,7 +536,8 @@ def render(res: dict) -> str:
         peak = "-" if s["train_peak_gib"] is None else f"{s['train_peak_gib']:.1f} GiB"
         lines += [f"Paper study by `ptray.group.train_group` ({s['prompts']} prompts in one group, {s['attention']} "
                   "attention, "
-                  f"{s['chunks']} length chunks per step): "
+                  + (f"{s['max_tokens_per_forward']} padded tokens per forward pass" if "max_tokens_per_forward" in s
+                     else f"{s['chunks']} length chunks per step") + "): "
                   f"training {'finished' if s['finished'] else 'STOPPED by the cap'} in {s['train_seconds']:.0f} s "
                   f"(cap {s['cap_seconds']:.0f} s; epochs per prompt {s['epochs_run']}), then "
                   f"{s['evaluations']}/{s['evaluations_planned']} evaluations in {s['eval_seconds']:.0f} s; "

@@ -87,6 +87,10 @@ class TrainConfig:
                                           "ptray.attention, tested equal to eager) or Hugging Face's eager; auto is "
                                           "fused on CUDA, eager on CPU (other families pick SDPA themselves)",
                                   choices=ATTENTIONS)
+    max_tokens_per_forward: int = config_field(
+        0, "padded tokens (rows x width) per forward pass of a training step: the step's rows, by length, in passes "
+           "of at most this many, widths in multiples of 32 (0: one pass per step; the same numbers)",
+        type=non_negative_int)
 
     def __post_init__(self):
         try:
@@ -100,6 +104,10 @@ class TrainConfig:
         for name in ("num_tokens", "max_train_examples", "max_eval_examples"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name), " or unset")
+        if not isinstance(self.max_tokens_per_forward, int) or isinstance(self.max_tokens_per_forward, bool) \
+                or self.max_tokens_per_forward < 0:
+            raise PtrayError(f"max_tokens_per_forward must be a non-negative integer (0: one forward pass per step), "
+                             f"got {self.max_tokens_per_forward!r}")
         if self.precision not in PRECISIONS:
             raise PtrayError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.device not in DEVICES:

@@ -14,6 +14,8 @@ prompt prepended, and runs the model once. Each prompt keeps everything a single
   same metrics and resumable state ``train`` gives;
 - its end: a prompt that stops (patience or max epochs) leaves the group; the others go on.
 
+This is ptray's one training loop: a single trial, ``ptray.train.train(cfg)``, is ``train_group([cfg])``.
+
 ``tests/test_group.py`` checks a group of prompts of different tasks and seeds against single trials: per-epoch
 losses, gradients and final prompts within fp32 rounding.
 """
@@ -43,17 +45,49 @@ from ptray.train import TrainConfig, TrainResult, code_version, set_seed, setup_
 
 log = logging.getLogger("ptray")
 
-SHARED_FIELDS = ("model", "precision", "device", "compile", "attention")  # what the prompts of one group must agree on
+# what the prompts of one group must agree on: the frozen model and how each step runs it
+SHARED_FIELDS = ("model", "precision", "device", "compile", "attention", "max_tokens_per_forward")
 
 
-def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]], chunks: int = 1) -> list[torch.Tensor]:
+WIDTH_BUCKET = 32  # with a token budget, a forward pass's width is a multiple of this many tokens
+
+
+def forward_passes(lengths: list[int], max_tokens: int, bucket: int = WIDTH_BUCKET,
+                   limit: int | None = None) -> list[tuple[list[int], int]]:
+    """Split rows of ``lengths`` tokens into forward passes of at most ``max_tokens`` padded tokens (rows x width).
+
+    Rows go in order of length, shortest first, so rows of like length share a pass and little is padding. A
+    pass's width is its longest row rounded up to a multiple of ``bucket`` (at most ``limit``, the model's
+    positions, when given): few distinct shapes mean few recompilations under ``torch.compile`` or CUDA graphs, and
+    the caching allocator reuses the same blocks step after step. A row wider than the budget gets a pass of its
+    own, so every row is in exactly one non-empty pass. Returns ``[(row indices, width), ...]``.
+    """
+    def width(length: int) -> int:
+        w = -(-length // bucket) * bucket
+        return max(length, min(w, limit)) if limit else w
+
+    passes: list[tuple[list[int], int]] = []
+    rows: list[int] = []
+    for r in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if rows and (len(rows) + 1) * width(lengths[r]) > max_tokens:  # r is the longest so far: it sets the width
+            passes.append((rows, width(lengths[rows[-1]])))
+            rows = []
+        rows.append(r)
+    if rows:
+        passes.append((rows, width(lengths[rows[-1]])))
+    return passes
+
+
+def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]], max_tokens: int = 0,
+                          bucket: int = WIDTH_BUCKET) -> list[torch.Tensor]:
     """One step's forward for several (batch, prompt) pairs; each batch's rows get their own prompt [n_i, hidden].
 
     Rows are right-padded to the longest prompt + sequence (causal attention: a row's real tokens never see the
-    padding after them). ``chunks`` > 1 sorts the rows by length and runs them as that many forward passes, each
-    padded to its own longest row: prompts of different tasks have very different lengths (COPA ~30 tokens, RTE
-    up to 512), and one pass pads every row to the longest. Returns, per pair, the log-probability of each answer
-    token [A_i] (fp32), as ``ptray.model.answer_logprobs(model, batch_i, prompt_i)[0]`` would.
+    padding after them). ``max_tokens`` 0 runs all rows in one forward pass; > 0 splits them, by length, into
+    passes of at most that many padded tokens, each pass's width a multiple of ``bucket`` (``forward_passes``):
+    prompts of different tasks have very different lengths (COPA ~30 tokens, RTE up to 512), and one pass pads
+    every row to the longest. Returns, per pair, the log-probability of each answer token [A_i] (fp32), as
+    ``ptray.model.answer_logprobs(model, batch_i, prompt_i)[0]`` would.
     """
     embeds, masks, seqs, positions, tokens, counts = [], [], [], [], [], []
     offset = 0
@@ -70,20 +104,21 @@ def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]], chunks
     embeds = torch.cat([torch.nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in embeds])
     mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
     seqs, positions = torch.cat(seqs), torch.cat(positions)
-    if chunks <= 1:
+    if max_tokens <= 0:
         hidden = families.base_forward(model, embeds, mask).last_hidden_state
         selected = hidden[seqs, positions]
     else:
-        # Each chunk's hidden states are flattened to [rows * its width, hidden]; an answer of row r at position p
-        # is then row r's base (its chunk's offset + its index in the chunk x the chunk's width) + p.
+        # Each pass's hidden states are flattened to [rows * its width, hidden]; an answer of row r at position p
+        # is then row r's base (its pass's offset + its index in the pass x the pass's width) + p.
         lengths = mask.sum(1).tolist()  # one device sync per step
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        size = math.ceil(len(order) / chunks)
-        base = torch.zeros(len(order), dtype=torch.long)
+        passes = forward_passes(lengths, max_tokens, bucket, getattr(model.config, "max_position_embeddings", None))
+        widest = max(w for _, w in passes)
+        if widest > width:  # bucketed widths may pass the step's longest row: pad (masked) up to them
+            embeds = torch.nn.functional.pad(embeds, (0, 0, 0, widest - width))
+            mask = torch.nn.functional.pad(mask, (0, widest - width))
+        base = torch.zeros(len(lengths), dtype=torch.long)
         flat, start = [], 0
-        for c in range(0, len(order), size):
-            rows = order[c:c + size]
-            w = lengths[rows[-1]]
+        for rows, w in passes:
             idx = torch.tensor(rows, device=embeds.device)
             h = families.base_forward(model, embeds[idx, :w], mask[idx, :w]).last_hidden_state
             flat.append(h.reshape(-1, h.shape[-1]))
@@ -136,7 +171,6 @@ def train_group(
     resume: list[dict[str, Any] | None] | None = None,
     fused_attention: bool | None = None,
     model_and_tokenizer=None,
-    chunks: int = 1,
     fold_alibi: bool = False,
     on_prompt_end: Callable[[int, TrainResult], None] | None = None,
 ) -> list[TrainResult]:
@@ -145,8 +179,8 @@ def train_group(
     ``on_epoch_end(i, metrics, state)`` is called when prompt i finishes an epoch, with ``train``'s metrics and
     state; ``resume[i]`` (such a state, or None) continues prompt i after that epoch. ``fused_attention``: None
     follows the configs' ``attention`` (auto: ``ptray.attention.use_fused_attention`` on GPUs only; ``fold_alibi``
-    is passed to it). ``chunks``: forward passes per step, rows grouped by length (see ``group_answer_logprobs``;
-    the same numbers).
+    is passed to it). Each step's rows run in forward passes of at most the configs' ``max_tokens_per_forward``
+    padded tokens (0: one pass; ``group_answer_logprobs``; the same numbers within rounding).
     ``on_prompt_end(i, result)`` is called as soon as prompt i leaves the group (stopped early or out of epochs),
     while the others go on: a Tune trial finishes that prompt's MLflow run there.
     ``model_and_tokenizer`` reuses a loaded frozen model (the benchmark's; the fused attention, if turned on, stays
@@ -154,8 +188,6 @@ def train_group(
     shared field (``SHARED_FIELDS``) or a loss becomes non-finite.
     """
     _check_group(cfgs)
-    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
-        raise PtrayError(f"chunks (forward passes per group step) must be a positive integer, got {chunks!r}")
     resume = list(resume) if resume is not None else [None] * len(cfgs)
     if len(resume) != len(cfgs):
         raise PtrayError(f"resume has {len(resume)} states for {len(cfgs)} prompts; pass one (or None) per prompt")
@@ -303,7 +335,7 @@ def train_group(
     while active:
         parts = [(m.batches[m.step].to(accelerator.device), m.weight) for m in active]
         with accelerator.autocast():
-            logps = group_answer_logprobs(model, parts, chunks)
+            logps = group_answer_logprobs(model, parts, first.max_tokens_per_forward)
             losses = [-lp.mean() for lp in logps]
         accelerator.backward(torch.stack(losses).sum())  # each prompt's gradient is its own mean's gradient
         optimizer.step()

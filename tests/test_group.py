@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from ptray.batching import encode_all, train_batches
 from ptray.data import load_split
 from ptray.errors import PtrayError
-from ptray.group import group_answer_logprobs, train_group
+from ptray.group import forward_passes, group_answer_logprobs, train_group
 from ptray.model import answer_logprobs
 from ptray.tasks import get_task
 from ptray.train import TrainConfig, train
@@ -25,8 +27,9 @@ def _cfgs(model_dir, data_dir):
     ]
 
 
-@pytest.mark.parametrize("chunks", [1, 3])
-def test_one_forward_gives_each_prompt_its_own_logprobs_and_gradient(tiny, data_dir, chunks):
+# token budgets: 0 = one pass; 1 is smaller than any row (each row its own pass); 256 and 600 pack a few rows
+@pytest.mark.parametrize("max_tokens", [0, 1, 256, 600])
+def test_one_forward_gives_each_prompt_its_own_logprobs_and_gradient(tiny, data_dir, max_tokens, monkeypatch):
     model, tok = tiny
     parts, refs = [], []
     for k, (name, n, seed) in enumerate([("cb", 3, 0), ("rte", 7, 1), ("wsc", 5, 2)]):
@@ -39,7 +42,18 @@ def test_one_forward_gives_each_prompt_its_own_logprobs_and_gradient(tiny, data_
         (grad,) = torch.autograd.grad(-lp.mean(), prompt)
         refs.append((lp.detach(), grad))
         parts.append((batch, prompt))
-    logps = group_answer_logprobs(model, parts, chunks)  # chunks: rows by length in 3 passes, the same numbers
+    shapes = []
+    real = model.base_model.forward
+    monkeypatch.setattr(model.base_model, "forward",
+                        lambda *a, **k: shapes.append(tuple(k["inputs_embeds"].shape[:2])) or real(*a, **k))
+    logps = group_answer_logprobs(model, parts, max_tokens)  # a token budget: rows by length in passes, same numbers
+    rows = sum(b.num_seqs for b, _ in parts)
+    assert sum(r for r, _ in shapes) == rows and all(r > 0 for r, _ in shapes)
+    if max_tokens == 0:
+        assert len(shapes) == 1
+    else:  # bucketed widths, within the budget unless a row alone is wider
+        assert all(w % 32 == 0 and (r * w <= max_tokens or r == 1) for r, w in shapes), shapes
+        assert len(shapes) == rows if max_tokens == 1 else 1 < len(shapes) < rows, shapes
     grads = torch.autograd.grad(sum(-lp.mean() for lp in logps), [p for _, p in parts])
     for lp, grad, (ref_lp, ref_grad) in zip(logps, grads, refs):
         assert ref_grad.abs().max() > 1e-3
@@ -89,7 +103,9 @@ def test_group_resumes_from_states(tiny_model_dir, data_dir):
     cfgs = [c for c in _cfgs(tiny_model_dir, data_dir)[1:]]
     for c in cfgs:
         c.baselines = False
-    full = train_group(cfgs, chunks=2)  # interrupted with 1 chunk per step, resumed with 3: all the same numbers
+    # run with a token budget per forward pass, interrupted with one pass per step, resumed with another budget:
+    # all the same numbers
+    full = train_group([dataclasses.replace(c, max_tokens_per_forward=256) for c in cfgs])
     latest: dict[int, dict] = {}
 
     class Stop(Exception):
@@ -103,7 +119,8 @@ def test_group_resumes_from_states(tiny_model_dir, data_dir):
     with pytest.raises(Stop):
         train_group(cfgs, on_epoch_end=on_epoch_end)
     # resumed on the fused attention with ALiBi folded into Q and K: the same numbers as eager, within fp32 rounding
-    resumed = train_group(cfgs, resume=[latest[0], latest[1]], chunks=3, fused_attention=True, fold_alibi=True)
+    resumed = train_group([dataclasses.replace(c, max_tokens_per_forward=100) for c in cfgs],
+                          resume=[latest[0], latest[1]], fused_attention=True, fold_alibi=True)
     for r, f in zip(resumed, full):
         torch.testing.assert_close(r.prompt, f.prompt, rtol=1e-5, atol=1e-5)
         assert [h["eval_loss"] for h in r.history] == pytest.approx([h["eval_loss"] for h in f.history], rel=1e-5)
@@ -118,8 +135,22 @@ def test_group_refuses_prompts_that_do_not_share_the_model(tiny_model_dir, data_
         train_group([])
     with pytest.raises(PtrayError, match="resume has 2 states for 1 prompts"):
         train_group([a], resume=[None, None])
-    with pytest.raises(PtrayError, match="chunks .* must be a positive integer, got 0"):
-        train_group([a], chunks=0)
+    with pytest.raises(PtrayError, match="max_tokens_per_forward must be the same for all"):
+        train_group([a, dataclasses.replace(a, max_tokens_per_forward=512)])
+    with pytest.raises(PtrayError, match="max_tokens_per_forward must be a non-negative integer .*got -1"):
+        dataclasses.replace(a, max_tokens_per_forward=-1)
+
+
+def test_forward_passes_fill_a_token_budget_with_bucketed_widths():
+    lengths = [70, 5, 33, 31, 64, 200, 40, 1]
+    passes = forward_passes(lengths, 128)
+    assert sorted(r for rows, _ in passes for r in rows) == list(range(len(lengths)))  # each row exactly once
+    # shortest first; widths rounded up to 32; rows x width within the budget, the 200-token row alone (224 > 128)
+    assert passes == [([7, 1, 3], 32), ([2, 6], 64), ([4], 64), ([0], 96), ([5], 224)]
+    assert forward_passes(lengths, 1) == [([r], -(-lengths[r] // 32) * 32) for r in [7, 1, 3, 2, 6, 4, 0, 5]]
+    assert forward_passes(lengths, 10_000) == [([7, 1, 3, 2, 6, 4, 0, 5], 224)]
+    assert forward_passes(lengths, 10_000, limit=210) == [([7, 1, 3, 2, 6, 4, 0, 5], 210)]  # the model's positions
+    assert forward_passes([], 64) == []
 
 
 def test_gpu_study_smoke(tmp_path, data_dir):
@@ -141,11 +172,11 @@ def test_gpu_study_smoke(tmp_path, data_dir):
             assert entry[f"{mode}_max_abs_logprob_diff"] < 1e-4
             assert entry[mode]["tokens_per_s"] > 0
     assert res["sdpa_kernels"]["fused MATH"]["ok"] and res["sdpa_kernels"]["folded MATH"]["ok"]
-    assert [(e["prompts"], e["attention"], e["chunks"]) for e in res["group"]] == [
-        (1, "eager", 1), (1, "fused", 1), (1, "folded", 1), (2, "fused", 1), (4, "fused", 1), (4, "folded", 1),
-        (4, "fused", 4), (4, "folded", 4)]
+    assert [(e["prompts"], e["attention"], e["max_tokens"]) for e in res["group"]] == [
+        (1, "eager", 0), (1, "fused", 0), (1, "folded", 0), (2, "fused", 0), (4, "fused", 0), (4, "folded", 0),
+        (4, "fused", 256), (4, "folded", 256)]
     study = res["study"]
-    assert study["finished"] and study["epochs_run"] == [2] * 16
+    assert study["finished"] and study["epochs_run"] == [2] * 16 and study["max_tokens_per_forward"] == 256
     assert study["evaluations"] == study["evaluations_planned"] == 68
     text = md.read_text()
     assert "<!-- bench:gpu-study -->" in text and "68/68 evaluations" in text
