@@ -26,12 +26,13 @@ class OneLineParser(argparse.ArgumentParser):
 def _number(text: str, kind: type, minimum: float, strict: bool) -> Any:
     what = "integer" if kind is int else "number"
     bound = ("positive " if strict and minimum == 0 else "") + what + ("" if strict else f" >= {minimum:g}")
+    bound = ("an " if bound[0] in "aeiou" else "a ") + bound
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a {bound}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {bound}, got {text!r}") from None
     if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise argparse.ArgumentTypeError(f"must be a {bound}, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
     return value
 
 

@@ -21,22 +21,6 @@ class PromptInit(str, Enum):
     SAMPLE_VOCAB = "sample_vocab"
 
 
-class SoftPrompt(torch.nn.Module):
-    """A trainable prompt ``weight`` [n, hidden], kept in fp32 whatever the model's dtype.
-
-    The model sees it through ``prepend(weight, embeds, attention_mask)`` (``ptray.model.answer_logprobs``).
-    """
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = torch.nn.Parameter(weight.detach().to(torch.float32).clone())
-
-    @property
-    def num_tokens(self) -> int:
-        """n, the number of prompt rows."""
-        return self.weight.shape[0]
-
-
 def prepend(weight: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor):
     """Prepend prompt rows [n, hidden] to ``embeds`` [B, T, hidden] and ones to ``attention_mask`` [B, T].
 

@@ -8,7 +8,6 @@ import torch
 from ptray.errors import PtrayError
 from ptray.prompt import (
     PromptInit,
-    SoftPrompt,
     init_prompt,
     load_adapter,
     prepend,
@@ -56,12 +55,13 @@ def test_random_and_vocab_init(tiny):
     assert all(any(torch.equal(row, e) for e in emb.detach()) for row in v)
 
 
-def test_soft_prompt_prepends_and_stays_fp32():
-    p = SoftPrompt(torch.randn(3, 8, dtype=torch.bfloat16))
-    assert p.weight.dtype == torch.float32 and p.num_tokens == 3
-    x, mask = prepend(p.weight, torch.zeros(2, 4, 8, dtype=torch.bfloat16), torch.ones(2, 4, dtype=torch.long))
-    assert x.shape == (2, 7, 8) and x.dtype == torch.bfloat16 and mask.shape == (2, 7) and mask.sum() == 14
-    assert torch.equal(x[1, :3], p.weight.detach().bfloat16())
+def test_prepend_puts_the_fp32_prompt_first_in_the_embeddings_dtype():
+    weight = torch.randn(3, 8)  # the trained prompt stays fp32 whatever the model's dtype
+    embeds = torch.randn(2, 4, 8).bfloat16()
+    x, mask = prepend(weight, embeds, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    assert x.shape == (2, 7, 8) and x.dtype == torch.bfloat16
+    assert torch.equal(x[1, :3], weight.bfloat16()) and torch.equal(x[:, 3:], embeds)
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]
 
 
 def test_peft_round_trip_same_logits(tiny, tiny_model_dir, tmp_path):
