@@ -34,10 +34,10 @@ real-model: install
 	@test -f $(REAL_MODEL_DIR)/config.json || $(PY) -m ptray.pretrained prepare smollm2-135m-instruct $(REAL_MODEL_DIR)
 
 # The whole study on the real model on CPU within an hour on 2 shared cores: 4 tasks x 4 seeds with the caps below
-# (measured first: an RTE epoch of 32 train + 32 eval examples takes ~40 s on 2 idle cores; batch 4 gives 8 Adam
-# steps in one epoch; evaluation dominates: every example is scored once per label, 17 prompts per task in the
-# transfer grid, so 16 eval examples). Study + analysis took 40 min on 2 cores shared with other jobs: RESULTS.md.
-REAL_STUDY_CAPS ?= --max-epochs 1 --batch-size 4 --max-train-examples 32 --max-eval-examples 16 --max-length 160
+# (measured first: one RTE training of 2 epochs x 64 train examples with 32 eval examples took 8 min on the 2 busy
+# cores, too slow for 16 trials; 1 epoch of 64 examples at batch 2 gives 32 Adam steps, an RTE or CB trial ~2.3 min
+# with 2 trials sharing the cores). Study + analysis took 44 min on 2 cores shared with other jobs: RESULTS.md.
+REAL_STUDY_CAPS ?= --max-epochs 1 --batch-size 2 --max-train-examples 64 --max-eval-examples 32 --max-length 160
 real-study: real-model
 	$(PY) sweeps/all.py --study smollm2-cpu --model $(abspath $(REAL_MODEL_DIR)) --data-dir $(DATA_DIR) $(REAL_STUDY_CAPS)
 

@@ -1,7 +1,7 @@
 """Print RESULTS.md's per-task table (bootstrap CIs over seeds and examples), the transfer means and the label
 balance, from a study's MLflow experiment. The figures, Table 1, distances and nearest tokens come from the analysis.
 
-    python docs/results/tables.py sqlite:///outputs/real-study/mlflow.db ptray-smollm2-cpu ../shared/data/superglue
+    python docs/results/tables.py sqlite:///outputs/real-study-2/mlflow.db ptray-smollm2-cpu ../shared/data/superglue
 """
 import json
 import sys
@@ -12,6 +12,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
+
+from ptray.layout import BASELINES, EM_CORRECT, IDX, RANK_CORRECT, RANK_PRED
 
 uri, experiment, data_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 client = MlflowClient(uri)
@@ -59,11 +61,11 @@ for task in TASKS:
     if not rs:
         continue
     preds = [art(r, "predictions.json") for r in rs]
-    n = len(preds[0]["idx"])
-    for metric, key in (("exact match", "em_correct"), ("rank accuracy", "rank_correct")):
-        trained = np.array([p[f"prompt_{key}"] for p in preds])
-        nop = np.array([preds[0][f"no_prompt_{key}"]])
-        ini = np.array([preds[0][f"init_text_{key}"]])
+    n = len(preds[0][IDX])
+    for metric, key in (("exact match", EM_CORRECT), ("rank accuracy", RANK_CORRECT)):
+        trained = np.array([p[key] for p in preds])
+        nop = np.array([preds[0][BASELINES]["no_prompt"][key]])
+        ini = np.array([preds[0][BASELINES]["init_text"][key]])
         delta = trained - nop
         per_seed = ", ".join(f"{x:.2f}" for x in trained.mean(axis=1))
         print(f"| {task} | {n} | {metric} | {fmt(boot(nop))} | {fmt(boot(ini))} | {fmt(boot(trained))} | "
@@ -109,9 +111,9 @@ for task in TASKS:
     rs = [train[(task, s)] for s in range(4) if (task, s) in train]
     preds = [art(r, "predictions.json") for r in rs]
     rows = [json.loads(line) for line in open(Path(data_dir) / task.upper() / "val.jsonl")]
-    idx = preds[0]["idx"]
+    idx = preds[0][IDX]
     byidx = {r["idx"]: r for r in rows}
     gold = Counter(str(byidx[i]["label"]) for i in idx)
-    share = [Counter(p["prompt_rank_pred"]).most_common(1)[0][1] / len(idx) for p in preds]
+    share = [Counter(p[RANK_PRED]).most_common(1)[0][1] / len(idx) for p in preds]
     print(f"- {task}: gold labels {dict(gold)}; majority share {max(gold.values())/len(idx):.2f}; "
           f"per seed, share of the most-predicted label (rank): {', '.join(f'{x:.2f}' for x in share)}")
