@@ -1,10 +1,10 @@
 """Issue 11 on one GPU: fused ALiBi attention, trial groups, and the paper study end to end, in one capped run.
 
-    python benchmarks/gpu_study.py --data-dir DIR --out gpu_study.json --md BENCHMARKS.md   # GPU, < 10 minutes
+    python benchmarks/gpu_study.py --data-dir DIR --out gpu_study.json --md BENCHMARKS.md   # GPU, ~8 minutes
     python benchmarks/gpu_study.py --smoke --data-dir DIR --out /tmp/s.json                  # CPU, tiny model, ~1 min
     python benchmarks/gpu_study.py --render gpu_study.json --md BENCHMARKS.md                # the section from a JSON
 
-Needs torch, transformers, accelerate and ptray only (no Ray, MLflow, PEFT or ``datasets``). Builds a random model
+Needs torch, transformers, accelerate, peft and ptray only (no Ray, MLflow or ``datasets``). Builds a random model
 with bloomz-560m's exact config (``--smoke``: ptray's tiny BLOOM) and measures, in this order:
 
 1. ``peak``: the dense matmul FLOP/s of the device in the run's dtype (the MFU denominator); the spec peak is
@@ -24,6 +24,17 @@ with bloomz-560m's exact config (``--smoke``: ptray's tiny BLOOM) and measures, 
    evaluations (16 prompts x 4 tasks + no prompt on each task). Wall time measured under ``--study-seconds``; when
    the cap stops it, the epochs each prompt ran are reported (and the evaluations run on the best prompts so far).
 
+Between 3 and 4, the old benchmark's two comparisons, called from ``benchmarks/training.py`` and
+``benchmarks/evaluation.py`` (not copied) on this run's model, data and precision, each started only when its
+budget (``PEFT_SECONDS``, ``EVAL_SECONDS``) fits under the cap, else skipped with the reason recorded:
+
+* ``peft``: ptray's one-trial step against PEFT ``PromptTuningConfig`` + ``transformers.Trainer`` (batch 8,
+  eager attention on both sides, one window each per task and the study's token mix); the ratio of every group
+  step of section 3 to PEFT + Trainer's study-mix tokens/s. (Several PEFT processes at once: not measured.)
+* ``eval``: ptray's one-pass evaluation against batched greedy ``generate`` (and the old bench's other methods)
+  on each task's validation set with its TEXT-init prompt, the study's evaluation batch; the exact match of every
+  method must agree example by example.
+
 Tokens are real text tokens (no padding, no prompt rows); model FLOPs and MFU follow ``benchmarks/measure.py``
 (training FLOPs per sequence: 4 N_lin T + 12 l h T^2 + 4 h V A with T = prompt + text positions, A answer targets).
 The whole run stops starting new measurements once ``--total-seconds`` is near. Writes ``--out`` (JSON) and, with
@@ -32,7 +43,7 @@ The whole run stops starting new measurements once ``--total-seconds`` is near. 
 On the GPU machine the SuperGLUE folder must travel with the working tree: copy it into a folder that
 ``.git/info/exclude`` ignores (e.g. ``.gpu_data/superglue``), name that folder in the device tool's ``carry``, run
 ``PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python benchmarks/gpu_study.py --data-dir .gpu_data/superglue --out
-$OUT/gpu_study.json 2>&1 | tee $OUT/log`` (about 7 minutes with the default caps), then render the JSON here with
+$OUT/gpu_study.json 2>&1 | tee $OUT/log`` (about 8 minutes with the default caps), then render the JSON here with
 ``--render``.
 """
 
@@ -43,6 +54,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -75,6 +87,9 @@ GROUP_SIZES = (4, 8, 16)
 SMOKE_GROUP_SIZES = (2, 4)
 MAX_LENGTH = 512  # tokens of source + answer (ptray's default)
 SMOKE_MAX_LENGTH = 96  # the tiny model on CPU: attention over 400-token rows would dominate the smoke run
+# seconds each old-benchmark comparison is given; it starts only when this much (and the study's 60 s) is left
+PEFT_SECONDS = 60.0
+EVAL_SECONDS = 60.0
 
 
 def parse_args(argv=None):
@@ -86,7 +101,7 @@ def parse_args(argv=None):
                                                                            "superglue")))
     p.add_argument("--out", default="gpu_study.json", help="results JSON")
     p.add_argument("--md", default=None, help="markdown file whose gpu-study section is replaced (e.g. BENCHMARKS.md)")
-    p.add_argument("--total-seconds", type=float, default=None, help="whole-run cap (default 420; smoke 240)")
+    p.add_argument("--total-seconds", type=float, default=None, help="whole-run cap (default 480; smoke 240)")
     p.add_argument("--study-seconds", type=float, default=None, help="study training cap (default 240; smoke 120)")
     p.add_argument("--max-tokens-per-forward", type=int, default=None,
                    help="padded tokens per forward pass of a group step in the study, rows by length, widths in "
@@ -109,7 +124,7 @@ def parse_args(argv=None):
         a.max_tokens_per_forward = 256 if a.smoke else 16384
     if a.max_tokens_per_forward < 0:
         p.error(f"--max-tokens-per-forward must be at least 0 (0: one pass per step), got {a.max_tokens_per_forward}")
-    a.total_seconds = a.total_seconds or (240.0 if a.smoke else 420.0)
+    a.total_seconds = a.total_seconds or (240.0 if a.smoke else 480.0)
     a.study_seconds = a.study_seconds or (120.0 if a.smoke else 240.0)
     a.section_seconds = a.section_seconds or (0.3 if a.smoke else 4.0)
     return a
@@ -365,7 +380,8 @@ def group_step_bench(run: Run) -> None:
                  f"{f', {max_tokens} tokens per forward' if max_tokens else ''}")
         set_attention(run, attention_mode)
         streams = study_streams(run, k)
-        prompts = [torch.nn.Parameter(p.to(run.dev)) for _, p in streams]
+        # a copy: on CPU `.to` would share run.init's storage and Adam would train the init prompts in place
+        prompts = [torch.nn.Parameter(p.detach().clone().to(run.dev)) for _, p in streams]
         batches = [[b.to(run.dev) for b in bs] for bs, _ in streams]
         state = {"i": 0, "tokens": 0, "flops": 0.0}
         step = group_step(run, batches, prompts, state, max_tokens)
@@ -393,6 +409,67 @@ def group_step_bench(run: Run) -> None:
         if base and "tokens_per_s" in e:
             e["vs_one_trial_eager"] = e["tokens_per_s"] / base
     run.res["group"] = out
+
+
+# ------------------------------------------------------------------------- the old benchmark's comparisons
+
+
+def bench_context(run: Run):
+    """A ``benchmarks.context.Context`` on this run's model, data, init prompts, precision and matmul peak, so that
+    ``benchmarks/training.py`` and ``evaluation.py`` measure here what they measure in ``bench.py``."""
+    from benchmarks.context import Context
+
+    precision = "bf16" if run.dev == "cuda" else "no"
+    a = argparse.Namespace(
+        device=run.dev, model_shape=run.res["model"]["shape"], precision=precision, tasks=list(TASKS),
+        batch_size=8, eval_batch_size=8 if run.a.smoke else 256, warmup=1 if run.a.smoke else 3,
+        steps=1 if run.a.smoke else 10, repeats=1, ablation_repeats=1, smoke=run.a.smoke)
+    ctx = Context(a)
+    ctx.model, ctx.tok, ctx.shape, ctx.pad, ctx.eos = run.model, run.tok, run.shape, run.pad, run.eos
+    ctx.data, ctx.val, ctx.init = run.train_data, run.val_data, run.init
+    ctx.epoch_tokens = {t: sum(len(d.source) + len(d.answers[d.label]) for d in ctx.data[t]) for t in TASKS}
+    ctx.peaks = {"bf16" if precision == "bf16" else "fp32": {"flops": run.peak}}
+    return ctx
+
+
+def old_bench(run: Run, key: str, budget: float, fn) -> None:
+    """Run ``fn(ctx)`` (a ``bench.py`` section) into ``run.res[key]`` when ``budget`` seconds and the study's
+    minute are left; else record why it was skipped."""
+    if run.left() < budget + 60:
+        run.res[key] = {"skipped": f"{run.left():.0f} s left under --total-seconds, {budget + 60:.0f} s needed"}
+        log(f"{key}: skipped ({run.res[key]['skipped']})")
+        return
+    set_attention(run, "eager")  # PEFT + Trainer and generate run Hugging Face's BLOOM as it comes
+    ctx = bench_context(run)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        ctx.tok_dir = tok_dir
+        run.tok.save_pretrained(tok_dir)  # PEFT's TEXT init loads a tokenizer by path
+        t = time.perf_counter()
+        fn(ctx)
+    run.res[key] = {**ctx.res[{"peft": "train", "eval": "eval"}[key]], "seconds": time.perf_counter() - t,
+                    "budget_seconds": budget}
+
+
+def peft_bench(run: Run) -> None:
+    from benchmarks.training import train
+
+    old_bench(run, "peft", PEFT_SECONDS, train)
+    spec = spec_peak(run.res["meta"]["device_name"]) if run.dev == "cuda" else None
+    for side in run.res["peft"].get("study", {}).values():  # the MFU against the spec peak too
+        if isinstance(side, dict):
+            side["mfu_spec_peak"] = side["tokens_per_s"] * side["flops_per_token"] / spec if spec else None
+    ref = run.res["peft"].get("study", {}).get("reference", {}).get("tokens_per_s")
+    for e in run.res.get("group", []):
+        if ref and "tokens_per_s" in e:
+            e["vs_peft_trainer"] = e["tokens_per_s"] / ref
+    if ref:
+        log(f"peft: ptray one trial x{run.res['peft']['study']['ratio']:.2f} PEFT + Trainer (study mix)")
+
+
+def eval_bench(run: Run) -> None:
+    from benchmarks.evaluation import evaluate
+
+    old_bench(run, "eval", EVAL_SECONDS, evaluate)
 
 
 # ---------------------------------------------------------------------------------------------------- study
@@ -521,16 +598,48 @@ def render(res: dict) -> str:
         lines += ["", f"SDPA kernels that run forward + backward: {', '.join(ok) or 'none'}; refused: "
                   f"{', '.join(k for k in kernels if k not in ok) or 'none'}.", ""]
     if res.get("group"):
-        lines += ["| training step | rows/step | tok/s | vs one trial (eager) | MFU (measured / spec) | peak MiB |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| training step | rows/step | tok/s | vs one trial (eager) | vs PEFT + Trainer | "
+                  "MFU (measured / spec) | peak MiB |", "|---|---|---|---|---|---|---|"]
         for e in res["group"]:
             if "error" in e:
-                lines.append(f"| {e['mode']} | - | {e['error']} | | | |")
+                lines.append(f"| {e['mode']} | - | {e['error']} | | | | |")
                 continue
+            peft = f"{e['vs_peft_trainer']:.2f}x" if "vs_peft_trainer" in e else "-"
             lines.append(f"| {e['mode']} | {e['rows_per_step']} | {e['tokens_per_s']:,.0f} | "
-                         f"{e.get('vs_one_trial_eager', float('nan')):.2f}x | {pct(e['mfu_measured_peak'])} / "
+                         f"{e.get('vs_one_trial_eager', float('nan')):.2f}x | {peft} | {pct(e['mfu_measured_peak'])} / "
                          f"{pct(e['mfu_spec_peak'])} | {e['peak_mib'] or 0:.0f} |")
         lines.append("")
+    p = res.get("peft")
+    if p and "skipped" in p:
+        lines += [f"PEFT + Trainer comparison skipped: {p['skipped']}.", ""]
+    elif p:
+        ref = p["study"]["reference"]
+        lines += [f"PEFT `PromptTuningConfig` + `Trainer` (batch 8, eager attention, study mix): "
+                  f"{ref['tokens_per_s']:,.0f} tok/s, MFU {pct(ref['mfu'])} measured / "
+                  f"{pct(ref.get('mfu_spec_peak'))} spec; ptray one trial "
+                  f"{p['study']['ptray']['tokens_per_s']:,.0f} tok/s, **{p['study']['ratio']:.2f}x** (per task: "
+                  + ", ".join(f"{t.upper()} {p[t]['ratio']:.2f}x" for t in TASKS if t in p) + ")."]
+        groups = [e for e in res.get("group", []) if "vs_peft_trainer" in e and e["prompts"] > 1]
+        if groups:
+            best = max(groups, key=lambda e: e["vs_peft_trainer"])
+            lines += [f"Fastest trial group vs PEFT + Trainer (one trial): {best['mode']}, "
+                      f"**{best['vs_peft_trainer']:.2f}x**."]
+        lines += ["Several PEFT processes at once: not measured by this script.", ""]
+    ev = res.get("eval")
+    if ev and "skipped" in ev:
+        lines += [f"Evaluation vs `generate` skipped: {ev['skipped']}.", ""]
+    elif ev:
+        spec = spec_peak(m["device_name"]) if m["device"] == "cuda" else None
+        lines += ["| evaluation (validation set, TEXT-init prompt) | ptray ex/s | `generate` ex/s | ptray / generate | "
+                  "ptray MFU (measured / spec) | exact match agrees |", "|---|---|---|---|---|---|"]
+        for t in TASKS:
+            if t in ev:
+                e = ev[t]
+                mfu_spec = e["ptray"]["mfu"] * res["peak"] / spec if spec and "peak" in res else None
+                lines.append(f"| {t.upper()} ({e['examples']}) | {e['ptray']['examples_per_s']:,.1f} | "
+                             f"{e['generate']['examples_per_s']:,.1f} | {e['speedup']:.2f}x | {pct(e['ptray']['mfu'])} "
+                             f"/ {pct(mfu_spec)} | {e['em_agree']:.0%} |")
+        lines += [f"| all | | | **{ev['all']['speedup']:.2f}x** | | |", ""]
     s = res.get("study")
     if s:
         peak = "-" if s["train_peak_gib"] is None else f"{s['train_peak_gib']:.1f} GiB"
@@ -584,6 +693,8 @@ def main(argv=None) -> int:
     log(f"matmul peak {run.peak / 1e12:.1f} TFLOP/s")
     section(run, "attention", attention)
     section(run, "group", group_step_bench)
+    section(run, "peft", peft_bench)
+    section(run, "eval", eval_bench)
     section(run, "study", study)
     run.res["wall_seconds"] = time.perf_counter() - run.t0
     save(run)

@@ -177,11 +177,23 @@ def test_gpu_study_smoke(tmp_path, data_dir):
     assert [(e["prompts"], e["attention"], e["max_tokens"]) for e in res["group"]] == [
         (1, "eager", 0), (1, "fused", 0), (1, "folded", 0), (2, "fused", 0), (4, "fused", 0), (4, "folded", 0),
         (4, "fused", 256), (4, "folded", 256)]
+    peft = res["peft"]  # ptray's one-trial step vs PEFT + Trainer (benchmarks/training.py), same data and batch
+    for side in ("ptray", "reference"):
+        assert peft["study"][side]["tokens_per_s"] > 0 and peft["study"][side]["mfu"] > 0
+    assert peft["study"]["ratio"] == peft["study"]["ptray"]["tokens_per_s"] / peft["study"]["reference"]["tokens_per_s"]
+    for e in res["group"]:  # every group step against PEFT + Trainer's study-mix tokens/s
+        assert e["vs_peft_trainer"] == pytest.approx(e["tokens_per_s"] / peft["study"]["reference"]["tokens_per_s"])
+    ev = res["eval"]  # ptray's one-pass evaluation vs batched greedy generate (benchmarks/evaluation.py)
+    for task in ("cb", "rte", "copa", "wsc"):
+        assert ev[task]["examples"] == 8 and ev[task]["ptray"]["examples_per_s"] > 0
+        assert ev[task]["generate"]["examples_per_s"] > 0 and ev[task]["speedup"] > 0
+        assert ev[task]["em_agree"] == 1.0 and ev[task]["em_agree_all_methods"]  # example by example
     study = res["study"]
     assert study["finished"] and study["epochs_run"] == [2] * 16 and study["max_tokens_per_forward"] == 256
     assert study["evaluations"] == study["evaluations_planned"] == 68
     text = md.read_text()
     assert "<!-- bench:gpu-study -->" in text and "68/68 evaluations" in text
+    assert "PEFT `PromptTuningConfig` + `Trainer`" in text and "| all | | | **" in text
     again = tmp_path / "again.md"  # the GPU machine returns the JSON; the section is rendered from it here
     assert gpu_study.main(["--render", str(out), "--md", str(again)]) == 0
     assert again.read_text() == text
