@@ -197,3 +197,22 @@ def test_gpu_study_smoke(tmp_path, data_dir):
     again = tmp_path / "again.md"  # the GPU machine returns the JSON; the section is rendered from it here
     assert gpu_study.main(["--render", str(out), "--md", str(again)]) == 0
     assert again.read_text() == text
+
+
+def test_gpu_study_skips_old_bench_section_when_cap_is_near():
+    """A comparison whose budget no longer fits under --total-seconds is skipped with its reason, never started."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import gpu_study
+
+    ran = []
+    run = SimpleNamespace(res={}, left=lambda: 100.0)  # 100 s left: under 60 s budget + the study's 60 s
+    gpu_study.old_bench(run, "eval", 60.0, ran.append)
+    assert ran == [] and run.res["eval"] == {"skipped": "100 s left under --total-seconds, 120 s needed"}
+    text = gpu_study.render({"meta": {"utc": "now", "device_name": "cpu", "device": "cpu", "torch": "t",
+                                      "transformers": "t", "smoke": True}, "eval": run.res["eval"],
+                             "peft": {"skipped": "x"}})
+    assert "Evaluation vs `generate` skipped: 100 s left" in text and "PEFT + Trainer comparison skipped: x" in text
