@@ -128,7 +128,7 @@ def logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _accepts_position_ids(model) -> bool:
-    return "position_ids" in inspect.signature(model.base_model.forward).parameters
+    return "position_ids" in inspect.signature(base_model(model).forward).parameters
 
 
 def position_ids(model, attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor | None:
@@ -146,13 +146,23 @@ def position_ids(model, attention_mask: torch.Tensor, past: int = 0) -> torch.Te
 def _cache_keyword(model) -> str:
     # transformers 4.x and 5.17 name the KV cache `past_key_values`; 5.24 names it `cache` (the old name deprecated,
     # to be removed in 5.40): use the name the installed release declares
-    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
 
 
 def output_cache(out):
     """The KV cache of a base-model output, under either release's name (``cache`` or ``past_key_values``)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def base_model(model):
+    """The model without its LM head: ``model.base_model``, or ``model.model`` where the class's
+    ``base_model_prefix`` names no attribute (transformers 4.56's ``Gemma3ForCausalLM``: ``base_model`` is then the
+    model itself, whose forward returns logits, not ``last_hidden_state``)."""
+    base = model.base_model
+    if base is model and isinstance(getattr(model, "model", None), torch.nn.Module):
+        base = model.model
+    return base
 
 
 def base_forward(model, embeds: torch.Tensor, attention_mask: torch.Tensor, cache=None,
@@ -165,7 +175,7 @@ def base_forward(model, embeds: torch.Tensor, attention_mask: torch.Tensor, cach
         kwargs[_cache_keyword(model)] = cache
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    return model.base_model(**kwargs)
+    return base_model(model)(**kwargs)
 
 
 def shares_source(model, length: int | None = None) -> bool:
@@ -195,7 +205,7 @@ def effective_prompt(model, weight: torch.Tensor) -> torch.Tensor | None:
     path = fam.effective_norm
     if path is None or (fam.name == "opt" and not getattr(model.config, "do_layer_norm_before", True)):
         return None
-    module = model.base_model.get_submodule(path)
+    module = base_model(model).get_submodule(path)
     captured = {}
 
     def hook(_module, _args, out):

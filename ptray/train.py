@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import ptray
-from ptray import layout
+from ptray import families, layout
 from ptray.cli import OneLineParser, add_config_arguments, config_from_args
 from ptray.config import TrainConfig
 from ptray.errors import PtrayError
@@ -67,7 +67,8 @@ def set_seed(seed: int) -> None:
 def compile_blocks(model) -> None:
     """``torch.compile`` each transformer block in place (regional compilation: the identical blocks share one
     compiled graph, so compiling takes seconds, not minutes); dynamic shapes, as batch lengths vary."""
-    blocks = getattr(model.base_model, "h", None) or getattr(model.base_model, "layers", None)
+    base = families.base_model(model)
+    blocks = getattr(base, "h", None) or getattr(base, "layers", None)
     if blocks is None:
         raise PtrayError(f"--compile does not know where {type(model).__name__}'s transformer blocks are "
                          f"(base_model.h or base_model.layers); run without --compile")
