@@ -68,15 +68,19 @@ Report = Callable[[dict[str, Any], "dict[str, Any] | None", str], None]
 
 def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     """Tune function: train ``config['task']`` with ``config['seed']``, resuming from Tune's checkpoint if any."""
+    quiet()
+    run_training(config, ctx, _tune_resume(load_checkpoint), _tune_report)
+
+
+def _tune_resume(load: Callable[[str], Any]) -> Any:
+    """What ``load`` reads from the trial's Tune checkpoint folder, or None when the trial starts fresh."""
     from ray import tune
 
-    quiet()
-    resume = None
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_checkpoint(folder)
-    run_training(config, ctx, resume, _tune_report)
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return load(folder)
 
 
 def _tune_report(metrics: dict[str, Any], state: dict[str, Any] | None, run_id: str) -> None:
@@ -244,15 +248,8 @@ GroupReport = Callable[[dict[str, Any], "dict[str, tuple[dict[str, Any], str]] |
 
 def train_group_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     """Tune function: train the prompts of ``config['group']`` together, resuming from Tune's checkpoint if any."""
-    from ray import tune
-
     quiet()
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_group_checkpoint(folder)
-    run_group(config, ctx, resume, _tune_group_report)
+    run_group(config, ctx, _tune_resume(load_group_checkpoint), _tune_group_report)
 
 
 def _tune_group_report(metrics: dict[str, Any], states: dict[str, tuple[dict[str, Any], str]] | None) -> None:

@@ -49,46 +49,6 @@ def test_answer_logprobs_equal_full_logits(tiny, with_prompt):
     assert ok.dtype == torch.bool and ok.shape == fast.shape
 
 
-def test_loss_and_gradient_equal_peft(tiny, tiny_model_dir):
-    """ptray's loss and prompt gradient equal PEFT's PeftModelForCausalLM with the same prompt rows."""
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    _, tok = tiny
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    base.eval()
-    gen = torch.Generator().manual_seed(2)
-    seqs = _random_seqs(gen, len(tok), 5, tok.eos_token_id)
-    n = 7
-    peft_model = get_peft_model(base, PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n, prompt_tuning_init=PromptTuningInit.RANDOM))
-    peft_model.eval()
-    rows = torch.randn(n, base.config.hidden_size, generator=gen)
-    emb = peft_model.prompt_encoder["default"].embedding
-    emb.weight.data.copy_(rows)
-
-    # PEFT's way: input = source + answer + EOS, labels -100 on source and padding, right padding.
-    width = max(len(s) + len(a) + 1 for s, a in seqs)
-    ids = torch.full((len(seqs), width), tok.pad_token_id)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (s, a) in enumerate(seqs):
-        full = s + a + [tok.eos_token_id]
-        ids[i, : len(full)] = torch.tensor(full)
-        mask[i, : len(full)] = 1
-        labels[i, len(s): len(full)] = torch.tensor(a + [tok.eos_token_id])
-    peft_loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    peft_loss.backward()
-
-    prompt = torch.nn.Parameter(rows.clone())
-    logp, _ = answer_logprobs(base, collate(seqs, tok.pad_token_id, tok.eos_token_id), prompt)
-    loss = -logp.mean()
-    loss.backward()
-    torch.testing.assert_close(loss, peft_loss, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(prompt.grad, emb.weight.grad, atol=1e-6, rtol=1e-4)
-    assert prompt.grad.abs().sum() > 0
-
-
 def test_missing_model_path(tmp_path):
     with pytest.raises(PtrayError, match=r"model path '.*/nope' does not exist; pass --model"):
         load_model(str(tmp_path / "nope"))
