@@ -47,7 +47,7 @@ def run(experiment: str, tracking_uri: str | None = None, out_dir: str | os.Path
 
     from analysis import mlflow_io, report
     from analysis.pipeline import Options, compute
-    from ptray.model import load_model, resolve_device_precision
+    from ptray.lm.load import load_model, resolve_device_precision
 
     try:
         options = Options(**options)

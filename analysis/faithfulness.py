@@ -32,7 +32,7 @@ def faithfulness_table(prompts: list[PromptRun], variants: dict[str, list[torch.
     examples are the ones the prompt was selected on. One row per prompt: ``<variant>_exact_match`` and
     ``<variant>_rank_accuracy`` for ``soft`` and every variant, the recorded soft / init-text / no-prompt numbers.
     """
-    from ptray.evaluate import evaluate_on_task
+    from ptray.lm.evaluate import evaluate_on_task
 
     rows = []
     for i, p in enumerate(prompts):

@@ -1,7 +1,7 @@
 """What every analysis section reads: the study's prompts in matrix order, the model's embeddings, each task's
 starting prompt and the "effective" prompts (the rows as the model's first attention reads them), prepared once.
 
-What the effective prompt of a model is, is decided in one place, ``ptray.families.effective_prompt`` (per model
+What the effective prompt of a model is, is decided in one place, ``ptray.lm.families.effective_prompt`` (per model
 family). Where a family does not define it, every effective number of the report is n/a (never the raw number
 relabelled). Nearest tokens in the effective space also pass the vocabulary through the same map, which is only
 meaningful when the map treats each row alone (BLOOM's input LayerNorm, a Llama block's RMSNorm), not when it
@@ -22,15 +22,15 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 def effective_prompt(model, prompt: torch.Tensor) -> torch.Tensor | None:
     """The effective rows [n, hidden] (fp32, CPU) of ``prompt`` [n, embed_dim] on ``model``, or None where the
-    model's family defines none. The one entry point to ``ptray.families.effective_prompt``."""
-    from ptray.families import effective_prompt as family_rule
+    model's family defines none. The one entry point to ``ptray.lm.families.effective_prompt``."""
+    from ptray.lm.families import effective_prompt as family_rule
 
     return family_rule(model, prompt)
 
 
 def effective_name(model) -> str:
     """The module whose output is the effective prompt (for the report), e.g. ``word_embeddings_layernorm``."""
-    from ptray.families import family
+    from ptray.lm.families import family
 
     return family(model).effective_norm or "none"
 
@@ -96,7 +96,8 @@ class Inputs:
 def init_prompts(prompts: list[PromptRun], embedding: torch.Tensor, tokenizer) -> dict[str, torch.Tensor | None]:
     """Each task's starting prompt [n, hidden]: its init text's token embeddings, repeated / cut to n as in
     training; None for a task whose prompts did not start from text."""
-    from ptray.prompt import PromptInit, init_prompt
+    from ptray.config import PromptInit
+    from ptray.lm.prompt import init_prompt
 
     out: dict[str, torch.Tensor | None] = {}
     for p in prompts:

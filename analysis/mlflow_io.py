@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 
 from analysis.records import EvalRun, PromptRun, Study
-from ptray import layout, tracking
+from ptray import layout
 from ptray.errors import PtrayError
+from ptray.study import tracking
 
 
 def _check_uri(uri: str) -> None:
@@ -106,7 +107,7 @@ def _int(value, what: str, run_id: str) -> int:
 
 def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study, list[str]]:
     """Read every finished run of ``experiment``: (Study, notes about runs that were skipped)."""
-    from ptray.prompt import load_adapter
+    from ptray.lm.prompt import load_adapter
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file is noise here
     client, uri = connect(tracking_uri)

@@ -113,12 +113,13 @@ def escaped(text: str) -> str:
 # ----------------------------------------------------------------------------------------------- report section
 def init_token_ids(p: PromptRun, tokenizer) -> list[int]:
     """The token ids prompt ``p``'s rows started from ([n], the init text repeated / cut to n), [] without one."""
-    from ptray.prompt import repeat_to, text_token_ids
+    from ptray.data.tokens import token_ids
+    from ptray.lm.prompt import repeat_to
 
     text = p.config.get("init_text")
     if not text:
         return []
-    return repeat_to(text_token_ids(tokenizer, text), p.num_tokens)
+    return repeat_to(token_ids(tokenizer, text), p.num_tokens)
 
 
 def nearest_section(*, inputs: Inputs, tokenizer, top_k: int, chunk: int

@@ -72,7 +72,7 @@ class Study:
     @property
     def tasks(self) -> list[str]:
         """Tasks in the registry's order (cb, rte, copa, wsc), then any others alphabetically."""
-        from ptray.tasks import TASK_NAMES
+        from ptray.data.tasks import TASK_NAMES
 
         present = {p.task for p in self.prompts}
         return [t for t in TASK_NAMES if t in present] + sorted(present - set(TASK_NAMES))

@@ -54,7 +54,7 @@ from benchmarks.targets import conclude  # noqa: E402
 from benchmarks.training import train  # noqa: E402
 from benchmarks.trials import concurrency, packed  # noqa: E402
 from ptray.cli import OneLineParser, non_negative_int, positive_float, positive_int  # noqa: E402
-from ptray.tasks import TASK_NAMES  # noqa: E402
+from ptray.data.tasks import TASK_NAMES  # noqa: E402
 
 SECTIONS = ("train", "eval", "packed", "concurrency", "ablations")  # --sections: the measurements after the peak
 

@@ -23,10 +23,10 @@ import torch
 from benchmarks import variants as V
 from benchmarks.measure import Shape, matmul_peak, median
 from benchmarks.models import build_model
-from ptray.batching import encode_all
-from ptray.data import load_split
-from ptray.prompt import init_prompt
-from ptray.tasks import get_task
+from ptray.data.batching import encode_all
+from ptray.data.superglue import load_split
+from ptray.data.tasks import get_task
+from ptray.lm.prompt import init_prompt
 
 
 class Context:

@@ -9,16 +9,16 @@ with bloomz-560m's exact config (``--smoke``: ptray's tiny BLOOM) and measures, 
 
 1. ``peak``: the dense matmul FLOP/s of the device in the run's dtype (the MFU denominator); the spec peak is
    989 TFLOP/s dense bf16 for H100/H200 SXM (none assumed for other devices).
-2. ``attention``: forward + backward to a soft prompt (``ptray.model.answer_logprobs``) through Hugging Face's eager
+2. ``attention``: forward + backward to a soft prompt (``ptray.lm.forward.answer_logprobs``) through Hugging Face's eager
    BLOOM attention and through ``ptray.attention``'s two fused paths (the ALiBi + mask bias; ALiBi folded into Q
    and K with a causal-only call), at several batch x length shapes (right padding, lengths drawn from [L/2, L]);
    tokens/s, MFU, and the largest difference of the answer log-probs from eager. Then which SDPA kernels
    (efficient, cuDNN, flash, math) run each fused path.
 3. ``group``: the training step of one trial (batch 8, eager as ``ptray.train`` runs today, and both fused paths)
    against trial groups of K = 4, 8, 16 prompts, and of 16 in token-sized forward passes (the study's tasks and
-   seeds, real batches from ``train_batches``, ``ptray.group.group_answer_logprobs`` + one Adam per prompt):
+   seeds, real batches from ``train_batches``, ``ptray.lm.forward.group_answer_logprobs`` + one Adam per prompt):
    tokens/s, MFU and peak memory.
-4. ``study``: the paper study run by ``ptray.group.train_group``: 16 prompts (CB, RTE, COPA, WSC x seeds 0-3),
+4. ``study``: the paper study run by ``ptray.training.loop.train_group``: 16 prompts (CB, RTE, COPA, WSC x seeds 0-3),
    up to 50 epochs with a validation pass each, early stopping (patience 5), in one group, with the fused
    attention mode that ran the group of 16 faster and ``--max-tokens-per-forward``; then the 68 transfer
    evaluations (16 prompts x 4 tasks + no prompt on each task). Wall time measured under ``--study-seconds``; when
@@ -67,15 +67,15 @@ import torch  # noqa: E402
 
 from benchmarks.measure import PeakMemory, Shape, matmul_peak, sync  # noqa: E402
 from benchmarks.models import build_model  # noqa: E402
-from ptray.attention import use_fused_attention  # noqa: E402
-from ptray.batching import collate, encode_all, train_batches  # noqa: E402
-from ptray.data import load_split  # noqa: E402
-from ptray.evaluate import evaluate_prompts  # noqa: E402
-from ptray.group import group_answer_logprobs, train_group  # noqa: E402
-from ptray.model import answer_logprobs  # noqa: E402
-from ptray.prompt import init_prompt  # noqa: E402
-from ptray.tasks import get_task  # noqa: E402
-from ptray.train import TrainConfig  # noqa: E402
+from ptray.config import TrainConfig  # noqa: E402
+from ptray.data.batching import collate, encode_all, train_batches  # noqa: E402
+from ptray.data.superglue import load_split  # noqa: E402
+from ptray.data.tasks import get_task  # noqa: E402
+from ptray.lm.attention import use_fused_attention  # noqa: E402
+from ptray.lm.evaluate import evaluate_prompts  # noqa: E402
+from ptray.lm.forward import answer_logprobs, group_answer_logprobs  # noqa: E402
+from ptray.lm.prompt import init_prompt  # noqa: E402
+from ptray.training.loop import train_group  # noqa: E402
 
 TASKS = ("cb", "rte", "copa", "wsc")
 SEEDS = (0, 1, 2, 3)
@@ -643,7 +643,8 @@ def render(res: dict) -> str:
     s = res.get("study")
     if s:
         peak = "-" if s["train_peak_gib"] is None else f"{s['train_peak_gib']:.1f} GiB"
-        lines += [f"Paper study by `ptray.group.train_group` ({s['prompts']} prompts in one group, {s['attention']} "
+        lines += [f"Paper study by `ptray.training.loop.train_group` ({s['prompts']} prompts in one group, "
+                  f"{s['attention']} "
                   "attention, "
                   + (f"{s['max_tokens_per_forward']} padded tokens per forward pass" if "max_tokens_per_forward" in s
                      else f"{s['chunks']} length chunks per step") + "): "

@@ -8,14 +8,14 @@ Shapes:
 * ``small-560m-ratio``: ``small`` with a 10,496-word vocabulary, so that LM head / block weights = 0.85 as in
   bloomz-560m (256.9M / 302.0M). Token ids stay below 1,000 (the extra rows are never input, as in BLOOM's padded
   vocabulary); the head's cost per position is the real model's proportion.
-* ``bloomz-560m``: bloomz-560m's exact config (``ptray.tiny_model.BLOOMZ_560M``).
+* ``bloomz-560m``: bloomz-560m's exact config (``ptray.lm.tiny_model.BLOOMZ_560M``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ptray.tiny_model import BLOOMZ_560M, build_tokenizer
+from ptray.lm.tiny_model import BLOOMZ_560M, build_tokenizer
 
 SHAPES = {
     "tiny": dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=None, initializer_range=0.2),
@@ -37,7 +37,7 @@ def bloom_config(shape: str, vocab_size: int):
 
 def build_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0, tokenizer=None):
     """``(model, tokenizer)``: a random-weight BLOOM of ``shape`` on ``device`` in ``dtype``, eval mode, frozen,
-    as ``ptray.model.load_model`` returns it. The tokenizer is ptray's offline one (built unless given)."""
+    as ``ptray.lm.load.load_model`` returns it. The tokenizer is ptray's offline one (built unless given)."""
     tokenizer = tokenizer or build_tokenizer()
     return build_bloom(shape, len(tokenizer), device, dtype, seed), tokenizer
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from benchmarks import variants as V
 from benchmarks.context import Context, log
-from ptray.tasks import get_task
+from ptray.data.tasks import get_task
 
 
 def train(ctx: Context) -> None:

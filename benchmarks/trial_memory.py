@@ -8,7 +8,7 @@ With bloomz-560m's exact config (random weights) in fp32 on CPU, under the torch
 * ptray's training step (``benchmarks.variants.ptray_train``: answer-only logits, backward to the prompt, Adam on
   the prompt) on each task's batch with the most padded positions (batch 8, max length 512; ptray's offline
   tokenizer makes ~2.5x more tokens than bloomz's, so these batches are longer than the real ones: an upper bound);
-* ``ptray.evaluate.evaluate`` (evaluation batch 32 sequences, shared source pass) on each task's longest
+* ``ptray.lm.evaluate.evaluate`` (evaluation batch 32 sequences, shared source pass) on each task's longest
   validation examples.
 
 A trial on a GPU holds bf16 weights and bf16 activations (BLOOM's attention softmax stays fp32). The estimate per
@@ -37,11 +37,11 @@ from benchmarks.markdown import update_markdown  # noqa: E402
 from benchmarks.measure import PeakMemory  # noqa: E402
 from benchmarks.models import SHAPES, build_model  # noqa: E402
 from benchmarks.study_estimate import PAPER_TASKS  # noqa: E402
-from ptray.batching import encode_all, train_batches  # noqa: E402
 from ptray.cli import OneLineParser, non_negative_float, positive_float, positive_int  # noqa: E402
-from ptray.data import load_split  # noqa: E402
-from ptray.prompt import init_prompt  # noqa: E402
-from ptray.tasks import TASK_NAMES, get_task  # noqa: E402
+from ptray.data.batching import encode_all, train_batches  # noqa: E402
+from ptray.data.superglue import load_split  # noqa: E402
+from ptray.data.tasks import TASK_NAMES, get_task  # noqa: E402
+from ptray.lm.prompt import init_prompt  # noqa: E402
 
 GIB = 2**30
 

@@ -78,7 +78,7 @@ def concurrency(ctx: Context) -> None:
 
 def _epochs(data, batch_size, seed, pad_id, eos_id):
     """ptray's length-grouped batches, epoch after epoch, made as the loop reaches them (as ``train`` does)."""
-    from ptray.batching import train_batches
+    from ptray.data.batching import train_batches
 
     epoch = 0
     while True:

@@ -27,20 +27,19 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.measure import PeakMemory, Shape, sync
-from ptray.attention import use_fused_attention
-from ptray.batching import Batch, Encoded, collate, train_batches
-from ptray.evaluate import evaluate
-from ptray.group import group_answer_logprobs
-from ptray.model import answer_logprobs
-from ptray.prompt import prepend
+from ptray.data.batching import Batch, Encoded, collate, train_batches
+from ptray.lm.attention import use_fused_attention
+from ptray.lm.evaluate import evaluate
+from ptray.lm.forward import answer_logprobs, group_answer_logprobs
+from ptray.lm.load import compile_blocks
+from ptray.lm.prompt import prepend
 from ptray.seeds import epoch_seed
-from ptray.train import compile_blocks
 
 # ----------------------------------------------------------------------------------------------------- losses
 
 
 def answer_loss(model, batch: Batch, prompt: torch.Tensor) -> torch.Tensor:
-    """ptray's training loss (``ptray/train.py``): mean NLL of the answer tokens + EOS, head at those positions."""
+    """ptray's training loss (``ptray.training``): mean NLL of the answer tokens + EOS, head at those positions."""
     logp, _ = answer_logprobs(model, batch, prompt)
     return -logp.mean()
 
@@ -56,7 +55,7 @@ def full_logits_loss(model, batch: Batch, prompt: torch.Tensor) -> torch.Tensor:
 
 
 def packed_loss(model, batches: list[Batch], prompts: list[torch.Tensor]) -> torch.Tensor:
-    """Several trials in one forward pass, as a trial group trains (``ptray.group.group_answer_logprobs``): trial
+    """Several trials in one forward pass, as a trial group trains (``group_answer_logprobs``): trial
     k's batch with trial k's prompt; returns the sum of their losses. The sum's gradient for prompt k is trial k's
     own gradient."""
     return sum(-logp.mean() for logp in group_answer_logprobs(model, list(zip(batches, prompts))))
@@ -67,7 +66,7 @@ def packed_loss(model, batches: list[Batch], prompts: list[torch.Tensor]) -> tor
 
 def random_batches(data: list[Encoded], batch_size: int, seed: int, epoch: int, pad_id: int, eos_id: int):
     """One epoch of gold-answer batches in plain shuffled order (no length grouping): the ablation of
-    ``ptray.batching.train_batches``."""
+    ``ptray.data.batching.train_batches``."""
     gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))  # train_batches' seed, never out of range
     order = torch.randperm(len(data), generator=gen).tolist()
     return [collate([(data[i].source, data[i].answers[data[i].label]) for i in order[s:s + batch_size]], pad_id,
@@ -146,7 +145,7 @@ def optimizer_step(compute_loss, optimizers, autocast) -> torch.Tensor:
 def ptray_train(model, batches: list[Batch], init: torch.Tensor, *, device: str, precision: str, warmup: int,
                 lr: float = 3e-2, loss_fn=answer_loss, shape: Shape | None = None, collate_s: float = 0.0,
                 train_weights: bool = False, memory: bool | None = None) -> StepResult:
-    """ptray's training loop body (``ptray/train.py``: autocast, loss, backward, Adam on the fp32 prompt only),
+    """ptray's training loop body (``ptray/training/train.py``: autocast, loss, backward, Adam on the fp32 prompt only),
     run over ``batches``; the first ``warmup`` are not timed.
 
     ``collate_s``: seconds to collate one batch, added per timed step (the batches were made beforehand).
@@ -223,7 +222,7 @@ def gold_only(data: list[Encoded]) -> list[Encoded]:
 
 
 def ptray_evaluate(model, data, prompt, *, batch_size, pad_id, eos_id, device, precision, share_source=None):
-    """``ptray.evaluate.evaluate`` as ``train`` calls it (exact match + rank accuracy, every label scored);
+    """``ptray.lm.evaluate.evaluate`` as ``train`` calls it (exact match + rank accuracy, every label scored);
     ``share_source=False``: one pass per label instead of the shared source pass."""
     return evaluate(model, data, prompt, batch_size, pad_id, eos_id, device=device,
                     autocast=autocast_factory(device, precision) if precision == "bf16" else None,
@@ -273,7 +272,7 @@ def generate_exact_match(model, data: list[Encoded], prompt: torch.Tensor | None
 @contextlib.contextmanager
 def sdpa_attention(model):
     """Within the block, ``model``'s BLOOM attention layers run through one SDPA call with ALiBi as an additive
-    bias (``ptray.attention.use_fused_attention``); they are eager again afterwards."""
+    bias (``ptray.lm.attention.use_fused_attention``); they are eager again afterwards."""
     use_fused_attention(model)
     try:
         yield
@@ -283,7 +282,7 @@ def sdpa_attention(model):
 
 @contextlib.contextmanager
 def compiled_blocks(model):
-    """Within the block, the model runs as ptray's ``--compile`` makes it (``ptray.train.compile_blocks``); the
+    """Within the block, the model runs as ptray's ``--compile`` makes it (``ptray.lm.load.compile_blocks``); the
     blocks are eager again afterwards."""
     compile_blocks(model)
     try:

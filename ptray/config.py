@@ -1,7 +1,7 @@
 """Every config, declared once: each field carries its default and one-line help, from which the command lines
 (``python -m ptray.train``, ``sweeps/all.py``) are built (``ptray.cli.add_config_arguments``).
 
-- ``TrainConfig``: one training run (``ptray.train.train``).
+- ``TrainConfig``: one training run (``ptray.training.train.train``).
 - ``EvalConfig``: evaluating prompts on a task's validation split (the transfer grid).
 - ``Plan``: what defines a study; it holds the ``TrainConfig`` every trial starts from. Stored in the study's MLflow
   experiment; ``--resume`` continues exactly this.
@@ -13,15 +13,25 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from ptray.cli import config_field, non_negative_float, non_negative_int, positive_float, positive_int, seed_int
-from ptray.data import DEFAULT_HUB_DATASET, SPLITS
+from ptray.data.superglue import DEFAULT_HUB_DATASET, SPLITS
+from ptray.data.tasks import TASK_NAMES, get_task
 from ptray.errors import PtrayError
-from ptray.model import DEFAULT_MODEL
-from ptray.prompt import PromptInit
 from ptray.seeds import check_seed
-from ptray.tasks import TASK_NAMES, get_task
+
+DEFAULT_MODEL = "bigscience/bloomz-560m"  # the paper's model
+
+
+class PromptInit(str, Enum):
+    """How the prompt rows start: the init text's token embeddings (the paper), random, or random vocab rows."""
+
+    TEXT = "text"
+    RANDOM = "random"
+    SAMPLE_VOCAB = "sample_vocab"
+
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 DEFAULT_GPUS_PER_TRIAL = 0.25  # four trials share a GPU: one bloomz-560m prompt-tuning run leaves most of it idle

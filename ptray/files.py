@@ -41,3 +41,12 @@ def atomic_folder(out: str | Path, replace: bool = True) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` (a ``--model`` value that is not an existing folder) reads as a path rather than a Hub id.
+
+    Hub ids are ``name`` or ``org/name``; ``./m``, ``../m``, ``/abs``, ``~/m``, ``a/b/c`` and Windows paths are paths,
+    so a missing one is a mistyped path, refused at once instead of looked up on the Hub.
+    """
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name

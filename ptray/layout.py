@@ -1,8 +1,9 @@
 """The contract between what a study writes to MLflow and what reads it back (docs/tracking.md).
 
-Every tag name, run kind, run name, artifact file name and JSON key that a writer (``ptray.trial``,
-``ptray.transfer``, ``ptray.train.save_run``) and a reader (``analysis.mlflow_io``, the sweep's summary, the tests)
-share is spelled here and nowhere else. This module imports no MLflow: it is plain names and pure functions.
+Every tag name, run kind, run name, artifact file name and JSON key that a writer (``ptray.study.trial``,
+``ptray.study.transfer``, ``ptray.training.run_folder.save_run``) and a reader (``analysis.mlflow_io``, the sweep's
+summary, the tests) share is spelled here and nowhere else. This module imports no MLflow: it is plain names and
+pure functions.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ FINAL_PREFIX = "final_"
 HISTORY_KEY = "eval_loss"  # logged once per epoch, in the same batch as every other per-epoch metric
 
 # -------------------------------------------------------------------------------------------------- artifacts
-PROMPT_DIR = "prompt"  # a PEFT prompt-tuning adapter folder (ptray.prompt.save_adapter writes it):
+PROMPT_DIR = "prompt"  # a PEFT prompt-tuning adapter folder (ptray.lm.prompt.save_adapter writes it):
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"  # one fp32 tensor "prompt_embeddings" [n, hidden]
 PROMPT_FILES = (f"{PROMPT_DIR}/{PEFT_CONFIG}", f"{PROMPT_DIR}/{PEFT_WEIGHTS}")

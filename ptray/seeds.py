@@ -22,3 +22,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
     """The data-order seed of ``epoch`` in a run seeded with ``seed``: ``seed * 100_003 + epoch`` (the formula
     runs so far used), wrapped into torch's range [0, 2**64) so that no seed and epoch can overflow it."""
     return (seed * 100_003 + epoch) % 2**64
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (``seed`` in [0, MAX_SEED], ``check_seed``)."""
+    import random
+
+    import numpy as np
+    import torch  # here, not at the top: the configs import this module and must not load torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

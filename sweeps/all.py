@@ -12,7 +12,7 @@ docs/architecture.md shows how the pieces fit.
 import sys
 
 import analysis
-from ptray.study import main
+from ptray.study.driver import main
 
 if __name__ == "__main__":
     sys.exit(main(analyse=analysis.run))

@@ -28,15 +28,16 @@ def build_store(root: Path, model_dir: Path, data_dir: Path, experiment: str = "
     its own when ``diagonal_transfers``) and no prompt on every task, and log it all to a sqlite store in
     ``root`` (or to ``tracking_uri``, e.g. a tracking server that stores the artifacts itself).
 
-    The runs are written by the sweep's own functions (``ptray.trial.run_training``, ``ptray.transfer
+    The runs are written by the sweep's own functions (``ptray.study.trial.run_training``, ``ptray.transfer
     .transfer_target``), so the store holds exactly what a study leaves."""
     from mlflow.tracking import MlflowClient
 
-    from ptray import layout, tracking
+    from ptray import layout
     from ptray.config import TrainConfig
-    from ptray.context import StudyContext
-    from ptray.transfer import transfer_target
-    from ptray.trial import run_training
+    from ptray.study import tracking
+    from ptray.study.context import StudyContext
+    from ptray.study.transfer import transfer_target
+    from ptray.study.trial import run_training
 
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"

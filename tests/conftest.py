@@ -26,7 +26,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from ptray.tiny_model import build
+    from ptray.lm.tiny_model import build
 
     return build(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -34,6 +34,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """(model, tokenizer) of the tiny BLOOM, fp32, eval mode."""
-    from ptray.model import load_model
+    from ptray.lm.load import load_model
 
     return load_model(str(tiny_model_dir))

@@ -1,17 +1,17 @@
-"""The fused BLOOM attention (ptray/attention.py) against Hugging Face's eager BLOOM on random inputs, fp32."""
+"""The fused BLOOM attention (ptray/lm/attention.py) against Hugging Face's eager BLOOM on random inputs, fp32."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ptray.attention import fused_attention_enabled, use_fused_attention
-from ptray.batching import collate, encode_all
-from ptray.data import load_split
-from ptray.evaluate import evaluate
-from ptray.model import answer_logprobs
-from ptray.prompt import prepend
-from ptray.tasks import get_task
+from ptray.data.batching import collate, encode_all
+from ptray.data.superglue import load_split
+from ptray.data.tasks import get_task
+from ptray.lm.attention import fused_attention_enabled, use_fused_attention
+from ptray.lm.evaluate import evaluate
+from ptray.lm.forward import answer_logprobs
+from ptray.lm.prompt import prepend
 
 
 def _bloom(n_head: int, seed: int = 0):
@@ -165,7 +165,7 @@ def test_non_bloom_models_are_left_alone_and_use_sdpa(family):
 def test_bias_is_built_once_per_forward(monkeypatch):
     """Every layer gets the same ALiBi and mask tensors: the [batch, heads, q, kv] bias is built by the first layer
     only, and built anew for the next pass (whose padding differs)."""
-    import ptray.attention as attention
+    import ptray.lm.attention as attention
 
     built = []
     real = attention._bias
@@ -189,7 +189,7 @@ def test_bias_is_built_once_per_forward(monkeypatch):
 
 def test_folded_alibi_is_used_for_right_padding_only(monkeypatch):
     """Right-padded passes without a cache never build the bias; left-padded ones (generation) do."""
-    import ptray.attention as attention
+    import ptray.lm.attention as attention
 
     built, folded = [], []
     real_bias, real_fold = attention._bias, attention._folded_alibi_attention

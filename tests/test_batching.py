@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from ptray.batching import Encoded, check_fits, check_positions, encode, encode_all, eval_batches, train_batches
-from ptray.data import Example
+from ptray.data.batching import Encoded, check_fits, check_positions, encode, encode_all, eval_batches, train_batches
+from ptray.data.superglue import Example
+from ptray.data.tasks import get_task
+from ptray.data.tokens import token_ids
 from ptray.errors import PtrayError
-from ptray.prompt import text_token_ids
 from ptray.seeds import MAX_SEED, epoch_seed
-from ptray.tasks import get_task
 
 
 def test_truncation_shortens_longest_field_and_keeps_answer(tiny):
@@ -141,7 +141,7 @@ def test_prompt_and_max_length_beyond_the_models_positions_are_refused():
 
 def test_check_fits_counts_the_longest_prompt_a_run_puts_before_a_source(tiny):
     _, tok = tiny
-    init = len(text_token_ids(tok, get_task("cb").init_text))
+    init = len(token_ids(tok, get_task("cb").init_text))
     gpt2 = SimpleNamespace(max_position_embeddings=64)
     run = dict(max_length=64 - init, init_text=None, num_tokens=None, baselines=True)
     check_fits(["cb"], tok, gpt2, SimpleNamespace(**run))  # the init text's length + max length = 64: fits

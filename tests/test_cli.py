@@ -1,4 +1,4 @@
-"""`python -m ptray.train` and `python -m ptray.tiny_model`: a real run, and one clear line per bad input."""
+"""`python -m ptray.train` and `python -m ptray.lm.tiny_model`: a real run, and one clear line per bad input."""
 
 import json
 import subprocess
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-import ptray.model
-from ptray.train import main
+import ptray.lm.load
+from ptray.training.train import main
 
 
 def _run(argv, capsys):
@@ -82,7 +82,7 @@ def test_model_path_missing(data_dir, tmp_path, capsys):
 
 
 def test_hub_unreachable(data_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ptray.model, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(ptray.lm.load, "_hub_reachable", lambda timeout=3.0: False)
     code, _, err = _run(_args(data_dir, "bigscience/bloomz-560m", tmp_path / "o"), capsys)
     _assert_one_line_error(code, err, r"cannot reach the Hugging Face Hub to download 'bigscience/bloomz-560m'.*"
                                       r"pass --model DIR", tmp_path / "o")
@@ -112,7 +112,7 @@ def test_output_dir_with_another_run(tiny_model_dir, data_dir, tmp_path, capsys)
 
 
 def test_tiny_model_refuses_non_empty_dir(tmp_path):
-    from ptray.tiny_model import main as tiny_main
+    from ptray.lm.tiny_model import main as tiny_main
 
     (tmp_path / "x").write_text("keep")
     assert tiny_main([str(tmp_path)]) == 2
@@ -124,9 +124,8 @@ def test_every_train_config_field_is_a_flag_with_the_dataclass_default():
     import dataclasses
 
     from ptray.cli import config_from_args
-    from ptray.config import TrainConfig
-    from ptray.prompt import PromptInit
-    from ptray.train import build_parser
+    from ptray.config import PromptInit, TrainConfig
+    from ptray.training.train import build_parser
 
     parser = build_parser()
     dests = {a.dest for a in parser._actions}

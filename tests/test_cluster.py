@@ -14,9 +14,9 @@ import pytest
 import yaml
 from test_tracking import mlflow_server
 
-from ptray import tracking
-from ptray.prompt import load_adapter
-from ptray.study import main
+from ptray.lm.prompt import load_adapter
+from ptray.study import tracking
+from ptray.study.driver import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from ptray.data import _normalise, load_split, read_jsonl
+from ptray.data.superglue import _normalise, load_split, read_jsonl
+from ptray.data.tasks import get_task
 from ptray.errors import PtrayError
-from ptray.tasks import get_task
 
 COUNTS = {"cb": (250, 56), "rte": (2490, 277), "copa": (400, 100), "wsc": (554, 104)}
 
@@ -117,7 +117,7 @@ def test_read_hub_converts_integer_labels(monkeypatch, data_dir):
     """read_hub on rows shaped like aps/super_glue's (integer labels, flat spans, -1 for test) gives local records."""
     import datasets
 
-    from ptray.data import read_hub
+    from ptray.data.superglue import read_hub
 
     task = get_task("wsc")
     local = load_split(task, "val", data_dir)[:5]

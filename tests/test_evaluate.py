@@ -4,8 +4,8 @@ of scoring the labels (one pass per label, one shared source pass) against those
 import pytest
 import torch
 
-from ptray.batching import Encoded
-from ptray.evaluate import evaluate, shares_source
+from ptray.data.batching import Encoded
+from ptray.lm.evaluate import evaluate, shares_source
 
 
 def _greedy(model, src, prompt, max_new, eos, pad):
@@ -139,7 +139,7 @@ def test_shared_source_pass_refuses_sequences_longer_than_a_sliding_window(tiny)
 def test_many_prompts_per_pass_equal_each_prompt_alone(tiny, batch_size):
     """The transfer grid's grouped evaluation (prompts of different lengths and no prompt, rows of several prompts
     in one pass) gives each prompt's own evaluation: the per-label reference's loss, exact match and ranking."""
-    from ptray.evaluate import evaluate_prompts
+    from ptray.lm.evaluate import evaluate_prompts
 
     model, tok = tiny
     data = _random_examples(17, len(tok), seed=10 + batch_size)

@@ -13,15 +13,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptray import families
-from ptray.batching import Encoded, collate, encode
-from ptray.data import Example
+from ptray.config import PromptInit
+from ptray.data.batching import Encoded, collate, encode
+from ptray.data.superglue import Example
+from ptray.data.tasks import TASKS
+from ptray.data.tokens import answer_ids_in_context, token_ids
 from ptray.errors import PtrayError
-from ptray.evaluate import evaluate
-from ptray.model import answer_logprobs, load_model
-from ptray.prompt import PromptInit, init_prompt, save_adapter, text_token_ids
-from ptray.tasks import TASKS
-from ptray.tiny_model import build_tokenizer
+from ptray.lm import families
+from ptray.lm.check import check_model
+from ptray.lm.evaluate import evaluate
+from ptray.lm.forward import answer_logprobs
+from ptray.lm.load import load_model
+from ptray.lm.prompt import init_prompt, save_adapter
+from ptray.lm.tiny_model import build_tokenizer
 
 INIT = TASKS["cb"].init_text
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -155,7 +159,7 @@ def test_loss_and_gradient_equal_peft(fam):
 
 def test_text_init_equals_peft(fam):
     name, path, model, tok, _ = fam
-    n_text = len(text_token_ids(tok, INIT))
+    n_text = len(token_ids(tok, INIT))
     for n in (n_text, n_text - 3, 2 * n_text + 1):
         peft_rows = _peft(path, n, init=INIT, token_dim=families.embed_dim(model)).prompt_encoder["default"]
         ours = init_prompt(model.get_input_embeddings(), tok, PromptInit.TEXT, INIT, num_tokens=n)
@@ -242,7 +246,7 @@ def test_shared_source_equals_one_pass_per_label(fam):
 
 
 def test_effective_prompt_is_what_the_first_attention_reads(fam):
-    """Written out by hand per family from the model's own weights (the definitions in ptray/families.py)."""
+    """Written out by hand per family from the model's own weights (the definitions in ptray/lm/families.py)."""
     name, _, model, _, _ = fam
     w = _prompt(model, 5, 6)
     got = families.effective_prompt(model, w)
@@ -299,7 +303,8 @@ def test_train_save_and_reload_into_peft(fam, data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from ptray.config import TrainConfig
-    from ptray.train import save_run, train
+    from ptray.training.run_folder import save_run
+    from ptray.training.train import train
 
     name, path, _, tok, _ = fam
     cfg = TrainConfig(task="cb", seed=0, model=str(path), data_dir=str(data_dir), max_epochs=2, batch_size=4,
@@ -310,8 +315,8 @@ def test_train_save_and_reload_into_peft(fam, data_dir, tmp_path):
     assert result.metrics["eval_loss"] < result.metrics["init_text_eval_loss"]
     assert result.resolved["transformers_version"] and result.resolved["torch_version"]
 
-    from ptray.batching import encode_all
-    from ptray.data import load_split
+    from ptray.data.batching import encode_all
+    from ptray.data.superglue import load_split
 
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(path)), str(out / "prompt"))
     peft_model.eval()
@@ -356,7 +361,7 @@ def _legacy_sentencepiece_tokenizer():
     from tokenizers import SentencePieceBPETokenizer, decoders, normalizers
     from transformers import PreTrainedTokenizerFast
 
-    from ptray.tiny_model import _corpus
+    from ptray.lm.tiny_model import _corpus
 
     sp = SentencePieceBPETokenizer()
     sp.train_from_iterator(_corpus(), vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
@@ -393,7 +398,7 @@ def test_sentencepiece_legacy_answer_ids(tmp_path):
         g = model.generate(input_ids=torch.tensor([enc.source]), max_new_tokens=2, do_sample=False,
                            pad_token_id=tok.pad_token_id, eos_token_id=None)[0, len(enc.source):].tolist()
     answer_text = tok.decode(g[:1])  # whatever the model says first, as text, made the gold answer
-    ids = families.answer_ids_in_context(tok, text, [answer_text])[0]
+    ids = answer_ids_in_context(tok, text, [answer_text])[0]
     assert ids == g[:1], (ids, g)  # the text re-tokenizes to the greedy token: exact match holds with EOS = g[1]
     res = evaluate(model, [Encoded(0, enc.source, (ids,), 0)], None, 4, tok.pad_token_id, g[1])
     assert res.em_correct == [1]
@@ -448,4 +453,4 @@ def test_untested_family_that_cannot_run_is_refused_in_one_line(tmp_path, monkey
     monkeypatch.setattr(model, "forward", no_embeds)
     with pytest.raises(PtrayError, match=r"^model type 'somelm' is not supported: ptray's checks could not run it "
                                          r"\(ValueError: inputs_embeds is not supported\); supported families: bloom"):
-        families.family(model)
+        check_model(model)  # load_model runs this check on every model it loads

@@ -20,9 +20,10 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import variants as V  # noqa: E402
 from benchmarks.measure import PeakMemory, Shape  # noqa: E402
-from ptray.batching import Encoded, collate, train_batches  # noqa: E402
-from ptray.model import answer_logprobs, load_model  # noqa: E402
-from ptray.prompt import init_prompt  # noqa: E402
+from ptray.data.batching import Encoded, collate, train_batches  # noqa: E402
+from ptray.lm.forward import answer_logprobs  # noqa: E402
+from ptray.lm.load import load_model  # noqa: E402
+from ptray.lm.prompt import init_prompt  # noqa: E402
 
 INIT_TEXT = "Does the hypothesis entail the premise?"
 

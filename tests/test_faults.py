@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from ptray.batching import encode, encode_all
-from ptray.data import load_split
+from ptray.data.batching import encode, encode_all
+from ptray.data.superglue import load_split
+from ptray.data.tasks import TASK_NAMES, get_task
 from ptray.errors import PtrayError
 from ptray.seeds import MAX_SEED, check_seed
-from ptray.tasks import TASK_NAMES, get_task
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. truncation ends on multi-byte text (these examples hung `encode` at --max-length 64 with the tiny tokenizer)
@@ -50,7 +50,7 @@ def test_every_training_example_fits_max_length_64_without_replacement_character
 
 def test_train_cli_on_rte_at_max_length_64_finishes(tiny_model_dir, data_dir, tmp_path, capsys):
     # the reported command (its first 300 examples hold idx 287), one epoch
-    from ptray.train import main
+    from ptray.training.train import main
 
     out = tmp_path / "run"
     code = main(["--task", "rte", "--seed", "0", "--model", str(tiny_model_dir), "--data-dir", str(data_dir),
@@ -62,7 +62,7 @@ def test_train_cli_on_rte_at_max_length_64_finishes(tiny_model_dir, data_dir, tm
 
 
 def test_train_cli_refuses_a_max_length_below_the_answer_cue(tiny_model_dir, data_dir, tmp_path, capsys):
-    from ptray.train import main
+    from ptray.training.train import main
 
     out = tmp_path / "run"
     code = main(["--task", "cb", "--seed", "0", "--model", str(tiny_model_dir), "--data-dir", str(data_dir),
@@ -77,9 +77,9 @@ def test_train_cli_refuses_prompt_plus_max_length_beyond_the_models_positions(da
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ptray.prompt import text_token_ids
-    from ptray.tiny_model import build_tokenizer
-    from ptray.train import main
+    from ptray.data.tokens import token_ids
+    from ptray.lm.tiny_model import build_tokenizer
+    from ptray.training.train import main
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def test_train_cli_refuses_prompt_plus_max_length_beyond_the_models_positions(da
             "--output-dir", str(out), "--num-tokens", "10", "--max-train-examples", "4", "--max-eval-examples", "4",
             "--max-epochs", "1", "--device", "cpu"]
     # the init-text baseline puts the whole init text (more than the soft prompt's 10 rows) before each source
-    hard = len(text_token_ids(tok, get_task("cb").init_text))
+    hard = len(token_ids(tok, get_task("cb").init_text))
     assert hard > 10
     code = main([*argv, "--max-length", str(64 - hard + 1)])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -117,7 +117,7 @@ def _one_line_exit_2(capsys, call, expected: str):
 
 
 def test_train_cli_refuses_a_seed_out_of_range(tmp_path, capsys):
-    from ptray.train import main
+    from ptray.training.train import main
 
     _one_line_exit_2(capsys, lambda: main(["--task", "cb", "--seed", BIG, "--output-dir", str(tmp_path / "o")]),
                      f"argument --seed: must be a seed from 0 to {MAX_SEED} (2**32 - 1), got {BIG}")
@@ -127,7 +127,7 @@ def test_train_cli_refuses_a_seed_out_of_range(tmp_path, capsys):
 
 
 def test_train_config_checks_the_seed_for_every_caller():
-    from ptray.train import TrainConfig
+    from ptray.config import TrainConfig
 
     assert TrainConfig(seed=MAX_SEED).seed == MAX_SEED
     with pytest.raises(PtrayError, match=rf"seed must be an integer from 0 to {MAX_SEED} \(2\*\*32 - 1\), got {BIG}"):
@@ -138,7 +138,7 @@ def test_train_config_checks_the_seed_for_every_caller():
 
 
 def test_sweep_refuses_seeds_out_of_range_before_anything_starts(tmp_path, capsys, monkeypatch):
-    from ptray.study import main, parse_seeds
+    from ptray.study.driver import main, parse_seeds
 
     with pytest.raises(PtrayError, match=rf"--seeds '{BIG}': seed {BIG} is out of range; seeds are integers from "
                                          rf"0 to {MAX_SEED}"):
@@ -157,8 +157,8 @@ def test_sweep_refuses_seeds_out_of_range_before_anything_starts(tmp_path, capsy
 
 
 def test_a_stored_plan_with_a_seed_out_of_range_is_refused_before_resuming(workdir, capsys):
-    from ptray import tracking
     from ptray.config import Plan
+    from ptray.study import tracking
 
     mc = tracking.client(tracking.resolve_tracking_uri())
     exp = tracking.get_or_create_experiment(mc, "ptray-old")
@@ -169,12 +169,12 @@ def test_a_stored_plan_with_a_seed_out_of_range_is_refused_before_resuming(workd
                                 f"got {BIG}\n"
 
 
-@pytest.mark.parametrize("module", ["ptray.tiny_model", "analysis.__main__"])
+@pytest.mark.parametrize("module", ["ptray.lm.tiny_model", "analysis.__main__"])
 def test_other_clis_with_a_seed_check_its_range(module, tmp_path, capsys):
     import importlib
 
     main = importlib.import_module(module).main
-    argv = [str(tmp_path / "m")] if module == "ptray.tiny_model" else ["--experiment", "x"]
+    argv = [str(tmp_path / "m")] if module == "ptray.lm.tiny_model" else ["--experiment", "x"]
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--seed", str(2**64)])
     assert exc.value.code == 2 and "must be a seed from 0 to 4294967295" in capsys.readouterr().err
@@ -195,7 +195,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def _study(capsys, *argv) -> tuple[int, str, str]:
-    from ptray.study import main
+    from ptray.study.driver import main
 
     capsys.readouterr()
     code = main(list(argv))
@@ -206,8 +206,8 @@ def _study(capsys, *argv) -> tuple[int, str, str]:
 def test_every_study_path_reaches_the_workers_absolute(workdir, tiny_model_dir, data_dir, monkeypatch):
     import shutil
 
-    from ptray import preflight, tracking
-    from ptray.study import build_parser, options_from_args, plan_from_args, study_context
+    from ptray.study import preflight, tracking
+    from ptray.study.driver import build_parser, options_from_args, plan_from_args, study_context
 
     shutil.copytree(tiny_model_dir, workdir / "tinymodel")
     (workdir / "data").symlink_to(data_dir)
@@ -224,7 +224,7 @@ def test_every_study_path_reaches_the_workers_absolute(workdir, tiny_model_dir, 
     assert uri == f"sqlite:///{workdir / 'runs' / 'mlflow.db'}" and storage == str(workdir / "ray")
     assert opts.analysis_dir == str(workdir / "report")
     assert plan.to_json()["train"]["model"] == str(workdir / "tinymodel")  # --resume compares the absolute path
-    from ptray.model import load_model
+    from ptray.lm.load import load_model
 
     load_model(cfg.model)  # loads from the other working directory
     for hub in ("bigscience/bloomz-560m", "gpt2"):  # Hub names are no paths: unchanged
@@ -233,7 +233,7 @@ def test_every_study_path_reaches_the_workers_absolute(workdir, tiny_model_dir, 
 
 def test_the_printed_resume_command_names_the_same_store_and_storage_from_anywhere(workdir):
     from ptray.config import Options, Plan
-    from ptray.summary import resume_command
+    from ptray.study.summary import resume_command
 
     opts = Options(tracking_uri="sqlite:///runs/mlflow.db", storage_path="ray results")
     assert resume_command(Plan(study="S"), opts) == (
@@ -244,7 +244,7 @@ def test_the_printed_resume_command_names_the_same_store_and_storage_from_anywhe
 
 def test_the_node_cache_is_absolute(workdir, monkeypatch):
     # the smoke model's folder in it is logged as the study's model, and read later from other directories
-    from ptray.bundle import cache_dir
+    from ptray.study.bundle import cache_dir
 
     monkeypatch.setenv("PTRAY_CACHE", "cache")
     assert cache_dir() == workdir / "cache"
@@ -262,7 +262,7 @@ def test_study_refuses_a_model_path_that_does_not_exist_before_anything_starts(w
 
 
 def test_study_refuses_a_max_length_that_cannot_serve_before_any_trial(workdir, capsys):
-    from ptray import tracking
+    from ptray.study import tracking
 
     code, _, err = _study(capsys, "--smoke", "--study", "short", "--tasks", "cb,copa", "--seeds", "0",
                           "--max-length", "3")
@@ -300,8 +300,8 @@ def test_study_with_a_relative_model_path_trains_and_transfers(tmp_path, tiny_mo
 
 
 def test_resume_checks_the_data_folder_against_the_stored_tasks(workdir, capsys, data_dir):
-    from ptray import tracking
     from ptray.config import Plan, TrainConfig
+    from ptray.study import tracking
 
     only_cb = workdir / "superglue"
     (only_cb / "CB").mkdir(parents=True)

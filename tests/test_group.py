@@ -1,4 +1,4 @@
-"""Trial groups (ptray/group.py) against single trials (ptray.train.train), on CPU in fp32."""
+"""Trial groups (ptray/training/loop.py) against single trials (ptray.training.train.train), on CPU in fp32."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from ptray.batching import encode_all, train_batches
-from ptray.data import load_split
+from ptray.config import TrainConfig
+from ptray.data.batching import encode_all, train_batches
+from ptray.data.superglue import load_split
+from ptray.data.tasks import get_task
 from ptray.errors import PtrayError
-from ptray.group import forward_passes, group_answer_logprobs, train_group
-from ptray.model import answer_logprobs
-from ptray.tasks import get_task
-from ptray.train import TrainConfig, train
+from ptray.lm.forward import answer_logprobs, forward_passes, group_answer_logprobs
+from ptray.training.loop import train_group
+from ptray.training.train import train
 
 
 def _cfgs(model_dir, data_dir):

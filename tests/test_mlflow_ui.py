@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from test_tracking import mlflow_server
 
-from ptray import tracking
 from ptray.config import TrainConfig
-from ptray.context import StudyContext
-from ptray.transfer import transfer_target
-from ptray.trial import run_training
+from ptray.study import tracking
+from ptray.study.context import StudyContext
+from ptray.study.transfer import transfer_target
+from ptray.study.trial import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from ptray.batching import collate
+from ptray.data.batching import collate
 from ptray.errors import PtrayError
-from ptray.model import answer_logprobs, load_model
+from ptray.lm.forward import answer_logprobs
+from ptray.lm.load import load_model
 
 
 def _random_seqs(gen, vocab, n, eos):
@@ -60,9 +61,9 @@ def test_folder_without_config(tmp_path):
 
 
 def test_hub_unreachable_is_one_clear_error(monkeypatch):
-    import ptray.model
+    import ptray.lm.load
 
-    monkeypatch.setattr(ptray.model, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(ptray.lm.load, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(PtrayError, match=r"cannot reach the Hugging Face Hub to download 'someorg/some-model-x'.*"
                                          r"pass --model DIR"):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ptray import pretrained
 from ptray.errors import PtrayError
-from ptray.pretrained import MODELS, WheelModel, main, prepare
+from ptray.lm import pretrained
+from ptray.lm.pretrained import MODELS, WheelModel, main, prepare
 
 NAME = "smollm2-135m-instruct"
 
@@ -134,10 +134,12 @@ def test_prepared_model_loads_and_answers_a_question(real_model_dir):
 
 @pytest.mark.slow
 def test_short_training_beats_no_prompt_and_reloads(real_model_dir, data_dir, tmp_path):
-    from ptray.evaluate import evaluate_on_task
-    from ptray.model import load_model
-    from ptray.prompt import load_adapter
-    from ptray.train import TrainConfig, save_run, train
+    from ptray.config import TrainConfig
+    from ptray.lm.evaluate import evaluate_on_task
+    from ptray.lm.load import load_model
+    from ptray.lm.prompt import load_adapter
+    from ptray.training.run_folder import save_run
+    from ptray.training.train import train
 
     cfg = TrainConfig(task="copa", seed=0, model=str(real_model_dir), data_dir=str(data_dir), max_epochs=1,
                       max_train_examples=32, max_eval_examples=32, max_length=128, device="cpu")

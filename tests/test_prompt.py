@@ -5,16 +5,11 @@ import json
 import pytest
 import torch
 
+from ptray.config import PromptInit
+from ptray.data.tasks import TASKS
+from ptray.data.tokens import token_ids
 from ptray.errors import PtrayError
-from ptray.prompt import (
-    PromptInit,
-    init_prompt,
-    load_adapter,
-    prepend,
-    save_adapter,
-    text_token_ids,
-)
-from ptray.tasks import TASKS
+from ptray.lm.prompt import init_prompt, load_adapter, prepend, save_adapter
 
 INIT = TASKS["cb"].init_text
 
@@ -22,7 +17,7 @@ INIT = TASKS["cb"].init_text
 def test_text_init_is_init_text_embeddings(tiny):
     model, tok = tiny
     emb = model.get_input_embeddings().weight
-    ids = text_token_ids(tok, INIT)
+    ids = token_ids(tok, INIT)
     rows = init_prompt(emb, tok, "text", INIT)
     assert rows.shape == (len(ids), emb.shape[1]) and rows.dtype == torch.float32
     assert torch.equal(rows, emb[torch.tensor(ids)].float())
@@ -34,7 +29,7 @@ def test_fixed_n_matches_peft_text_init(tiny, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model, tok = tiny
-    n_text = len(text_token_ids(tok, INIT))
+    n_text = len(token_ids(tok, INIT))
     for n in (n_text - 4, 2 * n_text + 3):
         base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
         peft_model = get_peft_model(base, PromptTuningConfig(
@@ -78,7 +73,7 @@ def test_peft_round_trip_same_logits(tiny, tiny_model_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "prompt"))
     peft_model.eval()
-    ids = torch.tensor([text_token_ids(tok, "Premise: it rained. Answer:")])
+    ids = torch.tensor([token_ids(tok, "Premise: it rained. Answer:")])
     with torch.no_grad():
         peft_logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 6:]
         x = torch.cat([rows[None], model.get_input_embeddings()(ids)], 1)

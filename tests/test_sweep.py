@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from ptray import preflight, tracking
 from ptray.config import Options, Plan, TrainConfig
 from ptray.errors import PtrayError
-from ptray.study import analysis_phase, group_gpus, main, parse_seeds, parse_tasks, resolve_group_size
-from ptray.trial import trial_statuses
+from ptray.study import preflight, tracking
+from ptray.study.driver import analysis_phase, group_gpus, main, parse_seeds, parse_tasks, resolve_group_size
+from ptray.study.trial import trial_statuses
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "sweeps" / "all.py"
@@ -206,10 +206,10 @@ def test_the_analysis_is_passed_in_by_the_entry_script():
     assert calls == [("ptray-x", "sqlite:///m.db", "out")]
     # The entry script passes analysis.run; the library itself never imports the analysis.
     assert "analysis.run" in SWEEP.read_text()
-    code = ("import sys, ptray.study, ptray.trial, ptray.transfer; "
+    code = ("import sys, ptray.study.driver, ptray.study.trial, ptray.study.transfer; "
             "print(any(m.split('.')[0] == 'analysis' for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
-    ptray_sources = "\n".join(p.read_text() for p in (ROOT / "ptray").glob("*.py"))
+    ptray_sources = "\n".join(p.read_text() for p in (ROOT / "ptray").rglob("*.py"))
     assert not re.search(r"^\s*(import analysis|from analysis)", ptray_sources, re.M)
 
 

@@ -4,9 +4,9 @@ import doctest
 
 import pytest
 
-from ptray.data import Example
+from ptray.data.superglue import Example
+from ptray.data.tasks import TASK_NAMES, TASKS, _build_registry, get_task
 from ptray.errors import PtrayError
-from ptray.tasks import TASK_NAMES, TASKS, _build_registry, get_task
 
 
 def test_golden_cb():
@@ -52,7 +52,7 @@ def test_init_texts_are_the_papers():
 
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_invariants(name, data_dir):
-    from ptray.data import load_split
+    from ptray.data.superglue import load_split
 
     task = TASKS[name]
     assert set(task.verbalizer) == set(task.labels)
@@ -89,14 +89,14 @@ def test_example_is_hashable_by_identity_fields():
 
 def test_docstring_examples_run():
     """The formatters' docstrings show one literal input and its output: they must stay true."""
-    import ptray.tasks
+    import ptray.data.tasks
 
-    result = doctest.testmod(ptray.tasks, raise_on_error=False)
+    result = doctest.testmod(ptray.data.tasks, raise_on_error=False)
     assert result.attempted >= 3 and result.failed == 0
 
 
 def test_copa_question_is_checked_by_its_declaration():
-    from ptray.data import _normalise
+    from ptray.data.superglue import _normalise
 
     record = {"premise": "p", "choice1": "a", "choice2": "b", "question": "why", "label": 0, "idx": 3}
     with pytest.raises(PtrayError, match=r"x:1: field 'question' must be 'cause' or 'effect', got 'why'"):

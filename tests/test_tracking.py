@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from ptray import layout, tracking
+from ptray import layout
 from ptray.errors import PtrayError
 from ptray.files import write_json
+from ptray.study import tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_run_names_and_tags_follow_the_contract():
 
 
 def test_predictions_and_eval_metrics_follow_one_schema():
-    from ptray.evaluate import EvalResult
+    from ptray.lm.evaluate import EvalResult
 
     res = EvalResult(loss=0.5, exact_match=0.5, rank_accuracy=1.0, num_examples=2, em_correct=[1, 0],
                      rank_correct=[1, 1], rank_pred=[0, 2])

@@ -5,11 +5,14 @@ import json
 import pytest
 import torch
 
-import ptray.group
-import ptray.train
+import ptray.training.loop
+import ptray.lm.load
+import ptray.training.train
+from ptray.config import TrainConfig
 from ptray.errors import PtrayError
-from ptray.evaluate import EvalResult
-from ptray.train import TrainConfig, save_run, train
+from ptray.lm.evaluate import EvalResult
+from ptray.training.run_folder import save_run
+from ptray.training.train import train
 
 
 def _cfg(tiny_model_dir, data_dir, **kw):
@@ -76,14 +79,14 @@ def test_resume_from_epoch_state_equals_uninterrupted(tiny_model_dir, data_dir, 
 
 def test_early_stopping_restores_best(tiny_model_dir, data_dir, monkeypatch):
     losses = iter([5.0, 3.0, 1.0, 2.0, 2.5, 0.5])  # baselines take the first two
-    real_evaluate = ptray.group.evaluate  # train is a group of one: the group evaluates
+    real_evaluate = ptray.training.loop.evaluate  # train is a group of one: the group evaluates
 
     def fake_evaluate(*args, **kwargs):
         res = real_evaluate(*args, **kwargs)
         return EvalResult(next(losses), res.exact_match, res.rank_accuracy, res.num_examples, res.em_correct,
                           res.rank_correct, res.rank_pred)
 
-    monkeypatch.setattr(ptray.group, "evaluate", fake_evaluate)
+    monkeypatch.setattr(ptray.training.loop, "evaluate", fake_evaluate)
     states = []
     result = train(_cfg(tiny_model_dir, data_dir, max_epochs=10, patience=2),
                    on_epoch_end=lambda m, s: states.append(s))
@@ -94,12 +97,12 @@ def test_early_stopping_restores_best(tiny_model_dir, data_dir, monkeypatch):
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, data_dir, monkeypatch):
-    real = ptray.group.group_answer_logprobs  # train is a group of one: its forward is the group's
+    real = ptray.training.loop.group_answer_logprobs  # train is a group of one: its forward is the group's
 
     def nan_logprobs(model, parts, *args, **kwargs):
         return [logp * float("nan") for logp in real(model, parts, *args, **kwargs)]
 
-    monkeypatch.setattr(ptray.group, "group_answer_logprobs", nan_logprobs)
+    monkeypatch.setattr(ptray.training.loop, "group_answer_logprobs", nan_logprobs)
     message = r"the training loss became nan at epoch 1, step \d+ \(cb, seed 0\); lower --lr"
     with pytest.raises(PtrayError, match=message):
         train(_cfg(tiny_model_dir, data_dir, baselines=False))
@@ -134,12 +137,12 @@ def test_compiled_blocks_train_the_same_prompt(tiny_model_dir, data_dir):
 
 @pytest.mark.slow  # compiling takes seconds on CPU
 def test_compile_blocks_compiles_every_block_in_place(tiny_model_dir):
-    from ptray.model import load_model
+    from ptray.lm.load import load_model
 
     model, _ = load_model(str(tiny_model_dir))
     ids = torch.tensor([[5, 6, 7, 8]])
     eager = model(input_ids=ids).logits
-    ptray.train.compile_blocks(model)
+    ptray.lm.load.compile_blocks(model)
     assert all(block._compiled_call_impl is not None for block in model.base_model.h)
     torch.testing.assert_close(model(input_ids=ids).logits, eager, rtol=1e-4, atol=1e-5)
 
@@ -149,12 +152,12 @@ def test_compile_refuses_a_model_without_known_blocks():
         base_model = torch.nn.Linear(2, 2)
 
     with pytest.raises(PtrayError, match="does not know where"):
-        ptray.train.compile_blocks(Model())
+        ptray.lm.load.compile_blocks(Model())
 
 
 def test_fused_attention_is_a_train_setting_recorded_in_the_config(tiny_model_dir, data_dir, monkeypatch):
-    from ptray import attention
     from ptray.config import resolve_attention
+    from ptray.lm import attention
 
     assert resolve_attention("auto", "cuda") == "fused" and resolve_attention("auto", "cpu") == "eager"
     assert resolve_attention("eager", "cuda") == "eager"

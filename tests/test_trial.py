@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptray import layout, tracking
-from ptray.bundle import Bundle
+from ptray import layout
 from ptray.config import TrainConfig
-from ptray.context import StudyContext
-from ptray.prompt import load_adapter
-from ptray.transfer import transfer_target
-from ptray.trial import (
+from ptray.lm.prompt import load_adapter
+from ptray.study import tracking
+from ptray.study.bundle import Bundle
+from ptray.study.context import StudyContext
+from ptray.study.transfer import transfer_target
+from ptray.study.trial import (
     group_key,
     load_checkpoint,
     load_group_checkpoint,
@@ -158,7 +159,7 @@ def test_finished_run_is_not_trained_again(store, tiny_model_dir, data_dir, tmp_
     def no_training(*args, **kwargs):
         raise AssertionError("a finished trial was trained again")
 
-    monkeypatch.setattr("ptray.train.train", no_training)
+    monkeypatch.setattr("ptray.training.train.train", no_training)
     rec = Recorder(tmp_path / "b")
     again = run_training({"task": "wsc", "seed": 0}, ctx, None, rec)
     assert again["exact_match"] == pytest.approx(first["exact_match"])
@@ -203,8 +204,8 @@ def test_transfer_logs_one_run_per_evaluation_and_skips_finished_ones(store, tin
     assert len(preds["idx"]) == len(preds["rank_pred"]) == 16
     assert sum(preds["rank_correct"]) / 16 == pytest.approx(metrics["rank_accuracy"])
     # The prompts were scored together (evaluate_prompts); each equals its own evaluation of the downloaded prompt.
-    from ptray.evaluate import evaluate_on_task
-    from ptray.model import load_model
+    from ptray.lm.evaluate import evaluate_on_task
+    from ptray.lm.load import load_model
 
     model, tok = load_model(str(tiny_model_dir))
     alone, idx = evaluate_on_task(model, tok, "rte", load_adapter(mc.download_artifacts(

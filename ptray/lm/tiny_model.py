@@ -3,8 +3,8 @@
 Tests and smoke runs use it where bloomz-560m cannot be downloaded. ``--shape bloomz-560m`` writes a model with
 bloomz-560m's exact config (random weights) for speed and memory work.
 
-    python -m ptray.tiny_model OUT_DIR            # ~1 MB, loads with --model OUT_DIR
-    python -m ptray.tiny_model OUT_DIR --shape bloomz-560m
+    python -m ptray.lm.tiny_model OUT_DIR            # ~1 MB, loads with --model OUT_DIR
+    python -m ptray.lm.tiny_model OUT_DIR --shape bloomz-560m
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from ptray.cli import seed_int
+from ptray.data.tasks import TASKS
 from ptray.errors import PtrayError
-from ptray.tasks import TASKS
 
 # BLOOM's special tokens, at BLOOM's ids.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -97,8 +97,8 @@ def build(out_dir: str | Path, shape: str = "tiny", seed: int = 0, hidden_size: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ptray.tiny_model OUT_DIR``: build the tiny model there; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m ptray.tiny_model", description=__doc__.splitlines()[0])
+    """``python -m ptray.lm.tiny_model OUT_DIR``: build the tiny model there; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m ptray.lm.tiny_model", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write the model and tokenizer to (must be new or empty)")
     parser.add_argument("--shape", default="tiny", choices=["tiny", "bloomz-560m"], help="model size")
     parser.add_argument("--seed", type=seed_int, default=0, help="seed for the random weights (0 to 2**32 - 1)")

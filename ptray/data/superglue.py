@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ptray.data.tasks import Task
 from ptray.errors import PtrayError
-from ptray.tasks import Task
 
 SPLITS = ("train", "val", "test")
 DEFAULT_HUB_DATASET = "aps/super_glue"  # the parquet mirror of super_glue; no loading script needed

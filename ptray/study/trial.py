@@ -20,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ptray import layout, tracking
+from ptray import layout
 from ptray.config import Options, Plan
-from ptray.context import StudyContext, quiet
 from ptray.files import write_json
+from ptray.study import tracking
+from ptray.study.context import StudyContext, quiet
 
 log = logging.getLogger("ptray")
 
@@ -101,7 +102,7 @@ def run_training(config: dict[str, Any], ctx: StudyContext, resume: dict[str, An
     ``resume`` is a checkpoint's state (``load_checkpoint``). A run that is already FINISHED (the trial completed but
     Tune never heard of it, e.g. the driver was killed) is reported again without training.
     """
-    from ptray.train import train
+    from ptray.training.train import train
 
     task, seed = config["task"], int(config["seed"])
     cfg = ctx.train_config(task, seed)
@@ -153,7 +154,7 @@ def finish_train_run(client, run_id: str, result, config: dict[str, Any]) -> Non
 
     ``result`` is ``train``'s ``TrainResult``. A failure marks the run FAILED and is raised again.
     """
-    from ptray.train import save_run
+    from ptray.training.run_folder import save_run
 
     try:
         # Resolved values (n tokens, init text, device, precision, code version) are known only now.
@@ -265,7 +266,7 @@ def _tune_group_report(metrics: dict[str, Any], states: dict[str, tuple[dict[str
 
 def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[str, Any]] | None,
               report: GroupReport) -> dict[str, dict[str, Any]]:
-    """Train a group of prompts (``config['group']``, a ``group_key``) with ``ptray.group.train_group``, each into
+    """Train a group of prompts (``config['group']``, a ``group_key``) with ``train_group``, each into
     its own MLflow run exactly as ``run_training`` would; return each prompt's final metrics by run name.
 
     ``resume`` (``load_group_checkpoint``) holds the prompts' last checkpointed epochs. Every epoch's report carries
@@ -273,7 +274,7 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
     prompt that leaves the group (early stopping, last epoch) has its run finished at once; one whose run is
     already FINISHED is not trained again.
     """
-    from ptray.group import train_group
+    from ptray.training.loop import train_group
 
     members = parse_group_key(config["group"])
     resume = resume or {}

@@ -1,7 +1,7 @@
 """The transfer grid: every trained prompt, and no prompt, evaluated on every task's validation split.
 
 ``transfer_phase`` fans out one Ray task per target task (the model and the target's data load once for all the
-prompts, which are evaluated together, many per forward: ``ptray.evaluate.evaluate_prompts``); ``transfer_target``
+prompts, which are evaluated together, many per forward: ``ptray.lm.evaluate.evaluate_prompts``); ``transfer_target``
 is that task, without Ray, so tests call it directly. Each evaluation is one MLflow
 run laid out as ``ptray.layout`` says; evaluations already FINISHED are skipped, so a retried task (or
 ``--resume``) redoes only what is missing.
@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ptray import layout, tracking
+from ptray import layout
 from ptray.config import Options, Plan
-from ptray.context import StudyContext, quiet
 from ptray.files import write_json
+from ptray.study import tracking
+from ptray.study.context import StudyContext, quiet
 
 log = logging.getLogger("ptray")
 
@@ -67,14 +68,15 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     import torch
     from mlflow.artifacts import download_artifacts
 
-    from ptray.batching import encode_all, pad_token_id
     from ptray.config import resolve_attention
-    from ptray.data import load_split
-    from ptray.evaluate import evaluate_prompts
-    from ptray.model import library_versions, resolve_device_precision
-    from ptray.prompt import load_adapter
-    from ptray.tasks import get_task
-    from ptray.train import code_version, setup_model
+    from ptray.data.batching import encode_all
+    from ptray.data.superglue import load_split
+    from ptray.data.tasks import get_task
+    from ptray.data.tokens import pad_token_id
+    from ptray.lm.evaluate import evaluate_prompts
+    from ptray.lm.load import resolve_device_precision, setup_model
+    from ptray.lm.prompt import load_adapter
+    from ptray.versions import code_version, library_versions
 
     quiet()
     t0 = time.perf_counter()
@@ -135,7 +137,7 @@ def log_evaluation(client, ctx: StudyContext, source: str | None, seed: int | No
     ``res`` is the ``EvalResult`` on ``target`` and ``idx`` its examples' ids; ``no_prompt`` the target's no-prompt
     ``exact_match`` and ``rank_accuracy``. Returns ``{"run_id", "name", "kind", **metrics.json}``.
     """
-    from ptray.trial import mark_failed
+    from ptray.study.trial import mark_failed
 
     if source is None:
         kind, name = layout.BASELINE, layout.baseline_run_name(target)

@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ptray import families
-from ptray.batching import Encoded, encode_all, eval_batches, pad_token_id
-from ptray.data import DEFAULT_HUB_DATASET, load_split
-from ptray.model import answer_logprobs
-from ptray.tasks import get_task
+from ptray.data.batching import Encoded, encode_all, eval_batches
+from ptray.data.superglue import DEFAULT_HUB_DATASET, load_split
+from ptray.data.tasks import get_task
+from ptray.data.tokens import pad_token_id
+from ptray.lm import families
+from ptray.lm.forward import answer_logprobs
 
 
 @dataclass
@@ -56,7 +57,7 @@ class EvalResult:
 
 def shares_source(model, data: list[Encoded] | None = None, num_prompt_tokens: int = 0) -> bool:
     """Whether ``evaluate`` can score all labels of ``data`` from one source pass on ``model`` exactly
-    (``ptray.families.shares_source``; None: for any data)."""
+    (``ptray.lm.families.shares_source``; None: for any data)."""
     length = None
     if data:
         length = num_prompt_tokens + max(len(d.source) for d in data) + max(len(a) for d in data for a in d.answers)
@@ -80,7 +81,7 @@ def evaluate(model, data: list[Encoded], prompt: torch.Tensor | None, batch_size
         share_source = shares_source(model, data, n)
     elif share_source and not shares_source(model, data, n):
         raise ValueError(f"share_source=True is not exact on this {getattr(model.config, 'model_type', None)!r} "
-                         f"model for these lengths (see ptray.families.shares_source); use share_source=None")
+                         f"model for these lengths (see ptray.lm.families.shares_source); use share_source=None")
     device = device or next(model.parameters()).device
     prompt = prompt.to(device) if prompt is not None else None
     if share_source:

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ptray.errors import PtrayError
+from ptray.files import looks_like_path
 
 
 def study_path(value: str | None, flag: str, hub_name: bool = False) -> str | None:
@@ -34,7 +35,7 @@ def study_path(value: str | None, flag: str, hub_name: bool = False) -> str | No
         return text
     local = Path(text).expanduser()
     if hub_name and not local.exists():
-        if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:  # load_model's rule
+        if looks_like_path(text):  # load_model's rule
             raise PtrayError(f"{flag} {text!r} does not exist (looked for {local.resolve()}); pass an existing "
                              f"folder or a Hub name such as bigscience/bloomz-560m")
         return text

@@ -7,11 +7,11 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ptray import tracking
 from ptray.config import DEFAULT_GPUS_PER_TRIAL, Options, Plan
+from ptray.data.tasks import get_task
 from ptray.errors import PtrayError
-from ptray.paths import study_path
-from ptray.tasks import get_task
+from ptray.study import tracking
+from ptray.study.paths import study_path
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "lustre", "glusterfs", "gpfs", "beegfs",
                        "9p", "virtiofs", "efs")  # a local path on these may be shared by every node (fuse.* too)
@@ -50,13 +50,13 @@ def data_files(plan: Plan) -> list[str]:
     return rel
 
 def check_fits(plan: Plan, model: str) -> None:
-    """The length checks every trial makes first (``ptray.batching.check_fits``: the answer cue and answer within
+    """The length checks every trial makes first (``ptray.data.batching.check_fits``: the answer cue and answer within
     --max-length, prompt + --max-length within the model's positions), for every task of the plan, here: a length
     that cannot serve is refused before any trial starts. Skipped when ``model``'s tokenizer and config cannot be
     read here without the network (the trials' model loading then says why)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ptray.batching import check_fits as check_run
+    from ptray.data.batching import check_fits as check_run
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)

@@ -26,18 +26,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ptray import preflight, tracking
-from ptray.bundle import Bundle, tiny_model_bundle
 from ptray.cli import OneLineParser, add_config_arguments, config_from_args
 from ptray.config import DEFAULT_GPU_GROUP_SIZE, PER_TRIAL_FIELDS, SMOKE_TRAIN, Options, Plan, TrainConfig
-from ptray.context import StudyContext, quiet
+from ptray.data.tasks import TASK_NAMES, get_task
 from ptray.errors import PtrayError
-from ptray.paths import study_path
 from ptray.seeds import MAX_SEED
-from ptray.summary import describe, render_summary, resume_command, summarize
-from ptray.tasks import TASK_NAMES, get_task
-from ptray.transfer import transfer_phase
-from ptray.trial import train_phase, tune_path, tune_state_exists
+from ptray.study import preflight, tracking
+from ptray.study.bundle import Bundle, tiny_model_bundle
+from ptray.study.context import StudyContext, quiet
+from ptray.study.paths import study_path
+from ptray.study.summary import describe, render_summary, resume_command, summarize
+from ptray.study.transfer import transfer_phase
+from ptray.study.trial import train_phase, tune_path, tune_state_exists
 
 MAX_SEEDS = 1000  # seeds per study: a typo like 0-1000000 is refused, not expanded into a million trials
 

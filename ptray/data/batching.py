@@ -7,17 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ptray.data import Example
+from ptray.data.superglue import Example
+from ptray.data.tasks import ANSWER_CUE, Task, get_task
+from ptray.data.tokens import answer_ids_in_context, token_ids
 from ptray.errors import PtrayError
-from ptray.families import answer_ids_in_context
-from ptray.prompt import text_token_ids
 from ptray.seeds import epoch_seed
-from ptray.tasks import ANSWER_CUE, Task, get_task
-
-
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad id, else its EOS id: pads are masked out, so any id will do."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @dataclass
@@ -81,10 +75,6 @@ class Encoded:
         return len(self.source) + max(len(a) for a in self.answers)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _prefix_chars(tokenizer, text: str, ids: list[int], keep: int) -> int:
     """How many leading characters of ``text`` its first ``keep`` tokens ``ids[:keep]`` cover, never ending inside
     a character. Decoding a cut token list instead can end in half a multi-byte character, which decodes to U+FFFD."""
@@ -105,7 +95,7 @@ def _prefix_chars(tokenizer, text: str, ids: list[int], keep: int) -> int:
 def check_lengths(task: Task, tokenizer, max_length: int) -> None:
     """Refuse a ``max_length`` that cannot hold ``task``'s answer cue and its longest answer (no truncation can
     make any example fit then). Raises PtrayError naming the limit."""
-    cue = len(_ids(tokenizer, ANSWER_CUE))
+    cue = len(token_ids(tokenizer, ANSWER_CUE))
     answer = max(len(a) for a in answer_ids_in_context(tokenizer, ANSWER_CUE, task.answers))  # as encode counts
     if cue + answer > max_length:
         raise PtrayError(
@@ -133,7 +123,7 @@ def check_fits(task_names, tokenizer, model_config, cfg) -> None:
     for name in task_names:
         task = get_task(name)
         check_lengths(task, tokenizer, cfg.max_length)
-        init_tokens = len(text_token_ids(tokenizer, cfg.init_text if cfg.init_text is not None else task.init_text))
+        init_tokens = len(token_ids(tokenizer, cfg.init_text if cfg.init_text is not None else task.init_text))
         soft = cfg.num_tokens or init_tokens
         check_positions(model_config, max(soft, init_tokens if cfg.baselines else 0), cfg.max_length)
 
@@ -150,22 +140,22 @@ def encode(task: Task, example: Example, tokenizer, max_length: int) -> Encoded:
     answers = answer_ids_in_context(tokenizer, task.format(example.fields), task.answers)
     budget = max_length - max(len(a) for a in answers)
     fields = dict(example.fields)
-    source = _ids(tokenizer, task.format(fields))
+    source = token_ids(tokenizer, task.format(fields))
     if len(source) <= budget:
         return Encoded(example.idx, source, answers, example.label)
-    floor = len(_ids(tokenizer, task.format({**fields, **{f: "" for f in task.text_fields}})))
+    floor = len(token_ids(tokenizer, task.format({**fields, **{f: "" for f in task.text_fields}})))
     if floor > budget:
         raise PtrayError(
             f"{task.name} example {example.idx}: even with its text cut away, the template and the longest answer "
             f"take {floor + max(len(a) for a in answers)} tokens, over --max-length {max_length}; raise --max-length"
         )
     while len(source) > budget:  # ends: each pass shortens a field; with all of them empty the source is `floor`
-        field_ids = {f: _ids(tokenizer, fields[f]) for f in task.text_fields}
+        field_ids = {f: token_ids(tokenizer, fields[f]) for f in task.text_fields}
         longest = max(task.text_fields, key=lambda f: (len(field_ids[f]), len(fields[f])))
         text, ids = fields[longest], field_ids[longest]
         keep = max(0, len(ids) - (len(source) - budget))
         fields[longest] = text[:min(_prefix_chars(tokenizer, text, ids, keep), len(text) - 1)]
-        source = _ids(tokenizer, task.format(fields))
+        source = token_ids(tokenizer, task.format(fields))
     return Encoded(example.idx, source, answers, example.label, truncated=True)
 
 

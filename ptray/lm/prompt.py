@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ptray.config import PromptInit
+from ptray.data.tokens import token_ids
 from ptray.errors import PtrayError
 from ptray.layout import PEFT_CONFIG, PEFT_WEIGHTS
-
-
-class PromptInit(str, Enum):
-    """How the prompt rows start: the init text's token embeddings (the paper), random, or random vocab rows."""
-
-    TEXT = "text"
-    RANDOM = "random"
-    SAMPLE_VOCAB = "sample_vocab"
 
 
 def prepend(weight: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor):
@@ -29,11 +22,6 @@ def prepend(weight: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Te
     bsz, n = embeds.shape[0], weight.shape[0]
     rows = weight.to(embeds.dtype).unsqueeze(0).expand(bsz, -1, -1)
     return torch.cat([rows, embeds], dim=1), torch.cat([attention_mask.new_ones(bsz, n), attention_mask], dim=1)
-
-
-def text_token_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` with no special tokens (what n defaults to, as in the paper)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def repeat_to(ids: list[int], n: int) -> list[int]:
@@ -71,11 +59,11 @@ def init_prompt(
             return embedding(ids.to(embedding.weight.device)).detach().float().cpu()
 
     if init is PromptInit.TEXT:
-        ids = text_token_ids(tokenizer, init_text)
+        ids = token_ids(tokenizer, init_text)
         ids = repeat_to(ids, num_tokens or len(ids))
         return rows(torch.tensor(ids)).clone()
     if not num_tokens:
-        num_tokens = len(text_token_ids(tokenizer, init_text)) if init_text else 0
+        num_tokens = len(token_ids(tokenizer, init_text)) if init_text else 0
     if num_tokens <= 0:
         raise PtrayError(f"init {init.value!r} needs a positive number of prompt tokens")
     if init is PromptInit.RANDOM:

@@ -2,7 +2,7 @@
 logits, where its positions come from, and what its "effective" prompt is.
 
 ptray computes several things its own way instead of calling ``model(...)``: the LM head only at the answer
-positions (``ptray.model.answer_logprobs``), the TEXT init of a soft prompt, the answer ids, and a shared-source
+positions (``ptray.lm.forward.answer_logprobs``), the TEXT init of a soft prompt, the answer ids, and a shared-source
 evaluation that repeats one KV cache over the labels. Each must equal what the model itself does. This module is
 the contract; ``tests/test_families.py`` runs every family below through the same equality checks against the
 model's own forward, greedy ``generate`` and PEFT.
@@ -34,8 +34,8 @@ Per family (``FAMILIES``):
   ``effective_rows`` maps other rows (the vocabulary) the same way where that is position-free (not GPT-2/OPT).
 
 A model of another ``model_type`` is checked once, at load time, with the same equality checks on a few random
-inputs (``check_family``): it is refused with a one-line ``PtrayError`` naming the failed check, or accepted with
-the shared source pass only if that check passed too.
+inputs (``ptray.lm.check.check_model``, called by ``load_model``): it is refused with a one-line ``PtrayError``
+naming the failed check, or accepted with the shared source pass only if that check passed too.
 """
 
 from __future__ import annotations
@@ -75,30 +75,25 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family("gemma2", "ids", "layers.0.input_layernorm"),
 }
 
-_CHECKED = "_ptray_family"  # the Family found for an untested model, cached on the model object
+CHECKED = "_ptray_family"  # the Family ptray.lm.check found for an untested model, kept on the model object
 
 
 def family(model) -> Family:
-    """The ``Family`` of ``model`` (a ``*ForCausalLM``); an untested ``model_type`` is checked once (``check_family``).
+    """The ``Family`` of ``model`` (a ``*ForCausalLM``): a tested one, or what ``ptray.lm.check.check_model`` found.
 
-    Raises PtrayError when an untested model fails a check.
+    Raises PtrayError for an untested ``model_type`` that was not checked (``load_model`` checks every model it
+    loads; a model built another way goes through ``check_model`` first).
     """
     known = FAMILIES.get(getattr(model.config, "model_type", None))
     if known is not None:
         return known
-    cached = model.__dict__.get(_CHECKED)
+    cached = model.__dict__.get(CHECKED)
     if cached is None:
-        try:
-            cached = check_family(model)
-        except PtrayError:
-            raise
-        except Exception as err:  # the model cannot even run ptray's way (e.g. no inputs_embeds): refuse it
-            raise PtrayError(
-                f"model type {getattr(model.config, 'model_type', None)!r} is not supported: ptray's checks could not "
-                f"run it ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); supported families: "
-                f"{', '.join(FAMILIES)}"
-            ) from None
-        model.__dict__[_CHECKED] = cached
+        raise PtrayError(
+            f"model type {getattr(model.config, 'model_type', None)!r} is outside the tested families "
+            f"({', '.join(FAMILIES)}) and has not been checked; load it with ptray.lm.load.load_model, or call "
+            f"ptray.lm.check.check_model(model) first"
+        )
     return cached
 
 
@@ -263,93 +258,3 @@ def effective_rows(model, rows: torch.Tensor, chunk: int = 256) -> torch.Tensor 
             return None
         parts.append(part)
     return torch.cat(parts)
-
-
-def answer_ids_in_context(tokenizer, source_text: str, answers: tuple[str, ...] | list[str]) -> tuple[list[int], ...]:
-    """Each answer's token ids as the tokenizer produces them after ``source_text`` (the text ending in the cue).
-
-    Tokenised alone, an answer can come out differently: a Llama-2-style SentencePiece tokenizer (legacy) gives
-    " no" alone as ['▁', '▁no'] but ['▁no'] after "Answer:". Greedy decoding continues the source's tokens, so the
-    in-context ids are the ones exact match must compare with: ids(source + answer) minus the ids of the source.
-    Raises PtrayError when the source's ids are not a prefix (the tokenizer merges the cue with an answer).
-    """
-    source = tokenizer(source_text, add_special_tokens=False)["input_ids"]
-    out = []
-    for answer in answers:
-        full = tokenizer(source_text + answer, add_special_tokens=False)["input_ids"]
-        if full[:len(source)] != source or len(full) == len(source):
-            raise PtrayError(
-                f"the tokenizer merges the end of the source {source_text[-20:]!r} with the answer {answer!r}, so "
-                f"the answer has no token ids of its own after the cue; use a tokenizer or template that keeps "
-                f"them apart"
-            )
-        out.append(full[len(source):])
-    return tuple(out)
-
-
-def check_family(model, seed: int = 0) -> Family:
-    """Run ptray's equality checks on an untested family, on a few random inputs; return its ``Family``.
-
-    Checks, in order (the first failure raises PtrayError naming it): "input vectors" (the model on
-    ``embed(ids)`` as ``inputs_embeds`` gives its logits on ``input_ids``), "logits at the answer positions"
-    (``answer_logprobs`` with a prompt equals the model's own full forward), then "shared source" (the shared
-    source pass equals one pass per label; a failure only turns that pass off).
-    """
-    from ptray.batching import Encoded, collate
-    from ptray.evaluate import evaluate
-    from ptray.model import answer_logprobs
-
-    model_type = getattr(model.config, "model_type", None)
-    probe = Family(str(model_type), "ids" if _accepts_position_ids(model) else "mask", None, True, False)
-    model.__dict__[_CHECKED] = probe  # the checks below run ptray's paths with this family
-    try:
-        gen = torch.Generator().manual_seed(seed)
-        vocab = model.get_input_embeddings().weight.shape[0]
-        device = model.get_input_embeddings().weight.device
-        dtype = model.get_input_embeddings().weight.dtype
-        tol = 1e-3 if dtype == torch.float32 else 5e-2
-
-        def rand_ids(lo, hi):
-            return torch.randint(0, vocab, (int(torch.randint(lo, hi, (1,), generator=gen)),), generator=gen).tolist()
-
-        def fail(check, detail):
-            raise PtrayError(f"model type {model_type!r} is not supported: ptray's {check} differ from the model's "
-                             f"own ({detail}); supported families: {', '.join(FAMILIES)}")
-
-        ids = torch.tensor([rand_ids(4, 9)], device=device)
-        with torch.no_grad():
-            own = model(input_ids=ids).logits.float()
-            ours = model(inputs_embeds=embed(model, ids)).logits.float()
-        if not torch.allclose(own, ours, atol=tol, rtol=tol):
-            fail("input vectors", f"max logit difference {(own - ours).abs().max().item():.3g}")
-
-        seqs = [(rand_ids(2, 8), rand_ids(1, 3)) for _ in range(3)]
-        prompt = torch.randn(3, embed_dim(model), generator=gen) * embed(model, ids).float().std().item()
-        eos = int(torch.randint(0, vocab, (1,), generator=gen))
-        batch = collate(seqs, 0, eos).to(device)
-        with torch.no_grad():
-            fast, _ = answer_logprobs(model, batch, prompt.to(device))
-            ref = []
-            for src, ans in seqs:
-                x = embed(model, torch.tensor([src + ans], device=device))
-                x = torch.cat([prompt.to(device, dtype)[None], x], 1)
-                lp = model(inputs_embeds=x).logits[0].float().log_softmax(-1)
-                pos = torch.arange(len(src) - 1, len(src) + len(ans), device=device) + 3
-                ref.append(lp[pos].gather(1, torch.tensor(ans + [eos], device=device)[:, None]).squeeze(1))
-            ref = torch.cat(ref)
-        if not torch.allclose(fast, ref, atol=tol, rtol=tol):
-            fail("logits at the answer positions",
-                 f"max log-probability difference {(fast - ref).abs().max().item():.3g}")
-
-        data = [Encoded(i, rand_ids(1, 12), (rand_ids(1, 3), rand_ids(1, 4)), i % 2) for i in range(5)]
-        kw = dict(batch_size=4, pad_id=0, eos_id=eos)
-        shares = True
-        try:
-            a = evaluate(model, data, prompt, share_source=False, **kw)
-            b = evaluate(model, data, prompt, share_source=True, **kw)
-            shares = abs(a.loss - b.loss) <= tol * max(1.0, abs(a.loss)) and a.em_correct == b.em_correct
-        except Exception:  # any failure of the cache path: fall back to one pass per label
-            shares = False
-        return Family(probe.name, probe.positions, None, shares, False)
-    finally:
-        model.__dict__.pop(_CHECKED, None)

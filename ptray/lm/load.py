@@ -14,17 +14,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from ptray import families
-from ptray.batching import Batch
 from ptray.errors import PtrayError
-from ptray.prompt import prepend
-
-DEFAULT_MODEL = "bigscience/bloomz-560m"
-
-
-def _looks_like_path(name: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+from ptray.files import looks_like_path
+from ptray.lm import families
+from ptray.lm.check import check_model
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -50,19 +43,6 @@ def resolve_device_precision(device: str = "auto", precision: str = "auto") -> t
     return device, precision
 
 
-def library_versions() -> dict[str, str]:
-    """The installed versions of the libraries ptray's numbers depend on, as run params (``torch_version``, ...)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "accelerate"):
-        try:
-            out[f"{name}_version"] = version(name)
-        except PackageNotFoundError:
-            out[f"{name}_version"] = "not installed"
-    return out
-
-
 def model_dtype(precision: str) -> torch.dtype:
     """Weights dtype for a precision: frozen weights in bf16 halve memory and time; fp16 keeps fp32 weights
     (autocast with loss scaling is the stable fp16 recipe)."""
@@ -74,7 +54,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
 
     A local folder loads offline. A Hub name is looked up in the local cache first; if it is not cached and the Hub
     cannot be reached, the error says so at once (instead of after transformers' retries) and how to pass a path.
-    A model outside the tested families (``ptray.families.FAMILIES``) is checked against its own forward here;
+    A model outside the tested families (``ptray.lm.families.FAMILIES``) is checked against its own forward here;
     every failure raises PtrayError in one line.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,7 +67,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
             raise PtrayError(f"model folder {name!r} has no config.json; pass a folder written by save_pretrained")
         kwargs = {}
         source = str(local)
-    elif _looks_like_path(name):
+    elif looks_like_path(name):
         raise PtrayError(f"model path {name!r} does not exist; pass --model with a Hub name or an existing folder")
     else:
         source = name
@@ -113,28 +93,45 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
         raise PtrayError(f"the tokenizer of {name!r} has no EOS token; exact match needs one")
     model.eval()
     model.requires_grad_(False)
-    families.family(model)  # a family outside the tested set is checked now, or refused naming the failed check
+    check_model(model)  # a family outside the tested set is checked now, or refused naming the failed check
     return model, tokenizer
 
 
-def answer_logprobs(model, batch: Batch, prompt: torch.Tensor | None = None):
-    """Log-probabilities at the answer positions of ``batch`` with ``prompt`` [n, embed_dim] prepended (or none).
+def compile_blocks(model) -> None:
+    """``torch.compile`` each transformer block in place (regional compilation: the identical blocks share one
+    compiled graph, so compiling takes seconds, not minutes); dynamic shapes, as batch lengths vary."""
+    base = families.base_model(model)
+    blocks = getattr(base, "h", None) or getattr(base, "layers", None)
+    if blocks is None:
+        raise PtrayError(f"--compile does not know where {type(model).__name__}'s transformer blocks are "
+                         f"(base_model.h or base_model.layers); run without --compile")
+    for block in blocks:
+        block.compile(dynamic=True)
 
-    Returns ``(token_logprob [A], argmax_ok [A])``: the log-probability of each answer token (fp32) and whether it
-    is the greedy choice. Only the backbone runs over all positions; the LM head (with the family's final logit
-    soft-capping, ``ptray.families.logits``) runs at the A answer positions. Right padding: positions are the
-    model's defaults, as in PEFT.
+
+def setup_model(name_or_path: str, device: str, precision: str, compile: bool = False, attention: str = "eager",
+                fold_alibi: bool = False, loaded=None):
+    """The frozen model on its device, for training and evaluation alike: ``(model, tokenizer, accelerator)``.
+
+    ``device`` and ``precision`` are resolved values (``resolve_device_precision``); weights load in
+    ``model_dtype(precision)``; ``attention`` (resolved: eager or fused) "fused" runs BLOOM's attention through
+    ``ptray.lm.attention.use_fused_attention`` (``fold_alibi`` passed to it; other families are left as loaded);
+    ``compile`` compiles each block (``compile_blocks``) after that. ``loaded``: a ``(model, tokenizer)`` already
+    loaded (a benchmark's), used instead of loading ``name_or_path`` again. Raises ``PtrayError`` when the model
+    cannot be loaded.
     """
-    embeds = families.embed(model, batch.input_ids)
-    mask = batch.attention_mask
-    n = 0
-    if prompt is not None:
-        n = prompt.shape[0]
-        embeds, mask = prepend(prompt, embeds, mask)
-    hidden = families.base_forward(model, embeds, mask).last_hidden_state
-    selected = hidden[batch.ans_seq, batch.ans_pos + n]
-    logits = families.logits(model, selected)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    token_logprob = logprobs.gather(1, batch.ans_tokens.unsqueeze(1)).squeeze(1)
-    argmax_ok = logits.argmax(dim=-1) == batch.ans_tokens
-    return token_logprob, argmax_ok
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+    if loaded is None:
+        model, tokenizer = load_model(name_or_path, dtype=model_dtype(precision))
+        model.to(accelerator.device)
+    else:
+        model, tokenizer = loaded
+    if attention == "fused":
+        from ptray.lm.attention import use_fused_attention
+
+        use_fused_attention(model, fold_alibi=fold_alibi)
+    if compile:
+        compile_blocks(model)
+    return model, tokenizer, accelerator

@@ -70,7 +70,7 @@ class Bundle:
 
 def tiny_model_bundle() -> Bundle:
     """A tiny random BLOOM (``ptray.tiny_model``), built here, as a bundle: the smoke study's model."""
-    from ptray.tiny_model import build
+    from ptray.lm.tiny_model import build
 
     with tempfile.TemporaryDirectory(prefix="ptray-tiny-") as tmp:
         return Bundle.pack(build(Path(tmp) / "model"))

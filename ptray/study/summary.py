@@ -6,10 +6,11 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from ptray import layout, tracking
+from ptray import layout
 from ptray.config import DEFAULT_GPU_GROUP_SIZE, DEFAULT_GPUS_PER_TRIAL, Options, Plan
-from ptray.paths import study_path
-from ptray.trial import tune_path
+from ptray.study import tracking
+from ptray.study.paths import study_path
+from ptray.study.trial import tune_path
 
 
 def describe(plan: Plan, opts: Options, uri: str, storage: str, experiment: str, new: bool,

@@ -1,0 +1,363 @@
+"""Trial groups: train K soft prompts on one frozen model, every step carrying rows of every prompt.
+
+A single trial (``ptray.training.train``) leaves most of a GPU idle: one prompt's batch of 8 is far too small for the
+model. A group trains K prompts (any tasks, seeds, learning rates, batch sizes, patiences) in one process on one
+copy of the frozen model. Each step concatenates one batch of every prompt still training, each row with its own
+prompt prepended, and runs the model once. Each prompt keeps everything a single trial has:
+
+- its data order: the batches ``train_batches`` gives its own (seed, epoch), in the same order;
+- its loss: the group's loss is the sum of each prompt's own batch mean, so (rows never attend to each other and
+  the model is frozen) each prompt's gradient is exactly its single-trial gradient;
+- its Adam state: one Adam with one parameter group per prompt (its own lr; Adam's state is per parameter);
+- its epochs: a prompt's epoch ends when its own batches run out (tasks have different sizes); it is then
+  evaluated, early stopping and the best prompt are tracked as in a single trial, and ``on_epoch_end`` gets the
+  same metrics and resumable state ``train`` gives;
+- its end: a prompt that stops (patience or max epochs) leaves the group; the others go on.
+
+This is ptray's one training loop: a single trial, ``ptray.training.train.train(cfg)``, is ``train_group([cfg])``.
+
+``tests/test_group.py`` checks a group of prompts of different tasks and seeds against single trials: per-epoch
+losses, gradients and final prompts within fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ptray.config import TrainConfig, resolve_attention
+from ptray.data.batching import check_fits, encode_all, train_batches
+from ptray.data.superglue import load_split
+from ptray.data.tasks import get_task
+from ptray.data.tokens import pad_token_id, token_ids
+from ptray.errors import PtrayError
+from ptray.lm.evaluate import EvalResult, evaluate
+from ptray.lm.forward import group_answer_logprobs
+from ptray.lm.load import resolve_device_precision, setup_model
+from ptray.lm.prompt import init_prompt
+from ptray.seeds import set_seed
+from ptray.versions import code_version, library_versions
+
+log = logging.getLogger("ptray")
+
+# what the prompts of one group must agree on: the frozen model and how each step runs it
+SHARED_FIELDS = ("model", "precision", "device", "compile", "attention", "max_tokens_per_forward")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` (and each prompt of ``train_group``) returns: the best prompt, its metrics, the history, the
+    resolved config and per-example results (``ptray.training.run_folder.save_run`` writes them as a run folder)."""
+
+    prompt: torch.Tensor  # best prompt rows [n, embed_dim], fp32, CPU
+    metrics: dict[str, Any]  # final metrics (see ``metrics.json``)
+    history: list[dict[str, Any]]  # per-epoch metrics
+    resolved: dict[str, Any]  # the fully resolved config
+    evals: dict[str, EvalResult] = dataclasses.field(default_factory=dict)  # "prompt", "no_prompt", "init_text"
+    eval_idx: list[int] = dataclasses.field(default_factory=list)  # example idx of the per-example lists in ``evals``
+
+
+@dataclasses.dataclass
+class _Member:
+    """One prompt of the group and its single-trial state."""
+
+    index: int
+    cfg: TrainConfig
+    weight: torch.nn.Parameter
+    param_group: dict  # its Adam parameter group (set once the optimizer is prepared)
+    train_data: list
+    eval_data: list
+    resolved: dict
+    init_text: str
+    baselines: dict
+    best: dict
+    history: list
+    epoch: int  # the epoch now running (or about to start)
+    batches: list | None = None
+    step: int = 0
+    loss_sum: torch.Tensor | None = None
+    tokens: int = 0
+    t0: float = 0.0
+    best_eval: EvalResult | None = None
+    result: TrainResult | None = None
+
+
+def _check_group(cfgs: list[TrainConfig]) -> None:
+    if not cfgs:
+        raise PtrayError("a trial group needs at least one TrainConfig")
+    for name in SHARED_FIELDS:
+        values = {getattr(c, name) for c in cfgs}
+        if len(values) > 1:
+            raise PtrayError(f"the prompts of one group share the frozen model, so {name} must be the same for all; "
+                             f"got {sorted(map(str, values))}; split them into groups by {name}")
+
+
+def train_group(
+    cfgs: list[TrainConfig],
+    on_epoch_end: Callable[[int, dict[str, Any], dict[str, Any]], None] | None = None,
+    resume: list[dict[str, Any] | None] | None = None,
+    fused_attention: bool | None = None,
+    model_and_tokenizer=None,
+    fold_alibi: bool = False,
+    on_prompt_end: Callable[[int, TrainResult], None] | None = None,
+) -> list[TrainResult]:
+    """Train the prompts of ``cfgs`` together; return each one's ``TrainResult`` as ``train(cfg)`` would.
+
+    ``on_epoch_end(i, metrics, state)`` is called when prompt i finishes an epoch, with ``train``'s metrics and
+    state; ``resume[i]`` (such a state, or None) continues prompt i after that epoch. ``fused_attention``: None
+    follows the configs' ``attention`` (auto: ``ptray.lm.attention.use_fused_attention`` on GPUs only; ``fold_alibi``
+    is passed to it). Each step's rows run in forward passes of at most the configs' ``max_tokens_per_forward``
+    padded tokens (0: one pass; ``group_answer_logprobs``; the same numbers within rounding).
+    ``on_prompt_end(i, result)`` is called as soon as prompt i leaves the group (stopped early or out of epochs),
+    while the others go on: a Tune trial finishes that prompt's MLflow run there.
+    ``model_and_tokenizer`` reuses a loaded frozen model (the benchmark's; the fused attention, if turned on, stays
+    on it); the model must be the one ``cfgs[0].model`` names. Raises PtrayError when the configs disagree on a
+    shared field (``SHARED_FIELDS``) or a loss becomes non-finite.
+
+    The steps, in order: ``_setup_model`` (the frozen model, once), ``_setup_member`` (each prompt: data, init,
+    resume, baselines), then until every prompt has left: ``_step`` (one optimizer step of every active prompt),
+    ``_end_epoch`` (evaluation, early stopping, the checkpoint state) and ``_start_epoch`` (the next epoch's batches,
+    or ``_leave``).
+    """
+    _check_group(cfgs)
+    resume = list(resume) if resume is not None else [None] * len(cfgs)
+    if len(resume) != len(cfgs):
+        raise PtrayError(f"resume has {len(resume)} states for {len(cfgs)} prompts; pass one (or None) per prompt")
+    run = _setup_model(cfgs[0], fused_attention, model_and_tokenizer, fold_alibi)
+    resumed = [state for state in resume if state is not None]
+    if resumed:  # nothing draws from it while training; restored so a resumed run continues train's RNG stream
+        torch.set_rng_state(resumed[0]["rng"])
+    for cfg in cfgs:  # every member's lengths, before any work
+        check_fits([cfg.task], run.tokenizer, run.model.config, cfg)
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)  # a placeholder group, removed
+    optimizer.param_groups.clear()
+    no_prompt_cache: dict[tuple, EvalResult] = {}
+    members = [_setup_member(run, i, cfg, state, len(cfgs), optimizer, no_prompt_cache)
+               for i, (cfg, state) in enumerate(zip(cfgs, resume))]
+    optimizer = run.accelerator.prepare(optimizer)
+    adam = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it; param groups live on the torch one
+    for m, state in zip(members, resume):  # found after prepare, which may rebuild the group dicts
+        m.param_group = next(g for g in adam.param_groups if g["params"][0] is m.weight)
+        if state is not None:
+            _load_adam_state(adam, m.param_group, m.weight, state["optimizer"])
+
+    def next_epoch(m: _Member) -> bool:
+        if _start_epoch(run, m):
+            return True
+        _leave(run, m, adam, on_prompt_end)
+        return False
+
+    active = [m for m in members if next_epoch(m)]
+    while active:
+        _step(run, active, optimizer, len(members))
+        still = []
+        for m in active:
+            if m.step == len(m.batches):
+                _end_epoch(run, m, adam, on_epoch_end, len(members))
+                if not next_epoch(m):
+                    continue
+            still.append(m)
+        active = still
+    return [m.result for m in members]
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every prompt of a group shares: the frozen model, how it runs, and its token ids."""
+
+    model: Any
+    tokenizer: Any
+    accelerator: Any
+    device: str
+    precision: str
+    attention: str
+    pad_id: int
+    eos_id: int
+    max_tokens_per_forward: int
+
+    def evaluate(self, cfg: TrainConfig, data: list, weight: torch.Tensor | None) -> EvalResult:
+        """``weight`` (or no prompt) on ``data`` with ``cfg``'s evaluation batch size."""
+        return evaluate(self.model, data, weight, cfg.eval_batch_size, self.pad_id, self.eos_id,
+                        device=self.accelerator.device, autocast=self.accelerator.autocast)
+
+
+def _setup_model(first: TrainConfig, fused_attention: bool | None, loaded, fold_alibi: bool) -> _Run:
+    """The frozen model of the group (the configs agree on ``SHARED_FIELDS``), set up once."""
+    device, precision = resolve_device_precision(first.device, first.precision)
+    set_seed(first.seed)  # nothing random happens in a frozen model in eval mode; set for any dropout
+    if fused_attention is None:
+        fused_attention = resolve_attention(first.attention, device) == "fused"
+    attention = "fused" if fused_attention else "eager"
+    model, tokenizer, accelerator = setup_model(first.model, device, precision, first.compile, attention, fold_alibi,
+                                                loaded=loaded)
+    return _Run(model, tokenizer, accelerator, device, precision, attention, pad_token_id(tokenizer),
+                tokenizer.eos_token_id, first.max_tokens_per_forward)
+
+
+def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group_size: int,
+                  optimizer: torch.optim.Optimizer, no_prompt_cache: dict) -> _Member:
+    """Prompt ``i``: its data, its initial (or resumed) rows in their own Adam parameter group, its baselines."""
+    tokenizer, embedding = run.tokenizer, run.model.get_input_embeddings().weight
+    task = get_task(cfg.task)
+    train_data = encode_all(task, load_split(task, "train", cfg.data_dir, cfg.hub_dataset, cfg.max_train_examples),
+                            tokenizer, cfg.max_length)
+    eval_data = encode_all(task, load_split(task, cfg.eval_split, cfg.data_dir, cfg.hub_dataset,
+                                            cfg.max_eval_examples), tokenizer, cfg.max_length)
+    init_text = cfg.init_text if cfg.init_text is not None else task.init_text
+    # the module, not its rows: TEXT init must include any embedding scale (Gemma2), as the model's own input does
+    rows = init_prompt(run.model.get_input_embeddings(), tokenizer, cfg.init, init_text, cfg.num_tokens, cfg.seed)
+    weight = torch.nn.Parameter(rows.to(run.accelerator.device))
+    optimizer.add_param_group({"params": [weight], "lr": cfg.lr})
+    resolved = {
+        **cfg.to_dict(), "init_text": init_text, "num_tokens": weight.shape[0], "hidden_size": embedding.shape[1],
+        "template_version": task.version, "verbalizer": dict(task.verbalizer), "device": run.device,
+        "precision": run.precision, "attention": run.attention,
+        "code_version": code_version(), **library_versions(),
+        "num_train_examples": len(train_data),
+        "num_eval_examples": len(eval_data), "num_truncated": sum(d.truncated for d in train_data + eval_data),
+        "group_size": group_size, "group_index": i,
+    }
+    baselines: dict[str, EvalResult] = {}
+    if state is not None:
+        with torch.no_grad():
+            weight.copy_(state["prompt"].to(weight.device))
+        best, history, epoch = dict(state["best"]), list(state["history"]), state["epoch"] + 1
+        baselines = {k: EvalResult(**v) for k, v in state.get("baselines", {}).items()}
+        log.info("resuming %s seed %d after epoch %d", task.name, cfg.seed, state["epoch"])
+    else:
+        best = {"eval_loss": math.inf, "epoch": 0, "prompt": weight.detach().cpu().clone(), "bad_epochs": 0}
+        history, epoch = [], 1
+    if cfg.baselines and not baselines:
+        key = (cfg.task, cfg.data_dir, cfg.hub_dataset, cfg.eval_split, cfg.max_eval_examples, cfg.max_length)
+        if key not in no_prompt_cache:  # the same for every prompt of a task: evaluate it once
+            no_prompt_cache[key] = run.evaluate(cfg, eval_data, None)
+        hard = embedding[torch.tensor(token_ids(tokenizer, init_text), device=embedding.device)]
+        baselines = {"no_prompt": no_prompt_cache[key], "init_text": run.evaluate(cfg, eval_data, hard)}
+        for name, res in baselines.items():
+            log.info("baseline %-9s eval_loss %.4f exact_match %.4f rank_accuracy %.4f",
+                     name, res.loss, res.exact_match, res.rank_accuracy)
+    return _Member(i, cfg, weight, {}, train_data, eval_data, resolved, init_text, baselines, best, history, epoch)
+
+
+def _start_epoch(run: _Run, m: _Member) -> bool:
+    """Set up ``m``'s next epoch; False when it is done (out of epochs or patience)."""
+    if m.epoch > m.cfg.max_epochs or m.best["bad_epochs"] >= m.cfg.patience:
+        return False
+    m.batches = train_batches(m.train_data, m.cfg.batch_size, m.cfg.seed, m.epoch, run.pad_id, run.eos_id)
+    m.step, m.tokens, m.t0 = 0, 0, time.perf_counter()
+    m.loss_sum = torch.zeros((), device=run.accelerator.device)
+    return True
+
+
+def _step(run: _Run, active: list[_Member], optimizer, group_size: int) -> None:
+    """One optimizer step: the next batch of every active prompt in one forward, each loss its own batch mean."""
+    parts = [(m.batches[m.step].to(run.accelerator.device), m.weight) for m in active]
+    with run.accelerator.autocast():
+        logps = group_answer_logprobs(run.model, parts, run.max_tokens_per_forward)
+        losses = [-lp.mean() for lp in logps]
+    run.accelerator.backward(torch.stack(losses).sum())  # each prompt's gradient is its own mean's gradient
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for m, (batch, _), loss in zip(active, parts, losses):
+        m.loss_sum += loss.detach()
+        m.tokens += int(batch.attention_mask.sum())
+        m.step += 1
+        if (m.step % 20 == 0 or m.step == len(m.batches)) and not torch.isfinite(m.loss_sum):
+            raise PtrayError(
+                f"the training loss became {m.loss_sum.item()} at epoch {m.epoch}, step {m.step} "
+                f"({m.cfg.task}, seed {m.cfg.seed}{f', group prompt {m.index}' if group_size > 1 else ''}); "
+                f"lower --lr (now {m.cfg.lr}) or use a more stable precision (--precision bf16/no)")
+
+
+def _end_epoch(run: _Run, m: _Member, adam, on_epoch_end, group_size: int) -> None:
+    """``m``'s epoch is over: evaluate it, track early stopping and the best prompt, report metrics and state."""
+    train_time = time.perf_counter() - m.t0
+    result = run.evaluate(m.cfg, m.eval_data, m.weight.detach())
+    improved = result.loss < m.best["eval_loss"]
+    if improved:
+        m.best = {"eval_loss": result.loss, "epoch": m.epoch, "prompt": m.weight.detach().cpu().clone(),
+                  "bad_epochs": 0}
+        m.best_eval = result
+    else:
+        m.best["bad_epochs"] += 1
+    metrics = {
+        "epoch": m.epoch,
+        "train_loss": m.loss_sum.item() / len(m.batches),
+        **result.metrics(),
+        "best_eval_loss": m.best["eval_loss"],
+        "best_epoch": m.best["epoch"],
+        "train_tokens_per_s": m.tokens / train_time,  # this prompt's tokens over the group's wall time
+        "epoch_seconds": time.perf_counter() - m.t0,
+    }
+    m.history.append(metrics)
+    log.info("%sepoch %d/%d train_loss %.4f eval_loss %.4f exact_match %.4f rank_accuracy %.4f%s (%.1fs)",
+             f"[{m.index}] {m.cfg.task} seed {m.cfg.seed} " if group_size > 1 else "", m.epoch,
+             m.cfg.max_epochs, metrics["train_loss"], result.loss, result.exact_match, result.rank_accuracy,
+             " *" if improved else "", metrics["epoch_seconds"])
+    if on_epoch_end is not None:
+        state = copy.deepcopy({
+            "epoch": m.epoch,
+            "prompt": m.weight.detach().cpu(),
+            "optimizer": _adam_state_of(adam, m.param_group, m.weight),
+            "rng": torch.get_rng_state(),
+            "best": m.best,
+            "history": m.history,
+            "baselines": {k: dataclasses.asdict(v) for k, v in m.baselines.items()},
+        })
+        on_epoch_end(m.index, metrics, state)
+    m.epoch += 1
+    m.batches = None
+
+
+def _leave(run: _Run, m: _Member, adam, on_prompt_end) -> None:
+    """Finish ``m`` as ``train`` does: its best prompt, re-evaluated if resumed after the best epoch."""
+    if m.best_eval is None:
+        m.best_eval = run.evaluate(m.cfg, m.eval_data, m.best["prompt"])
+    m.result = _result(m)
+    adam.param_groups.remove(m.param_group)
+    adam.state.pop(m.weight, None)
+    if on_prompt_end is not None:
+        on_prompt_end(m.index, m.result)
+
+
+def _adam_state_of(adam: torch.optim.Optimizer, group: dict, weight: torch.Tensor) -> dict:
+    """Prompt ``weight``'s Adam state as the state dict of a one-prompt ``torch.optim.Adam`` (what ``train``
+    saves), so a group's checkpoint resumes as a single trial and the other way round."""
+    options = {k: v for k, v in group.items() if k != "params"}
+    state = {0: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in adam.state[weight].items()}} \
+        if weight in adam.state else {}
+    return {"state": state, "param_groups": [{**options, "params": [0]}]}
+
+
+def _load_adam_state(adam: torch.optim.Optimizer, group: dict, weight: torch.Tensor, saved: dict) -> None:
+    """Load a one-prompt Adam state dict (``_adam_state_of``'s or ``train``'s) into ``weight``'s parameter group."""
+    group.update({k: v for k, v in saved["param_groups"][0].items() if k != "params"})
+    state = saved["state"].get(0, saved["state"].get("0"))
+    if state:
+        adam.state[weight] = {k: v.to(weight.device) if torch.is_tensor(v) and v.dim() > 0 else v
+                              for k, v in state.items()}
+
+
+def _result(m: _Member) -> TrainResult:
+    """``train``'s result for member ``m`` (same metrics keys)."""
+    final = {
+        "task": m.cfg.task,
+        "seed": m.cfg.seed,
+        **m.best_eval.metrics(),
+        "best_epoch": m.best["epoch"],
+        "epochs_run": len(m.history),
+        "stopped_early": len(m.history) < m.cfg.max_epochs,
+        "num_tokens": int(m.best["prompt"].shape[0]),
+        "num_eval_examples": m.best_eval.num_examples,
+    }
+    for name, res in m.baselines.items():
+        final.update({f"{name}_{k}": v for k, v in res.metrics().items()})
+    return TrainResult(m.best["prompt"], final, m.history, m.resolved, {"prompt": m.best_eval, **m.baselines},
+                       [d.idx for d in m.eval_data if d.label is not None])
