@@ -9,7 +9,8 @@ with bloomz-560m's exact config (``--smoke``: ptray's tiny BLOOM) and measures, 
 
 1. ``peak``: the dense matmul FLOP/s of the device in the run's dtype (the MFU denominator); the spec peak is
    989 TFLOP/s dense bf16 for H100/H200 SXM (none assumed for other devices).
-2. ``attention``: forward + backward to a soft prompt (``ptray.lm.forward.answer_logprobs``) through Hugging Face's eager
+2. ``attention``: forward + backward to a soft prompt (``ptray.lm.forward.answer_logprobs``) through Hugging Face's
+   eager
    BLOOM attention and through ``ptray.attention``'s two fused paths (the ALiBi + mask bias; ALiBi folded into Q
    and K with a causal-only call), at several batch x length shapes (right padding, lengths drawn from [L/2, L]);
    tokens/s, MFU, and the largest difference of the answer log-probs from eager. Then which SDPA kernels

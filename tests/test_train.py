@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-import ptray.training.loop
 import ptray.lm.load
+import ptray.training.loop
 import ptray.training.train
 from ptray.config import TrainConfig
 from ptray.errors import PtrayError
