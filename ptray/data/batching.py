@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ptray.data.superglue import Example
-from ptray.data.tasks import ANSWER_CUE, Task, get_task
+from ptray.data.tasks import Task, get_task
 from ptray.data.tokens import answer_ids_in_context, token_ids
 from ptray.errors import PtrayError
 from ptray.seeds import epoch_seed
@@ -95,11 +95,11 @@ def _prefix_chars(tokenizer, text: str, ids: list[int], keep: int) -> int:
 def check_lengths(task: Task, tokenizer, max_length: int) -> None:
     """Refuse a ``max_length`` that cannot hold ``task``'s answer cue and its longest answer (no truncation can
     make any example fit then). Raises PtrayError naming the limit."""
-    cue = len(token_ids(tokenizer, ANSWER_CUE))
-    answer = max(len(a) for a in answer_ids_in_context(tokenizer, ANSWER_CUE, task.answers))  # as encode counts
+    cue = len(token_ids(tokenizer, task.answer_cue))
+    answer = max(len(a) for a in answer_ids_in_context(tokenizer, task.answer_cue, task.answers))  # as encode counts
     if cue + answer > max_length:
         raise PtrayError(
-            f"--max-length {max_length} cannot hold {task.name}'s answer cue {ANSWER_CUE!r} and longest answer "
+            f"--max-length {max_length} cannot hold {task.name}'s answer cue {task.answer_cue!r} and longest answer "
             f"({cue} + {answer} tokens) with any text; raise --max-length (the examples need far more, e.g. 512)"
         )
 

@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ptray.data.tasks import Task
+from ptray.data.task_schema import SPLITS, Task
 from ptray.errors import PtrayError
 
-SPLITS = ("train", "val", "test")
+__all__ = ["DEFAULT_HUB_DATASET", "SPLITS", "Example", "load_split", "read_hub", "read_jsonl"]
+
 DEFAULT_HUB_DATASET = "aps/super_glue"  # the parquet mirror of super_glue; no loading script needed
-_HUB_SPLIT = {"train": "train", "val": "validation", "test": "test"}
-_INT_FIELDS = {"span1_index", "span2_index"}
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def _normalise(task: Task, record: dict, split: str, where: str) -> Example:
         if name not in flat:
             raise PtrayError(f"{where}: field {name!r} is missing (a {task.name} record needs {list(task.fields)})")
         value = flat[name]
-        expected = int if name in _INT_FIELDS else str
+        expected = int if name in task.int_fields else str
         if not isinstance(value, expected) or isinstance(value, bool):
             raise PtrayError(f"{where}: field {name!r} should be {expected.__name__}, got {value!r}")
         fields[name] = value
@@ -106,25 +105,38 @@ def read_jsonl(task: Task, split: str, data_dir: str | os.PathLike) -> list[Exam
 
 
 def read_hub(task: Task, split: str, dataset_id: str = DEFAULT_HUB_DATASET) -> list[Example]:
-    """Read a split from the Hugging Face Hub (the parquet mirror: integer labels, flat WSC spans)."""
+    """Read a split from the Hugging Face Hub (the parquet mirror: integer labels, flat WSC spans).
+
+    The task's own ``hub_dataset`` (its declaration's ``data.hub_dataset``), when set, wins over ``dataset_id``;
+    the split's Hub name is the declaration's ``data.hub_splits`` (default train/validation/test).
+
+    Raises:
+        PtrayError: the task declares no Hub source, the Hub cannot be reached, or a row is malformed.
+    """
     try:
         import datasets
     except ImportError as err:  # pragma: no cover - datasets is a core dependency
         raise PtrayError("the 'datasets' package is needed to read from the Hub; pip install datasets") from err
+    dataset_id = task.hub_dataset or dataset_id
+    if task.hub_dataset is None and task.hub_config is None:
+        raise PtrayError(f"task {task.name!r} declares no Hub dataset (data.hub_dataset or data.hub_config in "
+                         f"{task.source}); pass --data-dir DIR with DIR/{task.dir_name}/{split}.jsonl")
+    where = dataset_id if task.hub_config is None else f"{dataset_id}/{task.hub_config}"
     try:
-        ds = datasets.load_dataset(dataset_id, task.hub_config, split=_HUB_SPLIT[split])
+        ds = datasets.load_dataset(dataset_id, task.hub_config, split=task.hub_splits[split])
     except Exception as err:  # network errors come in many types; the message is what the user needs
         raise PtrayError(
-            f"could not load {dataset_id}/{task.hub_config} ({split}) from the Hugging Face Hub "
+            f"could not load {where} ({split}) from the Hugging Face Hub "
             f"({type(err).__name__}); if the Hub is unreachable, pass --data-dir DIR with the official "
             f"SuperGLUE jsonl files in DIR/<TASK>/{{train,val,test}}.jsonl"
         ) from None
     out = []
     for row_no, row in enumerate(ds):
         row = dict(row)
-        if isinstance(row.get("label"), int) and row["label"] >= 0:
-            row["label"] = task.labels[row["label"]]  # Hub labels are indices into the same label order
-        out.append(_normalise(task, row, split, f"{dataset_id}/{task.hub_config}[{split}] row {row_no}"))
+        label = row.get("label")
+        if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(task.labels):
+            row["label"] = task.labels[label]  # Hub labels are indices into the same label order
+        out.append(_normalise(task, row, split, f"{where}[{split}] row {row_no}"))
     return out
 
 
@@ -135,8 +147,15 @@ def load_split(
     hub_dataset: str = DEFAULT_HUB_DATASET,
     limit: int | None = None,
 ) -> list[Example]:
-    """Examples of one split: from ``data_dir`` when given, else from the Hub. ``limit`` keeps the first N."""
+    """Examples of one split: from ``data_dir`` when given, else from the Hub. ``limit`` keeps the first N.
+
+    Raises:
+        PtrayError: an unknown split, a split the task does not declare, or a missing or malformed source.
+    """
     if split not in SPLITS:
         raise PtrayError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if split not in task.splits:
+        raise PtrayError(f"task {task.name!r} has no {split} split (its declaration, {task.source}, lists: "
+                         f"{', '.join(task.splits)})")
     examples = read_jsonl(task, split, data_dir) if data_dir is not None else read_hub(task, split, hub_dataset)
     return examples[:limit] if limit else examples

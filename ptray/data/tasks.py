@@ -1,8 +1,13 @@
-"""The SuperGLUE task registry: each task declared once, as data.
+"""The task registry: every task is a declaration (a TOML task file), the built-in ones shipped with ptray.
 
-A task knows its fields, how one example becomes model text (a pure ``format``), the answer words for each
-label (its verbalizer), the paper's init text and its metrics. Templates carry a ``version`` that every run logs,
-so results from different templates are never mixed.
+A task knows its fields, how one example becomes model text (a template, filled by a pure ``format``), the answer
+words for each label (its verbalizer) and the paper's init text (schema: ``ptray.data.task_schema``). Each
+declaration carries a ``version`` that every run logs, so results from different templates are never mixed.
+
+Built in (``ptray/data/task_files/``): the paper's four, ``TASK_NAMES`` (the default study), and WiC. A user's task
+file joins the registry of the running process with ``register_task_files``; a process that did not read the
+file (a Ray worker) registers the same task from ``task_declaration(name)``, a plain dict that travels with the
+config, with ``register_declaration``.
 
 Verbalizers (template version 1). The model must produce exactly these words (after the ``Answer:`` cue, with a
 leading space) and then EOS:
@@ -14,6 +19,7 @@ cb        entailment -> "yes", contradiction -> "no", neutral -> "maybe"
 rte       entailment -> "yes", not_entailment -> "no"
 copa      choice1 -> "1", choice2 -> "2"
 wsc       True -> "yes", False -> "no"
+wic       True -> "yes", False -> "no"   (not in the paper's study)
 ========  =========================================================
 
 Short answer words keep exact match about the decision, not about spelling a long label; sharing "yes"/"no"
@@ -22,139 +28,34 @@ between tasks makes zero-shot transfer between them meaningful.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import difflib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import os
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from types import MappingProxyType
+from typing import Any
 
+from ptray.data.task_schema import (
+    ANSWER_CUE,
+    FORMATTERS,
+    SPLITS,
+    Task,
+    parse_task_toml,
+    read_task_file,
+    register_formatter,
+    task_from_declaration,
+)
 from ptray.errors import PtrayError
 
-ANSWER_CUE = "Answer:"
+__all__ = [
+    "ANSWER_CUE", "BUILTIN_TASK_NAMES", "FORMATTERS", "SPLITS", "TASKS", "TASK_NAMES", "Task", "all_task_names",
+    "get_task", "load_task_file", "register_declaration", "register_formatter", "register_task_files",
+    "task_declaration", "user_declarations",
+]
 
-
-def _clean(text: str) -> str:
-    """Collapse all whitespace runs (including the newline inside some WSC spans) to one space; strip the ends."""
-    return " ".join(str(text).split())
-
-
-def format_cb(ex: Mapping) -> str:
-    r"""CB / RTE source text.
-
-    >>> format_cb({"premise": "It rained.", "hypothesis": "the ground is wet"})
-    'Premise: It rained.\nHypothesis: the ground is wet\nAnswer:'
-    """
-    return f"Premise: {_clean(ex['premise'])}\nHypothesis: {_clean(ex['hypothesis'])}\n{ANSWER_CUE}"
-
-
-def format_copa(ex: Mapping) -> str:
-    r"""COPA source text.
-
-    >>> format_copa({"premise": "My eyes became red.", "question": "cause",
-    ...              "choice1": "I was sobbing.", "choice2": "I was laughing."})
-    'Premise: My eyes became red.\nWhat was the cause?\n1: I was sobbing.\n2: I was laughing.\nAnswer:'
-    """
-    question = {"cause": "What was the cause?", "effect": "What happened as a result?"}[ex["question"]]
-    return (
-        f"Premise: {_clean(ex['premise'])}\n{question}\n"
-        f"1: {_clean(ex['choice1'])}\n2: {_clean(ex['choice2'])}\n{ANSWER_CUE}"
-    )
-
-
-def format_wsc(ex: Mapping) -> str:
-    r"""WSC source text.
-
-    >>> format_wsc({"text": "Jane gave Joan candy because she was hungry.", "span1_text": "Jane",
-    ...             "span2_text": "she", "span1_index": 0, "span2_index": 5})
-    'Text: Jane gave Joan candy because she was hungry.\nDoes the pronoun "she" refer to "Jane"?\nAnswer:'
-    """
-    return (
-        f"Text: {_clean(ex['text'])}\n"
-        f'Does the pronoun "{_clean(ex["span2_text"])}" refer to "{_clean(ex["span1_text"])}"?\n{ANSWER_CUE}'
-    )
-
-
-@dataclass(frozen=True)
-class Task:
-    """One SuperGLUE task, declared once.
-
-    ``labels`` are the canonical label names (the official jsonl values as strings); records carry the label as
-    an index into it. ``text_fields`` are the fields truncation may shorten, longest first. ``allowed_values``
-    lists the only values a field may take (COPA's question), checked when a record is read.
-    """
-
-    name: str
-    dir_name: str  # folder name in the official layout: <data_dir>/<dir_name>/<split>.jsonl
-    hub_config: str  # config name in the Hub's aps/super_glue
-    fields: tuple[str, ...]
-    text_fields: tuple[str, ...]
-    labels: tuple[str, ...]
-    verbalizer: Mapping[str, str]
-    init_text: str
-    formatter: Callable[[Mapping], str]
-    allowed_values: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # per field, if closed
-    version: int = 1
-
-    def format(self, ex: Mapping) -> str:
-        """Example fields -> model input text (ends with the answer cue)."""
-        return self.formatter(ex)
-
-    def target(self, label_index: int) -> str:
-        """Label index -> target text: a space then the label's answer words."""
-        return " " + self.verbalizer[self.labels[label_index]]
-
-    @property
-    def answers(self) -> tuple[str, ...]:
-        """Target texts of all labels, in label order."""
-        return tuple(self.target(i) for i in range(len(self.labels)))
-
-
-_TASKS = (
-    Task(
-        name="cb",
-        dir_name="CB",
-        hub_config="cb",
-        fields=("premise", "hypothesis"),
-        text_fields=("premise", "hypothesis"),
-        labels=("entailment", "contradiction", "neutral"),
-        verbalizer={"entailment": "yes", "contradiction": "no", "neutral": "maybe"},
-        init_text="Does the hypothesis entail, contradict or is neutral about the premise?",
-        formatter=format_cb,
-    ),
-    Task(
-        name="rte",
-        dir_name="RTE",
-        hub_config="rte",
-        fields=("premise", "hypothesis"),
-        text_fields=("premise", "hypothesis"),
-        labels=("entailment", "not_entailment"),
-        verbalizer={"entailment": "yes", "not_entailment": "no"},
-        init_text="Does the hypothesis entail, or not entail the premise?",
-        formatter=format_cb,
-    ),
-    Task(
-        name="copa",
-        dir_name="COPA",
-        hub_config="copa",
-        fields=("premise", "choice1", "choice2", "question"),
-        text_fields=("premise", "choice1", "choice2"),
-        labels=("0", "1"),
-        verbalizer={"0": "1", "1": "2"},
-        init_text="Pick the correct choice given the premise and the question.",
-        formatter=format_copa,
-        allowed_values={"question": ("cause", "effect")},
-    ),
-    Task(
-        name="wsc",
-        dir_name="WSC",
-        hub_config="wsc.fixed",
-        fields=("text", "span1_text", "span2_text", "span1_index", "span2_index"),
-        text_fields=("text",),
-        labels=("False", "True"),
-        verbalizer={"False": "no", "True": "yes"},
-        init_text="Given the following text, decide whether the span1_text is referenced by the pronoun in span2_text",
-        formatter=format_wsc,
-    ),
-)
+TASK_NAMES: tuple[str, ...] = ("cb", "rte", "copa", "wsc")  # the paper's tasks: the default study
+_BUILTIN_FILES = (*TASK_NAMES, "wic")
 
 
 def _build_registry(tasks: tuple[Task, ...]) -> dict[str, Task]:
@@ -166,15 +67,155 @@ def _build_registry(tasks: tuple[Task, ...]) -> dict[str, Task]:
     return registry
 
 
-TASKS: Mapping[str, Task] = _build_registry(_TASKS)
-TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+def _builtin(stem: str) -> Task:
+    path = resources.files("ptray.data") / "task_files" / f"{stem}.toml"
+    source = f"ptray/data/task_files/{stem}.toml"
+    task = task_from_declaration(parse_task_toml(path.read_text(encoding="utf-8"), source), source)
+    if task.name != stem:  # pragma: no cover - a packaging mistake
+        raise ValueError(f"{source} declares task {task.name!r}; a built-in file is named after its task")
+    return task
+
+
+_BUILTINS: Mapping[str, Task] = MappingProxyType(_build_registry(tuple(_builtin(s) for s in _BUILTIN_FILES)))
+BUILTIN_TASK_NAMES: tuple[str, ...] = tuple(_BUILTINS)  # the paper's four, then WiC
+TASKS: Mapping[str, Task] = MappingProxyType({name: _BUILTINS[name] for name in TASK_NAMES})  # the paper's four
+_USER: dict[str, Task] = {}  # tasks registered in this process from task files or declarations
+
+
+def all_task_names() -> tuple[str, ...]:
+    """Every task ``get_task`` knows in this process: the built-in ones, then the registered user tasks."""
+    return BUILTIN_TASK_NAMES + tuple(_USER)
 
 
 def get_task(name: str) -> Task:
-    """Look a task up by name (case-insensitive); unknown names list the valid ones."""
+    """Look a task up by name (case-insensitive): a built-in task or one registered in this process.
+
+    Raises:
+        PtrayError: unknown name; the message lists the paper's tasks, suggests the nearest registered name and
+            lists the other registered tasks.
+    """
     key = str(name).strip().lower()
-    if key in TASKS:
-        return TASKS[key]
-    hint = difflib.get_close_matches(key, TASK_NAMES, n=1)
+    if key in _BUILTINS:
+        return _BUILTINS[key]
+    if key in _USER:
+        return _USER[key]
+    names = all_task_names()
+    hint = difflib.get_close_matches(key, names, n=1)
     suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
-    raise PtrayError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}.{suggestion}")
+    others = [n for n in names if n not in TASK_NAMES]
+    more = f" Other registered tasks: {', '.join(others)}." if others else ""
+    raise PtrayError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}.{suggestion}{more}")
+
+
+def load_task_file(path: str | os.PathLike) -> Task:
+    """Read and validate a task file (TOML, schema in ``ptray.data.task_schema``); it is not registered.
+
+    Raises:
+        PtrayError: the file is missing or not TOML, or one field is wrong (the message names the file and field).
+    """
+    return task_from_declaration(read_task_file(path), str(path))
+
+
+def register_declaration(declaration: Mapping[str, Any], source: str = "<declaration>") -> Task:
+    """Add a declared task to this process's registry (what a worker does with ``task_declaration``'s dict).
+
+    Registering the same declaration again is a no-op, so every process may register what it is handed.
+
+    Args:
+        declaration: a task file's content as a dict (``task_declaration(name)``, or a parsed TOML file).
+        source: where it comes from, for messages (a file path).
+
+    Returns:
+        The registered Task.
+
+    Raises:
+        PtrayError: the declaration is invalid; its name is a built-in task's; or another declaration of that
+            name is already registered.
+    """
+    task = task_from_declaration(declaration, source)
+    if task.name in _BUILTINS:
+        raise PtrayError(f"{source}: task name {task.name!r} is a built-in task's; choose another name")
+    known = _USER.get(task.name)
+    if known is not None:
+        if known == task and known.declaration == task.declaration:
+            return known
+        raise PtrayError(f"{source}: task {task.name!r} is already registered from {known.source}, declared "
+                         f"differently; give one of them another name")
+    _USER[task.name] = task
+    return task
+
+
+def register_task_files(paths: Iterable[str | os.PathLike]) -> tuple[Task, ...]:
+    """Read, validate and register task files for the running process (e.g. the paths of ``--task-file``).
+
+    Args:
+        paths: task file paths.
+
+    Returns:
+        The registered Tasks, in order.
+
+    Raises:
+        PtrayError: as ``load_task_file`` and ``register_declaration`` (a clash with a built-in name, or two files
+            declaring one name differently).
+    """
+    return tuple(register_declaration(read_task_file(p), str(p)) for p in paths)
+
+
+def task_declaration(name: str) -> dict[str, Any]:
+    """The declaration of a registered task as a plain, JSON-serialisable dict (a deep copy): what another process
+    passes to ``register_declaration`` to know the same task.
+
+    Raises:
+        PtrayError: unknown task (as ``get_task``).
+    """
+    return copy.deepcopy(dict(get_task(name).declaration))
+
+
+def user_declarations(names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Declarations of the registered non-built-in tasks among ``names`` (default: all of them), in registry order:
+    what must travel with a config to worker processes (built-in tasks need nothing).
+
+    Raises:
+        PtrayError: a name is not a registered task.
+    """
+    wanted = None if names is None else {get_task(n).name for n in names}
+    return [copy.deepcopy(dict(t.declaration)) for n, t in _USER.items() if wanted is None or n in wanted]
+
+
+def format_cb(ex: Mapping) -> str:
+    r"""CB / RTE source text (the built-in CB declaration's ``format``).
+
+    >>> format_cb({"premise": "It rained.", "hypothesis": "the ground is wet"})
+    'Premise: It rained.\nHypothesis: the ground is wet\nAnswer:'
+    """
+    return _BUILTINS["cb"].format(ex)
+
+
+def format_copa(ex: Mapping) -> str:
+    r"""COPA source text (the built-in COPA declaration's ``format``).
+
+    >>> format_copa({"premise": "My eyes became red.", "question": "cause",
+    ...              "choice1": "I was sobbing.", "choice2": "I was laughing."})
+    'Premise: My eyes became red.\nWhat was the cause?\n1: I was sobbing.\n2: I was laughing.\nAnswer:'
+    """
+    return _BUILTINS["copa"].format(ex)
+
+
+def format_wsc(ex: Mapping) -> str:
+    r"""WSC source text (the built-in WSC declaration's ``format``).
+
+    >>> format_wsc({"text": "Jane gave Joan candy because she was hungry.", "span1_text": "Jane",
+    ...             "span2_text": "she", "span1_index": 0, "span2_index": 5})
+    'Text: Jane gave Joan candy because she was hungry.\nDoes the pronoun "she" refer to "Jane"?\nAnswer:'
+    """
+    return _BUILTINS["wsc"].format(ex)
+
+
+def format_wic(ex: Mapping) -> str:
+    r"""WiC source text (the built-in WiC declaration's ``format``).
+
+    >>> format_wic({"word": "class", "sentence1": "An emerging professional class.",
+    ...             "sentence2": "It showed real class."})
+    'Sentence 1: An emerging professional class.\nSentence 2: It showed real class.\nIs the word "class" used with the same meaning in both sentences?\nAnswer:'
+    """  # noqa: E501
+    return _BUILTINS["wic"].format(ex)
