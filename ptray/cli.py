@@ -12,7 +12,8 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-from ptray.seeds import MAX_SEED
+from ptray.errors import PtrayError
+from ptray.seeds import MAX_SEED, check_seed
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -72,7 +73,7 @@ def config_field(default: Any, help: str, **metadata: Any) -> Any:
 
     Optional ``metadata``: ``type`` (an argparse type such as ``positive_int``), ``choices``, ``flag`` (the flag's
     name when it is not ``--field-name``), ``off_help`` (the help of ``--no-field-name`` for a field that defaults
-    to True), ``cli=False`` (no flag).
+    to True), ``cli=False`` (no flag), ``hint`` (what a special value means, in ``check_config``'s message).
     """
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
@@ -152,3 +153,52 @@ def config_from_args(cls: type, args: argparse.Namespace, **fixed):
         if f.name not in values and getattr(args, f.name, None) is not None:
             values[f.name] = getattr(args, f.name)
     return cls(**values)
+
+
+# What each argparse type of a config field means for a value set in code (``check_config``): kind, minimum, strict.
+_RANGES = {
+    positive_int: (int, "a positive integer", lambda v: v > 0),
+    non_negative_int: (int, "a non-negative integer", lambda v: v >= 0),
+    positive_float: (float, "a positive number", lambda v: math.isfinite(v) and v > 0),
+    non_negative_float: (float, "a non-negative number", lambda v: math.isfinite(v) and v >= 0),
+}
+
+
+def _one_of(choices: list) -> str:
+    return " or ".join(map(str, choices)) if len(choices) == 2 else f"one of {', '.join(map(str, choices))}"
+
+
+def check_config(obj: Any) -> None:
+    """Check every field of the config dataclass ``obj`` against what its ``config_field`` declares.
+
+    The same rules as its flag (``type``: ``positive_int``, ``non_negative_int``, ``positive_float``,
+    ``non_negative_float``, ``seed_int``; ``choices``; a ``str`` Enum annotation; bool), for values set in code or
+    read from a stored plan, where no argparse ran. None passes where the field's default is None (unset). Enum
+    fields given as their string value are converted in place. Raises PtrayError naming the field and the value.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        meta, value = f.metadata, getattr(obj, f.name)
+        if "help" not in meta or (value is None and f.default is None):
+            continue
+        unset = " or unset" if f.default is None else ""
+        annotation = _base_type(hints[f.name])
+        if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+            try:
+                object.__setattr__(obj, f.name, annotation(value))
+            except ValueError:
+                raise PtrayError(f"{f.name} must be one of {[e.value for e in annotation]}, got {value!r}") from None
+        elif annotation is bool:
+            if not isinstance(value, bool):
+                raise PtrayError(f"{f.name} must be true or false, got {value!r}")
+        kind = meta.get("type")
+        if kind is seed_int:
+            check_seed(value, f.name)
+        elif kind in _RANGES:
+            number, words, ok = _RANGES[kind]
+            allowed = (int,) if number is int else (int, float)
+            if isinstance(value, bool) or not isinstance(value, allowed) or not ok(value):
+                hint = f" ({meta['hint']})" if "hint" in meta else ""
+                raise PtrayError(f"{f.name} must be {words}{unset}{hint}, got {value!r}")
+        if "choices" in meta and value not in meta["choices"]:
+            raise PtrayError(f"{f.name} must be {_one_of(list(meta['choices']))}, got {value!r}")

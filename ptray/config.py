@@ -11,13 +11,20 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from ptray.cli import config_field, non_negative_float, non_negative_int, positive_float, positive_int, seed_int
-from ptray.data.superglue import DEFAULT_HUB_DATASET, SPLITS
+from ptray.cli import (
+    check_config,
+    config_field,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
+from ptray.data.superglue import DEFAULT_HUB_DATASET
 from ptray.data.tasks import TASK_NAMES, get_task
 from ptray.errors import PtrayError
 from ptray.seeds import check_seed
@@ -35,9 +42,9 @@ class PromptInit(str, Enum):
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 DEFAULT_GPUS_PER_TRIAL = 0.25  # four trials share a GPU: one bloomz-560m prompt-tuning run leaves most of it idle
-# Prompts per trial group on a GPU. issue 11 measured on one H200 (bloomz-560m's shape, bf16, batch 8): 1 prompt
-# per forward 24k tokens/s, 4 packed 44k, 16 packed 35k (wider padded rows and a longer step cost more than the
-# launches they save). So 4 prompts per group, and a group gets a whole GPU (4 x DEFAULT_GPUS_PER_TRIAL).
+# Prompts per trial group on a GPU: 4, so a group gets a whole GPU (4 x DEFAULT_GPUS_PER_TRIAL). An estimate: no
+# ptray code has run on a GPU yet, so no group size is measured (BENCHMARKS.md); the GPU benchmark measures groups
+# of 1/4/8/16 prompts when a GPU run happens.
 DEFAULT_GPU_GROUP_SIZE = 4
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTIONS = ("auto", "eager", "fused")
@@ -100,33 +107,10 @@ class TrainConfig:
     max_tokens_per_forward: int = config_field(
         0, "padded tokens (rows x width) per forward pass of a training step: the step's rows, by length, in passes "
            "of at most this many, widths in multiples of 32 (0: one pass per step; the same numbers)",
-        type=non_negative_int)
+        type=non_negative_int, hint="0: one forward pass per step")
 
     def __post_init__(self):
-        try:
-            self.init = PromptInit(self.init)
-        except ValueError:
-            raise PtrayError(f"init must be one of {[i.value for i in PromptInit]}, got {self.init!r}") from None
-        for name in ("max_epochs", "patience", "batch_size", "eval_batch_size", "max_length"):
-            _check_positive_int(name, getattr(self, name))
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise PtrayError(f"lr must be a positive number, got {self.lr!r}")
-        for name in ("num_tokens", "max_train_examples", "max_eval_examples"):
-            if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name), " or unset")
-        if not isinstance(self.max_tokens_per_forward, int) or isinstance(self.max_tokens_per_forward, bool) \
-                or self.max_tokens_per_forward < 0:
-            raise PtrayError(f"max_tokens_per_forward must be a non-negative integer (0: one forward pass per step), "
-                             f"got {self.max_tokens_per_forward!r}")
-        if self.precision not in PRECISIONS:
-            raise PtrayError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.device not in DEVICES:
-            raise PtrayError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.attention not in ATTENTIONS:
-            raise PtrayError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.eval_split not in SPLITS or self.eval_split == "test":
-            raise PtrayError(f"eval_split must be train or val (test has no labels), got {self.eval_split!r}")
-        check_seed(self.seed)
+        check_config(self)  # every field against its declared type, range and choices
         get_task(self.task)  # unknown names fail here, listing the valid ones
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,27 +120,25 @@ class TrainConfig:
         return d
 
 
-def _check_positive_int(name: str, value: Any, unset: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise PtrayError(f"{name} must be a positive integer{unset}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class EvalConfig:
     """How prompts are evaluated on a task's validation split (the transfer grid): the training run's model, data
     and evaluation settings, nothing about training."""
 
-    model: str = DEFAULT_MODEL
-    data_dir: str | None = None
-    hub_dataset: str = DEFAULT_HUB_DATASET
-    split: str = "val"
-    max_examples: int | None = None
-    max_length: int = 512
-    batch_size: int = 32
-    precision: str = "auto"
-    device: str = "auto"
-    compile: bool = False
-    attention: str = "auto"
+    model: str = config_field(DEFAULT_MODEL, "Hub name or local folder of the model the prompts were trained on")
+    data_dir: str | None = config_field(None, "folder of official SuperGLUE jsonl files (unset: the Hub)")
+    hub_dataset: str = config_field(DEFAULT_HUB_DATASET, "Hub dataset read when data_dir is unset")
+    split: str = config_field("val", "split the prompts are scored on", choices=("train", "val"))
+    max_examples: int | None = config_field(None, "keep the first N examples (unset: all)", type=positive_int)
+    max_length: int = config_field(512, "tokens of source + answer, prompt not counted", type=positive_int)
+    batch_size: int = config_field(32, "sequences per evaluation step", type=positive_int)
+    precision: str = config_field("auto", "mixed precision, as TrainConfig.precision", choices=PRECISIONS)
+    device: str = config_field("auto", "where to run", choices=DEVICES)
+    compile: bool = config_field(False, "torch.compile each transformer block")
+    attention: str = config_field("auto", "BLOOM's attention, as TrainConfig.attention", choices=ATTENTIONS)
+
+    def __post_init__(self):
+        check_config(self)
 
     @classmethod
     def from_train(cls, cfg: TrainConfig) -> EvalConfig:
@@ -199,10 +181,7 @@ class Plan:
     def __post_init__(self):
         for seed in self.seeds:  # here, not in each trial: also a stored plan, before --resume starts anything
             check_seed(seed, "every seed of a study")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
-                                            or self.group_size < 1):
-            raise PtrayError(f"group_size must be a positive integer (prompts per trial) or unset, got "
-                             f"{self.group_size!r}")
+        check_config(self)
 
     def to_json(self) -> dict[str, Any]:
         """The plan as stored in MLflow: plain JSON values, the train config without its per-trial fields."""
@@ -276,3 +255,6 @@ class Options:
     dry_run: bool = config_field(False, "print the plan and exit")
     analysis: bool = config_field(True, "run the analysis at the end", off_help="skip the analysis step")
     analysis_dir: str | None = config_field(None, "where the analysis writes its report (unset: its own)")
+
+    def __post_init__(self):
+        check_config(self)

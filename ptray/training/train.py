@@ -44,18 +44,19 @@ def train(
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """``python -m ptray.train``'s flags: one per ``TrainConfig`` field, plus the output folder."""
-    p = OneLineParser(prog="python -m ptray.train", description="Train and evaluate one soft prompt.")
+def build_parser(prog: str = "python -m ptray.train") -> argparse.ArgumentParser:
+    """``ptray train``'s flags (also ``python -m ptray.train``): one per ``TrainConfig`` field, plus the output
+    folder."""
+    p = OneLineParser(prog=prog, description="Train and evaluate one soft prompt.")
     add_config_arguments(p, TrainConfig, required=("task", "seed"))
     p.add_argument("--output-dir", required=True, help="folder to write the run to (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m ptray.train") -> int:
     """Train one prompt and write its run folder; returns the exit code (2 with one line on bad input)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         cfg = config_from_args(TrainConfig, args)
