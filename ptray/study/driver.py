@@ -8,9 +8,10 @@ A study is named (``--study``); its plan (tasks, seeds, model, data, the trainin
 experiment when it starts, and ``--resume`` continues that plan: Tune restores unfinished trials from their last
 checkpoint and every step skips what MLflow already holds as FINISHED.
 
-This module is the orchestration only: the configs are in ``ptray.config``, the checks in ``ptray.preflight``, the
-trials and the Tuner in ``ptray.trial``, the transfer grid in ``ptray.transfer``, what is printed in
-``ptray.summary``. ptray never imports the analysis: the entry script (``sweeps/all.py``) passes it in.
+This module is the orchestration only: the configs are in ``ptray.config``, the checks in ``ptray.study.preflight``,
+the trials in ``ptray.study.trial`` and the Tuner in ``ptray.study.tuner``, the transfer grid in
+``ptray.study.transfer``, what is printed in ``ptray.study.summary``. ptray never imports the analysis: the entry
+script (``sweeps/all.py``) passes it in.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from ptray.seeds import MAX_SEED
 from ptray.study import preflight, tracking
 from ptray.study.bundle import Bundle, tiny_model_bundle
 from ptray.study.context import StudyContext, quiet
-from ptray.study.paths import study_path
+from ptray.study.paths import study_path, tune_path
 from ptray.study.summary import describe, render_summary, resume_command, summarize
 from ptray.study.transfer import transfer_phase
-from ptray.study.trial import train_phase, tune_path, tune_state_exists
+from ptray.study.tuner import train_phase, tune_state_exists
 
 MAX_SEEDS = 1000  # seeds per study: a typo like 0-1000000 is refused, not expanded into a million trials
 
@@ -83,10 +84,10 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python sweeps/all.py") -> argparse.ArgumentParser:
     """``sweeps/all.py``'s flags: the plan's and the training config's fields (stored; ``--resume`` checks them),
     then the run options (free to change)."""
-    p = OneLineParser(prog="python sweeps/all.py", description="The whole study: Ray Tune over task x seed, the "
+    p = OneLineParser(prog=prog, description="The whole study: Ray Tune over task x seed, the "
                                                                "transfer grid, MLflow, the analysis.")
     g = p.add_argument_group("the study (stored when it starts; --resume continues it)")
     # Study flags default to None, so that --resume can tell what the command line actually says.
@@ -104,17 +105,11 @@ def plan_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = Non
 
     Raises ``PtrayError`` naming every flag that differs from the stored plan.
     """
-    given: dict[str, Any] = {}
-    if args.tasks is not None:
-        given["tasks"] = parse_tasks(args.tasks)
-    if args.seeds is not None:
-        given["seeds"] = parse_seeds(args.seeds)
-    if args.smoke is not None:
-        given["smoke"] = args.smoke
-    if args.group_size is not None:
-        given["group_size"] = args.group_size
-    train_names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_TRIAL_FIELDS]
-    given_train = {k: getattr(args, k) for k in train_names if getattr(args, k, None) is not None}
+    given = _given(Plan, args)
+    for name, parse in PLAN_PARSERS.items():
+        if name in given:
+            given[name] = parse(given[name])
+    given_train = _given(TrainConfig, args, exclude=PER_TRIAL_FIELDS)
     if "data_dir" in given_train:
         given_train["data_dir"] = preflight.resolve_data_dir(given_train["data_dir"])
     if "model" in given_train:  # absolute: each trial runs in its own working directory
@@ -141,6 +136,21 @@ def plan_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = Non
                 train=train)
 
 
+# Plan flags whose text is parsed here rather than by argparse, so that an error names the whole value
+# (``--seeds '0-x': ...``); every other Plan flag reaches the Plan as argparse typed it.
+PLAN_PARSERS: dict[str, Callable[[str], Any]] = {"tasks": parse_tasks, "seeds": parse_seeds}
+
+
+def _given(cls: type, args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of the dataclass ``cls`` that the command line set, by field name.
+
+    The fields with a flag are asked of ``add_config_arguments`` (on a scratch parser) rather than listed here, so
+    that a new field's flag reaches the plan without further code; ``build_parser`` defaults them to None (unset).
+    """
+    names = add_config_arguments(argparse.ArgumentParser(add_help=False), cls, exclude=exclude)
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
 def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else repr(value)
 
@@ -157,12 +167,12 @@ def options_from_args(args: argparse.Namespace) -> Options:
 # running
 
 
-def main(argv: list[str] | None = None, analyse: Analyse | None = None) -> int:
+def main(argv: list[str] | None = None, analyse: Analyse | None = None, prog: str = "python sweeps/all.py") -> int:
     """Run the study the flags describe; returns the exit code (2 with one line on bad input).
 
     ``analyse``: the analysis step (``analysis.run``), passed in by the entry script.
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     _quiet_mlflow()
     try:
         return run(args, analyse)
@@ -230,7 +240,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
                              f"({digest} != {stored_digest}); resume with the same files or start a new --study")
     plan.model_digest = model_bundle.digest if model_bundle else None
     plan.data_digest = data_bundle.digest if data_bundle else None
-    preflight.check_fits(plan, str(model_bundle.materialize()) if model_bundle else plan.train.model)
+    preflight.check_plan_lengths(plan, str(model_bundle.materialize()) if model_bundle else plan.train.model)
 
     import ray
 
