@@ -56,7 +56,6 @@ METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
 PREDICTIONS_FILE = "predictions.json"
 TRAIN_FILES = (CONFIG_FILE, HISTORY_FILE, METRICS_FILE, PREDICTIONS_FILE, PROMPT_DIR)  # what save_run writes
-EVAL_FILES = (METRICS_FILE, PREDICTIONS_FILE)
 
 # predictions.json (one schema for train and evaluation runs): per labeled validation example, in one order.
 IDX = "idx"

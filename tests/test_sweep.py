@@ -3,6 +3,8 @@ smoke study stopped mid-way (Ctrl-C) and restarted with --resume completes witho
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import http.server
 import os
 import re
@@ -22,7 +24,7 @@ from ptray.config import Options, Plan, TrainConfig
 from ptray.errors import PtrayError
 from ptray.study import preflight, tracking
 from ptray.study.driver import analysis_phase, group_gpus, main, parse_seeds, parse_tasks, resolve_group_size
-from ptray.study.trial import trial_statuses
+from ptray.study.tuner import trial_statuses
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "sweeps" / "all.py"
@@ -183,6 +185,45 @@ def test_plan_round_trips_and_reads_flat_plans():
     assert old.group_size == 1  # stored before trial groups: one prompt per trial, as it ran
 
 
+def test_every_plan_flag_reaches_the_plan():
+    """Each flag built from a Plan field, set to something other than its default, lands in that field: the plan is
+    read from the flags by field, not by a hand-kept list of names a new field could miss."""
+    from ptray.cli import add_config_arguments
+    from ptray.study.driver import build_parser, plan_from_args
+
+    samples = {"tasks": ("cb,rte", ("cb", "rte")), "seeds": ("5,7", (5, 7))}  # parsed by the driver, not argparse
+    parser = build_parser()
+    names = add_config_arguments(argparse.ArgumentParser(), Plan)
+    assert {"tasks", "seeds", "smoke", "group_size"} <= set(names)
+    default = Plan()
+    for name in names:
+        (action,) = [a for a in parser._actions if a.dest == name]
+        if name in samples:
+            argv, want = [action.option_strings[0], samples[name][0]], samples[name][1]
+        elif action.nargs == 0:  # a switch: --smoke, or --no-x for a field that defaults to True
+            argv, want = [action.option_strings[0]], not getattr(default, name)
+        else:  # a new field of another kind: give it a sample above
+            value = str(action.choices[-1]) if action.choices else "3"
+            argv, want = [action.option_strings[0], value], (action.type or str)(value)
+        plan = plan_from_args(parser.parse_args(argv))
+        assert getattr(plan, name) == want != getattr(default, name), argv
+
+
+def test_a_new_plan_field_gets_a_flag_that_reaches_the_plan(monkeypatch):
+    from ptray.cli import config_field, positive_int
+    from ptray.study import driver
+
+    @dataclasses.dataclass
+    class Later(Plan):
+        max_hours: int | None = config_field(None, "a plan setting added later", type=positive_int)
+
+    monkeypatch.setattr(driver, "Plan", Later)
+    args = driver.build_parser().parse_args(["--max-hours", "5", "--seeds", "2"])
+    plan = driver.plan_from_args(args)
+    assert isinstance(plan, Later) and plan.max_hours == 5 and plan.seeds == (2,)
+    assert driver.plan_from_args(driver.build_parser().parse_args([])).max_hours is None
+
+
 def test_the_analysis_is_passed_in_by_the_entry_script():
     calls = []
 
@@ -206,7 +247,7 @@ def test_the_analysis_is_passed_in_by_the_entry_script():
     assert calls == [("ptray-x", "sqlite:///m.db", "out")]
     # The entry script passes analysis.run; the library itself never imports the analysis.
     assert "analysis.run" in SWEEP.read_text()
-    code = ("import sys, ptray.study.driver, ptray.study.trial, ptray.study.transfer; "
+    code = ("import sys, ptray.study.driver, ptray.study.trial, ptray.study.tuner, ptray.study.transfer; "
             "print(any(m.split('.')[0] == 'analysis' for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
     ptray_sources = "\n".join(p.read_text() for p in (ROOT / "ptray").rglob("*.py"))

@@ -194,6 +194,28 @@ def test_params_are_logged_once_and_never_changed(tmp_path):
                                                "device": "cpu"}
 
 
+def test_finishing_marks_a_run_finished_or_failed_and_reraises(tmp_path):
+    mc = tracking.client(sqlite_uri(tmp_path))
+    exp = tracking.get_or_create_experiment(mc, "e")
+    ok = tracking.create_run(mc, exp, "ok", layout.run_tags("s", "baseline", target="cb")).info.run_id
+    with tracking.finishing(mc, ok):
+        tracking.log_metrics(mc, ok, {"exact_match": 0.5})
+    assert mc.get_run(ok).info.status == "FINISHED"
+    broken = tracking.create_run(mc, exp, "broken", layout.run_tags("s", "baseline", target="rte")).info.run_id
+    with pytest.raises(KeyboardInterrupt):  # any exception, Ctrl-C too: the run must not pass for complete
+        with tracking.finishing(mc, broken):
+            raise KeyboardInterrupt
+    assert mc.get_run(broken).info.status == "FAILED"
+
+    class DeadStore:
+        def set_terminated(self, run_id, status):
+            raise ConnectionError("store gone")
+
+    with pytest.raises(ValueError, match="the real error"):  # the store's error does not hide the one that got us here
+        with tracking.finishing(DeadStore(), "r"):
+            raise ValueError("the real error")
+
+
 def test_plan_is_stored_with_the_experiment(tmp_path):
     mc = tracking.client(sqlite_uri(tmp_path))
     assert tracking.read_plan(mc, "ptray-x", "x") is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -14,21 +15,14 @@ import torch
 
 from ptray import layout
 from ptray.config import TrainConfig
+from ptray.errors import PtrayError
 from ptray.lm.prompt import load_adapter
 from ptray.study import tracking
 from ptray.study.bundle import Bundle
+from ptray.study.checkpoints import load_checkpoint, load_trial_checkpoint, save_checkpoint, save_trial_checkpoint
 from ptray.study.context import StudyContext
 from ptray.study.transfer import transfer_target
-from ptray.study.trial import (
-    group_key,
-    load_checkpoint,
-    load_group_checkpoint,
-    parse_group_key,
-    run_group,
-    run_training,
-    save_checkpoint,
-    save_group_checkpoint,
-)
+from ptray.study.trial import group_key, parse_group_key, run_group, run_training
 
 EPOCHS = 3
 
@@ -152,6 +146,63 @@ def test_resumed_trial_continues_its_run_without_gap_or_duplicate(store, tiny_mo
                           load_checkpoint(ref_rec.checkpoints[-1])["prompt"], atol=1e-6)
 
 
+class FakeTune:
+    """``ray.tune``'s checkpoint and report for a Tune function run outside Tune: a checkpoint to resume from, and
+    each reported checkpoint copied (Tune's temporary folder is gone once report returns)."""
+
+    def __init__(self, tmp: Path, resume_from: Path | None = None):
+        self.tmp, self.resume_from = tmp, resume_from
+        self.checkpoints: list[Path] = []
+        self.metrics: list[dict] = []
+
+    def get_checkpoint(self):
+        from ray import tune
+
+        return None if self.resume_from is None else tune.Checkpoint.from_directory(str(self.resume_from))
+
+    def report(self, metrics, checkpoint=None):
+        self.metrics.append(dict(metrics))
+        if checkpoint is not None:
+            self.checkpoints.append(Path(shutil.copytree(checkpoint.path, self.tmp / f"ckpt{len(self.checkpoints)}")))
+
+
+def test_tune_resumes_a_single_trial_from_a_checkpoint_of_the_old_layout(store, tiny_model_dir, data_dir, tmp_path,
+                                                                         monkeypatch):
+    """A single trial is a group of one in Tune: one report, one checkpoint layout (a folder per prompt). A study
+    started before that and resumed now continues from its trials' checkpoints of the old layout (the state at the
+    top)."""
+    from ray import tune
+
+    from ptray.study.trial import train_trial
+
+    ctx = make_ctx(store, "oldckpt", tiny_model_dir, data_dir)
+    dying = Recorder(tmp_path / "a", die_after_checkpoint_of_epoch=2)
+    with pytest.raises(SystemExit):
+        run_training({"task": "copa", "seed": 1}, ctx, None, dying)
+    old = dying.checkpoints[-1]  # save_checkpoint into the checkpoint itself: the old single-trial layout
+    assert sorted(p.name for p in old.iterdir()) == ["run.json", "state.pt"]
+    mc = ctx.client()
+    (run,) = tracking.search_study_runs(mc, ctx.experiment_id, "oldckpt")
+
+    fake = FakeTune(tmp_path / "tune", resume_from=old)
+    monkeypatch.setattr(tune, "get_checkpoint", fake.get_checkpoint)
+    monkeypatch.setattr(tune, "report", fake.report)
+    train_trial({"task": "copa", "seed": 1}, ctx)
+    (after,) = tracking.search_study_runs(mc, ctx.experiment_id, "oldckpt")
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+    assert after.data.tags["ptray.resumed_after_epoch"] == "2"
+    assert tracking.logged_epochs(mc, run.info.run_id) == [1, 2, 3]
+    assert "group_size" not in after.data.params  # logged as a single trial, not as a group's member
+    # Epoch 3 only, checkpointed in the one layout: the prompt's folder, named by its run name.
+    assert [m.get("epoch") for m in fake.metrics] == [3, None] and fake.metrics[-1]["prompts"] == 1
+    assert fake.metrics[-1]["exact_match"] == pytest.approx(after.data.metrics["final_exact_match"])
+    (ckpt,) = fake.checkpoints
+    assert sorted(p.name for p in ckpt.iterdir()) == ["copa-seed1"]
+    assert load_trial_checkpoint(ckpt, ["copa-seed1"])["copa-seed1"]["epoch"] == 3
+    with pytest.raises(PtrayError, match="single trial's checkpoint"):
+        load_trial_checkpoint(old, ["copa-seed1", "cb-seed0"])
+
+
 def test_finished_run_is_not_trained_again(store, tiny_model_dir, data_dir, tmp_path, monkeypatch):
     ctx = make_ctx(store, "again", tiny_model_dir, data_dir, max_epochs=1)
     first = run_training({"task": "wsc", "seed": 0}, ctx, None, Recorder(tmp_path / "a"))
@@ -160,6 +211,7 @@ def test_finished_run_is_not_trained_again(store, tiny_model_dir, data_dir, tmp_
         raise AssertionError("a finished trial was trained again")
 
     monkeypatch.setattr("ptray.training.train.train", no_training)
+    monkeypatch.setattr("ptray.training.loop.train_group", no_training)  # what a trial trains with, one or a group
     rec = Recorder(tmp_path / "b")
     again = run_training({"task": "wsc", "seed": 0}, ctx, None, rec)
     assert again["exact_match"] == pytest.approx(first["exact_match"])
@@ -255,7 +307,7 @@ class GroupRecorder:
         self.metrics.append(dict(metrics))
         if states is not None:
             folder = self.tmp / f"ckpt{len(self.checkpoints)}"
-            save_group_checkpoint(folder, states)
+            save_trial_checkpoint(folder, states)
             self.checkpoints.append(folder)
             self.statuses.append({n: self.client.get_run(r).info.status for n, (_, r) in states.items()})
             if (metrics.get("prompt"), metrics.get("epoch")) == self.die:
@@ -292,7 +344,7 @@ def test_group_trial_logs_each_prompt_as_a_single_trial_and_resumes(store, tiny_
     assert runs["cb-seed0"].info.status == "FINISHED" and runs["copa-seed1"].info.status == "FAILED"
     assert dying.statuses[-1] == {"copa-seed1": "RUNNING"}  # the finished prompt is no longer checkpointed
     assert tracking.logged_epochs(mc, runs["copa-seed1"].info.run_id) == [1]  # epoch 2: checkpointed, not logged
-    last = load_group_checkpoint(dying.checkpoints[-1])
+    last = load_trial_checkpoint(dying.checkpoints[-1], ["cb-seed0", "copa-seed1"])
     assert sorted(last) == ["copa-seed1"] and last["copa-seed1"]["epoch"] == 2
     assert last["copa-seed1"]["run_id"] == runs["copa-seed1"].info.run_id
 

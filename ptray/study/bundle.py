@@ -49,11 +49,6 @@ class Bundle:
             sha.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
         return cls(files, sha.hexdigest()[:16])
 
-    @property
-    def size(self) -> int:
-        """Total bytes of the files."""
-        return sum(len(b) for b in self.files.values())
-
     def materialize(self, base: str | Path | None = None) -> Path:
         """Write the files under a node-local folder named by their digest; concurrent trials share one copy."""
         out = Path(base or cache_dir()) / self.digest

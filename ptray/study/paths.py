@@ -40,3 +40,8 @@ def study_path(value: str | None, flag: str, hub_name: bool = False) -> str | No
                              f"folder or a Hub name such as bigscience/bloomz-560m")
         return text
     return str(local.resolve())
+
+
+def tune_path(storage: str, study: str) -> str:
+    """Where Tune keeps the study's trials: ``storage``/``study`` (a URI or a local path)."""
+    return f"{storage}/{study}" if "://" in storage else str(Path(storage) / study)

@@ -49,21 +49,21 @@ def data_files(plan: Plan) -> list[str]:
                          f"layout <TASK>/train.jsonl, <TASK>/val.jsonl)")
     return rel
 
-def check_fits(plan: Plan, model: str) -> None:
+def check_plan_lengths(plan: Plan, model: str) -> None:
     """The length checks every trial makes first (``ptray.data.batching.check_fits``: the answer cue and answer within
     --max-length, prompt + --max-length within the model's positions), for every task of the plan, here: a length
     that cannot serve is refused before any trial starts. Skipped when ``model``'s tokenizer and config cannot be
     read here without the network (the trials' model loading then says why)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ptray.data.batching import check_fits as check_run
+    from ptray.data.batching import check_fits
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
         config = AutoConfig.from_pretrained(model, local_files_only=True)
     except Exception:  # not on this machine, or not a model: load_model in the trials reports it in one line
         return
-    check_run(plan.tasks, tokenizer, config, plan.train)
+    check_fits(plan.tasks, tokenizer, config, plan.train)
 
 
 def start_ray(address: str | None) -> bool:

@@ -9,8 +9,7 @@ from typing import Any
 from ptray import layout
 from ptray.config import DEFAULT_GPU_GROUP_SIZE, DEFAULT_GPUS_PER_TRIAL, Options, Plan
 from ptray.study import tracking
-from ptray.study.paths import study_path
-from ptray.study.trial import tune_path
+from ptray.study.paths import study_path, tune_path
 
 
 def describe(plan: Plan, opts: Options, uri: str, storage: str, experiment: str, new: bool,

@@ -10,16 +10,21 @@ retried trial land in the run they already started instead of creating a duplica
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from ptray import layout
 from ptray.errors import PtrayError
+
+log = logging.getLogger("ptray")
 
 
 def default_tracking_uri() -> str:
@@ -261,6 +266,32 @@ def sync_history(mlflow_client, run, history: list[dict[str, Any]]) -> str:
     mlflow_client.set_tag(new.info.run_id, layout.TAG_REPLACES, run_id)
     mlflow_client.delete_run(run_id)
     return new.info.run_id
+
+
+@contextmanager
+def finishing(mlflow_client, run_id: str) -> Iterator[None]:
+    """Log into ``run_id`` inside the block; then mark the run FINISHED, or FAILED when the block raised (the error
+    is raised again).
+
+    Only FINISHED runs are complete (docs/tracking.md): a run whose logging broke off must not pass for one.
+    """
+    try:
+        yield
+    except BaseException:
+        mark_failed(mlflow_client, run_id)
+        raise
+    mlflow_client.set_terminated(run_id, status=layout.FINISHED)
+
+
+def mark_failed(mlflow_client, run_id: str) -> None:
+    """Mark the run FAILED, if the store still answers.
+
+    The error that got us here is the one to report, not this one: a store error here is only logged.
+    """
+    try:
+        mlflow_client.set_terminated(run_id, status=layout.FAILED)
+    except Exception as err:  # noqa: BLE001 - any store error; the original exception follows
+        log.warning("could not mark MLflow run %s FAILED: %s", run_id, err)
 
 
 def final_metrics(run) -> dict[str, float]:

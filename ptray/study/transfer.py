@@ -132,13 +132,11 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
 def log_evaluation(client, ctx: StudyContext, source: str | None, seed: int | None, target: str, res,
                    idx: list[int], no_prompt: dict[str, float], params: dict[str, Any]) -> dict[str, Any]:
     """One transfer run (``source`` given) or baseline run (``source`` None): tags, params, metrics,
-    ``metrics.json`` and ``predictions.json``, then FINISHED.
+    ``metrics.json`` and ``predictions.json``, then FINISHED (FAILED, and raised again, on an error).
 
     ``res`` is the ``EvalResult`` on ``target`` and ``idx`` its examples' ids; ``no_prompt`` the target's no-prompt
     ``exact_match`` and ``rank_accuracy``. Returns ``{"run_id", "name", "kind", **metrics.json}``.
     """
-    from ptray.study.trial import mark_failed
-
     if source is None:
         kind, name = layout.BASELINE, layout.baseline_run_name(target)
         tags = layout.run_tags(ctx.study, kind, target=target)
@@ -147,15 +145,11 @@ def log_evaluation(client, ctx: StudyContext, source: str | None, seed: int | No
         tags = layout.run_tags(ctx.study, kind, seed=seed, source=source, target=target)
     metrics = layout.eval_metrics(source, seed, target, res, no_prompt)
     run_id = tracking.create_run(client, ctx.experiment_id, name, tags).info.run_id
-    try:
+    with tracking.finishing(client, run_id):  # FAILED and raised again on an error: the retry redoes it
         tracking.log_params_once(client, run_id, params)
         tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k != "source_seed"})
         with tempfile.TemporaryDirectory(prefix="ptray-eval-") as tmp:
             write_json(Path(tmp) / layout.METRICS_FILE, metrics)
             write_json(Path(tmp) / layout.PREDICTIONS_FILE, layout.predictions(idx, res))
             client.log_artifacts(run_id, tmp)
-    except BaseException:
-        mark_failed(client, run_id)
-        raise
-    client.set_terminated(run_id, status=layout.FINISHED)
     return {"run_id": run_id, "name": name, "kind": kind, **metrics}
