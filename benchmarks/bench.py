@@ -28,12 +28,10 @@ table of named variants), ``trials.py`` (4's packed trials, and 5), ``targets.py
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
-import traceback
 import warnings
 from functools import partial
 from pathlib import Path
@@ -45,7 +43,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
 import torch  # noqa: E402
 
 from benchmarks.ablations import ABLATIONS, ablation  # noqa: E402
-from benchmarks.context import Context, log, write_json  # noqa: E402
+from benchmarks.args import counts_argument, finish_run_args, names_argument, run_parser  # noqa: E402
+from benchmarks.context import Context, log  # noqa: E402
 from benchmarks.evaluation import evaluate  # noqa: E402
 from benchmarks.markdown import render_markdown, update_markdown  # noqa: E402
 from benchmarks.models import SHAPES  # noqa: E402
@@ -53,34 +52,18 @@ from benchmarks.study_estimate import PAPER_TASKS  # noqa: E402
 from benchmarks.targets import conclude  # noqa: E402
 from benchmarks.training import train  # noqa: E402
 from benchmarks.trials import concurrency, packed  # noqa: E402
-from ptray.cli import OneLineParser, non_negative_int, positive_float, positive_int  # noqa: E402
+from ptray.cli import non_negative_int, positive_float, positive_int  # noqa: E402
 from ptray.data.tasks import TASK_NAMES  # noqa: E402
 
 SECTIONS = ("train", "eval", "packed", "concurrency", "ablations")  # --sections: the measurements after the peak
 
 
-def add_data_dir_argument(p: argparse.ArgumentParser) -> None:
-    """Add ``--data-dir``, the SuperGLUE jsonl folder."""
-    default = os.environ.get("PTRAY_DATA_DIR", str(ROOT.parent / "shared" / "data" / "superglue"))
-    p.add_argument("--data-dir", default=default, help="the SuperGLUE jsonl folder (default: $PTRAY_DATA_DIR, else "
-                                                       "../shared/data/superglue beside the checkout)")
-
-
-def check_data_dir(p: argparse.ArgumentParser, data_dir: str) -> None:
-    """Exit with one line (argparse's ``error``, status 2) when ``data_dir`` is not a folder."""
-    if not Path(data_dir).is_dir():
-        p.error(f"--data-dir {data_dir!r} is not a folder; pass the SuperGLUE jsonl folder or set PTRAY_DATA_DIR")
-
-
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny model, few steps: checks that everything runs")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p = run_parser(__doc__.splitlines()[0], SECTIONS)
     p.add_argument("--model-shape", default=None, choices=list(SHAPES),
                    help="default: bloomz-560m on cuda, small-560m-ratio on cpu, tiny with --smoke")
     p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"],
                    help="auto: bf16 on cuda, fp32 ('no') on cpu, as ptray chooses")
-    add_data_dir_argument(p)
     p.add_argument("--tasks", default=",".join(PAPER_TASKS))
     p.add_argument("--batch-size", type=positive_int, default=8, help="training examples per step (ptray's default)")
     p.add_argument("--eval-batch-size", type=positive_int, default=32, help="sequences per evaluation batch")
@@ -97,24 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--trial-seconds", type=positive_float, default=None, help="timed seconds per concurrent trial")
     p.add_argument("--max-train-examples", type=positive_int, default=None)
     p.add_argument("--max-eval-examples", type=positive_int, default=None)
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's own; 1 steadies timings on a shared machine)")
-    p.add_argument("--time-budget", type=positive_float, default=None,
-                   help="seconds; optional sections that would end later are skipped (default 420 on cuda)")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help="which measurements to run (the matmul peak always runs)")
-    p.add_argument("--out", default=None, help="write all numbers here (JSON)")
-    p.add_argument("--md", default=None, help="markdown file whose '<!-- bench:DEVICE-SHAPE -->' section to replace")
-    p.add_argument("--render-only", action="store_true",
-                   help="measure nothing: load --out, redo the conclusions and the markdown")
     a = p.parse_args(argv)
-    check_data_dir(p, a.data_dir)
-    if a.render_only and not (a.out and Path(a.out).is_file()):
-        p.error(f"--render-only renders a results file: pass --out RESULTS.json (got {a.out!r}, not a file)")
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda was asked for but no CUDA GPU is visible")
+    finish_run_args(p, a, SECTIONS)
     if a.precision == "auto":
         a.precision = "bf16" if a.device == "cuda" else "no"
     gpu = a.device == "cuda"
@@ -148,60 +115,11 @@ def parse_args(argv=None):
     if not set(a.ablation_tasks) <= set(a.tasks):
         p.error(f"--ablation-tasks {','.join(a.ablation_tasks)} must be among --tasks {','.join(a.tasks)} "
                 "(only those are loaded)")
-    names_argument(p, "--sections", a.sections, SECTIONS)
     a.packed, a.trials = counts_argument(p, "--packed", a.packed), counts_argument(p, "--trials", a.trials)
     return a
 
 
-def names_argument(p: argparse.ArgumentParser, flag: str, text: str, valid) -> list[str]:
-    """A comma-separated list of names, each one of ``valid`` (else a one-line error)."""
-    names = [x for x in text.split(",") if x]
-    for x in names:
-        if x not in valid:
-            p.error(f"{flag}: unknown name {x!r}; valid: {', '.join(valid)}")
-    return names
-
-
-def counts_argument(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
-    """A comma-separated list of positive integers, e.g. "4,16" (else a one-line error)."""
-    try:
-        return [positive_int(x) for x in text.split(",") if x]
-    except argparse.ArgumentTypeError as err:
-        p.error(f"{flag} takes positive integers separated by commas, e.g. 4,16: {err}")
-
-
 # ------------------------------------------------------------------------------------------------ the run
-
-
-def over_budget(ctx: Context, needs: float = 0.0) -> bool:
-    """Would a section that needs ``needs`` seconds end past the time budget?"""
-    elapsed = time.perf_counter() - ctx.t_start
-    return ctx.a.time_budget is not None and elapsed + needs > ctx.a.time_budget
-
-
-def section(ctx: Context, name, fn, optional=True, needs=0.0):
-    """Run one section, ``fn(ctx)``; a failure is recorded and the run goes on (a GPU run cannot be repeated
-    cheaply). The results are saved after each section."""
-    if optional and over_budget(ctx, needs):
-        ctx.res.setdefault("skipped", []).append(name)
-        log(f"[{name}] skipped: time budget of {ctx.a.time_budget:.0f} s spent")
-        return
-    t0 = time.perf_counter()
-    log(f"[{name}] ...")
-    try:
-        fn(ctx)
-    except Exception as err:  # noqa: BLE001 - reported in the results and on stderr
-        ctx.res["errors"][name] = f"{type(err).__name__}: {err}"
-        traceback.print_exc()
-    log(f"[{name}] {time.perf_counter() - t0:.1f} s")
-    if ctx.dev == "cuda":
-        torch.cuda.empty_cache()
-    save(ctx)
-
-
-def save(ctx: Context) -> None:
-    if ctx.a.out:
-        write_json(ctx.a.out, ctx.res)
 
 
 def render_only(args) -> int:
@@ -220,7 +138,7 @@ def render_only(args) -> int:
     args.device, args.model_shape, args.precision = m["device"], m["model_shape"], m["precision"]
     ctx.dev = m["device"]
     conclude(ctx)
-    save(ctx)
+    ctx.save()
     md = render_markdown(ctx.res)
     print(md)
     if args.md:
@@ -238,28 +156,28 @@ def main(argv=None) -> int:
     ctx = Context(args)
     log(f"ptray benchmark: {args.device}, {args.model_shape}, precision {args.precision}"
         + (" (smoke run: checks that everything runs; the numbers are not timings)" if args.smoke else ""))
-    section(ctx, "setup", Context.setup, optional=False)
+    ctx.section("setup", Context.setup, optional=False)
     if "setup" in ctx.res["errors"]:
         return 1
-    section(ctx, "matmul peak", Context.peak, optional=False)
-    run = set(args.sections.split(","))
+    ctx.section("matmul peak", Context.peak, optional=False)
+    run = set(args.sections)
     if "train" in run:
-        section(ctx, "train", train, optional=False)
+        ctx.section("train", train, optional=False)
     if "eval" in run:
-        section(ctx, "eval", evaluate, optional=False)
+        ctx.section("eval", evaluate, optional=False)
     # the sections behind targets first (packed trials: MFU; processes: concurrent trials), extras after
     if "packed" in run:
-        section(ctx, "packed", packed, needs=30)
+        ctx.section("packed", packed, needs=30)
     if "concurrency" in run:
-        section(ctx, "concurrency", concurrency, needs=(args.trial_seconds + 60) * len(args.trials))
+        ctx.section("concurrency", concurrency, needs=(args.trial_seconds + 60) * len(args.trials))
     if "ablations" in run:
         for name in args.ablations:  # compiling takes minutes: it runs only with 150 s of the budget left
             needs = 150 if ABLATIONS[name].compiles and args.device == "cuda" else 20
-            section(ctx, f"ablation {name}", partial(ablation, name=name), needs=needs)
-    section(ctx, "matmul peak, again", Context.peak_again, optional=False)
-    section(ctx, "conclude", conclude, optional=False)
+            ctx.section(f"ablation {name}", partial(ablation, name=name), needs=needs)
+    ctx.section("matmul peak, again", Context.peak_again, optional=False)
+    ctx.section("conclude", conclude, optional=False)
     ctx.res["meta"]["seconds"] = time.perf_counter() - ctx.t_start
-    save(ctx)
+    ctx.save()
     md = render_markdown(ctx.res)
     print("\n" + md)
     if args.md:

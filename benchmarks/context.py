@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -27,24 +28,58 @@ from ptray.data.batching import encode_all
 from ptray.data.superglue import load_split
 from ptray.data.tasks import get_task
 from ptray.lm.prompt import init_prompt
+from ptray.lm.tiny_model import build_tokenizer
 
 
 class Context:
     """One benchmark run on one device: ``args`` (``bench.parse_args``), the model and the encoded data once
     ``setup`` has run, the matmul peak once ``peak`` has run, and ``res``, the results written to ``--out``."""
 
-    def __init__(self, args):
+    def __init__(self, args, script: str = "benchmarks/bench.py"):
         self.a = args
         self.t_start = time.perf_counter()
         self.dev = args.device
         self.dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-        self.res = {"meta": run_meta(args), "errors": {}}
+        self.res = {"meta": run_meta(args, script), "errors": {}}
+
+    # -- running sections
+    def over_budget(self, needs: float = 0.0) -> bool:
+        """Would a section that needs ``needs`` seconds end past ``--time-budget``?"""
+        budget = getattr(self.a, "time_budget", None)
+        return budget is not None and time.perf_counter() - self.t_start + needs > budget
+
+    def section(self, name, fn, optional=True, needs=0.0):
+        """Run one section, ``fn(self)``; a failure is recorded and the run goes on (a GPU run cannot be repeated
+        cheaply). An optional section that would end past the time budget is skipped. The results are saved after
+        each section, so a crash loses nothing measured before it."""
+        if optional and self.over_budget(needs):
+            self.res.setdefault("skipped", []).append(name)
+            log(f"[{name}] skipped: time budget of {self.a.time_budget:.0f} s spent")
+            return
+        t0 = time.perf_counter()
+        log(f"[{name}] ...")
+        try:
+            fn(self)
+        except Exception as err:  # noqa: BLE001 - reported in the results and on stderr
+            self.res["errors"][name] = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+        log(f"[{name}] {time.perf_counter() - t0:.1f} s")
+        if self.dev == "cuda":
+            torch.cuda.empty_cache()
+        self.save()
+
+    def save(self) -> None:
+        """Write the results so far to ``--out`` (if given)."""
+        if self.a.out:
+            write_json(self.a.out, self.res)
 
     # -- setup
     def setup(self):
         """Build the model, encode each task's train and validation sets, and make each task's TEXT-init prompt."""
         a = self.a
-        self.model, self.tok = build_model(a.model_shape, self.dev, self.dtype)
+        self.tok = load_tokenizer(getattr(a, "tokenizer", None))
+        self.model, _ = build_model(a.model_shape, self.dev, self.dtype, tokenizer=self.tok)
+        max_length = getattr(a, "max_length", 512)
         self.shape = Shape.of(self.model)
         self.pad, self.eos = self.tok.pad_token_id, self.tok.eos_token_id
         self.tok_dir = tempfile.mkdtemp(prefix="ptray-bench-tok-")
@@ -54,9 +89,9 @@ class Context:
         for name in a.tasks:
             task = get_task(name)
             self.data[name] = encode_all(task, load_split(task, "train", a.data_dir, limit=a.max_train_examples),
-                                         self.tok, 512)
+                                         self.tok, max_length)
             self.val[name] = encode_all(task, load_split(task, "val", a.data_dir, limit=a.max_eval_examples),
-                                        self.tok, 512)
+                                        self.tok, max_length)
             self.init[name] = init_prompt(emb, self.tok, "text", task.init_text)
             self.epoch_tokens[name] = sum(len(d.source) + len(d.answers[d.label]) for d in self.data[name])
         cfg = self.model.config
@@ -67,6 +102,8 @@ class Context:
             "tasks": {t: {"train_examples": len(self.data[t]), "val_examples": len(self.val[t]),
                           "prompt_tokens": int(self.init[t].shape[0]), "epoch_tokens": self.epoch_tokens[t],
                           "mean_length": self.epoch_tokens[t] / len(self.data[t])} for t in a.tasks},
+            "tokenizer": {"path": getattr(a, "tokenizer", None), "size": len(self.tok), "max_length": max_length,
+                          "epoch_tokens": sum(self.epoch_tokens.values())},
         }
 
     # -- the MFU denominator
@@ -151,11 +188,24 @@ class Context:
                 "peak_mib": max((per_task[t]["peak_mib"] or 0) for t in w) or None}
 
 
-def run_meta(a) -> dict:
+def load_tokenizer(path: str | None):
+    """ptray's offline tokenizer (``path`` None), else the tokenizer saved in folder ``path`` (e.g. a prepared
+    SmolLM2's, 49,152-token BPE); without a pad token it pads with EOS, as ptray does."""
+    if path is None:
+        return build_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def run_meta(a, script: str = "benchmarks/bench.py") -> dict:
     """When, how and on what the run ran: the ``meta`` entry of the results."""
     m = {
         "date": utc_now(),
-        "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
+        "command": f"python {script} " + " ".join(sys.argv[1:]),
         "device": a.device, "model_shape": a.model_shape, "precision": a.precision,
         "batch_size": a.batch_size, "eval_batch_size": a.eval_batch_size, "warmup": a.warmup,
         "steps": a.steps, "repeats": a.repeats, "ablation_repeats": a.ablation_repeats, "smoke": a.smoke,

@@ -185,3 +185,109 @@ def _targets(targets):
 _SECTIONS = (("train", _train), ("eval", _eval), ("ablations", _ablations), ("packed", _packed),
              ("packed_out_of_memory", _packed_out_of_memory), ("concurrency", _concurrency),
              ("study_estimate", _study_estimate), ("targets", _targets))
+
+
+# ------------------------------------------------------------------------------------------ gpu.py's results
+
+
+def render_gpu(res: dict) -> str:
+    """The markdown for ``gpu.py``'s results: the run, then a table or paragraph per section present."""
+    m, su = res["meta"], res.get("setup", {})
+    hw = (f"{m['gpu']} ({m['gpu_mem_gib']} GiB), CUDA {m['cuda']}" if m["device"] == "cuda"
+          else f"{m['cpu']}, {m['cores']} cores")
+    v, tok = m["versions"], su.get("tokenizer", {})
+    lines = [f"Run {m['date']}: `{m['command']}`" + (" - SMOKE run (tiny model, CPU): not a timing" if m["smoke"]
+                                                      else ""), "",
+             f"- hardware: {hw}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}",
+             f"- model: `{m['model_shape']}` config, random weights, precision "
+             f"{'bf16 weights + autocast, fp32 prompt' if m['precision'] == 'bf16' else 'fp32'}; tokenizer "
+             f"{tok.get('path') or 'ptray offline (559 words)'} ({tok.get('size')} tokens): "
+             f"{tok.get('epoch_tokens', 0):,} training tokens per epoch of CB, RTE, COPA and WSC"]
+    if "matmul_peak" in res:
+        lines.append("- measured matmul peak: " + ", ".join(f"{k} {p['flops'] / 1e12:.3g} TFLOP/s"
+                                                          for k, p in res["matmul_peak"].items()))
+    for key, why in (("errors", "failed"), ("skipped", "skipped (time budget)")):
+        if res.get(key):
+            items = res[key].items() if isinstance(res[key], dict) else [(k, "") for k in res[key]]
+            lines.append(f"- sections {why}: " + "; ".join(f"{k}{': ' + e if e else ''}" for k, e in items))
+    for key, section in _GPU_SECTIONS:
+        if res.get(key):
+            lines += section(res[key])
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x):
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _err(c):
+    return (f"{c['logprob_max_abs_diff']:.1e} / {c['grad_rel_err']:.1e}{'' if c['ok'] else ' **over tolerance**'}"
+            f"{'' if c['finite'] else ' **not finite**'}")
+
+
+def _gpu_attention(entries):
+    lines = ["", "Forward + backward to an 8-row prompt (fused: one SDPA call with the ALiBi + mask bias; folded: "
+             "ALiBi in two extra Q/K dimensions, causal-only SDPA); error = largest |log-prob difference| / "
+             "relative error of the prompt gradient, each against fp32 eager attention:", "",
+             "| rows x length | attention | tok/s | vs eager | MFU | peak MiB | error vs fp32 |",
+             "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        for mode in ("eager", "fused", "folded"):
+            r, shape = e[mode], f"{e['rows']}x{e['length']}"
+            if "error" in r:
+                lines.append(f"| {shape} | {mode} | {r['error']} | | | | |")
+                continue
+            lines.append(f"| {shape} | {mode} | {r['tokens_per_s']:,.0f} | {r.get('speedup', 1.0):.2f}x | "
+                         f"{_pct(r['mfu'])} | {mib(r['peak_mib'])} | {_err(r['vs_fp32_eager'])} |")
+    return lines
+
+
+def _gpu_sdpa(s):
+    lines = ["", f"SDPA backends ({s['rows']}x{s['length']}): torch picks " + ", ".join(
+        f"{k}: {v}" for k, v in s["picked"].items()) + ". Each backend forced, against fp32 MATH (error as above):",
+             "", "| path, precision, backend | error vs fp32 MATH |", "|---|---|"]
+    for k, c in s["check"].items():
+        lines.append(f"| {k} | {_err(c) if c['ran'] else 'refused: ' + c['error'].replace('|', '/')} |")
+    return lines
+
+
+def _gpu_group(entries):
+    lines = ["", "Training through `ptray.training.loop.train_group` (epoch 2 of each, timed by the loop):", "",
+             "| training step | rows/step | tok/s | vs one trial (eager) | vs PEFT + Trainer | MFU | peak MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        if "error" in e:
+            lines.append(f"| {e['mode']} | {e['rows_per_step']} | {e['error']} | | | | |")
+            continue
+        ratio = {k: f"{e[k]:.2f}x" if k in e else "-" for k in ("vs_one_trial_eager", "vs_peft_trainer")}
+        lines.append(f"| {e['mode']} | {e['rows_per_step']} | {e['tokens_per_s']:,.0f} | "
+                     f"{ratio['vs_one_trial_eager']} | {ratio['vs_peft_trainer']} | {_pct(e['mfu'])} | "
+                     f"{mib(e['peak_mib'])} |")
+    return lines
+
+
+def _gpu_study(s, title):
+    peak = "-" if s["peak_gib"] is None else f"{s['peak_gib']:.1f} GiB"
+    per = ", ".join(f"{e['seconds']:.1f} s" for e in s["per_epoch"][:12])
+    lines = ["", f"{title}: {s['prompts']} prompts in one group, at most {s['max_epochs']} epochs (patience "
+             f"{s['patience']}), {s['attention']} attention, {s['max_tokens_per_forward']} padded tokens per forward "
+             f"pass: training {'finished' if s['finished'] else 'STOPPED by the cap'} in {s['train_seconds']:.0f} s "
+             f"(epochs per prompt {s['epochs_run']}), then {s['evaluations']}/{s['evaluations_planned']} "
+             f"evaluations in {s['eval_seconds']:.0f} s; wall {s['wall_seconds']:.0f} s; peak memory {peak}. "
+             f"Seconds per epoch (until every prompt had finished it, validation included): {per}."]
+    if "epoch_seconds_estimate" in s:
+        lines.append(f"Estimate (not a measurement): {s['epoch_seconds_estimate']:.1f} s per epoch after the first, "
+                     f"so 50 epochs without early stopping and the 68 evaluations take "
+                     f"{s['whole_study_seconds_estimate_no_early_stopping'] / 60:.1f} min.")
+    return lines
+
+
+def _gpu_peft(tr):
+    lines = _train(tr)
+    return lines[:1] + ["PEFT + Trainer, one trial, same model, data, batch 8 and precision (eager attention on both "
+                        "sides):"] + lines[2:]
+
+
+_GPU_SECTIONS = (("attention", _gpu_attention), ("sdpa", _gpu_sdpa), ("group", _gpu_group),
+                 ("study_epochs", lambda s: _gpu_study(s, "Study for a fixed number of epochs, early stopping off")),
+                 ("train", _gpu_peft), ("eval", _eval), ("study", lambda s: _gpu_study(s, "The whole study")))

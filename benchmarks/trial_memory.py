@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
 import torch  # noqa: E402
 
 from benchmarks import variants as V  # noqa: E402
-from benchmarks.bench import add_data_dir_argument, check_data_dir, names_argument  # noqa: E402
+from benchmarks.args import add_data_dir_argument, check_data_dir, names_argument  # noqa: E402
 from benchmarks.context import utc_now, write_json  # noqa: E402
 from benchmarks.markdown import update_markdown  # noqa: E402
 from benchmarks.measure import PeakMemory  # noqa: E402

@@ -85,13 +85,6 @@ def batch_stream(data, batch_size, count, seed, pad_id, eos_id, grouped=True):
     return out[:count], seconds
 
 
-def batch_counts(batch: Batch, n_prompt: int) -> tuple[int, int, int, int]:
-    """(real text tokens, positions incl. prompt, answer targets, sequences) of one batch."""
-    lengths = batch.attention_mask.sum(dim=1)
-    tokens = int(lengths.sum())
-    return tokens, tokens + n_prompt * batch.num_seqs, int(batch.ans_tokens.numel()), batch.num_seqs
-
-
 def batch_flops(shape: Shape, batch: Batch, n_prompt: int, train: bool = True) -> float:
     lengths = (batch.attention_mask.sum(dim=1) + n_prompt).tolist()
     answers = torch.bincount(batch.ans_seq, minlength=batch.num_seqs).tolist()
