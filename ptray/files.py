@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -11,11 +13,40 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("ptray")
+
+
+def strict_json(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+    """``obj`` with every non-finite float (NaN, +-inf, which strict JSON cannot hold) replaced by None, and where
+    they were (``"[0].eval_loss"``-style paths under ``where``)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [f"{where or '.'} was {obj}"]
+    if isinstance(obj, dict):
+        out, notes = {}, []
+        for k, v in obj.items():
+            out[k], more = strict_json(v, f"{where}.{k}")
+            notes += more
+        return out, notes
+    if isinstance(obj, (list, tuple)):
+        out, notes = [], []
+        for i, v in enumerate(obj):
+            value, more = strict_json(v, f"{where}[{i}]")
+            out.append(value)
+            notes += more
+        return out, notes
+    return obj, []
+
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (keys in insertion order) with a final newline; return the path."""
+    """Write ``obj`` as indented strict JSON (keys in insertion order) with a final newline; return the path.
+
+    Non-finite floats become null, with one warning naming the file and each value replaced (strict JSON has no
+    NaN or Infinity, and readers such as ``jq`` or JavaScript refuse them)."""
     path = Path(path)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    clean, notes = strict_json(obj)
+    if notes:
+        log.warning("%s: non-finite values written as null: %s", path.name, "; ".join(notes))
+    path.write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
     return path
 
 

@@ -236,7 +236,7 @@ def test_shared_source_equals_one_pass_per_label(fam):
         answers = tuple(torch.randint(4, len(tok), (int(torch.randint(1, 4, (1,), generator=g)),),
                                       generator=g).tolist() for _ in range(2 + i % 2))
         data.append(Encoded(i, src, answers, i % 2))
-    assert families.shares_source(model, 64)
+    assert families.shares_source_up_to(model, 64)
     for prompt in (_prompt(model, 4, 5), None):
         kw = dict(batch_size=5, pad_id=pad, eos_id=tok.eos_token_id)
         ref = evaluate(model, data, prompt, share_source=False, **kw)

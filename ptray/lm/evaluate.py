@@ -57,11 +57,11 @@ class EvalResult:
 
 def shares_source(model, data: list[Encoded] | None = None, num_prompt_tokens: int = 0) -> bool:
     """Whether ``evaluate`` can score all labels of ``data`` from one source pass on ``model`` exactly
-    (``ptray.lm.families.shares_source``; None: for any data)."""
+    (``ptray.lm.families.shares_source_up_to``; None: for any data)."""
     length = None
     if data:
         length = num_prompt_tokens + max(len(d.source) for d in data) + max(len(a) for d in data for a in d.answers)
-    return families.shares_source(model, length)
+    return families.shares_source_up_to(model, length)
 
 
 @torch.no_grad()

@@ -173,7 +173,7 @@ def base_forward(model, embeds: torch.Tensor, attention_mask: torch.Tensor, cach
     return base_model(model)(**kwargs)
 
 
-def shares_source(model, length: int | None = None) -> bool:
+def shares_source_up_to(model, length: int | None = None) -> bool:
     """Whether the shared-source evaluation is exact on ``model`` for padded sequences of ``length`` tokens
     (prompt + source + answer; None: any length). Sliding-window attention counts padded cache slots, so a model
     with a window shares only sequences that fit in it."""

@@ -7,6 +7,7 @@ head only at those positions. ``tests/test_model.py`` checks it against the full
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -18,6 +19,8 @@ from ptray.errors import PtrayError
 from ptray.files import looks_like_path
 from ptray.lm import families
 from ptray.lm.check import check_model
+
+log = logging.getLogger("ptray")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -37,6 +40,9 @@ def resolve_device_precision(device: str = "auto", precision: str = "auto") -> t
         raise PtrayError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
     device = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
     if device == "cpu":
+        if precision in ("bf16", "fp16"):  # asked for explicitly: say that it is not what runs
+            log.warning("--precision %s is for GPUs: on CPU ptray runs fp32 (precision no, recorded so in the run's "
+                        "config); autocast on CPU is slower here and changes results", precision)
         precision = "no"  # autocast on CPU is slower here and changes results; keep CPU runs exact
     elif precision == "auto":
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -82,6 +88,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
                     f"and pass --model DIR"
                 ) from None
             kwargs = {}
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar on stderr would bury a one-line error after it
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
@@ -89,6 +99,9 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
         raise
     except Exception as err:
         raise PtrayError(f"could not load model {name!r}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if tokenizer.eos_token_id is None:
         raise PtrayError(f"the tokenizer of {name!r} has no EOS token; exact match needs one")
     model.eval()

@@ -280,6 +280,11 @@ def _end_epoch(run: _Run, m: _Member, adam, on_epoch_end, group_size: int) -> No
     """``m``'s epoch is over: evaluate it, track early stopping and the best prompt, report metrics and state."""
     train_time = time.perf_counter() - m.t0
     result = run.evaluate(m.cfg, m.eval_data, m.weight.detach())
+    if not math.isfinite(result.loss):  # else the untrained init prompt would be "best" and the run end as done
+        raise PtrayError(
+            f"the evaluation loss became {result.loss} at epoch {m.epoch} ({m.cfg.task}, seed {m.cfg.seed}"
+            f"{f', group prompt {m.index}' if group_size > 1 else ''}); the prompt diverged: lower --lr (now "
+            f"{m.cfg.lr}) or use a more stable precision (--precision bf16/no)")
     improved = result.loss < m.best["eval_loss"]
     if improved:
         m.best = {"eval_loss": result.loss, "epoch": m.epoch, "prompt": m.weight.detach().cpu().clone(),
