@@ -153,3 +153,39 @@ def test_unknown_split(data_dir):
 def test_read_jsonl_keeps_order(data_dir):
     rows = read_jsonl(get_task("copa"), "val", data_dir)
     assert rows[0].fields["question"] in ("cause", "effect") and rows[0].idx == 0
+
+
+def test_wic_counts_and_records(data_dir):
+    wic = get_task("wic")
+    train, val, test = (load_split(wic, split, data_dir) for split in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (5428, 638, 1400)
+    assert all(ex.label is not None for ex in train + val) and all(ex.label is None for ex in test)
+    assert sum(wic.labels[ex.label] == "True" for ex in val) == 319
+    assert val[0].fields == {  # the official file's 'version' is not a declared field: dropped
+        "word": "class", "sentence1": "An emerging professional class.",
+        "sentence2": "Apologizing for losing your temper, even though you were badly provoked, showed real class.",
+        "start1": 25, "end1": 30, "start2": 85, "end2": 90}
+    assert val[0].label == wic.labels.index("False")
+
+
+def test_wic_hub_and_local_records_normalise_alike(monkeypatch, data_dir):
+    """aps/super_glue's wic rows (integer label, no 'version') read into the same records as the official jsonl."""
+    import datasets
+
+    from ptray.data.superglue import read_hub
+
+    task = get_task("wic")
+    local = load_split(task, "val", data_dir)[:6]
+    keys = ("word", "sentence1", "sentence2", "start1", "start2", "end1", "end2")
+    rows = [{**{k: ex.fields[k] for k in keys}, "idx": ex.idx, "label": ex.label} for ex in local]
+    seen = {}
+
+    def fake_load_dataset(path, name, split):
+        seen.update(path=path, name=name, split=split)
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert read_hub(task, "val") == local
+    assert seen == {"path": "aps/super_glue", "name": "wic", "split": "validation"}
+    test_row = {**rows[0], "label": -1}
+    assert _normalise(task, test_row, "test", "hub row 0").label is None

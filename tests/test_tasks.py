@@ -5,7 +5,7 @@ import doctest
 import pytest
 
 from ptray.data.superglue import Example
-from ptray.data.tasks import TASK_NAMES, TASKS, _build_registry, get_task
+from ptray.data.tasks import BUILTIN_TASK_NAMES, TASK_NAMES, TASKS, _build_registry, get_task
 from ptray.errors import PtrayError
 
 
@@ -40,6 +40,53 @@ def test_golden_wsc():
         'Text: Jane gave Joan candy because she was hungry.\nDoes the pronoun "she" refer to "Jane Gave"?\nAnswer:'
     )  # the newline inside an official WSC span (train idx 234) becomes a space
     assert get_task("wsc").target(get_task("wsc").labels.index("True")) == " yes"
+
+
+def test_golden_wic():
+    ex = {"word": "class", "sentence1": "An emerging professional class.",
+          "sentence2": "Apologizing for losing your temper,  even though\nyou were badly provoked, showed real class.",
+          "start1": 25, "end1": 30, "start2": 85, "end2": 90}
+    assert get_task("wic").format(ex) == (
+        "Sentence 1: An emerging professional class.\n"
+        "Sentence 2: Apologizing for losing your temper, even though you were badly provoked, showed real class.\n"
+        'Is the word "class" used with the same meaning in both sentences?\nAnswer:'
+    )  # whitespace runs are cleaned as in the other tasks
+    assert get_task("wic").answers == (" no", " yes")
+    assert get_task("wic").target(get_task("wic").labels.index("True")) == " yes"
+
+
+def test_wic_is_built_in_but_not_in_the_papers_study():
+    assert "wic" in BUILTIN_TASK_NAMES and "wic" not in TASK_NAMES and "wic" not in TASKS
+    assert get_task("WiC").init_text == "Is the word used with the same meaning in both sentences?"
+    assert (get_task("wic").dir_name, get_task("wic").hub_config) == ("WiC", "wic")
+
+
+def test_wic_answer_ids(tiny):
+    """WiC's answers tokenise after its cue as WSC's do: the shared words are the same ids, so transfer compares
+    like with like."""
+    from ptray.data.tokens import answer_ids_in_context
+
+    _, tok = tiny
+    wic, wsc = get_task("wic"), get_task("wsc")
+    source = wic.format({"word": "bank", "sentence1": "He sat on the bank.", "sentence2": "The bank closed."})
+    ids = answer_ids_in_context(tok, source, wic.answers)
+    assert [tok.decode(i) for i in ids] == [" no", " yes"] and all(ids)
+    wsc_source = wsc.format({"text": "Jane gave Joan candy.", "span1_text": "Jane", "span2_text": "she"})
+    assert ids == answer_ids_in_context(tok, wsc_source, wsc.answers)
+
+
+@pytest.mark.parametrize("name", [n for n in BUILTIN_TASK_NAMES if n not in TASK_NAMES])
+def test_invariants_of_the_other_built_in_tasks(name, data_dir):
+    from ptray.data.superglue import load_split
+
+    task = get_task(name)
+    assert set(task.verbalizer) == set(task.labels) and len(set(task.answers)) == len(task.answers)
+    assert task.version >= 1 and task.init_text
+    for ex in load_split(task, "val", data_dir)[:30]:
+        text = task.format(ex.fields)
+        assert text.endswith("Answer:") and text == text.strip()
+        assert "  " not in text and " \n" not in text and "\n " not in text
+        assert 0 <= ex.label < len(task.labels)
 
 
 def test_init_texts_are_the_papers():

@@ -119,7 +119,8 @@ def load_task_file(path: str | os.PathLike) -> Task:
 def register_declaration(declaration: Mapping[str, Any], source: str = "<declaration>") -> Task:
     """Add a declared task to this process's registry (what a worker does with ``task_declaration``'s dict).
 
-    Registering the same declaration again is a no-op, so every process may register what it is handed.
+    Registering the same declaration again is a no-op (a built-in task's own declaration too), so every process may
+    register what it is handed.
 
     Args:
         declaration: a task file's content as a dict (``task_declaration(name)``, or a parsed TOML file).
@@ -133,11 +134,14 @@ def register_declaration(declaration: Mapping[str, Any], source: str = "<declara
             name is already registered.
     """
     task = task_from_declaration(declaration, source)
-    if task.name in _BUILTINS:
+    builtin = _BUILTINS.get(task.name)
+    if builtin is not None:
+        if builtin.declaration == task.declaration:  # a built-in's own declaration (shipped to a worker): known
+            return builtin
         raise PtrayError(f"{source}: task name {task.name!r} is a built-in task's; choose another name")
     known = _USER.get(task.name)
     if known is not None:
-        if known == task and known.declaration == task.declaration:
+        if known.declaration == task.declaration:
             return known
         raise PtrayError(f"{source}: task {task.name!r} is already registered from {known.source}, declared "
                          f"differently; give one of them another name")
