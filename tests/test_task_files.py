@@ -225,6 +225,19 @@ def test_declaration_travels_as_json(tmp_path):
     assert register_declaration(task_declaration("copa")) is get_task("copa") and "copa" not in tasks._USER
 
 
+def test_task_file_flag(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    tasks.add_task_file_argument(parser)
+    assert parser.parse_args([]).task_files == []
+    args = parser.parse_args(["--task-file", str(_file(tmp_path)), "--task-file", str(_file(tmp_path, name="b.toml"))])
+    assert [t.name for t in register_task_files(args.task_files)] == ["nli3", "nli3"]
+    decls = user_declarations(["nli3"])
+    tasks._USER.clear()  # a worker
+    assert [t.name for t in tasks.register_declarations(decls)] == ["nli3"] and get_task("nli3").version == 2
+
+
 def test_task_pickles(tmp_path):
     """Ray pickles what it ships: a Task (its formatter is a name, resolved in the receiving process)."""
     import pickle

@@ -50,8 +50,8 @@ from ptray.errors import PtrayError
 
 __all__ = [
     "ANSWER_CUE", "BUILTIN_TASK_NAMES", "FORMATTERS", "SPLITS", "TASKS", "TASK_NAMES", "Task", "all_task_names",
-    "get_task", "load_task_file", "register_declaration", "register_formatter", "register_task_files",
-    "task_declaration", "user_declarations",
+    "add_task_file_argument", "get_task", "load_task_file", "register_declaration", "register_declarations",
+    "register_formatter", "register_task_files", "task_declaration", "user_declarations",
 ]
 
 TASK_NAMES: tuple[str, ...] = ("cb", "rte", "copa", "wsc")  # the paper's tasks: the default study
@@ -163,6 +163,27 @@ def register_task_files(paths: Iterable[str | os.PathLike]) -> tuple[Task, ...]:
             declaring one name differently).
     """
     return tuple(register_declaration(read_task_file(p), str(p)) for p in paths)
+
+
+def register_declarations(declarations: Iterable[Mapping[str, Any]], source: str = "<declaration>") -> tuple[Task, ...]:
+    """``register_declaration`` for each (what a worker runs on the list ``user_declarations`` gave the driver).
+
+    Raises:
+        PtrayError: as ``register_declaration``.
+    """
+    return tuple(register_declaration(d, source) for d in declarations)
+
+
+TASK_FILE_HELP = ("a task declared in a TOML task file (schema: ptray.data.task_schema); repeat for more; its name "
+                  "can then be given as a task")
+
+
+def add_task_file_argument(parser) -> None:
+    """Add ``--task-file PATH`` (repeatable; ``args.task_files``, a list, empty by default) to an argparse parser or
+    group. After parsing, and before any task name is looked up, the CLI calls
+    ``register_task_files(args.task_files)``."""
+    parser.add_argument("--task-file", dest="task_files", action="append", default=[], metavar="PATH",
+                        help=TASK_FILE_HELP)
 
 
 def task_declaration(name: str) -> dict[str, Any]:
