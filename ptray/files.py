@@ -9,9 +9,11 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from ptray.errors import PtrayError
 
 log = logging.getLogger("ptray")
 
@@ -81,3 +83,29 @@ def looks_like_path(name: str) -> bool:
     so a missing one is a mistyped path, refused at once instead of looked up on the Hub.
     """
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_output_folder(path: str | Path, flag: str, overwrite: bool = False, holds: str = "files",
+                        reusable: Callable[[Path], bool] | None = None, fix: str = "or pass --overwrite") -> Path:
+    """Refuse, before any work, an output folder that could not be written at the end; return it as a Path.
+
+    Refused (PtrayError, one line naming ``flag``): a path that exists and is no folder; a path under a regular
+    file; a path whose nearest existing folder is not writable; a folder that already holds something (``holds``
+    says what), unless ``overwrite`` or ``reusable(path)`` (e.g. an earlier report a re-run replaces). ``fix`` ends
+    the last message (``or delete it`` where no ``--overwrite`` exists). Nothing is created.
+    """
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PtrayError(f"{flag} {str(out)!r} exists and is not a folder; choose another {flag}")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PtrayError(f"{flag} {str(out)!r} lies under {str(ancestor)!r}, which is a file, not a folder; "
+                         f"choose another {flag}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PtrayError(f"{flag} {str(out)!r} cannot be written: no write permission on {str(ancestor)!r}; "
+                         f"choose another {flag}")
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not (reusable and reusable(out)):
+        raise PtrayError(f"{flag} {str(out)!r} already holds {holds}; choose a new {flag} {fix}")
+    return out

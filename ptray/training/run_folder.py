@@ -6,22 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ptray import layout
-from ptray.errors import PtrayError
-from ptray.files import atomic_folder, write_json
+from ptray.files import atomic_folder, check_output_folder, write_json
 from ptray.lm.prompt import save_adapter
 from ptray.training.loop import TrainResult
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an output folder that already holds something, unless ``overwrite``."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise PtrayError(f"output path {str(out)!r} exists and is not a folder; choose another --output-dir")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise PtrayError(
-            f"output folder {str(out)!r} already holds another run; choose a new --output-dir or pass --overwrite"
-        )
-    return out
+    """Refuse, before training, a run folder that could not be written at the end (``check_output_folder``): one
+    under a file, not writable, or already holding another run unless ``overwrite``."""
+    return check_output_folder(path, "--output-dir", overwrite, holds="another run")
 
 
 def save_run(result: TrainResult, out_dir: str | Path, overwrite: bool = False) -> Path:
