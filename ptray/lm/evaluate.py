@@ -67,7 +67,7 @@ def shares_source(model, data: list[Encoded] | None = None, num_prompt_tokens: i
 @torch.no_grad()
 def evaluate(model, data: list[Encoded], prompt: torch.Tensor | None, batch_size: int, pad_id: int, eos_id: int,
              device=None, autocast=None, share_source: bool | None = None) -> EvalResult:
-    """Score every label of every (labeled) example with ``prompt`` [n, hidden] prepended (None: no prompt).
+    """Score every label of every (labeled) example with ``prompt`` [n, embed_dim] prepended (None: no prompt).
 
     ``batch_size`` counts sequences (example x label), in both ways. ``autocast`` is a context-manager factory
     (accelerate's) for mixed precision; None runs in the model's dtype. ``share_source``: None picks the shared
@@ -98,7 +98,7 @@ def evaluate_prompts(model, data: list[Encoded], prompts: list[torch.Tensor | No
     """``[evaluate(model, data, p, ...) for p in prompts]`` (the same numbers), with many prompts per forward: the
     transfer grid evaluates every prompt of a study on one target task this way.
 
-    Each prompt is [n_p, hidden] (lengths may differ) or None (no prompt). Where the model shares the source pass
+    Each prompt is [n_p, embed_dim] (lengths may differ) or None (no prompt). Where the model shares the source pass
     (``shares_source``, BLOOM), its rows are (prompt, example) pairs sorted by length across all prompts, so a pass
     holds ``batch_size`` sequences of several prompts (``_score_shared_many``); elsewhere each prompt is evaluated
     on its own. Raises ValueError when ``data`` has no labeled example.
@@ -165,7 +165,7 @@ def _score_per_label(model, data, prompt, batch_size, pad_id, eos_id, device, au
 
 def _score_shared_many(model, data, prompts, batch_size, pad_id, eos_id, device, autocast):
     """As ``_score_per_label``, with one prompt + source pass per (prompt, example) and a short pass over the
-    answers (the cache repeated per label), for several prompts (each [n_p, hidden] or None) at once: each row has
+    answers (the cache repeated per label), for several prompts (each [n_p, embed_dim] or None) at once: each row has
     its own prompt before its source (rows differ in prompt length as in source length, both right-padded), so one
     forward serves many prompts. Yields ``(keys, logp, wrong)`` with keys ``(prompt index, example, label)``."""
     labels = max(len(d.answers) for d in data)

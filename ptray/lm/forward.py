@@ -69,7 +69,7 @@ def forward_passes(lengths: list[int], max_tokens: int, bucket: int = WIDTH_BUCK
 
 def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]], max_tokens: int = 0,
                           bucket: int = WIDTH_BUCKET) -> list[torch.Tensor]:
-    """One step's forward for several (batch, prompt) pairs; each batch's rows get their own prompt [n_i, hidden].
+    """One step's forward for several (batch, prompt) pairs; each batch's rows get their own prompt [n_i, embed_dim].
 
     Rows are right-padded to the longest prompt + sequence (causal attention: a row's real tokens never see the
     padding after them). ``max_tokens`` 0 runs all rows in one forward pass; > 0 splits them, by length, into

@@ -15,9 +15,9 @@ from ptray.layout import PEFT_CONFIG, PEFT_WEIGHTS
 
 
 def prepend(weight: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor):
-    """Prepend prompt rows [n, hidden] to ``embeds`` [B, T, hidden] and ones to ``attention_mask`` [B, T].
+    """Prepend prompt rows [n, embed_dim] to ``embeds`` [B, T, embed_dim] and ones to ``attention_mask`` [B, T].
 
-    Returns ``(embeds [B, n + T, hidden] in embeds' dtype, attention_mask [B, n + T])``.
+    Returns ``(embeds [B, n + T, embed_dim] in embeds' dtype, attention_mask [B, n + T])``.
     """
     bsz, n = embeds.shape[0], weight.shape[0]
     rows = weight.to(embeds.dtype).unsqueeze(0).expand(bsz, -1, -1)
@@ -108,7 +108,7 @@ def save_adapter(weight: torch.Tensor, out_dir: str | Path, base_model: str, ini
 
 
 def load_adapter(path: str | Path) -> torch.Tensor:
-    """Read the prompt rows [n, hidden] (fp32) from a PEFT prompt-tuning adapter folder (safetensors only)."""
+    """Read the prompt rows [n, embed_dim] (fp32) from a PEFT prompt-tuning adapter folder (safetensors only)."""
     folder = Path(path)
     weights, config_file = folder / PEFT_WEIGHTS, folder / PEFT_CONFIG
     if not weights.is_file() or not config_file.is_file():
