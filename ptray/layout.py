@@ -49,7 +49,7 @@ HISTORY_KEY = "eval_loss"  # logged once per epoch, in the same batch as every o
 # -------------------------------------------------------------------------------------------------- artifacts
 PROMPT_DIR = "prompt"  # a PEFT prompt-tuning adapter folder (ptray.lm.prompt.save_adapter writes it):
 PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"  # one fp32 tensor "prompt_embeddings" [n, hidden]
+PEFT_WEIGHTS = "adapter_model.safetensors"  # one fp32 tensor "prompt_embeddings" [n, embed_dim]
 PROMPT_FILES = (f"{PROMPT_DIR}/{PEFT_CONFIG}", f"{PROMPT_DIR}/{PEFT_WEIGHTS}")
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
