@@ -383,3 +383,14 @@ def test_builtin_declarations_are_plain_data():
         decl = task_declaration(name)
         assert json.loads(json.dumps(decl)) == decl and decl["name"] == name
         assert task_from_declaration(decl) == get_task(name)
+
+
+def test_schema_docstring_example_is_the_cb_file():
+    """The annotated example in ptray.data.task_schema's docstring is a valid file declaring the built-in CB."""
+    import textwrap
+
+    import ptray.data.task_schema as schema
+
+    example = textwrap.dedent(schema.__doc__.split("annotated::\n")[1].split("\nA record")[0])
+    task = task_from_declaration(schema.parse_task_toml(example, "docstring"), "docstring")
+    assert task == get_task("cb") and task.declaration == task_declaration("cb")
