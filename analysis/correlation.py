@@ -59,7 +59,13 @@ def _off_diagonal_stats(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return c["spearman_rho"], c["pearson_r"]
 
 
-def mantel_test(x, y, max_exact: int = 40320, n_random: int = 9999, seed: int = 0) -> dict[str, float]:
+# Mantel test: every relabelling is enumerated up to 8 tasks (8! = 40320); past that, this many random ones
+MANTEL_MAX_EXACT = 40320
+MANTEL_RANDOM = 9999
+
+
+def mantel_test(x, y, max_exact: int = MANTEL_MAX_EXACT, n_random: int = MANTEL_RANDOM, seed: int = 0
+                ) -> dict[str, float]:
     """Mantel permutation test of the correlation between the off-diagonal cells of two [T, T] matrices.
 
     ``x`` (the predictor) is relabelled by permutations p of the T tasks (``x[p][:, p]``) while ``y`` (the
@@ -92,16 +98,17 @@ def mantel_test(x, y, max_exact: int = 40320, n_random: int = 9999, seed: int = 
             "pearson_p_mantel": float(p[1]), "mantel_permutations": len(perms), "mantel_exact": float(exact)}
 
 
-def pair_table(predictors: dict[str, pd.DataFrame], gains: dict[str, pd.DataFrame], tasks: list[str]) -> pd.DataFrame:
+def task_pair_table(predictors: dict[str, pd.DataFrame], gains: dict[str, pd.DataFrame],
+                    tasks: list[str]) -> pd.DataFrame:
     """One row per ordered task pair (source != target): source, target, every predictor's value and every gain
-    (each a [T, T] DataFrame indexed by source, columns target)."""
+    (each a [T, T] DataFrame indexed by source, columns target). Empty, with these columns, for one task."""
     rows = []
     for a in tasks:
         for b in tasks:
             if a != b:
                 rows.append({"source": a, "target": b, **{k: float(m.loc[a, b]) for k, m in predictors.items()},
                              **{k: float(m.loc[a, b]) for k, m in gains.items()}})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["source", "target", *predictors, *gains])
 
 
 def correlation_table(predictors: dict[str, pd.DataFrame], gains: dict[str, pd.DataFrame], tasks: list[str],
@@ -130,7 +137,7 @@ def correlation_section(*, pairs: pd.DataFrame, stats: pd.DataFrame, tasks: list
                         distance_definition: str) -> Section:
     """The paper's claim (closer prompts transfer better), tested: the Mantel test of the Frobenius distances
     against the transfer gains first, then the scatter of the ordered task pairs. ``pairs`` / ``stats`` come
-    from ``pair_table`` / ``correlation_table``."""
+    from ``task_pair_table`` / ``correlation_table``."""
     from analysis.predictors import PREDICTORS
 
     main_cols = [c for c in ("frobenius_raw", "frobenius_effective", "rms_row_distance_raw") if c in pairs]

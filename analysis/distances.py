@@ -71,17 +71,22 @@ def distances_section(*, inputs: Inputs, matrices: dict[str, np.ndarray], distan
     long["rows_compared"] = [int(rows.loc[a, b]) for a, b in zip(long["source"], long["target"])]
     pairs = None
     for k, v in matrices.items():
-        t = geometry.pair_table(v, labels, inputs.seeds, k)
-        pairs = t if pairs is None else pairs.merge(t, on=["task_a", "seed_a", "task_b", "seed_b"])
-    pairs = pairs if pairs is not None else pd.DataFrame()
-    if len(pairs):
-        pairs.insert(4, "rows_compared", [int(rows.loc[a, b]) for a, b in zip(pairs.task_a, pairs.task_b)])
+        t = geometry.prompt_pair_table(v, labels, inputs.seeds, k)
+        pairs = t if pairs is None else pairs.merge(t, on=geometry.PAIR_KEYS)
+    pairs.insert(4, "rows_compared", [int(rows.loc[a, b]) for a, b in zip(pairs.task_a, pairs.task_b)])
     method = distance_definition(distance)
     out = Section(summary={"distances": {k: m.to_dict() for k, m in task_mats.items()}, "distances_method": method,
                            "rows_compared": rows.to_dict()},
                   meta={"distance_definition": method})
     if inputs.effective is None:
         out.notes.append("the effective prompt is not defined for this model: effective distances are n/a")
+    if len(inputs.prompts) < 2:
+        out.notes.append("distances between prompts: n/a (the study has one prompt)")
+    else:
+        one_seed = [t for t in tasks if labels.count(t) < 2]
+        if one_seed:
+            out.notes.append(f"within-task distances (the diagonal of Figure 7): n/a for {', '.join(one_seed)} "
+                             f"(one seed)")
     panels = []
     for k, title in (("frobenius_raw", "Frobenius distance, raw (paper's Figure 7)"),
                      ("frobenius_effective", "Frobenius distance, effective"),

@@ -1,4 +1,4 @@
-"""How faithful is the nearest-token reading? Replace every prompt row by its nearest token's embedding (a
+"""How faithful is the nearest-token reading? Replace every prompt row by its nearest token's input vector (a
 discretised, hard prompt) and compare its accuracy with the soft prompt's, on the same examples.
 
 If the nearest tokens were what the prompt "means", the discretised prompt would keep most of the soft prompt's
@@ -18,40 +18,76 @@ from analysis.records import PromptRun
 from analysis.results import Output, Section
 
 
-def discretise(embedding: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """The hard prompt [n, hidden] (fp32) made of the embedding rows of ``token_ids`` [n]."""
-    return embedding[token_ids.long()].detach().float().clone()
+def discretise(model, token_ids: torch.Tensor) -> torch.Tensor:
+    """The hard prompt [n, embed_dim] (fp32, CPU) made of the tokens ``token_ids`` [n]: their input vectors
+    (``ptray.lm.families.embed``, Gemma2's embedding scale included), as a prompt of those tokens would enter the
+    model. (The nearest-token search that picks the ids compares cosines, which a uniform scale leaves alone.)"""
+    from ptray.lm.families import embed
+
+    with torch.no_grad():
+        return embed(model, token_ids.long()).detach().float().cpu().clone()
+
+
+def _settings(p: PromptRun, data_dir: str | None) -> tuple:
+    """The evaluation examples of prompt ``p``, as its train run's config.json names them (``data_dir``
+    overrides it): (task, data_dir, hub_dataset, split, max_examples, max_length)."""
+    from ptray.data.superglue import DEFAULT_HUB_DATASET
+
+    cfg = p.config
+    return (p.task, data_dir or cfg.get("data_dir"), cfg.get("hub_dataset") or DEFAULT_HUB_DATASET,
+            cfg.get("eval_split", "val"), cfg.get("max_eval_examples"), int(cfg.get("max_length", 512)))
 
 
 def faithfulness_table(prompts: list[PromptRun], variants: dict[str, list[torch.Tensor]], model, tokenizer,
                        data_dir: str | None = None, batch_size: int = 32, autocast=None) -> pd.DataFrame:
     """Accuracy of each soft prompt and of its discretised variants on its task's evaluation split.
 
-    ``variants[name][i]`` is prompt i's hard version [n_i, hidden]. Each run's ``config.json`` gives the split
+    ``variants[name][i]`` is prompt i's hard version [n_i, embed_dim]. Each run's ``config.json`` gives the split
     (``eval_split``), ``max_length``, ``max_eval_examples`` and ``data_dir`` (``data_dir`` overrides it), so the
-    examples are the ones the prompt was selected on. One row per prompt: ``<variant>_exact_match`` and
-    ``<variant>_rank_accuracy`` for ``soft`` and every variant, the recorded soft / init-text / no-prompt numbers.
-    """
-    from ptray.lm.evaluate import evaluate_on_task
+    examples are the ones the prompt was selected on. The examples of each (task, settings) are read once and
+    every prompt that uses them, soft and hard, is scored in the same passes
+    (``ptray.lm.evaluate.evaluate_prompts``: the numbers of one ``evaluate`` per prompt, many prompts per forward).
+    One row per prompt, in ``prompts`` order: ``<variant>_exact_match`` and ``<variant>_rank_accuracy`` (fractions)
+    for ``soft`` and every variant, ``num_examples``, the recorded soft / init-text / no-prompt numbers.
 
-    rows = []
+    Raises:
+        PtrayError: a task's examples cannot be read, or its split has no labeled example.
+    """
+    from ptray.data.batching import encode_all
+    from ptray.data.superglue import load_split
+    from ptray.data.tasks import get_task
+    from ptray.data.tokens import pad_token_id
+    from ptray.errors import PtrayError
+    from ptray.lm.evaluate import evaluate_prompts
+
+    names = ["soft", *variants]
+    groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(prompts):
-        cfg = p.config
-        kwargs = {"data_dir": data_dir or cfg.get("data_dir"), "split": cfg.get("eval_split", "val"),
-                  "max_examples": cfg.get("max_eval_examples"), "max_length": int(cfg.get("max_length", 512)),
-                  "batch_size": batch_size, "autocast": autocast}
-        row = {"task": p.task, "seed": p.seed, "run_id": p.run_id}
-        for name, prompt in [("soft", p.prompt)] + [(v, hard[i]) for v, hard in variants.items()]:
-            result, _ = evaluate_on_task(model, tokenizer, p.task, prompt, **kwargs)
-            row[f"{name}_exact_match"] = result.exact_match
-            row[f"{name}_rank_accuracy"] = result.rank_accuracy
-            row["num_examples"] = result.num_examples
-        for key in ("exact_match", "rank_accuracy"):
-            row[f"recorded_{key}"] = p.metrics.get(key)
-            row[f"init_text_{key}"] = p.metrics.get(f"init_text_{key}")
-            row[f"no_prompt_{key}"] = p.metrics.get(f"no_prompt_{key}")
-        rows.append(row)
-    return pd.DataFrame(rows)
+        groups.setdefault(_settings(p, data_dir), []).append(i)
+    rows: dict[int, dict] = {}
+    for (task_name, ddir, hub, split, max_examples, max_length), members in groups.items():
+        task = get_task(task_name)
+        data = [d for d in encode_all(task, load_split(task, split, ddir, hub, max_examples), tokenizer, max_length)
+                if d.label is not None]
+        if not data:
+            raise PtrayError(f"task {task_name}: split {split!r} has no labeled example to evaluate on")
+        batch = [prompts[i].prompt if name == "soft" else variants[name][i] for i in members for name in names]
+        results = evaluate_prompts(model, data, batch, batch_size, pad_token_id(tokenizer), tokenizer.eos_token_id,
+                                   autocast=autocast)
+        for m, i in enumerate(members):
+            p = prompts[i]
+            row = {"task": p.task, "seed": p.seed, "run_id": p.run_id}
+            for v, name in enumerate(names):
+                result = results[m * len(names) + v]
+                row[f"{name}_exact_match"] = result.exact_match
+                row[f"{name}_rank_accuracy"] = result.rank_accuracy
+                row["num_examples"] = result.num_examples
+            for key in ("exact_match", "rank_accuracy"):
+                row[f"recorded_{key}"] = p.metrics.get(key)
+                row[f"init_text_{key}"] = p.metrics.get(f"init_text_{key}")
+                row[f"no_prompt_{key}"] = p.metrics.get(f"no_prompt_{key}")
+            rows[i] = row
+    return pd.DataFrame([rows[i] for i in range(len(prompts))])
 
 
 def faithfulness_section(*, inputs: Inputs, top1: dict[str, list[torch.Tensor]], model, tokenizer,
@@ -61,8 +97,7 @@ def faithfulness_section(*, inputs: Inputs, top1: dict[str, list[torch.Tensor]],
     from ptray.errors import PtrayError
 
     out = Section()
-    variants = {f"nearest_{space}": [discretise(inputs.embedding, ids) for ids in id_list]
-                for space, id_list in top1.items()}
+    variants = {f"nearest_{space}": [discretise(model, ids) for ids in id_list] for space, id_list in top1.items()}
     t0 = time.perf_counter()
     try:
         table = faithfulness_table(inputs.prompts, variants, model, tokenizer, data_dir=data_dir,

@@ -100,14 +100,18 @@ def task_means(matrix: np.ndarray, labels: list[str], tasks: list[str]) -> pd.Da
     return out
 
 
-def pair_table(matrix: np.ndarray, labels: list[str], seeds: list[int], value: str) -> pd.DataFrame:
-    """Every unordered pair of distinct prompts as one row: task_a, seed_a, task_b, seed_b, ``value``."""
+PAIR_KEYS = ["task_a", "seed_a", "task_b", "seed_b"]
+
+
+def prompt_pair_table(matrix: np.ndarray, labels: list[str], seeds: list[int], value: str) -> pd.DataFrame:
+    """Every unordered pair of distinct prompts of a [P, P] ``matrix`` as one row: task_a, seed_a, task_b, seed_b,
+    ``value``. A study of one prompt has no pair: the table is empty, with these columns."""
     rows = []
     for i in range(len(labels)):
         for j in range(i + 1, len(labels)):
             rows.append({"task_a": labels[i], "seed_a": seeds[i], "task_b": labels[j], "seed_b": seeds[j],
                          value: float(matrix[i, j])})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[*PAIR_KEYS, value])
 
 
 def common_length_features(prompts: list[torch.Tensor]) -> tuple[np.ndarray, int]:

@@ -1,11 +1,14 @@
-"""What every analysis section reads: the study's prompts in matrix order, the model's embeddings, each task's
+"""What every analysis section reads: the study's prompts in matrix order, the model's input vectors, each task's
 starting prompt and the "effective" prompts (the rows as the model's first attention reads them), prepared once.
 
-What the effective prompt of a model is, is decided in one place, ``ptray.lm.families.effective_prompt`` (per model
-family). Where a family does not define it, every effective number of the report is n/a (never the raw number
-relabelled). Nearest tokens in the effective space also pass the vocabulary through the same map, which is only
-meaningful when the map treats each row alone (BLOOM's input LayerNorm, a Llama block's RMSNorm), not when it
-adds the row's position first (GPT-2, OPT): ``effective_row_transform`` is None then.
+Every rule about the model comes from its family (``ptray.lm.families``), none is made up here:
+
+- the input vectors of the vocabulary and of a token prompt are ``families.embed`` (the model's input-embedding
+  module, Gemma2's sqrt(hidden) scale included in transformers 5): the space the soft prompt lives in;
+- the effective prompt is ``families.effective_prompt``; where the family defines none, every effective number of
+  the report is n/a (never the raw number relabelled);
+- the vocabulary's effective rows (nearest tokens in the effective space) are ``families.effective_rows``, None
+  where the family's effective rows depend on their position (GPT-2, OPT): that space is n/a then.
 """
 
 from __future__ import annotations
@@ -35,32 +38,31 @@ def effective_name(model) -> str:
     return family(model).effective_norm or "none"
 
 
-class RowTransform:
-    """``effective_prompt`` applied to any number of rows [m, embed_dim] -> [m, hidden] fp32, in blocks of
-    ``block`` rows (the model builds an attention mask over each block before its first layer)."""
+def vocabulary_transform(model) -> Transform | None:
+    """The family's map of input vectors [m, embed_dim] to effective rows [m, hidden] (fp32, CPU),
+    ``ptray.lm.families.effective_rows``, for the vocabulary in the nearest-token search; None where the family
+    gives none (no effective prompt, or effective rows that depend on their position)."""
+    from ptray.lm.families import effective_rows, embed
 
-    def __init__(self, model, name: str, block: int = 1024):
-        self.model, self.name, self.block = model, name, block
-
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows [m, embed_dim] -> their effective rows [m, hidden] (fp32, CPU)."""
-        return torch.cat([effective_prompt(self.model, rows[i:i + self.block])
-                          for i in range(0, rows.shape[0], self.block)])
-
-
-def effective_row_transform(model, seed: int = 0) -> RowTransform | None:
-    """The effective map as a row-wise transform (for the vocabulary in the nearest-token search), or None when
-    the family defines no effective prompt or its effective rows depend on their position (checked: three
-    random rows in reverse order must give the same rows, reversed)."""
-    width = model.get_input_embeddings().weight.shape[1]
-    x = torch.randn(3, width, generator=torch.Generator().manual_seed(seed))
-    y = effective_prompt(model, x)
-    if y is None:
+    probe = embed(model, torch.zeros(1, dtype=torch.long)).detach().float().cpu()
+    if effective_rows(model, probe) is None:
         return None
-    y_rev = effective_prompt(model, x.flip(0))
-    if not torch.allclose(y, y_rev.flip(0), rtol=1e-4, atol=1e-5):
-        return None
-    return RowTransform(model, effective_name(model))
+    return lambda rows: effective_rows(model, rows)
+
+
+@torch.no_grad()
+def input_vectors(model, chunk: int = 16384) -> torch.Tensor:
+    """The input vector of every token [vocab, embed_dim] (fp32, CPU): ``families.embed`` of each id, so an
+    embedding scale inside the module (Gemma2) is included. A plain ``nn.Embedding`` returns its weight rows as
+    they are, so its weight is used directly (no copy on a CPU fp32 model)."""
+    from ptray.lm.families import embed
+
+    module = model.get_input_embeddings()
+    if type(module) is torch.nn.Embedding and module.max_norm is None:
+        return module.weight.detach().float().cpu()
+    vocab = module.weight.shape[0]
+    return torch.cat([embed(model, torch.arange(s, min(vocab, s + chunk))).detach().float().cpu()
+                      for s in range(0, vocab, chunk)])
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,12 @@ class Inputs:
 
     prompts: list[PromptRun]
     tasks: list[str]
-    embedding: torch.Tensor  # [vocab, hidden] fp32, on the CPU
+    embedding: torch.Tensor  # [vocab, embed_dim] fp32 CPU: every token's input vector (``input_vectors``)
     init: dict[str, torch.Tensor | None]  # task -> its init-text prompt [n, hidden], None if not from text
     effective: list[torch.Tensor] | None = None  # per prompt [n_i, hidden] fp32; None: not defined
     init_effective: dict[str, torch.Tensor | None] | None = None  # the init prompts' effective rows
     effective_name: str | None = None  # the module whose output is the effective prompt; None: not defined
-    transform: Transform | None = None  # effective_row_transform(model): for the vocabulary; None: not row-wise
+    transform: Transform | None = None  # vocabulary_transform(model); None: no effective vocabulary
 
     @property
     def labels(self) -> list[str]:
@@ -93,9 +95,10 @@ class Inputs:
         return [p.prompt for p in self.prompts]
 
 
-def init_prompts(prompts: list[PromptRun], embedding: torch.Tensor, tokenizer) -> dict[str, torch.Tensor | None]:
-    """Each task's starting prompt [n, hidden]: its init text's token embeddings, repeated / cut to n as in
-    training; None for a task whose prompts did not start from text."""
+def init_prompts(prompts: list[PromptRun], model, tokenizer) -> dict[str, torch.Tensor | None]:
+    """Each task's starting prompt [n, embed_dim] (fp32, CPU): its init text's input vectors (``families.embed``,
+    through ``ptray.lm.prompt.init_prompt`` as training builds it), repeated / cut to n; None for a task whose
+    prompts did not start from text."""
     from ptray.config import PromptInit
     from ptray.lm.prompt import init_prompt
 
@@ -107,28 +110,32 @@ def init_prompts(prompts: list[PromptRun], embedding: torch.Tensor, tokenizer) -
         if cfg.get("init", "text") != PromptInit.TEXT.value or not cfg.get("init_text"):
             out[p.task] = None
             continue
-        out[p.task] = init_prompt(embedding, tokenizer, PromptInit.TEXT, cfg["init_text"], p.num_tokens)
+        out[p.task] = init_prompt(model.get_input_embeddings(), tokenizer, PromptInit.TEXT, cfg["init_text"],
+                                  p.num_tokens)
     return out
 
 
 def prepare(study: Study, model, tokenizer) -> Inputs:
-    """The study's prompts against ``model``'s embeddings.
+    """The study's prompts against ``model``'s input vectors.
 
-    Raises PtrayError when the prompts' hidden size differs from the model's (the wrong ``--model``).
+    Raises:
+        PtrayError: the prompts' width differs from the model's input vectors (the wrong ``--model``).
     """
+    from ptray.lm.families import embed_dim
+
     prompts = study.sorted_prompts()
-    embedding = model.get_input_embeddings().weight.detach().float().cpu()
-    hidden = embedding.shape[1]
-    bad = [p.label for p in prompts if p.prompt.shape[1] != hidden]
+    width = embed_dim(model)
+    bad = [p.label for p in prompts if p.prompt.shape[1] != width]
     if bad:
         from ptray.errors import PtrayError
 
         raise PtrayError(f"prompts {', '.join(bad)} have hidden size {prompts[0].prompt.shape[1]} but the model's "
-                         f"embeddings have {hidden}; pass --model with the model the study trained on")
-    init = init_prompts(prompts, embedding, tokenizer)
+                         f"embeddings have {width}; pass --model with the model the study trained on")
+    embedding = input_vectors(model)
+    init = init_prompts(prompts, model, tokenizer)
     effective = [effective_prompt(model, p.prompt) for p in prompts]
     if any(e is None for e in effective):
         return Inputs(prompts=prompts, tasks=study.tasks, embedding=embedding, init=init)
     return Inputs(prompts=prompts, tasks=study.tasks, embedding=embedding, init=init, effective=effective,
                   init_effective={t: effective_prompt(model, v) if v is not None else None for t, v in init.items()},
-                  effective_name=effective_name(model), transform=effective_row_transform(model))
+                  effective_name=effective_name(model), transform=vocabulary_transform(model))

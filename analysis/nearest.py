@@ -29,7 +29,14 @@ def nearest_tokens(rows: torch.Tensor, embedding: torch.Tensor, k: int = 3, chun
 
     rows [m, hidden], embedding [vocab, hidden] -> (cosine [m, k] fp32, token ids [m, k] int64), most similar
     first. ``transform`` (e.g. the model's input LayerNorm) is applied to the rows and to every embedding row
-    before the comparison; None compares the raw vectors.
+    before the comparison; None compares the vectors as given.
+
+    Space: the analysis passes every token's input vector (``analysis.inputs.input_vectors``: the model's
+    input-embedding module's output, the space the soft prompt lives in; for a plain embedding its weight rows).
+    Gemma2's sqrt(hidden) scale multiplies every row alike, so its raw weight rows would give the same cosines.
+
+    Raises:
+        ValueError: rows and embedding are not [m, h] and [V, h].
     """
     if rows.ndim != 2 or embedding.ndim != 2 or rows.shape[1] != embedding.shape[1]:
         raise ValueError(f"rows {tuple(rows.shape)} and embedding {tuple(embedding.shape)} must be [m, h], [V, h]")
@@ -171,7 +178,7 @@ def nearest_section(*, inputs: Inputs, tokenizer, top_k: int, chunk: int
             "no effective prompt defined" if inputs.effective is None else
             "its effective rows depend on their position, so the vocabulary has no effective rows") + ")")
     for space in spaces:
-        where = "raw rows (the paper's reading)" if space == "raw" else \
+        where = "raw rows (the paper's reading) against every token's input vector" if space == "raw" else \
             f"effective rows (the output of {inputs.effective_name}: what the model's first attention reads), " \
             f"against vocabulary rows through the same map"
         for task in inputs.tasks:

@@ -9,7 +9,6 @@ the population variance, ddof=0, numpy's default).
 from __future__ import annotations
 
 TABLE1_MEAN_FROBENIUS = {"cb": 119.2, "rte": 107.7, "copa": 111.2, "wsc": 135.3}
-TABLE1_VARIANCE = {"cb": 1.31, "rte": 3.5, "copa": 38.5, "wsc": 3.8}
 
 
 def wsc_cb_norm_ratio() -> float:

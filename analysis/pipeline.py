@@ -17,28 +17,81 @@ passes aside) that returns a ``Section``: figures with the numbers they draw, ta
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
+from contextlib import contextmanager
 
-from analysis import correlation, distances, nearest, predictors, stochasticity, transfer
+from analysis import correlation, distances, geometry, nearest, predictors, stochasticity, transfer
 from analysis.faithfulness import faithfulness_section
 from analysis.inputs import prepare
 from analysis.records import Study
-from analysis.results import Options, Results
+from analysis.results import AnalysisOptions, Results
 
 log = logging.getLogger("ptray.analysis")
 
-__all__ = ["Options", "Results", "compute"]
+__all__ = ["AnalysisOptions", "Results", "compute", "recorded_inputs"]
 
 
-def compute(study: Study, model, tokenizer, options: Options | None = None, notes: list[str] | None = None
+@contextmanager
+def _timed(seconds: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = round(time.perf_counter() - t0, 3)
+        log.info("%s: %.1f s", name, seconds[name])
+
+
+def recorded_inputs(opt: AnalysisOptions, model, num_prompts: int) -> dict:
+    """Every input that changes a number of the report, for ``analysis.json`` (``meta.inputs``): the options, the
+    seed of each random step (bootstraps, t-SNE, Mantel relabellings) with its sizes, the model (class, type,
+    dtype, parameter count; ``analysis.runner.run`` adds its name and device) and the code and library versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ptray.lm.families import effective_definition
+    from ptray.versions import code_version, library_versions
+
+    libs = library_versions()
+    for name in ("numpy", "scipy", "scikit-learn", "pandas"):
+        try:
+            libs[f"{name}_version"] = version(name)
+        except PackageNotFoundError:
+            libs[f"{name}_version"] = "not installed"
+    param = next(model.parameters())
+    return {
+        "options": dataclasses.asdict(opt),
+        "seed": opt.seed,
+        "bootstrap": {"seed": opt.seed, "n_boot": opt.n_boot, "level": 0.95},
+        "mantel": {"seed": opt.seed, "max_exact": correlation.MANTEL_MAX_EXACT,
+                   "n_random": correlation.MANTEL_RANDOM},
+        "tsne": {"seed": opt.seed, "perplexity": geometry.tsne_perplexity(num_prompts) if num_prompts >= 3 else None,
+                 "method": "exact", "init": "random"},
+        "model": {"name": None, "class": type(model).__name__,
+                  "model_type": getattr(model.config, "model_type", None), "dtype": str(param.dtype).removeprefix(
+                      "torch."), "num_parameters": sum(p.numel() for p in model.parameters()),
+                  "effective_prompt": effective_definition(model)},
+        "versions": {"code": code_version(), **libs},
+    }
+
+
+def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = None, notes: list[str] | None = None
             ) -> Results:
     """Every analysis, in report order: nearest tokens, norms and maps, distances, transfer, distance vs
     transfer, predictors, faithfulness. ``notes`` (from loading the study) start the report's notes.
 
-    Raises PtrayError when the prompts do not fit the model (``analysis.inputs.prepare``).
+    Any number of tasks and seeds is analysed, one prompt included: what needs more (a spread across seeds, a
+    distance between prompts, a map, a test over task pairs) is n/a with a note saying why.
+    ``meta["inputs"]`` records every input that changes a number (``recorded_inputs``), ``meta["seconds"]`` the
+    wall time of each section (seconds).
+
+    Raises:
+        PtrayError: the prompts do not fit the model (``analysis.inputs.prepare``).
     """
-    opt = options or Options()
-    inputs = prepare(study, model, tokenizer)
+    opt = options or AnalysisOptions()
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "prepare"):
+        inputs = prepare(study, model, tokenizer)
     tasks = inputs.tasks
     first = inputs.prompts[0]
     res = Results(meta={
@@ -49,42 +102,55 @@ def compute(study: Study, model, tokenizer, options: Options | None = None, note
         "init_text": {t: next(p.config.get("init_text") for p in inputs.prompts if p.task == t) for t in tasks},
         "hidden_size": int(inputs.embedding.shape[1]), "vocab_size": int(inputs.embedding.shape[0]),
         "effective_prompt": inputs.effective_name,
-        "distance_method": opt.distance, "top_k": opt.top_k, "n_boot": opt.n_boot,
+        "distance_method": opt.distance, "top_k": opt.top_k, "n_boot": opt.n_boot, "seed": opt.seed,
         "num_transfer_runs": sum(e.kind == "transfer" for e in study.evals),
         "num_baseline_runs": sum(e.kind == "baseline" for e in study.evals),
+        "inputs": recorded_inputs(opt, model, len(inputs.prompts)),
+        "seconds": seconds,
         "notes": list(notes or []),
     })
+    res.meta["inputs"]["model"]["name"] = res.meta["model"]
     if inputs.effective is None:
         res.meta["notes"].append("the effective prompt is not defined for this model: every effective number is "
                                  "n/a")
 
-    section, top1 = nearest.nearest_section(inputs=inputs, tokenizer=tokenizer, top_k=opt.top_k, chunk=opt.chunk)
-    res.add(section)
-    log.info("nearest tokens: %s s", section.meta["nearest_seconds"])
-    mats = distances.distance_matrices(inputs, opt.distance)  # every [P, P] distance, computed once
-    res.add(stochasticity.stochasticity_section(inputs=inputs, distances=mats, distance=opt.distance,
-                                                seed=opt.seed))
-    res.add(distances.distances_section(inputs=inputs, matrices=mats, distance=opt.distance))
-    section, summary = transfer.transfer_section(study=study, tasks=tasks, n_boot=opt.n_boot, seed=opt.seed)
-    res.add(section)
-
-    preds, section = predictors.predictor_matrices(
-        inputs=inputs, model=model, distances=mats, distance=opt.distance,
-        rows_compared=distances.rows_compared_matrix(inputs, opt.distance))
-    res.add(section)
+    with _timed(seconds, "nearest"):
+        section, top1 = nearest.nearest_section(inputs=inputs, tokenizer=tokenizer, top_k=opt.top_k,
+                                                chunk=opt.chunk)
+        res.add(section)
+    with _timed(seconds, "distance_matrices"):
+        mats = distances.distance_matrices(inputs, opt.distance)  # every [P, P] distance, computed once
+    with _timed(seconds, "stochasticity"):
+        res.add(stochasticity.stochasticity_section(inputs=inputs, distances=mats, distance=opt.distance,
+                                                    seed=opt.seed))
+    with _timed(seconds, "distances"):
+        res.add(distances.distances_section(inputs=inputs, matrices=mats, distance=opt.distance))
+    with _timed(seconds, "transfer"):
+        section, summary = transfer.transfer_section(study=study, tasks=tasks, n_boot=opt.n_boot, seed=opt.seed)
+        res.add(section)
+    with _timed(seconds, "predictors"):
+        preds, section = predictors.predictor_matrices(
+            inputs=inputs, model=model, distances=mats, distance=opt.distance,
+            rows_compared=distances.rows_compared_matrix(inputs, opt.distance))
+        res.add(section)
     if summary.empty or len(tasks) < 3:
-        res.meta["notes"].append("distance vs transfer not tested: it needs transfer results and 3 or more tasks")
+        res.meta["notes"].append(
+            f"distance vs transfer and the predictors' correlations not tested: they need transfer results and 3 "
+            f"or more tasks (a Mantel test over task pairs); this study has {len(tasks)} task"
+            f"{'s' if len(tasks) != 1 else ''}" + (" and no transfer results" if summary.empty else ""))
     else:
-        gains = {f"delta_{m}": transfer.summary_matrix(summary, m, "delta_mean", tasks) for m in transfer.METRICS}
-        pairs = correlation.pair_table(preds, gains, tasks)
-        stats = correlation.correlation_table(preds, gains, tasks, seed=opt.seed)
-        res.add(correlation.correlation_section(pairs=pairs, stats=stats, tasks=tasks,
-                                                distance_definition=res.meta["distance_definition"]))
-        res.add(predictors.predictors_section(pairs=pairs, stats=stats, tasks=tasks))
+        with _timed(seconds, "correlation"):
+            gains = {f"delta_{m}": transfer.summary_matrix(summary, m, "delta_mean", tasks) for m in transfer.METRICS}
+            pairs = correlation.task_pair_table(preds, gains, tasks)
+            stats = correlation.correlation_table(preds, gains, tasks, seed=opt.seed)
+            res.add(correlation.correlation_section(pairs=pairs, stats=stats, tasks=tasks,
+                                                    distance_definition=res.meta["distance_definition"]))
+            res.add(predictors.predictors_section(pairs=pairs, stats=stats, tasks=tasks))
 
     if opt.faithfulness:
-        res.add(faithfulness_section(inputs=inputs, top1=top1, model=model, tokenizer=tokenizer,
-                                     data_dir=opt.data_dir, batch_size=opt.batch_size))
+        with _timed(seconds, "faithfulness"):
+            res.add(faithfulness_section(inputs=inputs, top1=top1, model=model, tokenizer=tokenizer,
+                                         data_dir=opt.data_dir, batch_size=opt.batch_size))
     else:
         res.meta["notes"].append("faithfulness check skipped (--no-faithfulness)")
     res.summary["meta"] = res.meta

@@ -2,10 +2,14 @@
 
 - SPoT (Vu et al. 2022): cosine similarity of the mean-pooled prompts, ``cos(mean_i A_i, mean_j B_j)``.
 - Activated-neuron overlap (Su et al. 2022, "On Transferability of Prompt Tuning"): the prompt alone is fed to
-  the frozen model; a feed-forward neuron is activated when its activation is positive (GELU(x) > 0 exactly when
-  x > 0, so the input of the activation is thresholded). The state vector is the 0/1 activation of every FFN
-  neuron of every layer at the prompt's last position (the position that attends to the whole prompt, as the
-  reference implementation reads one position); the overlap of two prompts is the cosine of their state vectors.
+  the frozen model; the state vector is the 0/1 activation of every FFN neuron of every layer at the prompt's last
+  position (the position that attends to the whole prompt, as the reference implementation reads one position);
+  the overlap of two prompts is the cosine of their state vectors. A neuron is activated when its activation is
+  positive. Per family (``FFN_NEURONS``), a forward hook reads the neurons' values:
+  - a plain MLP (BLOOM, GPT-2, OPT): the output of the up projection (``dense_h_to_4h``, ``c_fc``, ``fc1``), the
+    input of the activation; GELU(x) > 0 and ReLU(x) > 0 exactly when x > 0, so the threshold is the same;
+  - a gated MLP (Llama, Qwen2, Gemma2): the input of ``down_proj``, ``act(gate_proj(x)) * up_proj(x)``, the
+    value each neuron contributes with (there is no single pre-activation to threshold).
 """
 
 from __future__ import annotations
@@ -32,47 +36,92 @@ PREDICTORS = {
     "rows_compared": ("rows a distance compares (prompt lengths)", 0),
 }
 
+# family -> (name of the module of each layer that the hook reads, "output" or "input": which of its tensors
+# holds the FFN neurons). The module name is matched as the last part of the module's path.
+FFN_NEURONS = {
+    "bloom": ("dense_h_to_4h", "output"),
+    "gpt2": ("c_fc", "output"),
+    "opt": ("fc1", "output"),
+    "llama": ("down_proj", "input"),
+    "qwen2": ("down_proj", "input"),
+    "gemma2": ("down_proj", "input"),
+}
+
 
 def spot_similarity(prompts: list[torch.Tensor]) -> np.ndarray:
     """[P, P] cosine similarity of mean-pooled prompts (each [n_i, hidden])."""
     return cosine_matrix(np.stack([p.double().mean(dim=0).numpy() for p in prompts]))
 
 
-def _ffn_inputs(model) -> list[torch.nn.Module]:
-    """The modules whose outputs are the FFN neurons' pre-activations, one per layer (BLOOM, GPT-2 style)."""
-    found = []
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("dense_h_to_4h", "c_fc", "fc1", "fc_in") and ".mlp" in f".{name}":
-            found.append(module)
-    if not found:
-        raise ValueError(f"no feed-forward input projections found in {type(model).__name__} "
-                         f"(looked for mlp.dense_h_to_4h / c_fc / fc1 / fc_in)")
-    return found
+def ffn_neuron_modules(model) -> tuple[list[torch.nn.Module], str]:
+    """The module of each layer whose output (a plain MLP) or input (a gated MLP's ``down_proj``) holds its FFN
+    neurons, in layer order, and which of the two (``"output"`` / ``"input"``), from ``FFN_NEURONS``; a family
+    outside it is read by its modules' names: ``down_proj`` (gated), else an up projection.
+
+    Raises:
+        ValueError: no such module in the model (the message names what was looked for).
+    """
+    from ptray.errors import PtrayError
+    from ptray.lm.families import base_model, family
+
+    try:
+        known = FFN_NEURONS.get(family(model).name)
+    except PtrayError:
+        known = None
+    candidates = [known] if known else [("down_proj", "input"), ("dense_h_to_4h", "output"), ("c_fc", "output"),
+                                        ("fc1", "output"), ("fc_in", "output")]
+    modules = dict(base_model(model).named_modules())
+    for leaf, side in candidates:
+        found = [m for name, m in modules.items() if name.rsplit(".", 1)[-1] == leaf]
+        if found:
+            return found, side
+    raise ValueError(f"no feed-forward neurons found in {type(model).__name__} (looked for the modules "
+                     f"{', '.join(leaf for leaf, _ in candidates)})")
 
 
 @torch.no_grad()
-def activation_states(model, prompts: list[torch.Tensor]) -> np.ndarray:
-    """[P, layers * ffn_width] 0/1 activation states of the FFN neurons at each prompt's last position, with the
-    prompt (its raw rows, as training feeds them) as the only input."""
-    modules = _ffn_inputs(model)
-    device = next(model.parameters()).device
-    dtype = model.get_input_embeddings().weight.dtype
+def ffn_activations(model, prompts: list[torch.Tensor]) -> np.ndarray:
+    """[P, layers * ffn_width] FFN neuron values (see the module docstring) at each prompt's last position, with
+    the prompt (its rows [n_i, embed_dim], as training feeds them) as the only input; fp32.
+
+    Raises:
+        ValueError: the model's FFN neurons are not found (``ffn_neuron_modules``).
+    """
+    from ptray.lm.families import base_forward
+
+    modules, side = ffn_neuron_modules(model)
+    param = model.get_input_embeddings().weight
     captured: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: captured.append(out[0, -1].float().cpu()))
-             for m in modules]
-    states = []
+
+    def hook(_module, args, out):
+        value = args[0] if side == "input" else out
+        # [1, T, F], or [T, F] where the layer flattens batch and positions first (OPT): the last row is the
+        # prompt's last position either way
+        captured.append(value.reshape(-1, value.shape[-1])[-1].float().cpu())
+
+    hooks = [m.register_forward_hook(hook) for m in modules]
+    values = []
     try:
         for p in prompts:
             captured.clear()
-            embeds = p.to(device=device, dtype=dtype).unsqueeze(0)
-            mask = torch.ones(1, p.shape[0], dtype=torch.long, device=device)
-            model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-            states.append((torch.cat(captured) > 0).numpy().astype(np.float64))
+            embeds = p.to(device=param.device, dtype=param.dtype).unsqueeze(0)
+            mask = torch.ones(1, p.shape[0], dtype=torch.long, device=param.device)
+            base_forward(model, embeds, mask)
+            values.append(torch.cat(captured).numpy().astype(np.float64))
     finally:
         for h in hooks:
             h.remove()
-    return np.stack(states)
+    return np.stack(values)
+
+
+def activation_states(model, prompts: list[torch.Tensor]) -> np.ndarray:
+    """[P, layers * ffn_width] 0/1 activation states of the FFN neurons (value > 0) at each prompt's last
+    position (``ffn_activations``).
+
+    Raises:
+        ValueError: the model's FFN neurons are not found.
+    """
+    return (ffn_activations(model, prompts) > 0).astype(np.float64)
 
 
 def activation_overlap(states: np.ndarray) -> np.ndarray:
@@ -107,7 +156,7 @@ def predictor_matrices(*, inputs: Inputs, model, distances: dict[str, np.ndarray
 
 def predictors_section(*, pairs: pd.DataFrame, stats: pd.DataFrame, tasks: list[str]) -> Section:
     """Every predictor side by side: correlation bars and one scatter per predictor against the exact-match gain.
-    ``pairs`` and ``stats`` come from ``analysis.correlation.pair_table`` / ``correlation_table``."""
+    ``pairs`` and ``stats`` come from ``analysis.correlation.task_pair_table`` / ``correlation_table``."""
     cols = [c for c in PREDICTORS if c in pairs]
     labels = {c: v[0] for c, v in PREDICTORS.items()}
     signs = {c: v[1] for c, v in PREDICTORS.items()}

@@ -1,5 +1,6 @@
-"""What the analysis produces: its options, one report item (``Output``), one section's results (``Section``) and
-the whole analysis (``Results``), with the report's section headings. No computation here."""
+"""What the analysis produces: its options (``AnalysisOptions``), one report item (``Output``), one section's
+results (``Section``) and the whole analysis (``Results``), with the report's section headings. No computation
+here."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ptray.cli import config_field, non_negative_int, positive_int, seed_int
 
 
 @dataclass
-class Options:
+class AnalysisOptions:
     """How the analysis runs; ``python -m analysis`` has a flag per field. Every field has a default.
 
     Raises:

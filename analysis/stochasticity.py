@@ -49,14 +49,15 @@ def per_prompt_norms(inputs: Inputs) -> pd.DataFrame:
 def table1(per_prompt: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     """The paper's Table 1 and its companions: one row per task with num_tokens, num_seeds, and for every
     NORM_COLUMNS column ``<c>_mean`` (over seeds) and ``<c>_var_ddof0`` (population variance across seeds, the
-    paper's table)."""
+    paper's table; NaN for a task with one seed, where there is no spread across seeds to measure)."""
     g = per_prompt.groupby("task", sort=False)
     out = pd.DataFrame({"task": tasks})
     out["num_tokens"] = [int(g.get_group(t)["num_tokens"].iloc[0]) for t in tasks]
     out["num_seeds"] = [len(g.get_group(t)) for t in tasks]
     for c in NORM_COLUMNS:
         out[f"{c}_mean"] = [g.get_group(t)[c].mean() for t in tasks]
-        out[f"{c}_var_ddof0"] = [g.get_group(t)[c].var(ddof=0) for t in tasks]
+        out[f"{c}_var_ddof0"] = [g.get_group(t)[c].var(ddof=0) if len(g.get_group(t)) > 1 else np.nan
+                                 for t in tasks]
     return out
 
 
@@ -90,10 +91,14 @@ def _norms_figure(per_prompt: pd.DataFrame, tasks: list[str], effective: bool):
 
 def _maps(inputs: Inputs, distances: dict[str, np.ndarray], distance: str, seed: int
           ) -> tuple[pd.DataFrame, list, float]:
+    """Figure 6's maps: t-SNE (3 or more prompts) and PCA (2 or more) per space; ``(coords, maps, perplexity)``,
+    ``maps`` empty for a single prompt."""
     coords = pd.DataFrame({"task": inputs.labels, "seed": inputs.seeds})
     maps = []
     spaces = [("raw", inputs.raw)] + ([("effective", inputs.effective)] if inputs.effective is not None else [])
     perplexity = geometry.tsne_perplexity(len(inputs.prompts))
+    if len(inputs.prompts) < 2:  # one point has no map (PCA of one sample divides by zero)
+        return coords, maps, perplexity
     for space, mats in spaces:
         if len(mats) >= 3:
             xy = geometry.tsne_map(distances[f"frobenius_{space}"], seed=seed, perplexity=perplexity)
@@ -134,13 +139,23 @@ def stochasticity_section(*, inputs: Inputs, distances: dict[str, np.ndarray], d
         "Frobenius norm grows with the number of rows; the rms row norm and the effective rows compare across "
         "tasks." + ("" if eff else " Effective: n/a for this model."), per_prompt,
         _norms_figure(per_prompt, inputs.tasks, eff)))
+    one_seed = [t for t, n in zip(t1["task"], t1["num_seeds"]) if n < 2]
+    if one_seed:
+        out.notes.append(f"variance and spread across seeds: n/a for {', '.join(one_seed)} (one seed)")
     coords, maps, perplexity = _maps(inputs, distances, distance, seed)
+    n = len(inputs.prompts)
+    if n < 3:
+        out.notes.append(f"t-SNE map (Figure 6) not computed: it needs 3 or more prompts, the study has {n}"
+                         + ("; PCA map not computed either: it needs 2" if n < 2 else ""))
+    if not maps:
+        return out
     out.outputs.append(Output(
         "prompt_maps", "stochasticity", "Figure 6: every prompt in two dimensions",
-        f"Each point is one prompt, coloured by task, the seeds of a task joined. t-SNE (perplexity "
-        f"{perplexity:g}, valid for {len(inputs.prompts)} points) runs on the prompt distance matrix, so prompts of "
-        f"different lengths are compared as in the distance section; PCA needs equal-length vectors and uses "
-        f"the first rows common to all prompts. t-SNE distances between clusters are not meaningful; PCA's are. "
-        f"Top: raw rows (the paper)" + ("; bottom: effective rows." if eff else "."), coords,
+        "Each point is one prompt, coloured by task, the seeds of a task joined. " + (
+            f"t-SNE (perplexity {perplexity:g}, valid for {n} points, seed {seed}) runs on the prompt distance "
+            f"matrix, so prompts of different lengths are compared as in the distance section; " if n >= 3 else
+            f"t-SNE: n/a ({n} prompts; it needs 3). ") + "PCA needs equal-length vectors and uses "
+        "the first rows common to all prompts. t-SNE distances between clusters are not meaningful; PCA's are. "
+        "Top: raw rows (the paper)" + ("; bottom: effective rows." if eff else "."), coords,
         figures.prompt_maps_figure(maps, inputs.labels, inputs.seeds, inputs.tasks), show_table=False))
     return out

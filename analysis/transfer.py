@@ -192,6 +192,13 @@ def transfer_section(*, study: Study, tasks: list[str], n_boot: int, seed: int) 
     if summary.empty:
         out.notes.append("no transfer results: the study has no transfer runs and its train runs no predictions")
         return out, summary
+    if len(tasks) < 2:
+        out.notes.append("transfer between tasks: n/a (one task); Figure 8 holds the task's prompts on their own "
+                         "task only")
+    one_seed = sorted(set(summary.loc[summary["n_seeds"] < 2, "source"]), key=tasks.index)
+    if one_seed:
+        out.notes.append(f"transfer spread across seeds (delta_sd_ddof1): n/a for {', '.join(one_seed)} (one seed); "
+                         f"their hierarchical interval resamples the examples only")
     panels = []
     for metric, name in (("exact_match", "exact match"), ("rank_accuracy", "rank accuracy")):
         mat = {v: summary_matrix(summary, metric, v, tasks) for v in (

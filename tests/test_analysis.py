@@ -146,10 +146,9 @@ def test_effective_metrics_are_invariant_to_scaling_and_shifting_a_row_and_raw_o
     assert geometry.prompt_norms([p])["frobenius"][0] != pytest.approx(geometry.prompt_norms([p2])["frobenius"][0])
     eff_sim = predictors.spot_similarity([e, eq])[0, 1]
     assert eff_sim == pytest.approx(predictors.spot_similarity([e2, eq])[0, 1], rel=1e-5)
-    # BLOOM's LayerNorm treats each row alone: the vocabulary can go through it in any blocks
-    transform = inputs.effective_row_transform(model)
-    assert transform is not None and transform.name == "word_embeddings_layernorm"
-    transform.block = 3
+    # BLOOM's LayerNorm treats each row alone: the family maps the vocabulary the same way (effective_rows)
+    transform = inputs.vocabulary_transform(model)
+    assert transform is not None and inputs.effective_name(model) == "word_embeddings_layernorm"
     assert torch.allclose(transform(torch.cat([p, q])), torch.cat([e, eq]), atol=1e-6)
 
 
@@ -168,10 +167,10 @@ def test_effective_prompt_is_na_where_the_family_defines_none_or_depends_on_posi
     gpt2 = _tiny_causal_lm("gpt2")
     rows = torch.randn(3, 16)
     assert inputs.effective_prompt(gpt2, rows).shape == (3, 16)  # defined: ln_1 of token + position
-    assert inputs.effective_row_transform(gpt2) is None  # but it depends on the position: no effective vocabulary
+    assert inputs.vocabulary_transform(gpt2) is None  # but it depends on the position: no effective vocabulary
     post_norm_opt = _tiny_causal_lm("opt")
     assert inputs.effective_prompt(post_norm_opt, rows) is None
-    assert inputs.effective_row_transform(post_norm_opt) is None
+    assert inputs.vocabulary_transform(post_norm_opt) is None
 
 
 def test_tsne_and_pca_of_16_prompts_have_the_right_shape():
@@ -339,13 +338,14 @@ def test_bad_arguments_are_one_line_errors(capsys):
 
 def test_the_cli_flags_are_the_options_fields(capsys):
     from analysis.__main__ import build_parser
-    from analysis.results import Options
+    from analysis.results import AnalysisOptions
     from ptray.cli import config_from_args
 
     args = build_parser().parse_args(["--experiment", "x", "--bootstrap", "5", "--no-faithfulness", "--seed", "3",
                                       "--distance", "pad"])
-    assert config_from_args(Options, args) == Options(n_boot=5, faithfulness=False, seed=3, distance="pad")
-    assert config_from_args(Options, build_parser().parse_args(["--experiment", "x"])) == Options()
+    assert config_from_args(AnalysisOptions, args) == AnalysisOptions(n_boot=5, faithfulness=False, seed=3,
+                                                                      distance="pad")
+    assert config_from_args(AnalysisOptions, build_parser().parse_args(["--experiment", "x"])) == AnalysisOptions()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--experiment", "x", "--seed", "-1"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -531,11 +531,11 @@ def _random_study(hidden: int) -> Study:
 
 def test_a_model_without_an_effective_prompt_gets_n_a_in_the_whole_report(tiny, tmp_path):
     from analysis import report
-    from analysis.pipeline import Options, compute
+    from analysis.pipeline import AnalysisOptions, compute
 
     _, tokenizer = tiny
     model = _tiny_causal_lm("opt")  # post-norm OPT: the family defines no effective prompt
-    results = compute(_random_study(16), model, tokenizer, Options(faithfulness=False, n_boot=50))
+    results = compute(_random_study(16), model, tokenizer, AnalysisOptions(faithfulness=False, n_boot=50))
     names = {o.name for o in results.outputs}
     assert "nearest_cb" in names and not any(n.endswith("_effective") for n in names)
     assert results.meta["effective_prompt"] is None
@@ -550,7 +550,7 @@ def test_a_model_without_an_effective_prompt_gets_n_a_in_the_whole_report(tiny, 
     assert (stats_["mantel_permutations"] == 6).all()  # 3 tasks: 3! relabellings, enumerated
     # GPT-2: the effective prompt is defined (ln_1 of token + position) but the vocabulary has no effective rows
     gpt2 = _tiny_causal_lm("gpt2")
-    results = compute(_random_study(16), gpt2, tokenizer, Options(faithfulness=False, n_boot=50))
+    results = compute(_random_study(16), gpt2, tokenizer, AnalysisOptions(faithfulness=False, n_boot=50))
     names = {o.name for o in results.outputs}
     assert not any(n.startswith("nearest_") and n.endswith("_effective") for n in names)
     assert results.meta["effective_prompt"] == "h.0.ln_1"
