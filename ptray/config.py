@@ -33,11 +33,56 @@ DEFAULT_MODEL = "bigscience/bloomz-560m"  # the paper's model
 
 
 class PromptInit(str, Enum):
-    """How the prompt rows start: the init text's token embeddings (the paper), random, or random vocab rows."""
+    """How the prompt rows start: the init text's token embeddings (the paper), random, random vocab rows, or the
+    embeddings of the task's answer words (Lester et al. 2021's class-label init)."""
 
     TEXT = "text"
     RANDOM = "random"
     SAMPLE_VOCAB = "sample_vocab"
+    CLASS_LABELS = "class_labels"
+
+
+@dataclass(frozen=True)
+class OptimizerDefaults:
+    """One optimizer choice of ``TrainConfig.optimizer``: its learning rate when ``lr`` is unset, its fixed
+    constructor options, and where both come from."""
+
+    lr: float
+    options: tuple[tuple[str, Any], ...]
+    source: str
+
+
+# Every prompt gets its own optimizer (ptray.training.loop builds it); the settings of each choice, with sources.
+OPTIMIZERS: dict[str, OptimizerDefaults] = {
+    "adam": OptimizerDefaults(
+        3e-2, (), "torch.optim.Adam, the paper's optimizer; lr 3e-2 from PEFT's bloomz-560m prompt-tuning example"),
+    "adamw": OptimizerDefaults(
+        3e-2, (("weight_decay", 0.01),), "torch.optim.AdamW; Adam's lr 3e-2 (PEFT's example), weight decay 0.01 "
+                                          "(torch.optim.AdamW's default)"),
+    "adafactor": OptimizerDefaults(
+        0.3, (("relative_step", False), ("scale_parameter", False), ("warmup_init", False), ("weight_decay", 1e-5)),
+        "transformers.optimization.Adafactor with Lester et al. 2021's prompt-tuning settings (appendix A): "
+        "constant lr 0.3, weight decay 1e-5, parameter scaling off; beta2 decay 0.8 is transformers' default "
+        "decay_rate -0.8"),
+    "sgd": OptimizerDefaults(
+        0.1, (("momentum", 0.9),), "torch.optim.SGD with momentum 0.9; lr 0.1 is ptray's choice, not from a source "
+                                   "(no prompt-tuning paper we know trains with SGD): with momentum 0.9 a step is "
+                                   "about 10 x lr x gradient; the lr study (sweeps/studies/lr.toml) searches it"),
+}
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
+
+
+def optimizer_settings(optimizer: str, lr: float | None) -> dict[str, Any]:
+    """The constructor keyword arguments of ``optimizer`` (a name in ``OPTIMIZERS``): ``lr``, its default when None,
+    then the choice's fixed options. What a run records as its resolved ``lr`` and ``optimizer_options``.
+
+    Raises:
+        PtrayError: an unknown optimizer name.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise PtrayError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {optimizer!r}")
+    spec = OPTIMIZERS[optimizer]
+    return {"lr": spec.lr if lr is None else lr, **dict(spec.options)}
 
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -80,12 +125,19 @@ class TrainConfig:
     batch_size: int = config_field(8, "training examples per step", type=positive_int)
     eval_batch_size: int = config_field(32, "sequences per evaluation step (each example is scored once per label)",
                                         type=positive_int)
-    lr: float = config_field(3e-2, "Adam learning rate (PEFT's bloomz-560m prompt-tuning example uses 3e-2)",
-                             type=positive_float)
+    optimizer: str = config_field(
+        "adam", "each prompt's optimizer: adam (the paper's), adamw (weight decay 0.01), adafactor (transformers', "
+                "with Lester et al. 2021's prompt-tuning settings) or sgd (momentum 0.9); sources in "
+                "ptray.config.OPTIMIZERS", choices=OPTIMIZER_NAMES)
+    lr: float | None = config_field(
+        None, "learning rate (unset: the optimizer's default: adam 3e-2 and adamw 3e-2, from PEFT's bloomz-560m "
+              "prompt-tuning example; adafactor 0.3, Lester et al. 2021; sgd 0.1, ptray's choice); the run records "
+              "the resolved value", type=positive_float)
     max_length: int = config_field(512, "tokens of source + answer, prompt not counted; longer sources are truncated",
                                    type=positive_int)
     init: PromptInit = config_field(PromptInit.TEXT, "prompt init: the init text's embeddings (the paper), random "
-                                                     "rows, or rows of random vocabulary tokens")
+                                                     "rows, rows of random vocabulary tokens, or the embeddings of "
+                                                     "the task's answer words (class_labels, Lester et al. 2021)")
     init_text: str | None = config_field(None, "init text (unset: the task's init text from the paper)")
     num_tokens: int | None = config_field(None, "prompt rows (unset: the init text's token count, the paper's choice)",
                                           type=positive_int)

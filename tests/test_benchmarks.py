@@ -126,3 +126,78 @@ def test_trial_memory_rejects_a_missing_data_dir(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trial_memory.py"), "--data-dir",
                            str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gpu_smoke_runs_every_section_and_renders_again(tmp_path, data_dir):
+    """benchmarks/gpu.py --smoke on CPU with a tokenizer folder: every section runs and reports numbers that make
+    sense, and --render-only makes the same markdown from the results file."""
+    from benchmarks import gpu
+    from ptray.lm.tiny_model import build_tokenizer
+
+    tok_dir, out, md = tmp_path / "tok", tmp_path / "gpu.json", tmp_path / "B.md"
+    build_tokenizer().save_pretrained(str(tok_dir))
+    assert gpu.main(["--smoke", "--device", "cpu", "--data-dir", str(data_dir), "--tokenizer", str(tok_dir),
+                     "--study-epochs", "2", "--out", str(out), "--md", str(md)]) == 0
+    res = json.loads(out.read_text())
+    assert res["errors"] == {} and "skipped" not in res
+    tok = res["setup"]["tokenizer"]
+    assert tok["path"] == str(tok_dir) and tok["epoch_tokens"] == sum(
+        t["epoch_tokens"] for t in res["setup"]["tasks"].values())
+    for entry in res["attention"]:  # fp32 on CPU: every path gives the fp32 eager reference's numbers
+        for mode in ("eager", "fused", "folded"):
+            assert positive(entry[mode]["tokens_per_s"])
+            check = entry[mode]["vs_fp32_eager"]
+            assert check["ok"] and check["logprob_max_abs_diff"] < 1e-4 and check["grad_rel_err"] < 1e-4
+    sdpa = res["sdpa"]  # the CPU has MATH (and its flash kernel); bf16 is checked against fp32 MATH, and passes
+    for key in ("fused fp32 MATH", "folded fp32 MATH", "fused bf16 MATH", "folded bf16 MATH"):
+        assert sdpa["check"][key]["ran"] and sdpa["check"][key]["ok"], key
+    assert set(sdpa["picked"]) == {"fused fp32", "fused bf16", "folded fp32", "folded bf16"}
+    assert [(e["prompts"], e["attention"], e["max_tokens"]) for e in res["group"]] == [
+        (1, "eager", 0), (1, "fused", 0), (1, "folded", 0), (2, "fused", 0), (4, "fused", 0), (4, "folded", 0),
+        (4, "fused", 256), (4, "folded", 256)]
+    peft = res["train"]["study"]["reference"]["tokens_per_s"]
+    for e in res["group"]:  # timed through train_group; ratios to one eager trial and to PEFT + Trainer
+        assert positive(e["tokens_per_s"]) and positive(e["mfu"]) and e["steps"] == 2
+        assert e["vs_peft_trainer"] == pytest.approx(e["tokens_per_s"] / peft)
+    fixed = res["study_epochs"]  # exactly --study-epochs epochs: early stopping off
+    assert fixed["epochs_run"] == [2] * 16 and fixed["finished"] and [e["epoch"] for e in fixed["per_epoch"]] == [1, 2]
+    assert fixed["per_epoch"][0]["tokens"] == 4 * tok["epoch_tokens"]  # 4 seeds of each task's epoch
+    assert positive(fixed["whole_study_seconds_estimate_no_early_stopping"])
+    whole = res["study"]
+    assert whole["finished"] and whole["evaluations"] == whole["evaluations_planned"] == 68
+    for task in ("cb", "rte", "copa", "wsc"):
+        assert res["eval"][task]["em_agree"] == 1.0 and positive(res["train"][task]["ratio"])
+    text = md.read_text()
+    assert "<!-- bench:gpu-trial-groups -->" in text and "68/68 evaluations" in text and "Estimate (not a" in text
+    again = tmp_path / "again.md"
+    assert gpu.main(["--render-only", "--data-dir", str(data_dir), "--out", str(out), "--md", str(again)]) == 0
+    assert again.read_text() == text
+
+
+def test_gpu_results_are_saved_after_every_section(tmp_path, data_dir, monkeypatch):
+    """A run that dies in a section (here: interrupted) keeps, in --out, what the sections before it measured;
+    --sections runs only the sections named."""
+    from benchmarks import gpu
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(gpu.RUN, "sdpa", interrupted)
+    out = tmp_path / "gpu.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu.main(["--smoke", "--device", "cpu", "--data-dir", str(data_dir), "--sections", "sdpa,attention",
+                  "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert [e["rows"] for e in res["attention"]] == [4, 8] and "sdpa" not in res and "group" not in res
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sections", "attention,nope"], "--sections: unknown name 'nope'; valid: attention, sdpa, group"),
+    (["--device", "cpu"], "pass --smoke on CPU"),
+    (["--smoke", "--tokenizer", "/nonexistent"], "--tokenizer '/nonexistent' is not a folder"),
+])
+def test_gpu_bad_arguments_get_one_line(args, message, data_dir):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--data-dir", str(data_dir), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1

@@ -103,6 +103,7 @@ def test_training_logs_the_contract(store, tiny_model_dir, data_dir, tmp_path):
     assert p["template_version"] == "1" and p["lr"] == "0.03" and p["batch_size"] == "8" and p["task"] == "cb"
     assert int(p["num_tokens"]) > 0 and p["init_text"] not in ("", "null")
     assert p["precision"] == "no" and p["device"] == "cpu" and p["code_version"].startswith("0.1.0")
+    assert "group_size" not in p and "group_index" not in p  # a single trial, no group's member
     # Artifacts: exactly save_run's files; the prompt is the best epoch's prompt.
     names = sorted(a.path for a in mc.list_artifacts(run.info.run_id))
     assert names == ["config.json", "history.json", "metrics.json", "predictions.json", "prompt"]

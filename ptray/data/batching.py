@@ -1,4 +1,9 @@
-"""Examples -> token ids (with truncation that never cuts the answer) -> length-grouped batches."""
+"""Examples -> token ids (with truncation that never cuts the answer) -> length-grouped batches.
+
+A source starts with the special tokens the tokenizer puts before a text by default (``special_prefix``: a BOS for
+Llama- and Gemma-family tokenizers, nothing for BLOOM and GPT-2), so every length check and the truncation count
+them; a prompt is prepended before them, as PEFT does (prompt rows, BOS, text).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch
 
 from ptray.data.superglue import Example
 from ptray.data.tasks import Task, get_task
-from ptray.data.tokens import answer_ids_in_context, token_ids
+from ptray.data.tokens import answer_ids_in_context, source_ids, special_prefix, token_ids
 from ptray.errors import PtrayError
 from ptray.seeds import epoch_seed
 
@@ -18,9 +23,10 @@ from ptray.seeds import epoch_seed
 class Batch:
     """Right-padded sequences and where their answer tokens are.
 
-    input_ids, attention_mask: [B, L] (prompt not included).
-    ans_seq, ans_pos: [A] sequence index and the position (in input_ids) whose next-token prediction is an answer
-    token; ans_tokens: [A] the token to predict (the answer words, then EOS).
+    input_ids, attention_mask: [B, L] (prompt not included; a BOS, where the tokenizer adds one, is input_ids' first
+    token). ans_seq, ans_pos: [A] sequence index and the position (in input_ids) whose next-token prediction is an
+    answer token; ans_tokens: [A] the token to predict (the answer words, then the EOS trained on); ans_end: [A] bool,
+    whether that target is the answer's end (where exact match accepts any of the model's EOS ids).
     """
 
     input_ids: torch.Tensor
@@ -28,6 +34,7 @@ class Batch:
     ans_seq: torch.Tensor
     ans_pos: torch.Tensor
     ans_tokens: torch.Tensor
+    ans_end: torch.Tensor
 
     @property
     def num_seqs(self) -> int:
@@ -37,16 +44,17 @@ class Batch:
     def to(self, device) -> Batch:
         """The batch with every tensor on ``device``."""
         return Batch(*(t.to(device, non_blocking=True) for t in (
-            self.input_ids, self.attention_mask, self.ans_seq, self.ans_pos, self.ans_tokens)))
+            self.input_ids, self.attention_mask, self.ans_seq, self.ans_pos, self.ans_tokens, self.ans_end)))
 
 
 def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int, eos_id: int) -> Batch:
-    """(source_ids, answer_ids) pairs -> a right-padded Batch. The input is source + answer; EOS is only predicted."""
+    """(source_ids, answer_ids) pairs -> a right-padded Batch. The input is source + answer; ``eos_id`` (the one EOS
+    id trained on, ``ptray.lm.special.end_ids(...)[0]``) is only predicted, after the answer."""
     lengths = [len(s) + len(a) for s, a in seqs]
     width = max(lengths)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    ans_seq, ans_pos, ans_tokens = [], [], []
+    ans_seq, ans_pos, ans_tokens, ans_end = [], [], [], []
     for i, (src, ans) in enumerate(seqs):
         ids = src + ans
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -55,13 +63,16 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int, eos_id: int) -
         ans_seq += [i] * len(targets)
         ans_pos += range(len(src) - 1, len(src) - 1 + len(targets))
         ans_tokens += targets
+        ans_end += [False] * len(ans) + [True]
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return Batch(input_ids, attention_mask, as_long(ans_seq), as_long(ans_pos), as_long(ans_tokens))
+    return Batch(input_ids, attention_mask, as_long(ans_seq), as_long(ans_pos), as_long(ans_tokens),
+                 torch.tensor(ans_end, dtype=torch.bool))
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """One example as token ids: the source (ends with the answer cue) and every label's answer ids."""
+    """One example as token ids: the source (the tokenizer's BOS if it adds one, then the text ending with the answer
+    cue) and every label's answer ids."""
 
     idx: int
     source: list[int]
@@ -93,14 +104,17 @@ def _prefix_chars(tokenizer, text: str, ids: list[int], keep: int) -> int:
 
 
 def check_lengths(task: Task, tokenizer, max_length: int) -> None:
-    """Refuse a ``max_length`` that cannot hold ``task``'s answer cue and its longest answer (no truncation can
-    make any example fit then). Raises PtrayError naming the limit."""
+    """Refuse a ``max_length`` that cannot hold ``task``'s answer cue and its longest answer, after the special
+    tokens the tokenizer starts a text with (its BOS; no truncation can make any example fit then). Raises
+    PtrayError naming the limit."""
+    bos = len(special_prefix(tokenizer))
     cue = len(token_ids(tokenizer, task.answer_cue))
     answer = max(len(a) for a in answer_ids_in_context(tokenizer, task.answer_cue, task.answers))  # as encode counts
-    if cue + answer > max_length:
+    if bos + cue + answer > max_length:
+        counts = f"{bos} BOS + {cue} + {answer}" if bos else f"{cue} + {answer}"
         raise PtrayError(
             f"--max-length {max_length} cannot hold {task.name}'s answer cue {task.answer_cue!r} and longest answer "
-            f"({cue} + {answer} tokens) with any text; raise --max-length (the examples need far more, e.g. 512)"
+            f"({counts} tokens) with any text; raise --max-length (the examples need far more, e.g. 512)"
         )
 
 
@@ -129,7 +143,8 @@ def check_fits(task_names, tokenizer, model_config, cfg) -> None:
 
 
 def encode(task: Task, example: Example, tokenizer, max_length: int) -> Encoded:
-    """Tokenise one example so that source + longest answer fits ``max_length`` (the prompt is not counted).
+    """Tokenise one example so that source + longest answer fits ``max_length`` (the prompt is not counted; the
+    tokenizer's BOS, which starts the source where the tokenizer adds one by default, is).
 
     When it does not fit, the longest text field (in tokens) is cut at a character boundary by about the overflow
     and the example formatted again, until it fits; the answer cue, the other fields and the answer are never cut,
@@ -140,10 +155,11 @@ def encode(task: Task, example: Example, tokenizer, max_length: int) -> Encoded:
     answers = answer_ids_in_context(tokenizer, task.format(example.fields), task.answers)
     budget = max_length - max(len(a) for a in answers)
     fields = dict(example.fields)
-    source = token_ids(tokenizer, task.format(fields))
+    prefix = special_prefix(tokenizer)
+    source = source_ids(tokenizer, task.format(fields), prefix)
     if len(source) <= budget:
         return Encoded(example.idx, source, answers, example.label)
-    floor = len(token_ids(tokenizer, task.format({**fields, **{f: "" for f in task.text_fields}})))
+    floor = len(source_ids(tokenizer, task.format({**fields, **{f: "" for f in task.text_fields}}), prefix))
     if floor > budget:
         raise PtrayError(
             f"{task.name} example {example.idx}: even with its text cut away, the template and the longest answer "
@@ -155,7 +171,7 @@ def encode(task: Task, example: Example, tokenizer, max_length: int) -> Encoded:
         text, ids = fields[longest], field_ids[longest]
         keep = max(0, len(ids) - (len(source) - budget))
         fields[longest] = text[:min(_prefix_chars(tokenizer, text, ids, keep), len(text) - 1)]
-        source = token_ids(tokenizer, task.format(fields))
+        source = source_ids(tokenizer, task.format(fields), prefix)
     return Encoded(example.idx, source, answers, example.label, truncated=True)
 
 

@@ -1,5 +1,11 @@
-"""Token ids as ptray needs them from a tokenizer: text without special tokens, the pad id, and each answer's ids
-in context. Tokenizer-only: no model, no torch."""
+"""Token ids as ptray needs them from a tokenizer: text without special tokens, the special tokens the tokenizer
+puts before a text by default (BOS), the pad id, and each answer's ids in context. Tokenizer-only: no model, no torch.
+
+Special tokens follow the tokenizer's own default: a source (the text a prompt is prepended to) starts with whatever
+``tokenizer(text)`` puts before the text (``special_prefix``: Llama's ``<s>``, Gemma's ``<bos>``, OPT's ``</s>``;
+nothing for BLOOM, GPT-2, Qwen2), then the text's ids. Nothing is put after the source: the answer follows it and
+the answer's end is the EOS the model predicts (``ptray.lm.special.end_ids``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,33 @@ from ptray.errors import PtrayError
 def token_ids(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` with no special tokens (what a prompt's init text and a source are made of)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+_PROBE = "Answer: yes"
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids ``tokenizer(text)`` puts before a text by default (its BOS, if it adds one; [] for BLOOM and GPT-2).
+
+    Found by comparing ``tokenizer(probe)`` with ``tokenizer(probe, add_special_tokens=False)``, so whatever the
+    tokenizer's post-processor does (``add_bos_token``, a template) is followed. Raises PtrayError when the plain ids
+    are not a contiguous part of the default ones (the tokenizer's special tokens change the text's own ids).
+    """
+    plain = token_ids(tokenizer, _PROBE)
+    full = list(tokenizer(_PROBE)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    raise PtrayError(
+        f"cannot tell which special tokens the tokenizer adds: {_PROBE!r} gives {full} by default and {plain} "
+        f"without special tokens; use a tokenizer whose special tokens only surround the text"
+    )
+
+
+def source_ids(tokenizer, text: str, prefix: list[int] | None = None) -> list[int]:
+    """The ids of a source ``text`` as the tokenizer starts a text by default: ``special_prefix`` (its BOS), then
+    the text's ids without special tokens. ``prefix``: the tokenizer's ``special_prefix``, if already known."""
+    return (special_prefix(tokenizer) if prefix is None else prefix) + token_ids(tokenizer, text)
 
 
 def pad_token_id(tokenizer) -> int:

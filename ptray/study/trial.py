@@ -151,6 +151,9 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
         m = todo[i]
         if grouped:  # the whole group's size and this prompt's place in it, not the resumed remainder's
             result.resolved.update(group_size=len(members), group_index=m["index"])
+        else:  # a single trial's run has no group, as ``train`` returns it (docs/tracking.md)
+            for key in ("group_size", "group_index"):
+                result.resolved.pop(key, None)
         finish_train_run(client, m["run_id"], result, ctx.logged_config(result.resolved))
         m["done"] = True
         latest.pop(m["name"], None)
