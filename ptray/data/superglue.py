@@ -101,7 +101,25 @@ def read_jsonl(task: Task, split: str, data_dir: str | os.PathLike) -> list[Exam
             examples.append(_normalise(task, record, split, where))
     if not examples:
         raise PtrayError(f"split file {str(path)!r} holds no records")
+    check_unique_idx(examples, str(path))
     return examples
+
+
+def check_unique_idx(examples: list[Example], where: str) -> None:
+    """Refuse a split in which two records share an ``idx``: predictions, transfer and the analysis key examples by
+    it, so two records under one id would be counted once there and twice in the run (two numbers for one run).
+
+    Raises:
+        PtrayError: naming ``where`` and the repeated ids (the first few).
+    """
+    seen: dict[int, int] = {}
+    for e in examples:
+        seen[e.idx] = seen.get(e.idx, 0) + 1
+    repeated = [i for i, n in seen.items() if n > 1]
+    if repeated:
+        shown = ", ".join(map(str, repeated[:10])) + (f" and {len(repeated) - 10} more" if len(repeated) > 10 else "")
+        raise PtrayError(f"{where}: {len(repeated)} idx value(s) appear more than once ({shown}); every record of a "
+                         f"split needs its own idx (results are keyed by it): renumber the records")
 
 
 def read_hub(task: Task, split: str, dataset_id: str = DEFAULT_HUB_DATASET) -> list[Example]:
@@ -137,6 +155,7 @@ def read_hub(task: Task, split: str, dataset_id: str = DEFAULT_HUB_DATASET) -> l
         if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(task.labels):
             row["label"] = task.labels[label]  # Hub labels are indices into the same label order
         out.append(_normalise(task, row, split, f"{where}[{split}] row {row_no}"))
+    check_unique_idx(out, f"{where}[{split}]")
     return out
 
 
