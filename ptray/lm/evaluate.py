@@ -1,9 +1,11 @@
 """Evaluate a prompt (soft, hard or none) on encoded examples: loss, exact match and rank accuracy in one pass.
 
-Exact match (the paper's metric): greedy decoding produces exactly the gold label's answer words, then EOS.
+Exact match (the paper's metric): greedy decoding produces exactly the gold label's answer words, then ends.
 Under teacher forcing this is "every answer position's argmax is the answer token, and the argmax after the last
-answer token is EOS", so one forward pass replaces ``generate`` (tests/test_evaluate.py checks it against
-``model.generate`` example by example). Generated text that matches no label is simply wrong.
+answer token is one of the model's EOS ids" (any of them, as ``generate`` stops at any: ``ptray.lm.special``), so
+one forward pass replaces ``generate`` (tests/test_evaluate.py and tests/test_special_tokens.py check it against
+``model.generate`` example by example). Generated text that matches no label is simply wrong. The loss scores one
+EOS id, the one trained on (``ptray.lm.special.end_ids``).
 
 Rank accuracy: the label whose answer words + EOS have the highest total log-likelihood is the prediction.
 Every label is scored; the gold one also gives the loss and exact match.
@@ -26,6 +28,7 @@ prompts (tests/test_evaluate.py checks each prompt's result against its own per-
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +38,8 @@ from ptray.data.superglue import DEFAULT_HUB_DATASET, load_split
 from ptray.data.tasks import get_task
 from ptray.data.tokens import pad_token_id
 from ptray.lm import families
-from ptray.lm.forward import answer_logprobs
+from ptray.lm.forward import answer_logprobs, greedy_ok
+from ptray.lm.special import answer_ends, end_ids
 
 
 @dataclass
@@ -65,11 +69,14 @@ def shares_source(model, data: list[Encoded] | None = None, num_prompt_tokens: i
 
 
 @torch.no_grad()
-def evaluate(model, data: list[Encoded], prompt: torch.Tensor | None, batch_size: int, pad_id: int, eos_id: int,
-             device=None, autocast=None, share_source: bool | None = None) -> EvalResult:
+def evaluate(model, data: list[Encoded], prompt: torch.Tensor | None, batch_size: int, pad_id: int,
+             eos_id: int | Sequence[int], device=None, autocast=None, share_source: bool | None = None) -> EvalResult:
     """Score every label of every (labeled) example with ``prompt`` [n, embed_dim] prepended (None: no prompt).
 
-    ``batch_size`` counts sequences (example x label), in both ways. ``autocast`` is a context-manager factory
+    ``eos_id``: the ids that end an answer, the first scored in the loss (``ptray.lm.special.end_ids(model,
+    tokenizer)``); an int that is one of the model's EOS ids stands for all of them (``answer_ends``), so exact
+    match accepts whichever greedy ``generate`` would stop at. ``batch_size`` counts sequences (example x label),
+    in both ways. ``autocast`` is a context-manager factory
     (accelerate's) for mixed precision; None runs in the model's dtype. ``share_source``: None picks the shared
     source pass where the model allows it (``shares_source``), False forces one pass per label.
     """
@@ -84,6 +91,7 @@ def evaluate(model, data: list[Encoded], prompt: torch.Tensor | None, batch_size
                          f"model for these lengths (see ptray.lm.families.shares_source); use share_source=None")
     device = device or next(model.parameters()).device
     prompt = prompt.to(device) if prompt is not None else None
+    eos_id = answer_ends(model, eos_id)
     if share_source:
         scored = _score_shared_many(model, data, [prompt], batch_size, pad_id, eos_id, device, autocast)
     else:
@@ -94,7 +102,7 @@ def evaluate(model, data: list[Encoded], prompt: torch.Tensor | None, batch_size
 
 @torch.no_grad()
 def evaluate_prompts(model, data: list[Encoded], prompts: list[torch.Tensor | None], batch_size: int, pad_id: int,
-                     eos_id: int, device=None, autocast=None) -> list[EvalResult]:
+                     eos_id: int | Sequence[int], device=None, autocast=None) -> list[EvalResult]:
     """``[evaluate(model, data, p, ...) for p in prompts]`` (the same numbers), with many prompts per forward: the
     transfer grid evaluates every prompt of a study on one target task this way.
 
@@ -112,6 +120,7 @@ def evaluate_prompts(model, data: list[Encoded], prompts: list[torch.Tensor | No
                 for p in prompts]
     device = device or next(model.parameters()).device
     prompts = [p.to(device) if p is not None else None for p in prompts]
+    eos_id = answer_ends(model, eos_id)
     scored = _score_shared_many(model, data, prompts, batch_size, pad_id, eos_id, device, autocast)
     return _results(data, len(prompts), scored)
 
@@ -149,13 +158,15 @@ def _autocast(autocast):
     return autocast() if autocast is not None else contextlib.nullcontext()
 
 
-def _score_per_label(model, data, prompt, batch_size, pad_id, eos_id, device, autocast):
+def _score_per_label(model, data, prompt, batch_size, pad_id, ends, device, autocast):
     """Yields ``(keys, logp, wrong)``: per (example, label) sequence its summed log-probability and its count of
-    non-greedy answer tokens (0: exact match), one teacher-forced pass per sequence."""
-    for batch, keys in eval_batches(data, batch_size, pad_id, eos_id):
+    non-greedy answer tokens (0: exact match), one teacher-forced pass per sequence. ``ends``: the ids that end an
+    answer, the first scored."""
+    accepted = torch.tensor(ends, device=device)
+    for batch, keys in eval_batches(data, batch_size, pad_id, ends[0]):
         batch = batch.to(device)
         with _autocast(autocast):
-            logp, ok = answer_logprobs(model, batch, prompt)
+            logp, ok = answer_logprobs(model, batch, prompt, accepted)
         per_seq = torch.zeros(2, batch.num_seqs, device=device, dtype=torch.float64)
         per_seq[0].index_add_(0, batch.ans_seq, logp.double())
         per_seq[1].index_add_(0, batch.ans_seq, (~ok).double())
@@ -163,11 +174,13 @@ def _score_per_label(model, data, prompt, batch_size, pad_id, eos_id, device, au
         yield keys, seq_logp, seq_wrong
 
 
-def _score_shared_many(model, data, prompts, batch_size, pad_id, eos_id, device, autocast):
+def _score_shared_many(model, data, prompts, batch_size, pad_id, ends, device, autocast):
     """As ``_score_per_label``, with one prompt + source pass per (prompt, example) and a short pass over the
     answers (the cache repeated per label), for several prompts (each [n_p, embed_dim] or None) at once: each row has
     its own prompt before its source (rows differ in prompt length as in source length, both right-padded), so one
-    forward serves many prompts. Yields ``(keys, logp, wrong)`` with keys ``(prompt index, example, label)``."""
+    forward serves many prompts. Yields ``(keys, logp, wrong)`` with keys ``(prompt index, example, label)``.
+    ``ends``: the ids that end an answer, the first scored."""
+    eos_id, accepted = ends[0], torch.tensor(ends, device=device)
     labels = max(len(d.answers) for d in data)
     per_batch = max(1, batch_size // labels)  # the answer pass has rows x labels rows, as many as batch_size
     lengths = [0 if p is None else p.shape[0] for p in prompts]
@@ -185,6 +198,7 @@ def _score_shared_many(model, data, prompts, batch_size, pad_id, eos_id, device,
         ans_mask = torch.zeros((b * k, m), dtype=torch.long)
         first = torch.zeros(b * k, dtype=torch.long)  # each row's first answer token
         rest = torch.full((b * k, m), -1, dtype=torch.long)  # answer position t predicts token t + 1, then EOS
+        rest_end = torch.zeros((b * k, m), dtype=torch.bool)  # where ``rest`` is the answer's end
         keys = []
         for r, (p, e) in enumerate(part):
             s, n = data[e].source, lengths[p]
@@ -200,8 +214,9 @@ def _score_shared_many(model, data, prompts, batch_size, pad_id, eos_id, device,
                 ans_mask[r * k + j, :len(a)] = 1
                 first[r * k + j] = a[0]
                 rest[r * k + j, :len(a)] = torch.tensor(a[1:] + [eos_id])
+                rest_end[r * k + j, len(a) - 1] = True
         rows, pos = (rest >= 0).nonzero(as_tuple=True)  # every answer token and EOS to score
-        targets = rest[rows, pos]
+        targets, is_end = rest[rows, pos], rest_end[rows, pos].to(device)
         src, src_mask, last = src.to(device), src_mask.to(device), last.to(device)
         ans, ans_mask, first = ans.to(device), ans_mask.to(device), first.to(device)
         rows, pos, targets = rows.to(device), pos.to(device), targets.to(device)
@@ -228,7 +243,7 @@ def _score_shared_many(model, data, prompts, batch_size, pad_id, eos_id, device,
         per_seq[0] = first_lp.double()
         per_seq[1] = (logits.argmax(-1) != first).double()
         per_seq[0].index_add_(0, rows, rest_lp.double())
-        per_seq[1].index_add_(0, rows, (rest_logits.argmax(-1) != targets).double())
+        per_seq[1].index_add_(0, rows, (~greedy_ok(rest_logits.argmax(-1), targets, is_end, accepted)).double())
         seq_logp, seq_wrong = per_seq.tolist()  # one device sync per batch
         keep = [i for i, (_, e, j) in enumerate(keys) if j < len(data[e].answers)]
         yield [keys[i] for i in keep], [seq_logp[i] for i in keep], [seq_wrong[i] for i in keep]
@@ -253,6 +268,6 @@ def evaluate_on_task(
     """
     task = get_task(task_name)
     data = encode_all(task, load_split(task, split, data_dir, hub_dataset, max_examples), tokenizer, max_length)
-    result = evaluate(model, data, prompt, batch_size, pad_token_id(tokenizer), tokenizer.eos_token_id,
+    result = evaluate(model, data, prompt, batch_size, pad_token_id(tokenizer), end_ids(model, tokenizer),
                       autocast=autocast)
     return result, [d.idx for d in data if d.label is not None]

@@ -15,13 +15,17 @@ from ptray.lm import families
 from ptray.lm.prompt import prepend
 
 
-def answer_logprobs(model, batch: Batch, prompt: torch.Tensor | None = None):
+def answer_logprobs(model, batch: Batch, prompt: torch.Tensor | None = None,
+                    end_ids: torch.Tensor | list[int] | tuple[int, ...] | None = None):
     """Log-probabilities at the answer positions of ``batch`` with ``prompt`` [n, embed_dim] prepended (or none).
 
-    Returns ``(token_logprob [A], argmax_ok [A])``: the log-probability of each answer token (fp32) and whether it
-    is the greedy choice. Only the backbone runs over all positions; the LM head (with the family's final logit
-    soft-capping, ``ptray.lm.families.logits``) runs at the A answer positions. Right padding: positions are the
-    model's defaults, as in PEFT.
+    The prompt goes before every input token, the tokenizer's BOS included (prompt rows, BOS, text), as PEFT puts
+    it. Returns ``(token_logprob [A], argmax_ok [A])``: the log-probability of each answer token (fp32) and whether
+    the greedy choice ends the answer as it should: the token itself, or at an answer's end (``batch.ans_end``) any
+    of ``end_ids`` [E] (the ids that end an answer, ``ptray.lm.special.answer_ends``; None: the target only). Only
+    the backbone runs over all positions; the LM head (with the family's final logit soft-capping,
+    ``ptray.lm.families.logits``) runs at the A answer positions. Right padding: positions are the model's defaults,
+    as in PEFT.
     """
     embeds = families.embed(model, batch.input_ids)
     mask = batch.attention_mask
@@ -34,8 +38,19 @@ def answer_logprobs(model, batch: Batch, prompt: torch.Tensor | None = None):
     logits = families.logits(model, selected)
     logprobs = torch.log_softmax(logits, dim=-1)
     token_logprob = logprobs.gather(1, batch.ans_tokens.unsqueeze(1)).squeeze(1)
-    argmax_ok = logits.argmax(dim=-1) == batch.ans_tokens
-    return token_logprob, argmax_ok
+    return token_logprob, greedy_ok(logits.argmax(dim=-1), batch.ans_tokens, batch.ans_end, end_ids)
+
+
+def greedy_ok(argmax: torch.Tensor, targets: torch.Tensor, is_end: torch.Tensor,
+              end_ids: torch.Tensor | list[int] | tuple[int, ...] | None) -> torch.Tensor:
+    """Whether greedy decoding continues as the answer does, per target [A] (bool): ``argmax`` [A] is the target
+    [A], or, where ``is_end`` [A] (bool) marks an answer's end, any of ``end_ids`` (``generate`` stops at any of
+    the model's EOS ids); None: the target only."""
+    ok = argmax == targets
+    if end_ids is not None:
+        ends = torch.as_tensor(end_ids, dtype=torch.long, device=argmax.device)
+        ok = ok | (is_end.to(argmax.device) & torch.isin(argmax, ends))
+    return ok
 
 
 WIDTH_BUCKET = 32  # with a token budget, a forward pass's width is a multiple of this many tokens

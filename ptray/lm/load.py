@@ -19,6 +19,7 @@ from ptray.errors import PtrayError
 from ptray.files import looks_like_path
 from ptray.lm import families
 from ptray.lm.check import check_model
+from ptray.lm.special import check_special_ids
 
 log = logging.getLogger("ptray")
 
@@ -61,7 +62,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     A local folder loads offline. A Hub name is looked up in the local cache first; if it is not cached and the Hub
     cannot be reached, the error says so at once (instead of after transformers' retries) and how to pass a path.
     A model outside the tested families (``ptray.lm.families.FAMILIES``) is checked against its own forward here;
-    every failure raises PtrayError in one line.
+    every special id the run uses (pad, the tokenizer's BOS, the EOS ids of ``ptray.lm.special.end_ids``) must be
+    a row of the model's embeddings (``check_special_ids``). Every failure raises PtrayError in one line.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import cached_file
@@ -104,6 +106,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
             hf_logging.enable_progress_bar()
     if tokenizer.eos_token_id is None:
         raise PtrayError(f"the tokenizer of {name!r} has no EOS token; exact match needs one")
+    check_special_ids(model, tokenizer)  # e.g. a pad token added to the tokenizer, the embeddings not resized
     model.eval()
     model.requires_grad_(False)
     check_model(model)  # a family outside the tested set is checked now, or refused naming the failed check
@@ -130,8 +133,9 @@ def setup_model(name_or_path: str, device: str, precision: str, compile: bool = 
     ``model_dtype(precision)``; ``attention`` (resolved: eager or fused) "fused" runs BLOOM's attention through
     ``ptray.lm.attention.use_fused_attention`` (``fold_alibi`` passed to it; other families are left as loaded);
     ``compile`` compiles each block (``compile_blocks``) after that. ``loaded``: a ``(model, tokenizer)`` already
-    loaded (a benchmark's), used instead of loading ``name_or_path`` again. Raises ``PtrayError`` when the model
-    cannot be loaded.
+    loaded (a benchmark's), used instead of loading ``name_or_path`` again (its special ids checked as
+    ``load_model`` checks them). Raises ``PtrayError`` when the model cannot be loaded or a special id the run uses
+    is outside its embeddings.
     """
     from accelerate import Accelerator
 
@@ -141,6 +145,7 @@ def setup_model(name_or_path: str, device: str, precision: str, compile: bool = 
         model.to(accelerator.device)
     else:
         model, tokenizer = loaded
+        check_special_ids(model, tokenizer)
     if attention == "fused":
         from ptray.lm.attention import use_fused_attention
 
