@@ -36,12 +36,14 @@ from ptray.config import TrainConfig, resolve_attention
 from ptray.data.batching import check_fits, encode_all, train_batches
 from ptray.data.superglue import load_split
 from ptray.data.tasks import get_task
-from ptray.data.tokens import pad_token_id, token_ids
+from ptray.data.tokens import pad_token_id, special_prefix, token_ids
 from ptray.errors import PtrayError
+from ptray.lm import families
 from ptray.lm.evaluate import EvalResult, evaluate
 from ptray.lm.forward import group_answer_logprobs
 from ptray.lm.load import resolve_device_precision, setup_model
 from ptray.lm.prompt import init_prompt
+from ptray.lm.special import end_ids
 from ptray.seeds import set_seed
 from ptray.versions import code_version, library_versions
 
@@ -179,12 +181,17 @@ class _Run:
     precision: str
     attention: str
     pad_id: int
-    eos_id: int
+    end_ids: tuple[int, ...]  # the ids that end an answer, the one trained on first (``ptray.lm.special.end_ids``)
     max_tokens_per_forward: int
+
+    @property
+    def eos_id(self) -> int:
+        """The EOS id trained on after each answer (the first of ``end_ids``)."""
+        return self.end_ids[0]
 
     def evaluate(self, cfg: TrainConfig, data: list, weight: torch.Tensor | None) -> EvalResult:
         """``weight`` (or no prompt) on ``data`` with ``cfg``'s evaluation batch size."""
-        return evaluate(self.model, data, weight, cfg.eval_batch_size, self.pad_id, self.eos_id,
+        return evaluate(self.model, data, weight, cfg.eval_batch_size, self.pad_id, self.end_ids,
                         device=self.accelerator.device, autocast=self.accelerator.autocast)
 
 
@@ -198,7 +205,7 @@ def _setup_model(first: TrainConfig, fused_attention: bool | None, loaded, fold_
     model, tokenizer, accelerator = setup_model(first.model, device, precision, first.compile, attention, fold_alibi,
                                                 loaded=loaded)
     return _Run(model, tokenizer, accelerator, device, precision, attention, pad_token_id(tokenizer),
-                tokenizer.eos_token_id, first.max_tokens_per_forward)
+                end_ids(model, tokenizer), first.max_tokens_per_forward)
 
 
 def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group_size: int,
@@ -223,6 +230,9 @@ def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group
         "num_train_examples": len(train_data),
         "num_eval_examples": len(eval_data), "num_truncated": sum(d.truncated for d in train_data + eval_data),
         "group_size": group_size, "group_index": i,
+        # the special tokens: BOS ids before each source, the EOS trained on, every id that ends an answer, pad
+        "bos_token_ids": special_prefix(tokenizer), "eos_token_id": run.eos_id, "end_token_ids": list(run.end_ids),
+        "pad_token_id": run.pad_id,
     }
     baselines: dict[str, EvalResult] = {}
     if state is not None:
@@ -238,7 +248,8 @@ def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group
         key = (cfg.task, cfg.data_dir, cfg.hub_dataset, cfg.eval_split, cfg.max_eval_examples, cfg.max_length)
         if key not in no_prompt_cache:  # the same for every prompt of a task: evaluate it once
             no_prompt_cache[key] = run.evaluate(cfg, eval_data, None)
-        hard = embedding[torch.tensor(token_ids(tokenizer, init_text), device=embedding.device)]
+        # the init text as a hard prompt: the model's own input vectors of its tokens (Gemma's scale included)
+        hard = families.embed(run.model, torch.tensor(token_ids(tokenizer, init_text)))
         baselines = {"no_prompt": no_prompt_cache[key], "init_text": run.evaluate(cfg, eval_data, hard)}
         for name, res in baselines.items():
             log.info("baseline %-9s eval_loss %.4f exact_match %.4f rank_accuracy %.4f",
