@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ptray.config import PromptInit
-from ptray.data.tokens import token_ids
+from ptray.data.tasks import Task
+from ptray.data.tokens import answer_ids_in_context, token_ids
 from ptray.errors import PtrayError
 from ptray.layout import PEFT_CONFIG, PEFT_WEIGHTS
 
@@ -38,6 +39,7 @@ def init_prompt(
     init_text: str = "",
     num_tokens: int | None = None,
     seed: int = 0,
+    task: Task | None = None,
 ) -> torch.Tensor:
     """Initial prompt rows [n, embed_dim] (fp32, CPU) from the model's input-embedding module.
 
@@ -46,7 +48,12 @@ def init_prompt(
     plain matrix [vocab, embed_dim] is read as unscaled rows.
     TEXT: the init text's token embeddings; n defaults to its token count, a fixed n truncates or repeats it.
     RANDOM: normal rows with the embedding rows' mean and std. SAMPLE_VOCAB: rows of uniformly drawn tokens.
-    Raises PtrayError for an empty init text or a non-positive n.
+    CLASS_LABELS (needs ``task``): one row per label, in label order, the embedding of the label's answer words as
+    the model must produce them after the answer cue (``answer_ids_in_context``), the mean of their rows when they
+    are several tokens (Lester et al. 2021's class-label init), cycled to n; Lester et al. fill rows beyond the
+    labels with sampled vocabulary, ptray cycles the labels as TEXT cycles the init text.
+    n for every mode but TEXT: ``num_tokens``, else the init text's token count.
+    Raises PtrayError for an empty init text, a non-positive n, or CLASS_LABELS without a task.
     """
     init = PromptInit(init)
     gen = torch.Generator().manual_seed(seed)
@@ -66,6 +73,12 @@ def init_prompt(
         num_tokens = len(token_ids(tokenizer, init_text)) if init_text else 0
     if num_tokens <= 0:
         raise PtrayError(f"init {init.value!r} needs a positive number of prompt tokens")
+    if init is PromptInit.CLASS_LABELS:
+        if task is None:
+            raise PtrayError("init 'class_labels' needs the task whose answer words start the prompt")
+        labels = [rows(torch.tensor(ids)).mean(dim=0)
+                  for ids in answer_ids_in_context(tokenizer, task.answer_cue, task.answers)]
+        return torch.stack([labels[k % len(labels)] for k in range(num_tokens)]).clone()
     if init is PromptInit.RANDOM:
         total, total_sq, count = 0.0, 0.0, 0
         for start in range(0, vocab, 16384):  # the vocabulary's rows in chunks: no full fp32 copy of a big matrix
@@ -89,8 +102,10 @@ def save_adapter(weight: torch.Tensor, out_dir: str | Path, base_model: str, ini
     out.mkdir(parents=True, exist_ok=True)
     # peft < 0.18 has no SAMPLE_VOCAB; the init is only a record there (loading reads the saved rows)
     sample_vocab = getattr(PromptTuningInit, "SAMPLE_VOCAB", PromptTuningInit.RANDOM)
+    # PEFT has no class-label init: recorded as RANDOM (PEFT loads the saved rows either way)
     peft_init = {PromptInit.TEXT: PromptTuningInit.TEXT, PromptInit.RANDOM: PromptTuningInit.RANDOM,
-                 PromptInit.SAMPLE_VOCAB: sample_vocab}[PromptInit(init)]
+                 PromptInit.SAMPLE_VOCAB: sample_vocab, PromptInit.CLASS_LABELS: PromptTuningInit.RANDOM}[
+        PromptInit(init)]
     config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=weight.shape[0],

@@ -8,7 +8,8 @@ prompt prepended, and runs the model once. Each prompt keeps everything a single
 - its data order: the batches ``train_batches`` gives its own (seed, epoch), in the same order;
 - its loss: the group's loss is the sum of each prompt's own batch mean, so (rows never attend to each other and
   the model is frozen) each prompt's gradient is exactly its single-trial gradient;
-- its Adam state: one Adam with one parameter group per prompt (its own lr; Adam's state is per parameter);
+- its optimizer: one per prompt (``TrainConfig.optimizer``, its own lr), stepped in the same step; under fp16
+  one gradient scaler unscales each and updates once per step (``torch.amp.GradScaler``'s many-optimizer use);
 - its epochs: a prompt's epoch ends when its own batches run out (tasks have different sizes); it is then
   evaluated, early stopping and the best prompt are tracked as in a single trial, and ``on_epoch_end`` gets the
   same metrics and resumable state ``train`` gives;
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ptray.config import TrainConfig, resolve_attention
+from ptray.config import TrainConfig, optimizer_settings, resolve_attention
 from ptray.data.batching import check_fits, encode_all, train_batches
 from ptray.data.superglue import load_split
 from ptray.data.tasks import get_task
@@ -73,7 +74,6 @@ class _Member:
     index: int
     cfg: TrainConfig
     weight: torch.nn.Parameter
-    param_group: dict  # its Adam parameter group (set once the optimizer is prepared)
     train_data: list
     eval_data: list
     resolved: dict
@@ -89,6 +89,7 @@ class _Member:
     t0: float = 0.0
     best_eval: EvalResult | None = None
     result: TrainResult | None = None
+    optimizer: torch.optim.Optimizer | None = None  # its own (``make_optimizer``), set once every member is set up
 
 
 def _check_group(cfgs: list[TrainConfig]) -> None:
@@ -138,31 +139,29 @@ def train_group(
         torch.set_rng_state(resumed[0]["rng"])
     for cfg in cfgs:  # every member's lengths, before any work
         check_fits([cfg.task], run.tokenizer, run.model.config, cfg)
-    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)  # a placeholder group, removed
-    optimizer.param_groups.clear()
     no_prompt_cache: dict[tuple, EvalResult] = {}
-    members = [_setup_member(run, i, cfg, state, len(cfgs), optimizer, no_prompt_cache)
+    members = [_setup_member(run, i, cfg, state, len(cfgs), no_prompt_cache)
                for i, (cfg, state) in enumerate(zip(cfgs, resume))]
-    optimizer = run.accelerator.prepare(optimizer)
-    adam = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it; param groups live on the torch one
-    for m, state in zip(members, resume):  # found after prepare, which may rebuild the group dicts
-        m.param_group = next(g for g in adam.param_groups if g["params"][0] is m.weight)
+    for m, state in zip(members, resume):
+        m.optimizer = make_optimizer(m.cfg, m.weight)
+        settings = optimizer_settings(m.cfg.optimizer, m.cfg.lr)
+        m.resolved.update(lr=settings.pop("lr"), optimizer_options=settings)  # the lr it trains with
         if state is not None:
-            _load_adam_state(adam, m.param_group, m.weight, state["optimizer"])
+            _load_optimizer_state(m.optimizer, m.cfg, state)
 
     def next_epoch(m: _Member) -> bool:
         if _start_epoch(run, m):
             return True
-        _leave(run, m, adam, on_prompt_end)
+        _leave(run, m, on_prompt_end)
         return False
 
     active = [m for m in members if next_epoch(m)]
     while active:
-        _step(run, active, optimizer, len(members))
+        _step(run, active, len(members))
         still = []
         for m in active:
             if m.step == len(m.batches):
-                _end_epoch(run, m, adam, on_epoch_end, len(members))
+                _end_epoch(run, m, on_epoch_end, len(members))
                 if not next_epoch(m):
                     continue
             still.append(m)
@@ -209,8 +208,8 @@ def _setup_model(first: TrainConfig, fused_attention: bool | None, loaded, fold_
 
 
 def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group_size: int,
-                  optimizer: torch.optim.Optimizer, no_prompt_cache: dict) -> _Member:
-    """Prompt ``i``: its data, its initial (or resumed) rows in their own Adam parameter group, its baselines."""
+                  no_prompt_cache: dict) -> _Member:
+    """Prompt ``i``: its data, its initial (or resumed) rows (its optimizer comes after), its baselines."""
     tokenizer, embedding = run.tokenizer, run.model.get_input_embeddings().weight
     task = get_task(cfg.task)
     train_data = encode_all(task, load_split(task, "train", cfg.data_dir, cfg.hub_dataset, cfg.max_train_examples),
@@ -219,12 +218,13 @@ def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group
                                             cfg.max_eval_examples), tokenizer, cfg.max_length)
     init_text = cfg.init_text if cfg.init_text is not None else task.init_text
     # the module, not its rows: TEXT init must include any embedding scale (Gemma2), as the model's own input does
-    rows = init_prompt(run.model.get_input_embeddings(), tokenizer, cfg.init, init_text, cfg.num_tokens, cfg.seed)
+    rows = init_prompt(run.model.get_input_embeddings(), tokenizer, cfg.init, init_text, cfg.num_tokens, cfg.seed,
+                       task=task)
     weight = torch.nn.Parameter(rows.to(run.accelerator.device))
-    optimizer.add_param_group({"params": [weight], "lr": cfg.lr})
     resolved = {
         **cfg.to_dict(), "init_text": init_text, "num_tokens": weight.shape[0], "hidden_size": embedding.shape[1],
-        "template_version": task.version, "verbalizer": dict(task.verbalizer), "device": run.device,
+        "template_version": task.version, "task_digest": task.digest, "verbalizer": dict(task.verbalizer),
+        "device": run.device,
         "precision": run.precision, "attention": run.attention,
         "code_version": code_version(), **library_versions(),
         "num_train_examples": len(train_data),
@@ -254,7 +254,7 @@ def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group
         for name, res in baselines.items():
             log.info("baseline %-9s eval_loss %.4f exact_match %.4f rank_accuracy %.4f",
                      name, res.loss, res.exact_match, res.rank_accuracy)
-    return _Member(i, cfg, weight, {}, train_data, eval_data, resolved, init_text, baselines, best, history, epoch)
+    return _Member(i, cfg, weight, train_data, eval_data, resolved, init_text, baselines, best, history, epoch)
 
 
 def _start_epoch(run: _Run, m: _Member) -> bool:
@@ -267,15 +267,23 @@ def _start_epoch(run: _Run, m: _Member) -> bool:
     return True
 
 
-def _step(run: _Run, active: list[_Member], optimizer, group_size: int) -> None:
+def _step(run: _Run, active: list[_Member], group_size: int) -> None:
     """One optimizer step: the next batch of every active prompt in one forward, each loss its own batch mean."""
     parts = [(m.batches[m.step].to(run.accelerator.device), m.weight) for m in active]
     with run.accelerator.autocast():
         logps = group_answer_logprobs(run.model, parts, run.max_tokens_per_forward)
         losses = [-lp.mean() for lp in logps]
     run.accelerator.backward(torch.stack(losses).sum())  # each prompt's gradient is its own mean's gradient
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    scaler = getattr(run.accelerator, "scaler", None)  # fp16 only: the loss was scaled
+    for m in active:
+        if scaler is None:
+            m.optimizer.step()
+        else:  # unscales this prompt's gradient; skips its step if it holds inf/nan
+            scaler.step(m.optimizer)
+    if scaler is not None:
+        scaler.update()  # once per step, after every optimizer (GradScaler with several optimizers)
+    for m in active:
+        m.optimizer.zero_grad(set_to_none=True)
     for m, (batch, _), loss in zip(active, parts, losses):
         m.loss_sum += loss.detach()
         m.tokens += int(batch.attention_mask.sum())
@@ -284,10 +292,10 @@ def _step(run: _Run, active: list[_Member], optimizer, group_size: int) -> None:
             raise PtrayError(
                 f"the training loss became {m.loss_sum.item()} at epoch {m.epoch}, step {m.step} "
                 f"({m.cfg.task}, seed {m.cfg.seed}{f', group prompt {m.index}' if group_size > 1 else ''}); "
-                f"lower --lr (now {m.cfg.lr}) or use a more stable precision (--precision bf16/no)")
+                f"lower --lr (now {m.resolved['lr']}) or use a more stable precision (--precision bf16/no)")
 
 
-def _end_epoch(run: _Run, m: _Member, adam, on_epoch_end, group_size: int) -> None:
+def _end_epoch(run: _Run, m: _Member, on_epoch_end, group_size: int) -> None:
     """``m``'s epoch is over: evaluate it, track early stopping and the best prompt, report metrics and state."""
     train_time = time.perf_counter() - m.t0
     result = run.evaluate(m.cfg, m.eval_data, m.weight.detach())
@@ -295,7 +303,7 @@ def _end_epoch(run: _Run, m: _Member, adam, on_epoch_end, group_size: int) -> No
         raise PtrayError(
             f"the evaluation loss became {result.loss} at epoch {m.epoch} ({m.cfg.task}, seed {m.cfg.seed}"
             f"{f', group prompt {m.index}' if group_size > 1 else ''}); the prompt diverged: lower --lr (now "
-            f"{m.cfg.lr}) or use a more stable precision (--precision bf16/no)")
+            f"{m.resolved['lr']}) or use a more stable precision (--precision bf16/no)")
     improved = result.loss < m.best["eval_loss"]
     if improved:
         m.best = {"eval_loss": result.loss, "epoch": m.epoch, "prompt": m.weight.detach().cpu().clone(),
@@ -321,7 +329,8 @@ def _end_epoch(run: _Run, m: _Member, adam, on_epoch_end, group_size: int) -> No
         state = copy.deepcopy({
             "epoch": m.epoch,
             "prompt": m.weight.detach().cpu(),
-            "optimizer": _adam_state_of(adam, m.param_group, m.weight),
+            "optimizer": m.optimizer.state_dict(),  # a one-prompt optimizer: its state is this prompt's
+            "optimizer_kind": m.cfg.optimizer,
             "rng": torch.get_rng_state(),
             "best": m.best,
             "history": m.history,
@@ -332,33 +341,47 @@ def _end_epoch(run: _Run, m: _Member, adam, on_epoch_end, group_size: int) -> No
     m.batches = None
 
 
-def _leave(run: _Run, m: _Member, adam, on_prompt_end) -> None:
+def _leave(run: _Run, m: _Member, on_prompt_end) -> None:
     """Finish ``m`` as ``train`` does: its best prompt, re-evaluated if resumed after the best epoch."""
     if m.best_eval is None:
         m.best_eval = run.evaluate(m.cfg, m.eval_data, m.best["prompt"])
     m.result = _result(m)
-    adam.param_groups.remove(m.param_group)
-    adam.state.pop(m.weight, None)
+    m.optimizer = None  # its state is freed with it
     if on_prompt_end is not None:
         on_prompt_end(m.index, m.result)
 
 
-def _adam_state_of(adam: torch.optim.Optimizer, group: dict, weight: torch.Tensor) -> dict:
-    """Prompt ``weight``'s Adam state as the state dict of a one-prompt ``torch.optim.Adam`` (what ``train``
-    saves), so a group's checkpoint resumes as a single trial and the other way round."""
-    options = {k: v for k, v in group.items() if k != "params"}
-    state = {0: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in adam.state[weight].items()}} \
-        if weight in adam.state else {}
-    return {"state": state, "param_groups": [{**options, "params": [0]}]}
+def make_optimizer(cfg: TrainConfig, weight: torch.nn.Parameter) -> torch.optim.Optimizer:
+    """The optimizer of one prompt: ``cfg.optimizer`` over ``weight`` alone, with ``optimizer_settings`` (the lr,
+    its default when ``cfg.lr`` is unset, and the choice's fixed options; sources in ``ptray.config.OPTIMIZERS``).
+
+    One optimizer per prompt, so its ``state_dict()`` is the prompt's checkpoint state and a group's checkpoint
+    resumes as a single trial and the other way round.
+    """
+    settings = optimizer_settings(cfg.optimizer, cfg.lr)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor([weight], **settings)
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.optimizer]
+    return kind([weight], **settings)
 
 
-def _load_adam_state(adam: torch.optim.Optimizer, group: dict, weight: torch.Tensor, saved: dict) -> None:
-    """Load a one-prompt Adam state dict (``_adam_state_of``'s or ``train``'s) into ``weight``'s parameter group."""
-    group.update({k: v for k, v in saved["param_groups"][0].items() if k != "params"})
-    state = saved["state"].get(0, saved["state"].get("0"))
-    if state:
-        adam.state[weight] = {k: v.to(weight.device) if torch.is_tensor(v) and v.dim() > 0 else v
-                              for k, v in state.items()}
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, cfg: TrainConfig, state: dict) -> None:
+    """Continue a prompt's optimizer from its checkpoint ``state`` (``state["optimizer"]``, a one-prompt optimizer's
+    state dict; checkpoints written before ``optimizer_kind`` was saved are Adam's). The saved options (its lr)
+    are restored with it, as ``torch.optim.Optimizer.load_state_dict`` does.
+
+    Raises:
+        PtrayError: the checkpoint's optimizer is not ``cfg.optimizer``.
+    """
+    kind = state.get("optimizer_kind", "adam")
+    if kind != cfg.optimizer:
+        raise PtrayError(f"cannot resume {cfg.task} seed {cfg.seed} with optimizer {cfg.optimizer}: its checkpoint "
+                         f"was trained with {kind}; resume with --optimizer {kind} or start a new run")
+    saved = state["optimizer"]
+    saved = {**saved, "state": {int(k): v for k, v in saved["state"].items()}}  # JSON-like "0" keys too
+    optimizer.load_state_dict(saved)
 
 
 def _result(m: _Member) -> TrainResult:
