@@ -132,8 +132,9 @@ def test_every_train_config_field_is_a_flag_with_the_dataclass_default():
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= dests
     defaults = TrainConfig()
     help_text = " ".join(parser.format_help().split())
-    for name in ("max_epochs", "patience", "batch_size", "lr", "max_length"):
+    for name in ("max_epochs", "patience", "batch_size", "max_length"):
         assert f"(default: {getattr(defaults, name)})" in help_text, name
+    assert defaults.lr is None and "the optimizer's default: adam 3e-2" in help_text  # lr: per optimizer
     args = parser.parse_args(["--task", "rte", "--seed", "3", "--output-dir", "o", "--no-baselines", "--init",
                               "random", "--max-epochs", "7", "--lr", "0.5", "--num-tokens", "4"])
     assert config_from_args(TrainConfig, args) == TrainConfig(task="rte", seed=3, baselines=False,

@@ -7,7 +7,7 @@ import shlex
 from typing import Any
 
 from ptray import layout
-from ptray.config import DEFAULT_GPU_GROUP_SIZE, DEFAULT_GPUS_PER_TRIAL, Options, Plan
+from ptray.config import DEFAULT_GPU_GROUP_SIZE, DEFAULT_GPUS_PER_TRIAL, Options, Plan, optimizer_settings
 from ptray.study import tracking
 from ptray.study.paths import study_path, tune_path
 
@@ -34,7 +34,8 @@ def describe(plan: Plan, opts: Options, uri: str, storage: str, experiment: str,
         f"  data       {cfg.data_dir or 'the Hugging Face Hub (aps/super_glue)'}",
         f"  training   {len(plan.trials)} trials ({', '.join(plan.tasks)} x seeds "
         f"{', '.join(map(str, plan.seeds))}), each {opts.cpus_per_trial:g} CPU + {gpus_text}; up to "
-        f"{cfg.max_epochs} epochs (patience {cfg.patience}), lr {cfg.lr:g}, batch {cfg.batch_size}, "
+        f"{cfg.max_epochs} epochs (patience {cfg.patience}), {cfg.optimizer} lr "
+        f"{optimizer_settings(cfg.optimizer, cfg.lr)['lr']:g}, batch {cfg.batch_size}, "
         f"max length {cfg.max_length}{subset}; "
         f"{opts.max_failures} retries",
         f"             {' '.join(names)}",
