@@ -3,7 +3,8 @@
 Per family: ptray's answer log-probabilities against the model's own forward; loss and prompt gradient against
 PEFT; TEXT init against PEFT's; a saved prompt reloaded into PEFT; exact match against greedy ``generate``; the
 shared-source evaluation against one pass per label; the effective prompt against the model's own modules written
-out by hand; answer ids as tokenized in context. Then the two cases from issue 10 with their right values (Gemma2's
+out by hand; answer ids as tokenized in context; a BOS-adding tokenizer (Llama, Gemma) against PEFT on text
+tokenised the usual way. Then the two cases from issue 10 with their right values (Gemma2's
 final logit soft-capping, a Llama-2-style legacy SentencePiece tokenizer), and the load-time check of a family
 outside the tested set.
 """
@@ -155,6 +156,47 @@ def test_loss_and_gradient_equal_peft(fam):
     torch.testing.assert_close(loss, peft_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(prompt.grad, emb.weight.grad, atol=1e-6, rtol=1e-4)
     assert prompt.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_bos_tokenizer_loss_and_gradient_equal_peft_on_usual_tokens(tmp_path, name):
+    """A tokenizer that starts each text with BOS (as Llama's and Gemma's): ptray's encoded sources carry it, and
+    its loss and prompt gradient equal PEFT's on ``tokenizer(text + answer)`` + EOS (prompt rows, BOS, text)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = build_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                              special_tokens=[("<s>", 1)])
+    path = _build(tmp_path / name, name, tok)
+    model, tok = load_model(str(path))
+    task, eos, pad = TASKS["cb"], tok.eos_token_id, tok.pad_token_id
+    pairs = [("It rained all day.", "the ground is wet"), ("A dog barks at night.", "a cat"), ("Snow.", "cold")]
+    seqs, usual = [], []
+    for i, (p, h) in enumerate(pairs):
+        ex = Example("cb", "val", i, {"premise": p, "hypothesis": h}, i % 3)
+        enc = encode(task, ex, tok, 128)
+        seqs.append((enc.source, enc.answers[ex.label]))
+        usual.append((tok(task.format(ex.fields) + task.answers[ex.label])["input_ids"], len(enc.source)))
+        assert enc.source[0] == 1 and usual[-1][0] == enc.source + enc.answers[ex.label]
+    rows = _prompt(model, 4, 7)
+    peft_model = _peft(path, 4, token_dim=families.embed_dim(model))
+    emb = peft_model.prompt_encoder["default"].embedding
+    emb.weight.data.copy_(rows)
+    width = max(len(ids) + 1 for ids, _ in usual)
+    ids = torch.full((len(usual), width), pad)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, (full, src) in enumerate(usual):
+        full = full + [eos]
+        ids[i, :len(full)], mask[i, :len(full)] = torch.tensor(full), 1
+        labels[i, src:len(full)] = torch.tensor(full[src:])
+    peft_loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    peft_loss.backward()
+    prompt = torch.nn.Parameter(rows.clone())
+    logp, _ = answer_logprobs(model, collate(seqs, pad, eos), prompt)
+    loss = -logp.mean()
+    loss.backward()
+    torch.testing.assert_close(loss, peft_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prompt.grad, emb.weight.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_text_init_equals_peft(fam):
