@@ -152,7 +152,7 @@ def use_fused_attention(model, enabled: bool = True, fold_alibi: bool = False) -
     ``fold_alibi``: passes with right-padded rows and no cached keys (training, the source pass of evaluation)
     carry ALiBi inside Q and K and use only the causal mask (``_folded_alibi_attention``: flash kernels become
     eligible, no [batch, heads, q, kv] bias); other passes use the bias. Off by default until a GPU run shows it
-    pays (``benchmarks/gpu_study.py`` measures both).
+    pays (``benchmarks/gpu.py`` measures both).
 
     Works on a ``BloomForCausalLM``/``BloomModel`` or anything holding one (a PEFT model). Returns the number of
     attention modules now patched (enabled) or restored (disabled); 0 for models that are not BLOOM (their
