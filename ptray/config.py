@@ -260,6 +260,8 @@ class Plan:
         """Everything ``--resume`` checks against the command line: plan fields and train fields, by field name."""
         plan = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.NOT_COMPARED}
         train = {k: getattr(self.train, k) for k in self.train.to_dict() if k not in PER_TRIAL_FIELDS}
+        # the lr it trains with: an unset lr is the optimizer's default, the same as that value given as --lr
+        train["lr"] = optimizer_settings(self.train.optimizer, self.train.lr)["lr"]
         return {**plan, **train}
 
     @property
