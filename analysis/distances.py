@@ -80,13 +80,13 @@ def distances_section(*, inputs: Inputs, matrices: dict[str, np.ndarray], distan
                   meta={"distance_definition": method})
     if inputs.effective is None:
         out.notes.append("the effective prompt is not defined for this model: effective distances are n/a")
-    if len(inputs.prompts) < 2:
-        out.notes.append("distances between prompts: n/a (the study has one prompt)")
-    else:
-        one_seed = [t for t in tasks if labels.count(t) < 2]
-        if one_seed:
-            out.notes.append(f"within-task distances (the diagonal of Figure 7): n/a for {', '.join(one_seed)} "
-                             f"(one seed)")
+    if len(inputs.prompts) < 2:  # no pair: Figure 7 and its tables would hold n/a only
+        out.notes.append("distances between prompts (Figure 7): n/a (the study has one prompt)")
+        return out
+    one_seed = [t for t in tasks if labels.count(t) < 2]
+    if one_seed:
+        out.notes.append(f"within-task distances (the diagonal of Figure 7): n/a for {', '.join(one_seed)} "
+                         f"(one seed)")
     panels = []
     for k, title in (("frobenius_raw", "Frobenius distance, raw (paper's Figure 7)"),
                      ("frobenius_effective", "Frobenius distance, effective"),
