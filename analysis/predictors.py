@@ -167,8 +167,9 @@ def predictors_section(*, pairs: pd.DataFrame, stats: pd.DataFrame, tasks: list[
         "Mantel p-value (exact permutation test over task labels; the naive p-values, which treat the pairs as "
         "independent, are in the CSV). Distances should correlate negatively, similarities positively (expected "
         "sign). SPoT: cosine of mean-pooled prompts (Vu et al. 2022). FFN overlap: cosine of the 0/1 activation "
-        "states of every feed-forward neuron at the prompt's last position, the prompt alone as input (Su et al. "
-        "2022). Confounds: init_text_distance is the distance between the tasks' starting prompts (if it predicts "
+        "states (value > 0) of every feed-forward neuron at the prompt's last position, the prompt alone as input "
+        "(Su et al. 2022; a gated MLP's neurons are the input of its down projection, act(gate) * up). "
+        "Confounds: init_text_distance is the distance between the tasks' starting prompts (if it predicts "
         "as well as the trained prompts do, the distances mostly reflect the init texts); rows_compared is how "
         "many rows a distance compares (if it predicts, the distances mostly reflect the prompts' lengths).",
         stats.assign(description=stats.predictor.map(labels), expected_sign=stats.predictor.map(signs)),

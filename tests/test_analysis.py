@@ -352,6 +352,14 @@ def test_the_cli_flags_are_the_options_fields(capsys):
     assert len(err) == 1 and err[0].startswith("error: argument --seed")
 
 
+def test_run_is_importable_from_the_package_as_the_entry_script_uses_it():
+    import analysis
+    import analysis.runner
+    from analysis import run
+
+    assert run is analysis.run is analysis.runner.run and callable(run)
+
+
 def test_a_non_empty_output_folder_is_refused(tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("mine")
