@@ -1,7 +1,7 @@
 """Norms, distances and 2-D maps of prompts (paper 5.2-5.3, Figures 6-7, Table 1).
 
 Everything here takes prompt matrices [n, hidden]; whether they are the raw rows or the effective ones
-(``analysis.inputs.effective_transform``) is the caller's choice.
+(``analysis.inputs.effective_prompt``) is the caller's choice.
 
 Prompts of different lengths (15/14/12/20 tokens in the paper): the distance between two prompts is defined over
 their common length, ``||A[:m] - B[:m]||_F`` with ``m = min(n_A, n_B)`` ("truncate"; row i of one prompt is
