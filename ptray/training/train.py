@@ -16,6 +16,7 @@ from typing import Any
 
 from ptray.cli import OneLineParser, add_config_arguments, config_from_args
 from ptray.config import TrainConfig
+from ptray.data.tasks import add_task_file_argument, register_task_files
 from ptray.errors import PtrayError
 from ptray.training.loop import TrainResult, train_group
 from ptray.training.run_folder import check_output_dir, save_run
@@ -49,6 +50,7 @@ def build_parser(prog: str = "python -m ptray.train") -> argparse.ArgumentParser
     folder."""
     p = OneLineParser(prog=prog, description="Train and evaluate one soft prompt.")
     add_config_arguments(p, TrainConfig, required=("task", "seed"))
+    add_task_file_argument(p)
     p.add_argument("--output-dir", required=True, help="folder to write the run to (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     return p
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m ptray.train") -> 
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
+        register_task_files(args.task_files)  # before the task name is looked up
         cfg = config_from_args(TrainConfig, args)
         check_output_dir(args.output_dir, args.overwrite)  # before hours of training, not after
         result = train(cfg)
