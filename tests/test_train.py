@@ -111,8 +111,8 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, data_dir, monkeypat
 @pytest.mark.parametrize("field,value,message", [
     ("max_epochs", 0, "max_epochs must be a positive integer, got 0"),
     ("batch_size", -2, "batch_size must be a positive integer, got -2"),
-    ("lr", 0.0, "lr must be a positive number, got 0.0"),
-    ("lr", float("nan"), "lr must be a positive number, got nan"),
+    ("lr", 0.0, "lr must be a positive number or unset, got 0.0"),
+    ("lr", float("nan"), "lr must be a positive number or unset, got nan"),
     ("task", "boolq", "unknown task 'boolq'; valid tasks: cb, rte, copa, wsc"),
     ("init", "zeros", "init must be one of"),
     ("eval_split", "test", "eval_split must be train or val"),
