@@ -165,3 +165,45 @@ def test_class_labels_init_trains_and_saves_as_an_adapter(tiny_model_dir, data_d
     save_adapter(result.prompt, tmp_path / "prompt", str(tiny_model_dir), result.resolved["init_text"],
                  result.resolved["init"])
     assert (tmp_path / "prompt" / "adapter_model.safetensors").is_file()
+
+
+def test_fp16_scaler_steps_each_prompts_optimizer_and_updates_once(tiny_model_dir, data_dir, monkeypatch):
+    """fp16's path on CPU: one GradScaler (accelerate's) scales the group's loss, unscales and steps each prompt's
+    optimizer and updates once per step; an inf gradient skips only its own prompt's step."""
+    import ptray.training.loop as loop
+
+    cfgs = [_cfg(tiny_model_dir, data_dir, max_epochs=1, optimizer="adafactor"),
+            _cfg(tiny_model_dir, data_dir, max_epochs=1, seed=1, optimizer="sgd")]
+    plain = train_group(cfgs)
+    scalers, steps = [], []
+    setup = loop._setup_model
+
+    def with_scaler(*args):
+        run = setup(*args)
+        run.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        scalers.append(run.accelerator.scaler)
+        return run
+
+    monkeypatch.setattr(loop, "_setup_model", with_scaler)
+    real_step = loop._step
+    monkeypatch.setattr(loop, "_step", lambda run, active, size: steps.append(1) or real_step(run, active, size))
+    scaled = train_group(cfgs)
+    for a, b in zip(plain, scaled):  # scaling by a power of two and back is exact
+        torch.testing.assert_close(b.prompt, a.prompt, rtol=1e-6, atol=1e-7)
+    assert int(scalers[0]._growth_tracker) == len(steps) == 2  # one update per step, not one per optimizer
+
+    # an inf in the sgd prompt's gradient: its step is skipped, the adafactor prompt's is not
+    weights = []
+
+    def poisoned_step(run, active, size):
+        before = [m.weight.detach().clone() for m in active]
+        hook = active[1].weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+        real_step(run, active, size)
+        hook.remove()
+        weights.append([(b, m.weight.detach().clone()) for b, m in zip(before, active)])
+
+    monkeypatch.setattr(loop, "_step", poisoned_step)
+    train_group(cfgs)
+    for (a_before, a_after), (b_before, b_after) in weights:
+        assert not torch.equal(a_before, a_after) and torch.equal(b_before, b_after)
+    assert scalers[-1].get_scale() == 2.0**10 / 2 ** len(weights)  # halved once per step
