@@ -23,6 +23,12 @@ TAG_NODE = TAG_PREFIX + "node"  # host name of the last node that ran a train ru
 TAG_RAY_NODE_ID = TAG_PREFIX + "ray_node_id"
 TAG_RESUMED_AFTER_EPOCH = TAG_PREFIX + "resumed_after_epoch"
 TAG_REPLACES = TAG_PREFIX + "replaces"  # id of the run this one replaced (see tracking.sync_history)
+# A study with conditions (ptray.study.declared): the condition of a train run, and of a transfer run's source prompt.
+TAG_CONDITION = TAG_PREFIX + "condition"
+# A train run stopped early by a Tune scheduler (ASHA, median stopping): the scheduler's name; the run is KILLED.
+TAG_STOPPED_BY = TAG_PREFIX + "stopped_by"
+# A train run whose prompt started from another trained prompt (SPoT): that prompt's train run name.
+TAG_INIT_FROM = TAG_PREFIX + "init_from"
 # Experiment tag holding a study's plan (JSON), so ``--resume`` continues exactly the study that was started.
 PLAN_TAG_PREFIX = TAG_PREFIX + "plan."
 
@@ -39,6 +45,7 @@ NO_SOURCE = "none"  # the source of a baseline run (no prompt)
 RUNNING = "RUNNING"
 FINISHED = "FINISHED"
 FAILED = "FAILED"
+KILLED = "KILLED"  # stopped before its end on purpose: by a scheduler, or replaced on --resume
 
 # ---------------------------------------------------------------------------------------------------- metrics
 # Final metrics of a train run carry this prefix: the unprefixed names hold the per-epoch history (step = epoch),
@@ -71,14 +78,16 @@ EVAL_METRIC_KEYS = ("source", "source_seed", "target", "exact_match", "rank_accu
 
 
 # -------------------------------------------------------------------------------------------------- run names
-def train_run_name(task: str, seed: int) -> str:
-    """Run name of the trial that trains ``task`` with ``seed``, e.g. ``cb-seed0``."""
-    return f"{task}-seed{seed}"
+def train_run_name(task: str, seed: int, condition: str | None = None) -> str:
+    """Run name of the trial that trains ``task`` with ``seed``, e.g. ``cb-seed0``; in a study with conditions,
+    ``cb-seed0-random`` (condition ``random``)."""
+    return f"{task}-seed{seed}" + (f"-{condition}" if condition else "")
 
 
-def transfer_run_name(source: str, seed: int, target: str) -> str:
-    """Run name of a source prompt evaluated on a target task, e.g. ``transfer-rte-seed1-on-wsc``."""
-    return f"transfer-{source}-seed{seed}-on-{target}"
+def transfer_run_name(source: str, seed: int, target: str, condition: str | None = None) -> str:
+    """Run name of a source prompt evaluated on a target task, e.g. ``transfer-rte-seed1-on-wsc``; with the source
+    prompt's condition, ``transfer-rte-seed1-random-on-wsc``."""
+    return f"transfer-{train_run_name(source, seed, condition)}-on-{target}"
 
 
 def baseline_run_name(target: str) -> str:
@@ -90,8 +99,9 @@ ANALYSIS_RUN_NAME = ANALYSIS
 
 
 def run_tags(study: str, kind: str, task: str | None = None, seed: int | None = None, source: str | None = None,
-             target: str | None = None) -> dict[str, str]:
-    """The ``ptray.*`` tags of one run; ``task`` defaults to the target for transfer and baseline runs.
+             target: str | None = None, condition: str | None = None) -> dict[str, str]:
+    """The ``ptray.*`` tags of one run; ``task`` defaults to the target for transfer and baseline runs;
+    ``condition`` (train and transfer runs of a study with conditions) is tagged when given.
 
     Raises:
         ValueError: ``kind`` is not one of ``KINDS``.
@@ -107,12 +117,14 @@ def run_tags(study: str, kind: str, task: str | None = None, seed: int | None = 
         tags[TAG_TASK] = str(task)
     if seed is not None and kind in (TRAIN, TRANSFER):
         tags[TAG_SEED] = str(seed)
+    if condition and kind in (TRAIN, TRANSFER):
+        tags[TAG_CONDITION] = str(condition)
     return tags
 
 
 def run_key(tags: dict[str, str]) -> tuple[str | None, ...]:
-    """What identifies a run within a study, from its tags: (kind, task, seed, source, target)."""
-    return tuple(tags.get(t) for t in (TAG_KIND, TAG_TASK, TAG_SEED, TAG_SOURCE, TAG_TARGET))
+    """What identifies a run within a study, from its tags: (kind, task, seed, source, target, condition)."""
+    return tuple(tags.get(t) for t in (TAG_KIND, TAG_TASK, TAG_SEED, TAG_SOURCE, TAG_TARGET, TAG_CONDITION))
 
 
 # ----------------------------------------------------------------------------------------------- JSON content

@@ -62,7 +62,7 @@ def test_seed_and_task_lists():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--tasks", "cb,boolq"], "error: unknown task 'boolq'; valid tasks: cb, rte, copa, wsc."),
+    (["--tasks", "cb,boolq"], "error: unknown task 'boolq'; valid tasks: cb, rte, copa, wsc. Other registered tasks: wic."),
     (["--seeds", "0-x"], "error: --seeds '0-x': '0-x' is not a seed or a range like 0-3 (seeds are integers >= 0)"),
     (["--max-epochs", "0"], "error: argument --max-epochs: must be a positive integer, got 0 "
                             "(see python sweeps/all.py --help)"),
