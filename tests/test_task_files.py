@@ -12,7 +12,8 @@ import pytest
 from ptray.data import tasks
 from ptray.data.batching import encode_all
 from ptray.data.superglue import load_split
-from ptray.data.task_schema import FORMATTERS, parse_template, register_formatter, task_from_declaration
+from ptray.data.task import FORMATTERS, parse_template, register_formatter
+from ptray.data.task_schema import task_from_declaration
 from ptray.data.tasks import (
     BUILTIN_TASK_NAMES,
     TASK_NAMES,
@@ -253,10 +254,11 @@ def test_task_pickles(tmp_path):
 def test_schema_docstring_examples_run():
     import doctest
 
+    import ptray.data.task
     import ptray.data.task_schema
 
-    result = doctest.testmod(ptray.data.task_schema, raise_on_error=False)
-    assert result.attempted >= 3 and result.failed == 0
+    results = [doctest.testmod(m, raise_on_error=False) for m in (ptray.data.task, ptray.data.task_schema)]
+    assert sum(r.attempted for r in results) >= 3 and sum(r.failed for r in results) == 0
 
 
 def test_user_task_from_file_to_token_ids(tmp_path, tiny):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ptray.data.task_schema import SPLITS, Task
+from ptray.data.task import SPLITS, Task
 from ptray.errors import PtrayError
 
 __all__ = ["DEFAULT_HUB_DATASET", "SPLITS", "Example", "load_split", "read_hub", "read_jsonl"]

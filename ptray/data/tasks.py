@@ -36,16 +36,8 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Any
 
-from ptray.data.task_schema import (
-    ANSWER_CUE,
-    FORMATTERS,
-    SPLITS,
-    Task,
-    parse_task_toml,
-    read_task_file,
-    register_formatter,
-    task_from_declaration,
-)
+from ptray.data.task import ANSWER_CUE, FORMATTERS, SPLITS, Task, register_formatter
+from ptray.data.task_schema import parse_task_toml, read_task_file, task_from_declaration
 from ptray.errors import PtrayError
 
 __all__ = [
