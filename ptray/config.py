@@ -33,13 +33,23 @@ DEFAULT_MODEL = "bigscience/bloomz-560m"  # the paper's model
 
 
 class PromptInit(str, Enum):
-    """How the prompt rows start: the init text's token embeddings (the paper), random, random vocab rows, or the
-    embeddings of the task's answer words (Lester et al. 2021's class-label init)."""
+    """How the prompt rows start: the init text's token embeddings (the paper), random, random vocab rows, the
+    embeddings of the task's answer words (Lester et al. 2021's class-label init), or another trained prompt's rows
+    (``prompt``: SPoT, Vu et al. 2021; ``TrainConfig.init_source`` names it)."""
 
     TEXT = "text"
     RANDOM = "random"
     SAMPLE_VOCAB = "sample_vocab"
     CLASS_LABELS = "class_labels"
+    PROMPT = "prompt"
+
+
+SEED_PLACEHOLDER = "{seed}"  # in a study's init_source: each trial's own seed (SPoT: source seed s -> target seed s)
+
+
+def expand_init_source(init_source: str | None, seed: int) -> str | None:
+    """A study's ``init_source`` for the trial of ``seed``: ``"rte-seed{seed}"`` -> ``"rte-seed3"``."""
+    return None if init_source is None else init_source.replace(SEED_PLACEHOLDER, str(seed))
 
 
 @dataclass(frozen=True)
@@ -136,9 +146,15 @@ class TrainConfig:
     max_length: int = config_field(512, "tokens of source + answer, prompt not counted; longer sources are truncated",
                                    type=positive_int)
     init: PromptInit = config_field(PromptInit.TEXT, "prompt init: the init text's embeddings (the paper), random "
-                                                     "rows, rows of random vocabulary tokens, or the embeddings of "
-                                                     "the task's answer words (class_labels, Lester et al. 2021)")
+                                                     "rows, rows of random vocabulary tokens, the embeddings of "
+                                                     "the task's answer words (class_labels, Lester et al. 2021), or "
+                                                     "a trained prompt's rows (prompt: SPoT, Vu et al. 2021; see "
+                                                     "--init-source)")
     init_text: str | None = config_field(None, "init text (unset: the task's init text from the paper)")
+    init_source: str | None = config_field(
+        None, "init=prompt: the prompt to start from: a run folder or PEFT adapter folder, or in a study a train run "
+              "of the same study (e.g. rte-seed0; {seed} stands for the trial's seed); the prompt takes the source's "
+              "rows and length (num_tokens set: its first rows, cycled when longer)")
     num_tokens: int | None = config_field(None, "prompt rows (unset: the init text's token count, the paper's choice)",
                                           type=positive_int)
     precision: str = config_field("auto", "mixed precision: auto is bf16 on GPUs that support it, else fp16; "
@@ -163,7 +179,16 @@ class TrainConfig:
 
     def __post_init__(self):
         check_config(self)  # every field against its declared type, range and choices
-        get_task(self.task)  # unknown names fail here, listing the valid ones
+        task = get_task(self.task)  # unknown names fail here, listing the valid ones
+        if "train" not in task.splits:
+            raise PtrayError(f"task {task.name!r} has no training split (its splits: {', '.join(task.splits)}); it "
+                             f"can only be a transfer target (a study's --targets)")
+        if PromptInit(self.init) is PromptInit.PROMPT and not self.init_source:
+            raise PtrayError("init 'prompt' needs --init-source: the trained prompt to start from (a run folder, a "
+                             "PEFT adapter folder, or in a study a train run name such as rte-seed0)")
+        if self.init_source is not None and PromptInit(self.init) is not PromptInit.PROMPT:
+            raise PtrayError(f"--init-source {self.init_source!r} is read only with init 'prompt', not "
+                             f"{PromptInit(self.init).value!r}; pass --init prompt or leave --init-source out")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready values (``init`` as its string)."""
@@ -206,6 +231,19 @@ PER_TRIAL_FIELDS = ("task", "seed", "compile")
 # The tiny tokenizer spells CB and RTE premises in 200-500 tokens; 128 keeps every smoke batch short.
 SMOKE_TRAIN = dict(max_epochs=2, max_train_examples=32, max_eval_examples=32, max_length=128)
 
+# What the prompts of one trial group must agree on (the frozen model and how each step runs it): the training
+# loop refuses a group that differs (ptray.training.loop.SHARED_FIELDS, tested equal), the plan groups by them.
+GROUP_SHARED_FIELDS = ("model", "precision", "device", "compile", "attention", "max_tokens_per_forward")
+
+# A trial of the plan: (task, seed), or (task, seed, condition) in a study with conditions or a search; its run
+# name is ``ptray.layout.train_run_name(*member)``.
+Member = tuple
+
+
+def sample_condition(condition: str | None, sample: int) -> str:
+    """The condition of a search's ``sample``-th trial of a grid point: ``sample3``, or ``random-sample3``."""
+    return f"{condition}-sample{sample}" if condition else f"sample{sample}"
+
 
 @dataclass
 class Plan:
@@ -213,6 +251,9 @@ class Plan:
 
     study: str = config_field("paper", "study id, the tag ptray.study on every run", cli=False)
     tasks: tuple[str, ...] = config_field(TASK_NAMES, "comma-separated tasks to train (and the transfer targets)")
+    targets: tuple[str, ...] = config_field(
+        (), "comma-separated transfer-only targets: tasks every trained prompt (and no prompt) is evaluated on, "
+            "never trained (e.g. a task file declaring only a validation split)")
     seeds: tuple[int, ...] = config_field((0, 1, 2, 3), "seeds, e.g. 0-3 or 0,2,5; one trial per (task, seed)")
     smoke: bool = config_field(False, "the whole pipeline in minutes on CPUs: a tiny random BLOOM built on the fly, "
                                       f"{SMOKE_TRAIN['max_epochs']} epochs, {SMOKE_TRAIN['max_train_examples']} "
@@ -225,20 +266,39 @@ class Plan:
     train: TrainConfig = field(default_factory=TrainConfig)  # every trial's config, but its task and seed
     model_digest: str | None = config_field(None, "of the files of a model built on the fly", cli=False)
     data_digest: str | None = config_field(None, "of the data files read from data_dir", cli=False)
+    # The declarations of the plan's user tasks (``ptray.data.tasks.user_declarations``: tasks and targets read
+    # from --task-file): every worker registers them before it looks a task up, and --resume without the files.
+    task_declarations: tuple[dict[str, Any], ...] = config_field((), "user task declarations", cli=False)
+    # A declared study (ptray.study.declared): its conditions (name -> TrainConfig overrides over ``train``), its
+    # Tune search ({"space": field -> distribution, "scheduler", "metric", "mode"}; empty: none) and its file.
+    conditions: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"help": "conditions", "cli": False})
+    search: dict[str, Any] = field(default_factory=dict, metadata={"help": "a Tune search", "cli": False})
+    num_samples: int | None = config_field(None, "trials per (condition, task, seed) of a declared search (unset: the "
+                                                 "declaration's num_samples)", type=positive_int)
+    declaration: dict[str, str] | None = config_field(None, "name, source and digest of the declaration", cli=False)
 
     # Fields that are not part of what --resume compares with the command line (the digests are checked
-    # against the files themselves).
-    NOT_COMPARED = ("study", "train", "model_digest", "data_digest")
+    # against the files themselves; a user task's declaration by its digest).
+    NOT_COMPARED = ("study", "train", "model_digest", "data_digest", "task_declarations", "declaration")
 
     def __post_init__(self):
         for seed in self.seeds:  # here, not in each trial: also a stored plan, before --resume starts anything
             check_seed(seed, "every seed of a study")
         check_config(self)
+        self.tasks, self.targets = tuple(self.tasks), tuple(self.targets)
+        self.task_declarations = tuple(dict(d) for d in self.task_declarations)
+        check_study_tasks(self.tasks, self.targets)
+
+    @property
+    def transfer_targets(self) -> tuple[str, ...]:
+        """Every task the transfer grid evaluates on: the trained tasks, then the transfer-only targets."""
+        return self.tasks + self.targets
 
     def to_json(self) -> dict[str, Any]:
         """The plan as stored in MLflow: plain JSON values, the train config without its per-trial fields."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
-        d["tasks"], d["seeds"] = list(self.tasks), list(self.seeds)
+        d["tasks"], d["seeds"], d["targets"] = list(self.tasks), list(self.seeds), list(self.targets)
+        d["task_declarations"] = [dict(x) for x in self.task_declarations]
         d["train"] = {k: v for k, v in self.train.to_dict().items() if k not in PER_TRIAL_FIELDS}
         return d
 
@@ -253,6 +313,8 @@ class Plan:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["tasks"], d["seeds"] = tuple(d["tasks"]), tuple(d["seeds"])
+        d["targets"] = tuple(d.get("targets", ()))  # plans stored before transfer-only targets had none
+        d["task_declarations"] = tuple(d.get("task_declarations", ()))
         d.setdefault("group_size", 1)  # plans stored before trial groups trained one prompt per trial
         return cls(train=TrainConfig(**{k: v for k, v in train.items() if k in train_names}), **d)
 
@@ -265,26 +327,73 @@ class Plan:
         return {**plan, **train}
 
     @property
-    def trials(self) -> list[tuple[str, int]]:
-        """(task, seed) of every trial, task-major."""
-        return [(t, s) for t in self.tasks for s in self.seeds]
+    def trials(self) -> list[Member]:
+        """Every trial: (task, seed), task-major; with conditions (task, seed, condition), task, then condition, then
+        seed; a search's grid points ``num_samples`` times each (conditions ``sample0``, ``sample1``, ...)."""
+        conditions = list(self.conditions) or [None]
+        samples = range(self.num_samples or 1) if self.search else None
+        return [(t, s) if c is None and samples is None else
+                (t, s, c) if samples is None else (t, s, sample_condition(c, k))
+                for t in self.tasks for c in conditions for s in self.seeds for k in (samples or [0])]
 
-    def groups(self, size: int | None = None) -> list[tuple[tuple[str, int], ...]]:
-        """The (task, seed) prompts packed into Tune trials of ``size`` (default ``group_size``, which must then be
-        resolved): consecutive trials of the task-major order, so a group mostly holds one task's seeds, whose
-        epochs are equally long and whose rows equally wide (no member waits for, or pads to, another task's)."""
-        size = size or self.group_size
+    def condition_of(self, member: Member) -> str | None:
+        """The declared condition of a trial (its sample suffix removed), None in a study without conditions."""
+        if len(member) < 3 or not self.conditions:
+            return None
+        return member[2].rsplit("-sample", 1)[0] if self.search else member[2]
+
+    def trial_config(self, member: Member) -> TrainConfig:
+        """A trial's config (but a search's sampled values): ``train`` with its condition's overrides, task, seed."""
+        over = self.conditions.get(self.condition_of(member), {}) if self.conditions else {}
+        return dataclasses.replace(self.train, **over, task=member[0], seed=member[1])
+
+    def groups(self, size: int | None = None) -> list[tuple[Member, ...]]:
+        """The prompts packed into Tune trials of ``size`` (default ``group_size``, which must then be resolved):
+        consecutive trials of the task-major order, so a group mostly holds one task's seeds, whose epochs are
+        equally long and whose rows equally wide (no member waits for, or pads to, another task's). Conditions that
+        change the frozen model (``GROUP_SHARED_FIELDS``) are packed apart; a search trains one prompt per trial."""
+        size = 1 if self.search else size or self.group_size
         if not size:
             raise PtrayError("the plan's group_size is not resolved yet (1 on CPUs, more with GPUs); pass a size")
-        trials = self.trials
-        return [tuple(trials[i:i + size]) for i in range(0, len(trials), size)]
+        parts: dict[tuple, list[Member]] = {}
+        for member in self.trials:
+            cfg = self.trial_config(member) if self.conditions else self.train
+            parts.setdefault(tuple(str(getattr(cfg, f)) for f in GROUP_SHARED_FIELDS), []).append(member)
+        return [tuple(ms[i:i + size]) for ms in parts.values() for i in range(0, len(ms), size)]
 
     @property
     def num_evaluations(self) -> int:
-        """Transfer runs (every prompt on every task) plus one no-prompt baseline per task."""
-        return len(self.trials) * len(self.tasks) + len(self.tasks)
+        """Transfer runs (every prompt on every target: the tasks and the transfer-only targets) plus one no-prompt
+        baseline per target."""
+        return len(self.trials) * len(self.transfer_targets) + len(self.transfer_targets)
 
 
+
+
+def check_study_tasks(tasks: tuple[str, ...], targets: tuple[str, ...]) -> None:
+    """A study trains ``tasks`` (each needs a training and a validation split) and evaluates every prompt on them
+    and on the transfer-only ``targets`` (each needs a validation split; none of them trained).
+
+    Raises:
+        PtrayError: one line: a task to train without a training split, a target without a validation split, a
+            target that is also trained, or a name given twice.
+    """
+    for name in tasks:
+        task = get_task(name)
+        if "train" not in task.splits:
+            raise PtrayError(f"task {task.name!r} has no training split (its splits: {', '.join(task.splits)}), so "
+                             f"it cannot be trained; give it as a transfer-only target (--targets {task.name})")
+    for name in targets:
+        task = get_task(name)
+        if "val" not in task.splits:
+            raise PtrayError(f"transfer target {task.name!r} has no validation split (its splits: "
+                             f"{', '.join(task.splits)}); the transfer grid evaluates on the validation split")
+        if task.name in tasks:
+            raise PtrayError(f"--targets lists {task.name!r}, which --tasks trains; every trained task is a "
+                             f"transfer target already")
+    dup = sorted({t for t in targets if targets.count(t) > 1})
+    if dup:
+        raise PtrayError(f"--targets lists {', '.join(dup)} more than once")
 
 
 @dataclass

@@ -95,7 +95,7 @@ BAD = [
     (BASE + "[conditions.x]\ninti = 'random'\n", "unknown TrainConfig field 'conditions.x.inti' (did you mean "
                                                  "'init'?)"),
     (BASE + "[conditions.x]\ninit = 'randm'\n", "field 'conditions.x.init': init must be one of ['text', 'random', "
-                                                "'sample_vocab', 'class_labels'], got 'randm'"),
+                                                "'sample_vocab', 'class_labels', 'prompt'], got 'randm'"),
     (BASE + "[conditions.x]\noptimizer = 'lamb'\n", "field 'conditions.x.optimizer': optimizer must be one of adam, "
                                                     "adamw, adafactor, sgd, got 'lamb'"),
     (BASE + "[conditions.x]\nnum_tokens = '5'\n", "field 'conditions.x.num_tokens': must be an integer, got '5'"),

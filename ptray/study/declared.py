@@ -348,7 +348,11 @@ class _Check:
         if kind is float:
             value = float(value)
         try:
-            cfg = TrainConfig(**{key: value})
+            # a field that another one completes is checked beside a stand-in partner (init 'prompt' needs an
+            # init_source and the reverse); the pair together is checked by ``combined``
+            partner = {"init": {"init_source": "<source>"} if value == "prompt" else {},
+                       "init_source": {"init": "prompt"}}.get(key, {})
+            cfg = TrainConfig(**{**partner, key: value})
         except PtrayError as err:
             self.fail(field, str(err))
         except (TypeError, ValueError) as err:  # pragma: no cover - a type the checks above missed
