@@ -12,7 +12,7 @@ from ptray.config import PromptInit
 from ptray.data.tasks import Task
 from ptray.data.tokens import answer_ids_in_context, token_ids
 from ptray.errors import PtrayError
-from ptray.layout import PEFT_CONFIG, PEFT_WEIGHTS
+from ptray.layout import PEFT_CONFIG, PEFT_WEIGHTS, PROMPT_DIR
 
 
 def prepend(weight: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor):
@@ -40,6 +40,7 @@ def init_prompt(
     num_tokens: int | None = None,
     seed: int = 0,
     task: Task | None = None,
+    source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Initial prompt rows [n, embed_dim] (fp32, CPU) from the model's input-embedding module.
 
@@ -52,8 +53,13 @@ def init_prompt(
     the model must produce them after the answer cue (``answer_ids_in_context``), the mean of their rows when they
     are several tokens (Lester et al. 2021's class-label init), cycled to n; Lester et al. fill rows beyond the
     labels with sampled vocabulary, ptray cycles the labels as TEXT cycles the init text.
-    n for every mode but TEXT: ``num_tokens``, else the init text's token count.
-    Raises PtrayError for an empty init text, a non-positive n, or CLASS_LABELS without a task.
+    PROMPT (needs ``source``, a trained prompt's rows [n_s, embed_dim], e.g. ``source_prompt(folder)``): SPoT's
+    init (Vu et al. 2021), a copy of the source's rows. Lengths: the prompt takes the source's length n_s (SPoT's
+    choice: the source prompt is continued, not reshaped); a fixed ``num_tokens`` n_t takes the first n_t rows
+    when n_t < n_s and cycles the rows when n_t > n_s (the rule TEXT applies to the init text's tokens).
+    n for every mode but TEXT and PROMPT: ``num_tokens``, else the init text's token count.
+    Raises PtrayError for an empty init text, a non-positive n, CLASS_LABELS without a task, or PROMPT without a
+    source or with a source whose width is not the model's.
     """
     init = PromptInit(init)
     gen = torch.Generator().manual_seed(seed)
@@ -69,6 +75,15 @@ def init_prompt(
         ids = token_ids(tokenizer, init_text)
         ids = repeat_to(ids, num_tokens or len(ids))
         return rows(torch.tensor(ids)).clone()
+    if init is PromptInit.PROMPT:
+        if source is None:
+            raise PtrayError("init 'prompt' needs the source prompt's rows (init_source)")
+        width = (embedding if isinstance(embedding, torch.Tensor) else embedding.weight).shape[1]
+        if source.dim() != 2 or source.shape[1] != width:
+            raise PtrayError(f"the source prompt has shape {tuple(source.shape)}, but this model's embeddings are "
+                             f"{width} wide; a prompt starts only from one trained on the same model")
+        order = repeat_to(list(range(source.shape[0])), num_tokens or source.shape[0])
+        return source.detach().float().cpu()[torch.tensor(order)].clone()
     if not num_tokens:
         num_tokens = len(token_ids(tokenizer, init_text)) if init_text else 0
     if num_tokens <= 0:
@@ -102,9 +117,10 @@ def save_adapter(weight: torch.Tensor, out_dir: str | Path, base_model: str, ini
     out.mkdir(parents=True, exist_ok=True)
     # peft < 0.18 has no SAMPLE_VOCAB; the init is only a record there (loading reads the saved rows)
     sample_vocab = getattr(PromptTuningInit, "SAMPLE_VOCAB", PromptTuningInit.RANDOM)
-    # PEFT has no class-label init: recorded as RANDOM (PEFT loads the saved rows either way)
+    # PEFT has no class-label or source-prompt init: recorded as RANDOM (PEFT loads the saved rows either way)
     peft_init = {PromptInit.TEXT: PromptTuningInit.TEXT, PromptInit.RANDOM: PromptTuningInit.RANDOM,
-                 PromptInit.SAMPLE_VOCAB: sample_vocab, PromptInit.CLASS_LABELS: PromptTuningInit.RANDOM}[
+                 PromptInit.SAMPLE_VOCAB: sample_vocab, PromptInit.CLASS_LABELS: PromptTuningInit.RANDOM,
+                 PromptInit.PROMPT: PromptTuningInit.RANDOM}[
         PromptInit(init)]
     config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -120,6 +136,22 @@ def save_adapter(weight: torch.Tensor, out_dir: str | Path, base_model: str, ini
     config.save_pretrained(str(out))
     save_file({"prompt_embeddings": weight.detach().float().cpu().contiguous()}, str(out / PEFT_WEIGHTS))
     return out
+
+
+def source_prompt(path: str | Path) -> torch.Tensor:
+    """A trained prompt's rows [n, embed_dim] (fp32) from a PEFT adapter folder or a run folder (its ``prompt/``
+    adapter, as ``ptray train`` and a study's train run write it): what init 'prompt' starts from.
+
+    Raises:
+        PtrayError: neither an adapter folder nor a run folder holding one.
+    """
+    folder = Path(path).expanduser()
+    if (folder / PEFT_WEIGHTS).is_file() or not (folder / PROMPT_DIR / PEFT_WEIGHTS).is_file():
+        if not folder.is_dir():
+            raise PtrayError(f"init source {str(path)!r} is not a folder: give a run folder, a PEFT prompt adapter "
+                             f"folder, or in a study a train run name such as rte-seed0")
+        return load_adapter(folder)
+    return load_adapter(folder / PROMPT_DIR)
 
 
 def load_adapter(path: str | Path) -> torch.Tensor:
