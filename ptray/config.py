@@ -264,7 +264,11 @@ class Plan:
         None, f"prompts per Tune trial, trained together on one frozen model (ptray.group; each keeps its own MLflow "
               f"run); unset: 1 on CPUs, {DEFAULT_GPU_GROUP_SIZE} when trials get GPUs", type=positive_int)
     train: TrainConfig = field(default_factory=TrainConfig)  # every trial's config, but its task and seed
-    model_digest: str | None = config_field(None, "of the files of a model built on the fly", cli=False)
+    model_digest: str | None = config_field(
+        None, "of the model's files: the smoke model's bundle, a local folder's files (model_files), or a Hub name's "
+              "cached revision (hub:NAME@COMMIT); --resume refuses another", cli=False)
+    model_files: dict[str, str] | None = config_field(None, "a local model folder's files, each with its fingerprint "
+                                                            "(ptray.study.preflight.model_fingerprint)", cli=False)
     data_digest: str | None = config_field(None, "of the data files read from data_dir", cli=False)
     # The declarations of the plan's user tasks (``ptray.data.tasks.user_declarations``: tasks and targets read
     # from --task-file): every worker registers them before it looks a task up, and --resume without the files.
@@ -279,7 +283,7 @@ class Plan:
 
     # Fields that are not part of what --resume compares with the command line (the digests are checked
     # against the files themselves; a user task's declaration by its digest).
-    NOT_COMPARED = ("study", "train", "model_digest", "data_digest", "task_declarations", "declaration")
+    NOT_COMPARED = ("study", "train", "model_digest", "model_files", "data_digest", "task_declarations", "declaration")
 
     def __post_init__(self):
         for seed in self.seeds:  # here, not in each trial: also a stored plan, before --resume starts anything
