@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ptray.config import EvalConfig, TrainConfig
+from ptray.config import EvalConfig, TrainConfig, expand_init_source
+from ptray.data.tasks import register_declarations
 from ptray.study import tracking
 from ptray.study.bundle import Bundle
 
@@ -28,6 +29,12 @@ class StudyContext:
     model_bundle: Bundle | None = None
     data_bundle: Bundle | None = None
     params: dict[str, Any] = field(default_factory=dict)  # study-level params logged with every run
+    # the plan's user tasks (``Plan.task_declarations``): registered in every worker before a task is looked up
+    task_declarations: tuple[dict[str, Any], ...] = ()
+
+    def register_tasks(self) -> None:
+        """Register the study's user tasks in this process (a worker never read their files); idempotent."""
+        register_declarations(self.task_declarations, f"study {self.study!r}'s plan")
 
     def _on_this_node(self) -> TrainConfig:
         """``train`` with the bundles written to this node and their folders as model and data."""
@@ -39,8 +46,10 @@ class StudyContext:
         return dataclasses.replace(self.train, **changes)
 
     def train_config(self, task: str, seed: int) -> TrainConfig:
-        """The ``TrainConfig`` of one trial, with the bundles written to this node."""
-        return dataclasses.replace(self._on_this_node(), task=task, seed=seed)
+        """The ``TrainConfig`` of one trial, with the bundles written to this node (an init_source's ``{seed}`` is
+        the trial's seed)."""
+        base = self._on_this_node()
+        return dataclasses.replace(base, task=task, seed=seed, init_source=expand_init_source(base.init_source, seed))
 
     def eval_config(self) -> EvalConfig:
         """How the transfer grid evaluates on this node: the trials' model, data and evaluation settings."""

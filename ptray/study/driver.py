@@ -29,12 +29,21 @@ from typing import Any
 
 from ptray.cli import OneLineParser, add_config_arguments, config_from_args
 from ptray.config import DEFAULT_GPU_GROUP_SIZE, PER_TRIAL_FIELDS, SMOKE_TRAIN, Options, Plan, TrainConfig
-from ptray.data.tasks import TASK_NAMES, get_task
+from ptray.data.task_schema import task_from_declaration
+from ptray.data.tasks import (
+    TASK_NAMES,
+    add_task_file_argument,
+    get_task,
+    register_declaration,
+    register_task_files,
+    user_declarations,
+)
 from ptray.errors import PtrayError
 from ptray.seeds import MAX_SEED
 from ptray.study import preflight, tracking
 from ptray.study.bundle import Bundle, tiny_model_bundle
 from ptray.study.context import StudyContext, quiet
+from ptray.study.declared import StudyDeclaration, load_study, shipped_studies
 from ptray.study.paths import study_path, tune_path
 from ptray.study.summary import describe, render_summary, resume_command, summarize
 from ptray.study.transfer import transfer_phase
@@ -60,6 +69,12 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     if dup:
         raise PtrayError(f"--tasks lists {', '.join(dup)} more than once")
     return tasks
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """``"wic,mytask"`` -> ``("wic", "mytask")``: transfer-only targets (registered tasks; "" for none)."""
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    return tuple(get_task(n).name for n in names)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -91,8 +106,9 @@ def build_parser(prog: str = "python sweeps/all.py") -> argparse.ArgumentParser:
                                                                "transfer grid, MLflow, the analysis.")
     g = p.add_argument_group("the study (stored when it starts; --resume continues it)")
     # Study flags default to None, so that --resume can tell what the command line actually says.
-    g.add_argument("--study", default=None, help="study id (default: paper; with --smoke a new smoke-<date>-<time>)")
+    g.add_argument("--study", default=None, help=STUDY_HELP)
     add_config_arguments(g, Plan, unset_defaults=True)
+    add_task_file_argument(g)  # registered before --tasks and --targets are read; the plan keeps the declarations
     notes = {k: f"smoke: {v}" for k, v in SMOKE_TRAIN.items()}
     notes["model"] = "with --smoke a tiny random BLOOM built on the fly"
     add_config_arguments(g, TrainConfig, exclude=PER_TRIAL_FIELDS, unset_defaults=True, default_notes=notes)
@@ -100,11 +116,82 @@ def build_parser(prog: str = "python sweeps/all.py") -> argparse.ArgumentParser:
     return p
 
 
-def plan_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> Plan:
-    """The study's plan: the stored one on --resume (the command line must agree with it), else from the flags.
+STUDY_HELP = ("a declared study: a shipped one's name (" + ", ".join(shipped_studies()) + ": sweeps/studies/) or "
+              "a study file (.toml); its name is the study id (with --smoke a new NAME-smoke-<date>-<time>); flags "
+              "given here win over its tasks, seeds and [train] values (a field its conditions or search set cannot "
+              "be a flag). Any other name is a plain study id (default: paper; with --smoke a new "
+              "smoke-<date>-<time>)")
 
-    Raises ``PtrayError`` naming every flag that differs from the stored plan.
+
+def study_declaration(study: str | None) -> StudyDeclaration | None:
+    """``--study`` as a declaration: a shipped study's name or a study file (a ``.toml`` path); None for a plain
+    study id (any other name)."""
+    if study is None:
+        return None
+    if study in shipped_studies() or study.endswith(".toml") or "/" in study or Path(study).is_file():
+        return load_study(study)
+    return None
+
+
+def study_id(args: argparse.Namespace, decl: StudyDeclaration | None) -> str:
+    """The study id: a declaration's name, else ``--study``; each smoke run a new study (``[NAME-]smoke-<time>``)."""
+    if args.smoke and args.resume and (args.study is None or decl is not None):
+        raise PtrayError("--resume --smoke needs --study with the smoke study's id: each smoke run is its own study, "
+                         "named [NAME-]smoke-<date>-<time> (the interrupted run printed the command to resume it)")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if decl is not None:
+        study = f"{decl.name}-smoke-{stamp}" if args.smoke else decl.name
+    else:  # each smoke run is a new study, so that `make smoke` works again and again; the paper's study is one
+        study = args.study or (f"smoke-{stamp}" if args.smoke else "paper")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", study):
+        raise PtrayError(f"--study {study!r}: use letters, digits, '.', '_' and '-' (it names MLflow and Tune folders)")
+    return study
+
+
+def declared_plan(decl: StudyDeclaration) -> dict[str, Any]:
+    """The plan fields a declaration sets (but ``train``): tasks, seeds, conditions, search, its file."""
+    search = {}
+    if decl.search:
+        search = {"space": {k: {**dataclasses.asdict(s), "values": list(s.values)} for k, s in decl.search.items()},
+                  "scheduler": decl.scheduler, "metric": decl.metric, "mode": decl.mode}
+    return {"tasks": decl.tasks, "seeds": decl.seeds, "conditions": {k: dict(v) for k, v in decl.conditions.items()},
+            "search": search, "num_samples": decl.num_samples if decl.search else None,
+            "declaration": {"name": decl.name, "source": decl.source, "digest": decl.digest}}
+
+
+def _check_declared(plan: Plan, given_train: dict[str, Any]) -> None:
+    """What a declared plan cannot be: a flag on a field its conditions or search set, a searched group, a
+    condition's overrides that ``TrainConfig`` refuses with the flags."""
+    set_by = {k: f"its conditions ({', '.join(plan.conditions)})" for over in plan.conditions.values() for k in over}
+    set_by.update({k: "its search" for k in plan.search.get("space", {})})
+    for key in given_train:
+        if key in set_by:
+            raise PtrayError(f"--{key.replace('_', '-')}: the study sets {key} in {set_by[key]}; leave the flag out "
+                             f"(or declare a study without it)")
+    if plan.num_samples is not None and not plan.search:
+        raise PtrayError("--num-samples: the study declares no search; it trains each (task, seed) once")
+    if plan.search and plan.group_size not in (None, 1):
+        raise PtrayError(f"--group-size {plan.group_size}: a searched trial is a group of one (its scheduler stops "
+                         f"trials, and a group holds several prompts); leave --group-size out")
+    for name in plan.conditions:
+        try:
+            plan.trial_config((plan.tasks[0], plan.seeds[0], name))
+        except PtrayError as err:
+            raise PtrayError(f"condition {name!r} of study {plan.study!r}: {err}") from None
+
+
+def plan_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> Plan:
+    """The study's plan: the stored one on --resume (the command line must agree with it), else from the flags
+    and the declaration ``--study`` names (the flags win over its tasks, seeds and ``[train]``).
+
+    Raises ``PtrayError`` naming every flag that differs from the stored plan, or a declaration that changed.
+    ``--task-file`` tasks are registered first; a stored plan's user tasks are registered from the plan (a task
+    file given again must declare them as they were).
     """
+    register_task_files(getattr(args, "task_files", None) or [])  # before any task name is looked up
+    if stored is not None:
+        register_plan_tasks(stored)
+    decl = study_declaration(args.study)
     given = _given(Plan, args)
     for name, parse in PLAN_PARSERS.items():
         if name in given:
@@ -114,31 +201,65 @@ def plan_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = Non
         given_train["data_dir"] = preflight.resolve_data_dir(given_train["data_dir"])
     if "model" in given_train:  # absolute: each trial runs in its own working directory
         given_train["model"] = study_path(given_train["model"], "--model", hub_name=True)
-    if args.study is None and args.smoke and args.resume:
-        raise PtrayError("--resume --smoke needs --study: each smoke run is its own study, named smoke-<date>-<time> "
-                         "(the interrupted run printed the command to resume it)")
-    # Each smoke run is a new study, so that `make smoke` works again and again; the paper's study is one.
-    study = args.study or (f"smoke-{time.strftime('%Y%m%d-%H%M%S')}" if args.smoke else "paper")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", study):
-        raise PtrayError(f"--study {study!r}: use letters, digits, '.', '_' and '-' (it names MLflow and Tune folders)")
+    study = study_id(args, decl)
     if stored is not None:
         plan = Plan.from_json(stored)
         have = plan.compared()
         differ = [f"--{k.replace('_', '-')} (the study has {_show(have[k])}, the command line says {_show(v)})"
                   for k, v in {**given, **given_train}.items() if k in have and v != have[k]]
+        if decl is not None:
+            differ += _declaration_differs(plan, decl)
         if differ:
             raise PtrayError(f"--resume continues study {study!r} as it was started, but " + "; ".join(differ)
                              + "; leave those flags out, or start a new --study")
         return plan
     smoke = bool(given.get("smoke"))
-    train = TrainConfig(**{**(SMOKE_TRAIN if smoke else {}), **given_train})
-    return Plan(study=study, **{**given, "smoke": smoke}, tiny_model=smoke and "model" not in given_train,
+    declared = declared_plan(decl) if decl is not None else {}
+    train = TrainConfig(**{**(decl.train if decl else {}), **(SMOKE_TRAIN if smoke else {}), **given_train})
+    plan = Plan(study=study, **{**declared, **given, "smoke": smoke}, tiny_model=smoke and "model" not in given_train,
                 train=train)
+    _check_declared(plan, given_train)
+    plan.task_declarations = tuple(user_declarations(plan.transfer_targets))  # shipped to every worker
+    return plan
+
+
+def register_plan_tasks(stored: dict[str, Any]) -> None:
+    """Register a stored plan's user tasks in this process (``--resume`` needs no ``--task-file``).
+
+    Raises:
+        PtrayError: a task of that name is registered (from ``--task-file``) with another declaration: the file was
+            edited since the study started (their digests differ).
+    """
+    for decl in stored.get("task_declarations") or ():
+        task = task_from_declaration(decl, "the study's plan")
+        try:
+            known = get_task(task.name)
+        except PtrayError:
+            known = None
+        if known is not None and known.digest != task.digest:
+            raise PtrayError(f"--resume: task {task.name!r} from {known.source} differs from the declaration the "
+                             f"study started with (digest {known.digest} != {task.digest}); resume with the task file "
+                             f"as it was (or without --task-file: the study keeps it), or start a new --study")
+        register_declaration(decl, f"study plan ({task.name})")
+
+
+def _declaration_differs(plan: Plan, decl: StudyDeclaration) -> list[str]:
+    """How the declaration ``--study`` names differs from the one a stored plan was built from: its digest when the
+    plan has one, else its conditions and search (a plain study of the same name has neither)."""
+    if plan.declaration:
+        if plan.declaration["digest"] != decl.digest:
+            return [f"the declaration {decl.source} changed since the study started (digest {decl.digest[:12]}, the "
+                    f"study has {plan.declaration['digest'][:12]} from {plan.declaration['source']})"]
+        return []
+    declared = declared_plan(decl)
+    return [f"the declaration's {k} (the study has {plan.compared()[k] or 'none'}, {decl.source} says {declared[k]})"
+            for k in ("conditions", "search") if declared[k] != plan.compared()[k]]
 
 
 # Plan flags whose text is parsed here rather than by argparse, so that an error names the whole value
 # (``--seeds '0-x': ...``); every other Plan flag reaches the Plan as argparse typed it.
-PLAN_PARSERS: dict[str, Callable[[str], Any]] = {"tasks": parse_tasks, "seeds": parse_seeds}
+PLAN_PARSERS: dict[str, Callable[[str], Any]] = {"tasks": parse_tasks, "seeds": parse_seeds,
+                                                 "targets": parse_targets}
 
 
 def _given(cls: type, args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -210,8 +331,8 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     if opts.resume and not tracking.store_exists(uri):
         raise PtrayError(f"there is no study {plan.study!r} to resume: the tracking store {uri} does not exist; "
                          f"check --tracking-uri (or MLFLOW_TRACKING_URI) and the working directory")
-    tracking.check_tracking(uri)  # seconds, before anything else starts
-    mc = tracking.client(uri)
+    mc = tracking.open_store(uri)  # seconds, before anything else starts; a store MLflow refuses is one line
+    tracking.check_experiment(mc, experiment, uri, plan.study)  # deleted: how to restore or purge it
     stored = tracking.read_plan(mc, experiment, plan.study)
     tune_folder = tune_path(storage, plan.study)
     if opts.resume:
@@ -233,23 +354,32 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
 
     quiet()
     model_bundle, data_bundle = _bundles(plan)
-    for what, digest, stored_digest in (("model", model_bundle and model_bundle.digest, plan.model_digest),
-                                        ("data", data_bundle and data_bundle.digest, plan.data_digest)):
+    # the model: the smoke model's bundle, a local folder's files, a Hub name's cached revision (--resume: the same)
+    model_digest, model_files = ((model_bundle.digest, None) if model_bundle else
+                                 preflight.model_fingerprint(plan.train.model))
+    if opts.resume:
+        preflight.check_same_model(plan, model_digest, model_files)
+    for what, digest, stored_digest in (("data", data_bundle and data_bundle.digest, plan.data_digest),):
         if opts.resume and stored_digest and digest != stored_digest:
             raise PtrayError(f"the {what} files differ from those study {plan.study!r} started with "
                              f"({digest} != {stored_digest}); resume with the same files or start a new --study")
-    plan.model_digest = model_bundle.digest if model_bundle else None
+    plan.model_digest, plan.model_files = model_digest, model_files
     plan.data_digest = data_bundle.digest if data_bundle else None
     preflight.check_plan_lengths(plan, str(model_bundle.materialize()) if model_bundle else plan.train.model)
 
     import ray
 
+    if opts.resume and not opts.address:  # a killed driver's embedded Ray leaves its agents running
+        preflight.clear_leftover_ray()
     started_ray = preflight.start_ray(opts.address)
+    watch = tracking.ServerWatch(uri).__enter__()  # says once when the tracking server stops answering, and after
     try:
         uri = preflight.check_cluster(opts, uri, storage)
         gpus = preflight.gpus_per_trial(opts)
-        plan.group_size = resolve_group_size(plan.group_size, gpus)  # stored resolved: --resume keeps it
+        # stored resolved: --resume keeps it; a searched trial is a group of one (its scheduler stops trials)
+        plan.group_size = 1 if plan.search else resolve_group_size(plan.group_size, gpus)
         trial_gpus = group_gpus(gpus, plan.group_size, opts)
+        preflight.check_cluster_resources(opts, trial_gpus, gpus)  # a request no node can hold would wait forever
         exp_id = tracking.get_or_create_experiment(mc, experiment)
         if not opts.resume:
             tracking.write_plan(mc, exp_id, plan.study, plan.to_json())
@@ -262,12 +392,13 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
             return 130
         transfer_failures = transfer_phase(plan, opts, ctx, gpus)
         summary = summarize(mc, exp_id, plan)
-        complete = summary["train_done"] == len(plan.trials) and summary["eval_done"] == plan.num_evaluations
+        complete = summary["complete"]
         analysis_note = analysis_phase(experiment, uri, opts, complete, analyse)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's own handling
         print(f"\ninterrupted. Finish the study with:\n  {resume_command(plan, opts)}", file=sys.stderr)
         return 130
     finally:
+        watch.__exit__(None, None, None)
         if started_ray:
             ray.shutdown()
     print(render_summary(summary, plan, experiment, exp_id, uri, tune_folder, analysis_note, transfer_failures,
@@ -311,7 +442,9 @@ def study_context(plan: Plan, exp_id: str, uri: str, model_bundle: Bundle | None
     return StudyContext(study=plan.study, experiment_id=exp_id, tracking_uri=uri,
                         train=dataclasses.replace(plan.train, compile=compile), model_label=model_label,
                         data_label=plan.train.data_dir, model_bundle=model_bundle, data_bundle=data_bundle,
-                        params={"study": plan.study})
+                        task_declarations=plan.task_declarations,
+                        params={"study": plan.study,  # the model's digest: what the runs were computed on
+                                **({"model_digest": plan.model_digest} if plan.model_digest else {})})
 
 
 def analysis_phase(experiment: str, uri: str, opts: Options, complete: bool, analyse: Analyse | None) -> str:

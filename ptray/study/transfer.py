@@ -1,4 +1,6 @@
-"""The transfer grid: every trained prompt, and no prompt, evaluated on every task's validation split.
+"""The transfer grid: every trained prompt, and no prompt, evaluated on every target's validation split: the
+study's tasks, then its transfer-only targets (``Plan.targets``: tasks with a validation split that are not trained;
+their runs are laid out as any target's, so a target without train runs in the study is a held-out one).
 
 ``transfer_phase`` fans out one Ray task per target task (the model and the target's data load once for all the
 prompts, which are evaluated together, many per forward: ``ptray.lm.evaluate.evaluate_prompts``); ``transfer_target``
@@ -38,11 +40,13 @@ def transfer_phase(plan: Plan, opts: Options, ctx: StudyContext, gpus: float) ->
             for r in tracking.search_study_runs(mc, ctx.experiment_id, ctx.study, kind=layout.TRAIN)
             if r.info.status == layout.FINISHED}
     sources = [{"task": t, "seed": s, "run_id": done[(t, str(s))]} for t, s in plan.trials if (t, str(s)) in done]
-    print(f"\ntransfer: {len(sources)} prompts x {len(plan.tasks)} tasks + {len(plan.tasks)} no-prompt baselines, "
+    targets = plan.transfer_targets  # the trained tasks, then the transfer-only targets
+    held = f" (transfer only: {', '.join(plan.targets)})" if plan.targets else ""
+    print(f"\ntransfer: {len(sources)} prompts x {len(targets)} tasks{held} + {len(targets)} no-prompt baselines, "
           f"one Ray task per target", flush=True)
     task = ray.remote(transfer_target).options(num_cpus=opts.cpus_per_trial, num_gpus=gpus, max_retries=3)
     ctx_ref = ray.put(ctx)
-    pending = {task.remote(target, sources, ctx_ref): (target, time.perf_counter()) for target in plan.tasks}
+    pending = {task.remote(target, sources, ctx_ref): (target, time.perf_counter()) for target in targets}
     failures = []
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
@@ -79,6 +83,7 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     from ptray.versions import code_version, library_versions
 
     quiet()
+    ctx.register_tasks()  # the study's user tasks (a target may be one), before any task is looked up
     t0 = time.perf_counter()
     client = ctx.client()
     cfg = ctx.eval_config()

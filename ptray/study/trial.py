@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ptray import layout
+from ptray.errors import PtrayError
 from ptray.files import write_json
 from ptray.study import tracking
 from ptray.study.checkpoints import States, load_trial_checkpoint, save_trial_checkpoint
@@ -116,6 +117,7 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
     """
     from ptray.training.loop import train_group
 
+    ctx.register_tasks()  # the study's user tasks, before any task is looked up
     members = trial_members(config)
     grouped = "group" in config
     resume = resume or {}
@@ -123,6 +125,7 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
     finals: dict[str, dict[str, Any]] = {}
     latest: States = {}  # what the trial's checkpoint holds
     todo: list[dict[str, Any]] = []  # the prompts to train: name, index in the group, cfg, run id, resume state
+    sources = tempfile.TemporaryDirectory(prefix="ptray-source-")  # SPoT source prompts, read at the group's setup
     for index, (task, seed) in enumerate(members):
         name = layout.train_run_name(task, seed)
         state = resume.get(name)
@@ -133,10 +136,14 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
             continue
         cfg = ctx.train_config(task, seed)
         run_id = _open_run(client, ctx, run, cfg, state)
+        init_from = cfg.init_source
+        cfg = resolve_init_source(client, ctx, cfg, Path(sources.name) / name)
+        if init_from is not None:
+            client.set_tag(run_id, layout.TAG_INIT_FROM, init_from)
         if state is not None:
             latest[name] = (_train_state(state), run_id)
         todo.append({"name": name, "index": index, "cfg": cfg, "run_id": run_id, "state": _train_state(state),
-                     "done": False})
+                     "done": False, "init_source": init_from})
     if not todo:
         report({**_one(finals), "prompts": len(members), "done_before": 1}, None)
         return finals
@@ -154,6 +161,8 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
         else:  # a single trial's run has no group, as ``train`` returns it (docs/tracking.md)
             for key in ("group_size", "group_index"):
                 result.resolved.pop(key, None)
+        if m["init_source"] is not None:  # as the study names it (a run name), not the node's downloaded copy
+            result.resolved["init_source"] = m["init_source"]
         finish_train_run(client, m["run_id"], result, ctx.logged_config(result.resolved))
         m["done"] = True
         latest.pop(m["name"], None)
@@ -167,6 +176,8 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
             if not m["done"]:
                 tracking.mark_failed(client, m["run_id"])
         raise
+    finally:
+        sources.cleanup()
     report({**_one(finals), "prompts": len(members), "done": len(finals)}, None)
     return finals
 
@@ -214,6 +225,30 @@ def _train_run(client, ctx: StudyContext, name: str, task: str, seed: int, resum
     if run is None:
         run = tracking.create_run(client, ctx.experiment_id, name, layout.run_tags(ctx.study, layout.TRAIN, task, seed))
     return run
+
+
+def resolve_init_source(client, ctx: StudyContext, cfg, folder: Path):
+    """``cfg`` ready to train on this node: an init_source that names a train run of the study (init 'prompt',
+    SPoT: ``rte-seed0``) replaced by that run's prompt adapter, downloaded into ``folder``; a folder as it is.
+
+    Raises:
+        PtrayError: the source is neither a folder nor a FINISHED train run of the study.
+    """
+    import dataclasses
+
+    if cfg.init_source is None or Path(cfg.init_source).expanduser().is_dir():
+        return cfg
+    run = tracking.find_run(client, ctx.experiment_id, ctx.study, cfg.init_source)
+    if run is None or run.info.status != layout.FINISHED or run.data.tags.get(layout.TAG_KIND) != layout.TRAIN:
+        state = "not a train run" if run is None else f"a {run.data.tags.get(layout.TAG_KIND)} run, {run.info.status}"
+        raise PtrayError(f"init source {cfg.init_source!r} of {cfg.task} seed {cfg.seed} is neither a folder nor a "
+                         f"finished train run of study {ctx.study!r} ({state}); train the source prompt first")
+    from mlflow.artifacts import download_artifacts
+
+    folder.mkdir(parents=True, exist_ok=True)
+    local = download_artifacts(run_id=run.info.run_id, artifact_path=layout.PROMPT_DIR, dst_path=str(folder),
+                               tracking_uri=ctx.tracking_uri)
+    return dataclasses.replace(cfg, init_source=str(local))
 
 
 def _train_state(resume: dict[str, Any] | None) -> dict[str, Any] | None:
