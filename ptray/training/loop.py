@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ptray.config import TrainConfig, optimizer_settings, resolve_attention
+from ptray.config import TrainConfig, resolve_attention
 from ptray.data.batching import check_fits, encode_all, train_batches
 from ptray.data.superglue import load_split
 from ptray.data.tasks import get_task
@@ -43,9 +43,10 @@ from ptray.lm import families
 from ptray.lm.evaluate import EvalResult, evaluate
 from ptray.lm.forward import group_answer_logprobs
 from ptray.lm.load import resolve_device_precision, setup_model
-from ptray.lm.prompt import init_prompt
+from ptray.lm.prompt import init_prompt, source_prompt
 from ptray.lm.special import end_ids
 from ptray.seeds import set_seed
+from ptray.training.optimizers import load_optimizer_state, make_optimizer, optimizer_state, resolved_settings
 from ptray.versions import code_version, library_versions
 
 log = logging.getLogger("ptray")
@@ -144,10 +145,9 @@ def train_group(
                for i, (cfg, state) in enumerate(zip(cfgs, resume))]
     for m, state in zip(members, resume):
         m.optimizer = make_optimizer(m.cfg, m.weight)
-        settings = optimizer_settings(m.cfg.optimizer, m.cfg.lr)
-        m.resolved.update(lr=settings.pop("lr"), optimizer_options=settings)  # the lr it trains with
+        m.resolved.update(resolved_settings(m.cfg))  # the lr it trains with
         if state is not None:
-            _load_optimizer_state(m.optimizer, m.cfg, state)
+            load_optimizer_state(m.optimizer, m.cfg, state)
 
     def next_epoch(m: _Member) -> bool:
         if _start_epoch(run, m):
@@ -218,8 +218,9 @@ def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group
                                             cfg.max_eval_examples), tokenizer, cfg.max_length)
     init_text = cfg.init_text if cfg.init_text is not None else task.init_text
     # the module, not its rows: TEXT init must include any embedding scale (Gemma2), as the model's own input does
+    source = source_prompt(cfg.init_source) if cfg.init_source else None  # init 'prompt' (SPoT)
     rows = init_prompt(run.model.get_input_embeddings(), tokenizer, cfg.init, init_text, cfg.num_tokens, cfg.seed,
-                       task=task)
+                       task=task, source=source)
     weight = torch.nn.Parameter(rows.to(run.accelerator.device))
     resolved = {
         **cfg.to_dict(), "init_text": init_text, "num_tokens": weight.shape[0], "hidden_size": embedding.shape[1],
@@ -230,6 +231,7 @@ def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group
         "num_train_examples": len(train_data),
         "num_eval_examples": len(eval_data), "num_truncated": sum(d.truncated for d in train_data + eval_data),
         "group_size": group_size, "group_index": i,
+        **({"init_source_tokens": int(source.shape[0])} if source is not None else {}),  # n_s; num_tokens is n_t
         # the special tokens: BOS ids before each source, the EOS trained on, every id that ends an answer, pad
         "bos_token_ids": special_prefix(tokenizer), "eos_token_id": run.eos_id, "end_token_ids": list(run.end_ids),
         "pad_token_id": run.pad_id,
@@ -329,8 +331,7 @@ def _end_epoch(run: _Run, m: _Member, on_epoch_end, group_size: int) -> None:
         state = copy.deepcopy({
             "epoch": m.epoch,
             "prompt": m.weight.detach().cpu(),
-            "optimizer": m.optimizer.state_dict(),  # a one-prompt optimizer: its state is this prompt's
-            "optimizer_kind": m.cfg.optimizer,
+            **optimizer_state(m.optimizer, m.cfg),  # a one-prompt optimizer: its state is this prompt's
             "rng": torch.get_rng_state(),
             "best": m.best,
             "history": m.history,
@@ -349,39 +350,6 @@ def _leave(run: _Run, m: _Member, on_prompt_end) -> None:
     m.optimizer = None  # its state is freed with it
     if on_prompt_end is not None:
         on_prompt_end(m.index, m.result)
-
-
-def make_optimizer(cfg: TrainConfig, weight: torch.nn.Parameter) -> torch.optim.Optimizer:
-    """The optimizer of one prompt: ``cfg.optimizer`` over ``weight`` alone, with ``optimizer_settings`` (the lr,
-    its default when ``cfg.lr`` is unset, and the choice's fixed options; sources in ``ptray.config.OPTIMIZERS``).
-
-    One optimizer per prompt, so its ``state_dict()`` is the prompt's checkpoint state and a group's checkpoint
-    resumes as a single trial and the other way round.
-    """
-    settings = optimizer_settings(cfg.optimizer, cfg.lr)
-    if cfg.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor([weight], **settings)
-    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.optimizer]
-    return kind([weight], **settings)
-
-
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, cfg: TrainConfig, state: dict) -> None:
-    """Continue a prompt's optimizer from its checkpoint ``state`` (``state["optimizer"]``, a one-prompt optimizer's
-    state dict; checkpoints written before ``optimizer_kind`` was saved are Adam's). The saved options (its lr)
-    are restored with it, as ``torch.optim.Optimizer.load_state_dict`` does.
-
-    Raises:
-        PtrayError: the checkpoint's optimizer is not ``cfg.optimizer``.
-    """
-    kind = state.get("optimizer_kind", "adam")
-    if kind != cfg.optimizer:
-        raise PtrayError(f"cannot resume {cfg.task} seed {cfg.seed} with optimizer {cfg.optimizer}: its checkpoint "
-                         f"was trained with {kind}; resume with --optimizer {kind} or start a new run")
-    saved = state["optimizer"]
-    saved = {**saved, "state": {int(k): v for k, v in saved["state"].items()}}  # JSON-like "0" keys too
-    optimizer.load_state_dict(saved)
 
 
 def _result(m: _Member) -> TrainResult:
