@@ -25,27 +25,57 @@ def describe(plan: Plan, opts: Options, uri: str, storage: str, experiment: str,
     subset = ""
     if cfg.max_train_examples or cfg.max_eval_examples:
         subset = f", first {cfg.max_train_examples or 'all'} train / {cfg.max_eval_examples or 'all'} eval examples"
-    names = [layout.train_run_name(t, s) for t, s in plan.trials]
+    names = [layout.train_run_name(*m) for m in plan.trials]
+    lr = "searched" if "lr" in plan.search.get("space", {}) else f"{optimizer_settings(cfg.optimizer, cfg.lr)['lr']:g}"
     ray_text = f"the cluster at {opts.address}" if opts.address else "embedded (started by this script)"
     return "\n".join([
         f"study {plan.study!r} ({'new' if new else 'resume'}{', smoke' if plan.smoke else ''})",
         f"  ray        {ray_text}",
         f"  model      {model}",
         f"  data       {cfg.data_dir or 'the Hugging Face Hub (aps/super_glue)'}",
+        *declared_lines(plan),
         f"  training   {len(plan.trials)} trials ({', '.join(plan.tasks)} x seeds "
-        f"{', '.join(map(str, plan.seeds))}), each {opts.cpus_per_trial:g} CPU + {gpus_text}; up to "
-        f"{cfg.max_epochs} epochs (patience {cfg.patience}), {cfg.optimizer} lr "
-        f"{optimizer_settings(cfg.optimizer, cfg.lr)['lr']:g}, batch {cfg.batch_size}, "
+        f"{', '.join(map(str, plan.seeds))}{_grid_suffix(plan)}), each {opts.cpus_per_trial:g} CPU + {gpus_text}; "
+        f"up to {cfg.max_epochs} epochs (patience {cfg.patience}), {cfg.optimizer} lr {lr}, batch {cfg.batch_size}, "
         f"max length {cfg.max_length}{subset}; "
         f"{opts.max_failures} retries",
         f"             {' '.join(names)}",
         f"  groups     {_groups_text(plan)}",
-        f"  transfer   {plan.num_evaluations} evaluations ({len(plan.trials)} prompts x {len(plan.tasks)} tasks + "
-        f"{len(plan.tasks)} no-prompt baselines), one Ray task per target task, same resources",
+        f"  transfer   {plan.num_evaluations} evaluations ({len(plan.trials)} prompts x {len(plan.transfer_targets)} "
+        f"tasks + {len(plan.transfer_targets)} no-prompt baselines), one Ray task per target task, same resources"
+        + (f"; transfer only (not trained): {', '.join(plan.targets)}" if plan.targets else ""),
         f"  MLflow     experiment {experiment!r} at {uri}",
         f"  Tune       {tune_path(storage, plan.study)} (checkpoint every epoch)",
         f"  analysis   {'python -m analysis --experiment ' + experiment if opts.analysis else 'off'}",
     ])
+
+
+def _grid_suffix(plan: Plan) -> str:
+    conditions = f" x {len(plan.conditions)} conditions" if plan.conditions else ""
+    return conditions + (f" x {plan.num_samples or 1} samples" if plan.search else "")
+
+
+def declared_lines(plan: Plan) -> list[str]:
+    """A declared study's lines of the plan: its file, conditions, grid and its size, search."""
+    if not (plan.declaration or plan.conditions or plan.search):
+        return []
+    lines = []
+    if plan.declaration:
+        lines.append(f"  declared   {plan.declaration['source']} (study {plan.declaration['name']!r})")
+    for name, over in plan.conditions.items():
+        lines.append(f"  condition  {name}: " + (", ".join(f"{k}={v}" for k, v in over.items()) or "no overrides"))
+    sizes = ([f"{len(plan.conditions)} conditions"] if plan.conditions else []) + [
+        f"{len(plan.tasks)} tasks", f"{len(plan.seeds)} seeds"] + (
+        [f"{plan.num_samples or 1} samples"] if plan.search else [])
+    lines.append(f"  grid       {' x '.join(sizes)} = {len(plan.trials)} prompts")
+    if plan.search:
+        space = "; ".join(f"{k} {v['distribution']}" + (f" {v['values']}" if v["distribution"] == "choice" else
+                                                         f" [{v['low']:g}, {v['high']:g}]")
+                          for k, v in plan.search["space"].items())
+        lines.append(f"  search     {space}; {plan.search['scheduler']} on {plan.search['metric']} "
+                     f"({plan.search['mode']}) per task, epoch by epoch; one prompt per trial; the best config per "
+                     f"task in the summary")
+    return lines
 
 
 def _groups_text(plan: Plan) -> str:
@@ -53,14 +83,34 @@ def _groups_text(plan: Plan) -> str:
     def show(size: int) -> str:
         groups = plan.groups(size)
         return f"{len(groups)} trials: " + " ".join(
-            "[" + " ".join(layout.train_run_name(t, s) for t, s in g) + "]" for g in groups)
+            "[" + " ".join(layout.train_run_name(*m) for m in g) + "]" for g in groups)
 
+    if plan.search:
+        return "one prompt per trial (a searched trial is a group of one: its scheduler stops trials)"
     if plan.group_size is None:
         return (f"auto: one prompt per trial on CPUs; with GPUs {DEFAULT_GPU_GROUP_SIZE} prompts per trial "
                 f"(one GPU each), {show(DEFAULT_GPU_GROUP_SIZE)}")
     if plan.group_size == 1:
         return "one prompt per trial (--group-size N trains N together on one model)"
     return f"{plan.group_size} prompts per trial, trained together on one model, {show(plan.group_size)}"
+
+
+# How "best per task" is chosen, as the summary prints it: the same choice whatever order MLflow lists runs in.
+BEST_RULE = "highest exact match, then rank accuracy; ties: lowest eval loss, then lowest seed"
+
+
+def best_key(metrics: dict[str, float], seed: str | None, condition: str | None = None) -> tuple:
+    """The order of ``BEST_RULE`` (greater is better) for a train run's final ``metrics``, its seed tag and
+    condition tag (the last tie-break: by name, so that no tie is left to the order of a search)."""
+    def number(value, missing: float) -> float:
+        return missing if value is None or value != value else float(value)  # NaN counts as missing
+
+    try:
+        seed_number = int(seed)
+    except (TypeError, ValueError):
+        seed_number = 1 << 62
+    return (number(metrics.get("exact_match"), -1.0), number(metrics.get("rank_accuracy"), -1.0),
+            -number(metrics.get("eval_loss"), float("inf")), -seed_number, tuple(-ord(c) for c in condition or ""))
 
 
 def summarize(mc, exp_id: str, plan: Plan) -> dict[str, Any]:
@@ -71,19 +121,36 @@ def summarize(mc, exp_id: str, plan: Plan) -> dict[str, Any]:
     for r in finished:
         by_kind.setdefault(r.data.tags.get(layout.TAG_KIND), []).append(r)
     best: dict[str, dict[str, Any]] = {}
+    searched: dict[str, dict[str, Any]] = {}  # a search: the best sampled config per task (the declared metric)
+    metric, sign = plan.search.get("metric", "eval_loss"), -1 if plan.search.get("mode", "min") == "min" else 1
     for r in by_kind.get(layout.TRAIN, []):
         m = tracking.final_metrics(r)
         task = r.data.tags.get(layout.TAG_TASK)
-        key = (m.get("exact_match", -1), m.get("rank_accuracy", -1))
+        key = best_key(m, r.data.tags.get(layout.TAG_SEED), r.data.tags.get(layout.TAG_CONDITION))
         if task not in best or key > best[task]["key"]:
-            best[task] = {**m, "key": key, "seed": r.data.tags.get(layout.TAG_SEED)}
-    train_names = {layout.train_run_name(t, s) for t, s in plan.trials}
-    failed = sorted(train_names - {r.info.run_name for r in by_kind.get(layout.TRAIN, [])})
+            best[task] = {**m, "key": key, "seed": r.data.tags.get(layout.TAG_SEED),
+                          "condition": r.data.tags.get(layout.TAG_CONDITION)}
+        if plan.search and metric in m and (task not in searched or sign * m[metric] > searched[task]["key"]):
+            searched[task] = {"key": sign * m[metric], "value": m[metric], "run": r.info.run_name,
+                              "config": {k: r.data.params.get(k) for k in plan.search["space"]}}
+    stopped = sorted(r.info.run_name for r in runs if r.data.tags.get(layout.TAG_KIND) == layout.TRAIN
+                     and r.info.status == layout.KILLED and r.data.tags.get(layout.TAG_STOPPED_BY))
+    train_names = {layout.train_run_name(*m) for m in plan.trials}
+    failed = sorted(train_names - {r.info.run_name for r in by_kind.get(layout.TRAIN, [])} - set(stopped))
+    train_done = len(by_kind.get(layout.TRAIN, []))
+    eval_done = len(by_kind.get(layout.TRANSFER, [])) + len(by_kind.get(layout.BASELINE, []))
+    targets = len(getattr(plan, "transfer_targets", plan.tasks))
+    # a search evaluates the prompts its scheduler let finish
+    eval_expected = train_done * targets + targets if plan.search else plan.num_evaluations
     return {
-        "train_done": len(by_kind.get(layout.TRAIN, [])),
+        "train_done": train_done,
         "train_failed": failed,
-        "eval_done": len(by_kind.get(layout.TRANSFER, [])) + len(by_kind.get(layout.BASELINE, [])),
+        "train_stopped": stopped,
+        "eval_done": eval_done,
+        "eval_expected": eval_expected,
         "best": best,
+        "searched": searched,
+        "complete": train_done + len(stopped) == len(plan.trials) and eval_done == eval_expected,
     }
 
 
@@ -93,20 +160,30 @@ def render_summary(summary: dict[str, Any], plan: Plan, experiment: str, exp_id:
     lines = [
         "",
         f"study {plan.study!r} in {seconds:.0f} s:",
-        f"  training   {summary['train_done']}/{len(plan.trials)} trials done, {len(summary['train_failed'])} failed"
+        f"  training   {summary['train_done']}/{len(plan.trials)} trials done, "
+        + (f"{len(summary['train_stopped'])} stopped early by {plan.search['scheduler']}, " if plan.search else "")
+        + f"{len(summary['train_failed'])} failed"
         + (f" ({', '.join(summary['train_failed'])})" if summary["train_failed"] else ""),
-        f"  transfer   {summary['eval_done']}/{plan.num_evaluations} transfer and baseline runs done"
+        f"  transfer   {summary['eval_done']}/{summary['eval_expected']} transfer and baseline runs done"
         + (f"; failed: {'; '.join(transfer_failures)}" if transfer_failures else ""),
-        "  best per task (over seeds):",
+        f"  best per task (over seeds; {BEST_RULE}):",
     ]
     for task in plan.tasks:
         b = summary["best"].get(task)
         if b is None:
             lines.append(f"    {task:<5} no finished trial")
         else:
+            condition = f", condition {b['condition']}" if b.get("condition") else ""
             lines.append(f"    {task:<5} exact match {b.get('exact_match', float('nan')):.4f}  rank accuracy "
-                         f"{b.get('rank_accuracy', float('nan')):.4f}  (seed {b['seed']}, best epoch "
+                         f"{b.get('rank_accuracy', float('nan')):.4f}  (seed {b['seed']}{condition}, best epoch "
                          f"{int(b.get('best_epoch', 0))})")
+    if plan.search:
+        lines.append(f"  best config per task ({plan.search['metric']}, {plan.search['mode']}):")
+        for task in plan.tasks:
+            s = summary["searched"].get(task)
+            lines.append(f"    {task:<5} " + ("no finished trial" if s is None else
+                                              " ".join(f"{k} {v}" for k, v in s["config"].items())
+                                              + f"  ({plan.search['metric']} {s['value']:.4f}, {s['run']})"))
     lines += [
         f"  MLflow     experiment {experiment!r} (id {exp_id}) at {uri}",
         f"             {tracking.ui_command(uri)}",
