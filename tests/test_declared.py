@@ -15,8 +15,9 @@ PAPER_SEEDS = (0, 1, 2, 3)
 
 
 def test_shipped_studies_load_with_their_grid_sizes():
-    assert shipped_studies() == ("init", "length", "lr", "optimizer", "paper")
-    sizes = {"paper": 16, "init": 64, "length": 96, "optimizer": 64, "lr": 4}
+    assert shipped_studies() == ("init", "length", "lr", "optimizer", "paper", "spot")
+    # spot's grid as declared (conditions text and spot); sweeps/spot.py runs it as two phases (tests/test_spot.py)
+    sizes = {"paper": 16, "init": 64, "length": 96, "optimizer": 64, "lr": 4, "spot": 32}
     for name, size in sizes.items():
         d = load_study(name)
         assert d.name == name and d.description and d.source == str(STUDIES_DIR / f"{name}.toml")
@@ -146,7 +147,7 @@ def test_each_mistake_is_one_line_naming_the_file_and_field(tmp_path, text, mess
 
 def test_unknown_names_and_missing_files(tmp_path):
     with pytest.raises(PtrayError, match=r"^unknown study 'inti'; shipped studies: init, length, lr, optimizer, "
-                                         r"paper\. Did you mean 'init'\? Or give the path of a study file \(\.toml\)$"):
+                                         r"paper, spot\. Did you mean 'init'\? Or give the path of a study file \(\.toml\)$"):
         load_study("inti")
     with pytest.raises(PtrayError, match=r"^study file '.*nope\.toml' not found$"):
         load_study(tmp_path / "nope.toml")

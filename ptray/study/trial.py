@@ -229,7 +229,8 @@ def _train_run(client, ctx: StudyContext, name: str, task: str, seed: int, resum
 
 def resolve_init_source(client, ctx: StudyContext, cfg, folder: Path):
     """``cfg`` ready to train on this node: an init_source that names a train run of the study (init 'prompt',
-    SPoT: ``rte-seed0``) replaced by that run's prompt adapter, downloaded into ``folder``; a folder as it is.
+    SPoT: ``rte-seed0``), else of one other study of its experiment, replaced by that run's prompt adapter,
+    downloaded into ``folder``; a folder as it is.
 
     Raises:
         PtrayError: the source is neither a folder nor a FINISHED train run of the study.
@@ -239,10 +240,20 @@ def resolve_init_source(client, ctx: StudyContext, cfg, folder: Path):
     if cfg.init_source is None or Path(cfg.init_source).expanduser().is_dir():
         return cfg
     run = tracking.find_run(client, ctx.experiment_id, ctx.study, cfg.init_source)
+    if run is None:  # another study of the experiment (SPoT's sources: sweeps/spot.py), when only one has it
+        others = [r for r in tracking.search_runs(client, ctx.experiment_id,
+                                                  f"attributes.run_name = '{cfg.init_source}'")
+                  if r.data.tags.get(layout.TAG_KIND) == layout.TRAIN and r.info.status == layout.FINISHED]
+        studies = sorted({r.data.tags.get(layout.TAG_STUDY) for r in others})
+        if len(studies) > 1:
+            raise PtrayError(f"init source {cfg.init_source!r} names finished train runs of several studies of the "
+                             f"experiment ({', '.join(studies)}); give an adapter folder instead")
+        run = others[0] if others else None
     if run is None or run.info.status != layout.FINISHED or run.data.tags.get(layout.TAG_KIND) != layout.TRAIN:
         state = "not a train run" if run is None else f"a {run.data.tags.get(layout.TAG_KIND)} run, {run.info.status}"
         raise PtrayError(f"init source {cfg.init_source!r} of {cfg.task} seed {cfg.seed} is neither a folder nor a "
-                         f"finished train run of study {ctx.study!r} ({state}); train the source prompt first")
+                         f"finished train run of study {ctx.study!r} or its experiment ({state}); train the source "
+                         f"prompt first")
     from mlflow.artifacts import download_artifacts
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,141 @@
+"""SPoT (Vu et al. 2021) as a two-phase study: the source prompts first, then every target tuned from them.
+
+    python sweeps/spot.py --smoke --data-dir ../shared/data/superglue --tasks cb,rte --seeds 0   # minutes on CPUs
+    python sweeps/spot.py --data-dir ~/data/superglue                    # sweeps/studies/spot.toml as declared
+
+The declaration (``--study``, default ``spot``: ``sweeps/studies/spot.toml``) holds the tasks, seeds, the source
+prompts' ``[train]`` budget, ``[conditions.text]`` (the target from its init text) and ``[conditions.spot]`` (the
+target from a source prompt: ``init = "prompt"``, ``init_source = "{source}-seed{seed}"``). This script writes two
+declared studies to ``outputs/spot/`` and runs each with ``sweeps/all.py``'s driver, in one MLflow experiment
+(``--experiment``, default ``ptray-NAME``):
+
+1. ``NAME-sources``: every (task, seed) prompt at ``[train]``'s budget, and its transfer grid (no analysis).
+2. ``NAME``: conditions ``text`` and ``from-SOURCE`` for every trained SOURCE, on every task and seed: the target's
+   prompt starts from SOURCE's phase-1 prompt of the same seed (tagged ``ptray.init_from``), both at the short
+   budget; then the transfer grid and the analysis.
+
+Every other flag goes to both phases as ``sweeps/all.py`` takes it (``--smoke``, ``--data-dir``, ``--task-file``,
+``--targets``, ``--tracking-uri``, ...). ``--spot-epochs N`` sets phase 2's budget (default: the declaration's;
+with ``--smoke`` the smoke budget). ``--resume`` continues both phases (a phase that never started is started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import analysis
+from ptray.config import SMOKE_TRAIN
+from ptray.data.tasks import register_task_files
+from ptray.errors import PtrayError
+from ptray.study import driver, tracking
+from ptray.study.declared import StudyDeclaration, load_study
+
+SOURCE = "{source}"  # in [conditions.spot]'s init_source: the source task
+
+
+def _toml(value: Any) -> str:
+    """A TOML value of the plain kinds a declaration holds (JSON spells strings, numbers, booleans and arrays as
+    TOML does)."""
+    return json.dumps(value)
+
+
+def phase_texts(decl: StudyDeclaration, tasks: tuple[str, ...], seeds: tuple[int, ...],
+                spot_epochs: int | None = None) -> tuple[str, str]:
+    """The two declared studies of ``decl``'s SPoT run on ``tasks`` x ``seeds`` (TOML text): the sources (its
+    ``[train]``, no conditions) and the targets (``text`` and ``from-SOURCE`` for each of ``tasks``).
+
+    Raises:
+        PtrayError: ``decl`` lacks ``[conditions.text]`` or ``[conditions.spot]``, or the latter's init_source
+            does not name ``{source}``.
+    """
+    if set(decl.conditions) != {"text", "spot"}:
+        raise PtrayError(f"{decl.source}: a SPoT study declares [conditions.text] and [conditions.spot], got "
+                         f"{', '.join(decl.conditions) or 'none'}")
+    spot = dict(decl.conditions["spot"])
+    if spot.get("init") != "prompt" or SOURCE not in str(spot.get("init_source", "")):
+        raise PtrayError(f"{decl.source}: [conditions.spot] needs init = \"prompt\" and an init_source naming "
+                         f"{SOURCE} (e.g. \"{{source}}-seed{{seed}}\")")
+    head = [f"tasks = {_toml(list(tasks))}", f"seeds = {_toml(list(seeds))}", "", "[train]"]
+    head += [f"{k} = {_toml(v)}" for k, v in decl.train.items()]
+    sources = "\n".join([f"name = {_toml(decl.name + '-sources')}",
+                         f"description = {_toml('SPoT sources: ' + decl.description)}", *head, ""])
+    conditions = {"text": dict(decl.conditions["text"])}
+    for task in tasks:
+        conditions[f"from-{task}"] = {**spot, "init_source": spot["init_source"].replace(SOURCE, task)}
+    if spot_epochs is not None:
+        for over in conditions.values():
+            over["max_epochs"] = spot_epochs
+    lines = [f"name = {_toml(decl.name)}", f"description = {_toml(decl.description)}", *head]
+    for name, over in conditions.items():
+        lines += ["", f"[conditions.{_toml(name)}]", *(f"{k} = {_toml(v)}" for k, v in over.items())]
+    return sources, "\n".join(lines + [""])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags this script reads itself; every other one goes to both phases."""
+    p = argparse.ArgumentParser(prog="python sweeps/spot.py", description=__doc__.splitlines()[0])
+    p.add_argument("--study", default="spot", help="the SPoT declaration: a shipped study's name or a .toml file")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: the declaration's)")
+    p.add_argument("--seeds", default=None, help="seeds, e.g. 0-3 (default: the declaration's)")
+    p.add_argument("--spot-epochs", type=int, default=None, help="phase 2's max_epochs (default: the declaration's; "
+                                                                 f"with --smoke {SMOKE_TRAIN['max_epochs']})")
+    p.add_argument("--experiment", default=None, help="the MLflow experiment of both phases (default: ptray-NAME)")
+    p.add_argument("--out", default="outputs/spot", help="where the two phases' declarations are written")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both phases; returns phase 2's exit code (phase 1's when it did not finish)."""
+    args, rest = build_parser().parse_known_args(argv)
+    try:
+        files = [v for i, v in enumerate(rest) if i and rest[i - 1] == "--task-file"]
+        register_task_files(files)  # the declaration and --tasks may name them
+        decl = load_study(args.study)
+        tasks = driver.parse_tasks(args.tasks) if args.tasks else decl.tasks
+        seeds = driver.parse_seeds(args.seeds) if args.seeds else decl.seeds
+        smoke = "--smoke" in rest
+        epochs = args.spot_epochs or (SMOKE_TRAIN["max_epochs"] if smoke else None)
+        sources, targets = phase_texts(decl, tasks, seeds, epochs)
+    except PtrayError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{decl.name}-sources.toml", out / f"{decl.name}.toml"]
+    for path, text in zip(paths, (sources, targets)):
+        path.write_text(text, encoding="utf-8")
+    experiment = args.experiment or f"ptray-{decl.name}"
+    common = [*rest, "--experiment", experiment]
+    print(f"SPoT phase 1: the source prompts ({paths[0]})", flush=True)
+    code = driver.main(["--study", str(paths[0]), *_resumable(common, paths[0], experiment), "--no-analysis"],
+                       prog="python sweeps/spot.py")
+    if code != 0:
+        return code
+    print(f"\nSPoT phase 2: every target from every source and from its init text ({paths[1]})", flush=True)
+    return driver.main(["--study", str(paths[1]), *_resumable(common, paths[1], experiment)],
+                       analyse=analysis.run, prog="python sweeps/spot.py")
+
+
+def _resumable(argv: list[str], path: Path, experiment: str) -> list[str]:
+    """``argv`` without ``--resume`` when the phase's study never started (its plan is not in the experiment)."""
+    if "--resume" not in argv:
+        return argv
+    study = load_study(path).name
+    uri = tracking.resolve_tracking_uri(_flag(argv, "--tracking-uri"))
+    try:
+        started = tracking.read_plan(tracking.client(uri), experiment, study) is not None
+    except Exception:  # no store yet: nothing started
+        started = False
+    return argv if started else [a for a in argv if a != "--resume"]
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == name), None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
