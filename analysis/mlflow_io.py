@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from analysis.records import EvalRun, PromptRun, Study
+from analysis.records import EvalRun, PromptRun, Study, Trial
 from ptray import layout
 from ptray.errors import PtrayError
 from ptray.study import tracking
@@ -25,14 +25,14 @@ def _check_uri(uri: str) -> None:
     if not tracking.store_exists(uri):
         raise PtrayError(f"no MLflow database or file store at {uri}; pass --tracking-uri with the study's store, "
                          f"e.g. sqlite:///path/to/mlflow.db")
-    tracking.check_tracking(uri)
 
 
 def connect(tracking_uri: str | None = None):
-    """An ``MlflowClient`` for ``tracking_uri`` (default: MLflow's own default / $MLFLOW_TRACKING_URI)."""
+    """An ``MlflowClient`` for ``tracking_uri`` (default: MLflow's own default / $MLFLOW_TRACKING_URI); a store
+    MLflow cannot use is one ``PtrayError`` line (``tracking.open_store``), as in the sweep."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     _check_uri(uri)
-    return tracking.client(uri), uri
+    return tracking.open_store(uri), uri
 
 
 def find_experiment(client, name: str):
@@ -42,6 +42,8 @@ def find_experiment(client, name: str):
     except Exception as err:
         raise PtrayError(f"could not query the MLflow store: {type(err).__name__}: {str(err).splitlines()[0]}") \
             from None
+    if exp is not None and exp.lifecycle_stage != "active":
+        raise tracking.deleted_experiment_error(exp, tracking.client_uri(client))
     if exp is None:
         names = [e.name for e in client.search_experiments()]
         hint = difflib.get_close_matches(name, names, n=1)
@@ -55,12 +57,34 @@ def _all_runs(client, experiment_id: str) -> list:
     return tracking.search_runs(client, experiment_id, order_by=["attributes.start_time ASC"])
 
 
+def _key(run) -> tuple:
+    """What identifies a run here: ``layout.run_key``, and for a train run also the prompt it started from
+    (``ptray.init_from``: a SPoT study trains one target run per source) and its ``lr`` param (the trials of a
+    search differ by it)."""
+    t = run.data.tags
+    key = layout.run_key(t)
+    if t.get(layout.TAG_KIND) == layout.TRAIN:
+        key += (t.get(layout.TAG_INIT_FROM), run.data.params.get("lr"))
+    return key
+
+
+def _stopped(run) -> bool:
+    """A train run a Tune scheduler stopped early: KILLED with ``ptray.stopped_by`` (a search trial, kept)."""
+    return run.info.status == layout.KILLED and bool(run.data.tags.get(layout.TAG_STOPPED_BY))
+
+
+def _float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _latest(runs: list, notes: list[str]) -> list:
-    """One run per (kind, task, seed, source, target): the latest (a resumed or re-run study repeats runs)."""
+    """One run per key (``_key``): the latest (a resumed or re-run study repeats runs)."""
     keep: dict[tuple, object] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time or 0):
-        t = run.data.tags
-        key = layout.run_key(t)
+        key = _key(run)
         if key in keep:
             notes.append(f"run {keep[key].info.run_name or keep[key].info.run_id} is repeated; the later "
                          f"{run.info.run_id} is used")
@@ -112,17 +136,17 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file is noise here
     client, uri = connect(tracking_uri)
     exp = find_experiment(client, experiment)
-    prompts, evals, notes, studies, runs = [], [], [], set(), []
+    prompts, evals, trials, notes, studies, runs = [], [], [], [], set(), []
     for run in _all_runs(client, exp.experiment_id):
         kind = run.data.tags.get(layout.TAG_KIND)
         if kind not in (layout.TRAIN, *layout.EVAL_KINDS):
             continue
-        if run.info.status != layout.FINISHED:
+        if run.info.status != layout.FINISHED and not (kind == layout.TRAIN and _stopped(run)):
             notes.append(f"skipped {kind} run {run.info.run_name or run.info.run_id} ({run.info.status})")
             continue
         runs.append(run)
     runs = _latest(runs, notes)
-    if not any(r.data.tags.get(layout.TAG_KIND) == layout.TRAIN for r in runs):
+    if not any(r.data.tags.get(layout.TAG_KIND) == layout.TRAIN and r.info.status == layout.FINISHED for r in runs):
         raise PtrayError(f"experiment {experiment!r} has no finished train runs (runs tagged "
                          f"{layout.TAG_KIND}={layout.TRAIN}); nothing to analyse")
     with tempfile.TemporaryDirectory(prefix="ptray-analysis-") as tmp:
@@ -132,7 +156,9 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
             run_id = run.info.run_id
             studies.add(tags.get(layout.TAG_STUDY, ""))
             dst = Path(tmp) / run_id
-            if kind == layout.TRAIN:
+            if kind == layout.TRAIN and _stopped(run):
+                trials.append(_stopped_trial(client, run))
+            elif kind == layout.TRAIN:
                 for name in layout.PROMPT_FILES:
                     _download(run, name, dst, required=True, tracking_uri=uri)
                 prompt = load_adapter(dst / layout.PROMPT_DIR)
@@ -143,8 +169,18 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
                 seed = tags.get(layout.TAG_SEED, config.get("seed"))
                 if not task:
                     raise PtrayError(f"train run {run_id} has no {layout.TAG_TASK} tag and no task in config.json")
-                prompts.append(PromptRun(run_id, str(task), _int(seed, "seed", run_id), prompt, config, metrics,
-                                         preds))
+                lr = _float(run.data.params.get("lr", config.get("lr")))
+                prompt_run = PromptRun(run_id, str(task), _int(seed, "seed", run_id), prompt, config, metrics, preds,
+                                       condition=tags.get(layout.TAG_CONDITION) or None,
+                                       init_from=tags.get(layout.TAG_INIT_FROM) or None, lr=lr)
+                prompts.append(prompt_run)
+                trials.append(Trial(
+                    run_id, prompt_run.task, prompt_run.seed, layout.FINISHED, lr, prompt_run.condition,
+                    init_from=prompt_run.init_from, run_name=run.info.run_name or "",
+                    metrics={"best_eval_loss": metrics.get("eval_loss"), "eval_loss": _last_eval_loss(run, metrics),
+                             "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
+                             "exact_match": metrics.get("exact_match"),
+                             "rank_accuracy": metrics.get("rank_accuracy")}))
             else:
                 metrics = _json(run, layout.METRICS_FILE, dst, True, uri)
                 preds = _json(run, layout.PREDICTIONS_FILE, dst, False, uri)
@@ -158,9 +194,35 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
                 evals.append(EvalRun(
                     run_id=run_id, kind=kind, target=str(target), source=str(source) if transfer else None,
                     source_seed=_int(seed, "seed", run_id) if transfer else None, metrics=metrics, idx=idx,
-                    em_correct=em_correct, rank_correct=rank_correct))
+                    em_correct=em_correct, rank_correct=rank_correct,
+                    condition=tags.get(layout.TAG_CONDITION) or None))
     study_tag = min(studies) if len(studies) == 1 else ",".join(sorted(s for s in studies if s))
-    return Study(experiment, study_tag, prompts, evals, experiment_id=exp.experiment_id), notes
+    return Study(experiment, study_tag, prompts, evals, experiment_id=exp.experiment_id, trials=trials), notes
+
+
+def _last_eval_loss(run, metrics: dict) -> float | None:
+    """A train run's last epoch's eval loss: the latest value of its per-epoch ``eval_loss`` (the best epoch's
+    from metrics.json when the run logged no history)."""
+    return _float(run.data.metrics.get(layout.HISTORY_KEY, metrics.get("eval_loss")))
+
+
+def _stopped_trial(client, run) -> Trial:
+    """A scheduler-stopped train run as a Trial, from its tags, params and per-epoch metrics (no artifacts are
+    needed: a stopped trial may have none)."""
+    tags, m = run.data.tags, run.data.metrics
+    run_id = run.info.run_id
+    task = tags.get(layout.TAG_TASK) or run.data.params.get("task")
+    if not task:
+        raise PtrayError(f"train run {run_id} has no {layout.TAG_TASK} tag and no task param")
+    history = client.get_metric_history(run_id, layout.HISTORY_KEY)
+    losses = [h.value for h in history]
+    return Trial(run_id, str(task), _int(tags.get(layout.TAG_SEED, run.data.params.get("seed")), "seed", run_id),
+                 layout.KILLED, _float(run.data.params.get("lr")), tags.get(layout.TAG_CONDITION) or None,
+                 tags.get(layout.TAG_STOPPED_BY), tags.get(layout.TAG_INIT_FROM) or None, run.info.run_name or "",
+                 {"best_eval_loss": _float(m.get("best_eval_loss", min(losses) if losses else None)),
+                  "eval_loss": _float(m.get(layout.HISTORY_KEY)),
+                  "best_epoch": _float(m.get("best_epoch")), "epochs_run": len({h.step for h in history}),
+                  "exact_match": None, "rank_accuracy": None})
 
 
 def log_analysis(study: Study, out_dir: Path, tracking_uri: str | None, metrics: dict[str, float]) -> str:

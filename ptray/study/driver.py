@@ -136,8 +136,9 @@ def study_declaration(study: str | None) -> StudyDeclaration | None:
 def study_id(args: argparse.Namespace, decl: StudyDeclaration | None) -> str:
     """The study id: a declaration's name, else ``--study``; each smoke run a new study (``[NAME-]smoke-<time>``)."""
     if args.smoke and args.resume and (args.study is None or decl is not None):
-        raise PtrayError("--resume --smoke needs --study with the smoke study's id: each smoke run is its own study, "
-                         "named [NAME-]smoke-<date>-<time> (the interrupted run printed the command to resume it)")
+        raise PtrayError("--resume --smoke needs --study: each smoke run is its own study, named smoke-<date>-<time> "
+                         "(NAME-smoke-<date>-<time> for a declared study NAME: give that id; the interrupted run "
+                         "printed the command to resume it)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if decl is not None:
         study = f"{decl.name}-smoke-{stamp}" if args.smoke else decl.name
@@ -168,8 +169,6 @@ def _check_declared(plan: Plan, given_train: dict[str, Any]) -> None:
         if key in set_by:
             raise PtrayError(f"--{key.replace('_', '-')}: the study sets {key} in {set_by[key]}; leave the flag out "
                              f"(or declare a study without it)")
-    if plan.num_samples is not None and not plan.search:
-        raise PtrayError("--num-samples: the study declares no search; it trains each (task, seed) once")
     if plan.search and plan.group_size not in (None, 1):
         raise PtrayError(f"--group-size {plan.group_size}: a searched trial is a group of one (its scheduler stops "
                          f"trials, and a group holds several prompts); leave --group-size out")
@@ -302,8 +301,50 @@ def main(argv: list[str] | None = None, analyse: Analyse | None = None, prog: st
         return 2
 
 
+def run_local_study(plan: Plan, opts: Options, experiment: str, analyse: Analyse | None) -> int:
+    """``--local DIR``: the study in this process (``ptray.study.local``), then published into MLflow when MLflow
+    is installed and the store answers, then analysed. Returns the exit code (130 when interrupted)."""
+    from ptray.study.local import run_local
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # a line per finished epoch
+    study_dir = str(Path(opts.local).expanduser().resolve())
+    resume = f"ptray study --resume --local {study_dir}"
+    try:
+        counts = run_local(plan, study_dir, resume=opts.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. Finish the study with:\n  {resume}", file=sys.stderr)
+        return 130
+    print(f"local study {plan.study}: {counts['train']} train runs and {counts['evaluations']} evaluations written "
+          f"to {study_dir}")
+    publish_later = f"ptray publish {study_dir} --experiment {experiment}"
+    try:
+        from ptray.study.publish import publish
+
+        out = publish(study_dir, opts.tracking_uri, experiment)
+    except ImportError:  # a GPU machine with torch only: the folder goes home and is published there
+        print(f"MLflow is not installed here: publish it where it is with\n  {publish_later}")
+        return 0
+    except PtrayError as err:
+        print(f"not published ({err}); publish it later with\n  {publish_later}", file=sys.stderr)
+        return 1
+    print(f"published {out['published']} runs into MLflow experiment {experiment!r} at {out['tracking_uri']}")
+    note = analysis_phase(experiment, out["tracking_uri"], opts, True, analyse)
+    print(f"analysis: {note}")
+    return 0 if not note.startswith("failed") else 1
+
+
+def local_plan_json(study_dir: str) -> dict:
+    """The stored plan of a local study folder (``--resume --local DIR``), as ``plan_from_args`` takes it."""
+    from ptray.study.local import read_plan
+
+    return read_plan(study_dir).to_json()
+
+
 def _quiet_mlflow() -> None:
-    import mlflow  # noqa: F401 - MLflow sets its loggers' level on import; set ours after it
+    try:
+        import mlflow  # noqa: F401 - MLflow sets its loggers' level on import; set ours after it
+    except ImportError:  # a local study runs without MLflow (a GPU machine with torch only)
+        return
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..." etc.
 
@@ -319,7 +360,17 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     uri = tracking.resolve_tracking_uri(opts.tracking_uri)
     storage = preflight.resolve_storage(opts.storage_path, cluster=opts.address is not None)
     plan = plan_from_args(args)
+    if plan.num_samples is not None and not plan.search:  # here: plan_from_args takes every flag it is given
+        raise PtrayError("--num-samples: the study declares no search; it trains each (task, seed) once")
     experiment = opts.experiment or f"ptray-{plan.study}"
+    if opts.local is not None:  # one process, one device, run folders: no Ray, MLflow only to publish
+        if opts.resume:
+            plan = plan_from_args(args, local_plan_json(opts.local))
+        preflight.data_files(plan)
+        if opts.dry_run:
+            print(describe(plan, opts, uri, storage, experiment, new=not opts.resume))
+            return 0
+        return run_local_study(plan, opts, experiment, analyse)
     if not opts.resume:  # a resumed study's files are checked against its stored plan, once read (below)
         preflight.data_files(plan)
     if opts.dry_run and not opts.resume:
