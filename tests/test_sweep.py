@@ -62,7 +62,8 @@ def test_seed_and_task_lists():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--tasks", "cb,boolq"], "error: unknown task 'boolq'; valid tasks: cb, rte, copa, wsc. Other registered tasks: wic."),
+    (["--tasks", "cb,boolq"], "error: unknown task 'boolq'; valid tasks: cb, rte, copa, wsc. Other registered "
+                              "tasks: wic."),
     (["--seeds", "0-x"], "error: --seeds '0-x': '0-x' is not a seed or a range like 0-3 (seeds are integers >= 0)"),
     (["--max-epochs", "0"], "error: argument --max-epochs: must be a positive integer, got 0 "
                             "(see python sweeps/all.py --help)"),
@@ -169,7 +170,8 @@ def test_plan_round_trips_and_reads_flat_plans():
     assert Plan.from_json(stored) == plan
     compared = plan.compared()
     assert set(compared) == ({f.name for f in dataclasses.fields(TrainConfig)} - {"task", "seed", "compile"}
-                             | {"tasks", "seeds", "smoke", "tiny_model", "group_size"})
+                             | {"tasks", "seeds", "smoke", "tiny_model", "group_size", "targets", "conditions",
+                                "search", "num_samples"})
     grouped = dataclasses.replace(plan, group_size=2)
     assert Plan.from_json(json.loads(json.dumps(grouped.to_json()))).group_size == 2
     assert grouped.groups() == [(("cb", 1), ("cb", 5)), (("wsc", 1), ("wsc", 5))]  # one task's seeds together
@@ -191,7 +193,8 @@ def test_every_plan_flag_reaches_the_plan():
     from ptray.cli import add_config_arguments
     from ptray.study.driver import build_parser, plan_from_args
 
-    samples = {"tasks": ("cb,rte", ("cb", "rte")), "seeds": ("5,7", (5, 7))}  # parsed by the driver, not argparse
+    samples = {"tasks": ("cb,rte", ("cb", "rte")), "seeds": ("5,7", (5, 7)),  # parsed by the driver, not argparse
+               "targets": ("wic", ("wic",))}
     parser = build_parser()
     names = add_config_arguments(argparse.ArgumentParser(), Plan)
     assert {"tasks", "seeds", "smoke", "group_size"} <= set(names)
