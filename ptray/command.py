@@ -4,6 +4,7 @@
     ptray study ...            the whole study on Ray Tune + MLflow     (also: python sweeps/all.py)
     ptray analyse ...          the report of a study tracked in MLflow  (also: python -m analysis)
     ptray model prepare|ask|list|tiny ...   models offline
+    ptray publish STUDY_DIR    a local study (ptray study --local DIR) into MLflow
 
 Each subcommand's flags come from the config dataclasses (``ptray.config``); ``ptray SUBCOMMAND --help`` lists them.
 
@@ -26,6 +27,8 @@ BUILTIN = {
               "ptray.study.driver:main"),
     "model": ("models offline: prepare a real small model, ask it a question, build a tiny random one",
               "ptray.lm.pretrained:main"),
+    "publish": ("a local study's run folders (ptray study --local DIR) into MLflow, idempotent",
+                "ptray.study.publish:main"),
 }
 PLUGINS = {  # subcommands another installed package provides; shown in --help even when missing
     "analyse": "the report of a study tracked in MLflow: figures, tables, report.html (the analysis package)",

@@ -422,6 +422,9 @@ class Options:
     dry_run: bool = config_field(False, "print the plan and exit")
     analysis: bool = config_field(True, "run the analysis at the end", off_help="skip the analysis step")
     analysis_dir: str | None = config_field(None, "where the analysis writes its report (unset: its own)")
+    local: str | None = config_field(None, "run the whole study in this process on one device (no Ray) into this "
+                                           "folder of run folders; published to MLflow at the end when MLflow is "
+                                           "installed and the store reachable (later: ptray publish DIR)")
 
     def __post_init__(self):
         check_config(self)

@@ -160,6 +160,17 @@ def prediction_lists(preds: dict[str, Any], baseline: str | None = None) -> tupl
             list(lists.get(RANK_CORRECT, [])))
 
 
+def logged_metrics(kind: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of a finished run from its ``metrics.json``: a train run's final metrics get
+    ``FINAL_PREFIX`` (its unprefixed names hold the per-epoch history), without task and seed; an evaluation's
+    metrics as they are, without ``source_seed``; text and None values are no metrics."""
+    if kind == TRAIN:
+        pairs = ((FINAL_PREFIX + k, v) for k, v in metrics.items() if k not in ("task", "seed"))
+    else:
+        pairs = ((k, v) for k, v in metrics.items() if k != "source_seed")
+    return {k: v for k, v in pairs if isinstance(v, (int, float))}
+
+
 def eval_metrics(source: str | None, seed: int | None, target: str, result: Any,
                  no_prompt: dict[str, float]) -> dict[str, Any]:
     """The ``metrics.json`` of a transfer (``source`` given) or baseline (``source`` None) run.

@@ -340,6 +340,16 @@ def local_plan_json(study_dir: str) -> dict:
     return read_plan(study_dir).to_json()
 
 
+def main_declared(name: str, argv: list[str] | None = None, analyse: Analyse | None = None,
+                  prog: str | None = None) -> int:
+    """``main`` for the shipped declaration ``name`` (``sweeps/NAME.py``): ``--study NAME`` unless ``argv`` names a
+    study itself (``--resume --study NAME-smoke-<date>-<time>``, another declaration)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--study" or a.startswith("--study=") for a in argv):
+        argv = ["--study", name, *argv]
+    return main(argv, analyse=analyse, prog=prog or f"python sweeps/{name}.py")
+
+
 def _quiet_mlflow() -> None:
     try:
         import mlflow  # noqa: F401 - MLflow sets its loggers' level on import; set ours after it

@@ -1,0 +1,131 @@
+"""The local study (one process, no Ray, no MLflow: run folders) and ``ptray publish`` (run folders -> MLflow)."""
+
+import json
+
+import pytest
+import torch
+
+from ptray import layout
+from ptray.config import Plan, TrainConfig
+from ptray.errors import PtrayError
+from ptray.lm.prompt import load_adapter
+from ptray.study.local import finished_runs, run_dir, run_local
+
+
+def _plan(tiny_model_dir, data_dir, **train):
+    cfg = dict(model=str(tiny_model_dir), data_dir=str(data_dir), max_epochs=2, max_train_examples=8,
+               max_eval_examples=8, max_length=128, batch_size=4, patience=5)
+    return Plan(study="loc", tasks=("cb", "copa"), seeds=(0,), train=TrainConfig(**{**cfg, **train}))
+
+
+def test_local_study_writes_every_run_folder_and_resumes_without_redoing(tiny_model_dir, data_dir, tmp_path):
+    plan = _plan(tiny_model_dir, data_dir)
+    counts = run_local(plan, tmp_path / "s", progress=False)
+    assert counts == {"train": 2, "evaluations": 2 + 4}  # 2 baselines, 2 prompts x 2 targets
+    runs = finished_runs(tmp_path / "s")
+    assert sorted(runs) == ["baseline-none-on-cb", "baseline-none-on-copa", "cb-seed0", "copa-seed0",
+                            "transfer-cb-seed0-on-cb", "transfer-cb-seed0-on-copa", "transfer-copa-seed0-on-cb",
+                            "transfer-copa-seed0-on-copa"]
+    cb = run_dir(tmp_path / "s", "cb-seed0")
+    assert sorted(p.name for p in cb.iterdir()) == ["config.json", "history.json", "metrics.json",
+                                                    "predictions.json", "prompt", "run.json"]
+    assert runs["cb-seed0"]["tags"] == layout.run_tags("loc", layout.TRAIN, "cb", 0)
+    assert runs["cb-seed0"]["params"]["study"] == "loc" and "group_size" not in runs["cb-seed0"]["params"]
+    assert len(json.loads((cb / "history.json").read_text())) == 2
+    assert not (tmp_path / "s" / "checkpoints" / "cb-seed0").exists()  # removed once the run is written
+    # the diagonal transfer run scores the same prompt on its own task as the train run's final evaluation
+    diag = json.loads((run_dir(tmp_path / "s", "transfer-cb-seed0-on-cb") / "metrics.json").read_text())
+    final = json.loads((cb / "metrics.json").read_text())
+    assert diag["exact_match"] == final["exact_match"] and diag["rank_accuracy"] == final["rank_accuracy"]
+    assert run_local(plan, tmp_path / "s", resume=True, progress=False) == {"train": 0, "evaluations": 0}
+
+
+def test_a_stopped_local_study_resumes_from_its_checkpoint_to_the_same_prompt(tiny_model_dir, data_dir, tmp_path,
+                                                                             monkeypatch):
+    import ptray.training.run_folder as run_folder
+
+    plan = _plan(tiny_model_dir, data_dir)
+    run_local(plan, tmp_path / "straight", progress=False)
+    real = run_folder.save_run
+
+    def stop(*args, **kwargs):  # the process dies after the first prompt's last epoch was checkpointed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_folder, "save_run", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_local(plan, tmp_path / "stopped", progress=False)
+    assert (tmp_path / "stopped" / "checkpoints" / "cb-seed0" / "state.pt").is_file()
+    assert finished_runs(tmp_path / "stopped") == {}
+    monkeypatch.setattr(run_folder, "save_run", real)
+    assert run_local(plan, tmp_path / "stopped", resume=True, progress=False)["train"] == 2
+    for name in ("cb-seed0", "copa-seed0"):
+        a = load_adapter(run_dir(tmp_path / "straight", name) / "prompt")
+        b = load_adapter(run_dir(tmp_path / "stopped", name) / "prompt")
+        assert torch.equal(a, b)
+
+
+def test_resume_refuses_another_plan_and_a_new_study_a_used_folder(tiny_model_dir, data_dir, tmp_path):
+    plan = _plan(tiny_model_dir, data_dir, max_epochs=1)
+    run_local(plan, tmp_path / "s", progress=False)
+    with pytest.raises(PtrayError, match=r"was started with another plan \(differs in: max_epochs\)"):
+        run_local(_plan(tiny_model_dir, data_dir, max_epochs=3), tmp_path / "s", resume=True)
+    with pytest.raises(PtrayError, match="already holds files; choose a new --local or resume it with --resume"):
+        run_local(plan, tmp_path / "s")
+    with pytest.raises(PtrayError, match="is not a local study folder"):
+        run_local(plan, tmp_path / "empty", resume=True)
+
+
+def test_publish_logs_the_runs_as_the_ray_study_does_and_twice_is_once(tiny_model_dir, data_dir, tmp_path):
+    from mlflow import MlflowClient
+
+    from ptray.study.publish import publish
+
+    plan = _plan(tiny_model_dir, data_dir)
+    run_local(plan, tmp_path / "s", progress=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = publish(tmp_path / "s", uri)
+    assert out["published"] == 8 and out["skipped"] == 0 and out["experiment"] == "ptray-loc"
+    again = publish(tmp_path / "s", uri)
+    assert again["published"] == 0 and again["skipped"] == 8
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([out["experiment_id"]])}
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs.values())
+    train = runs["cb-seed0"]
+    assert {k: v for k, v in train.data.tags.items() if k.startswith("ptray.")} == \
+        layout.run_tags("loc", layout.TRAIN, "cb", 0)
+    history = json.loads((run_dir(tmp_path / "s", "cb-seed0") / "history.json").read_text())
+    logged = client.get_metric_history(train.info.run_id, "eval_loss")
+    assert [(m.step, m.value) for m in logged] == [(h["epoch"], h["eval_loss"]) for h in history]
+    assert train.data.metrics["final_rank_accuracy"] == json.loads(
+        (run_dir(tmp_path / "s", "cb-seed0") / "metrics.json").read_text())["rank_accuracy"]
+    assert sorted(a.path for a in client.list_artifacts(train.info.run_id)) == sorted(
+        ["config.json", "history.json", "metrics.json", "predictions.json", "prompt"])
+    transfer = runs["transfer-copa-seed0-on-cb"]
+    assert transfer.data.params["source"] == "copa" and "delta_rank_accuracy" in transfer.data.metrics
+    from ptray.study import tracking
+
+    assert tracking.read_plan(client, "ptray-loc", "loc") == plan.to_json()
+
+
+def test_publish_refuses_a_folder_that_is_not_a_study(tmp_path):
+    from ptray.study.publish import main
+
+    assert main([str(tmp_path)]) == 2
+
+
+def test_ptray_study_local_runs_publishes_and_resumes(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    from ptray.study.driver import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--tasks", "copa", "--seeds", "0",
+            "--max-epochs", "1", "--max-train-examples", "8", "--max-eval-examples", "8", "--max-length", "128",
+            "--study", "cli", "--tracking-uri", uri, "--local", "study"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "local study cli: 1 train runs and 2 evaluations written to" in out
+    assert "published 3 runs into MLflow experiment 'ptray-cli'" in out
+    assert "analysis: not run here" in out  # no analysis passed in (the entry script passes analysis.run)
+    assert main(["--resume", "--local", "study", "--study", "cli", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "0 train runs and 0 evaluations written" in out and "published 0 runs" in out
