@@ -36,10 +36,12 @@ def transfer_phase(plan: Plan, opts: Options, ctx: StudyContext, gpus: float) ->
     import ray
 
     mc = ctx.client()
-    done = {(r.data.tags.get(layout.TAG_TASK), r.data.tags.get(layout.TAG_SEED)): r.info.run_id
-            for r in tracking.search_study_runs(mc, ctx.experiment_id, ctx.study, kind=layout.TRAIN)
+    done = {r.info.run_name: r.info.run_id for r in tracking.search_study_runs(mc, ctx.experiment_id, ctx.study,
+                                                                               kind=layout.TRAIN)
             if r.info.status == layout.FINISHED}
-    sources = [{"task": t, "seed": s, "run_id": done[(t, str(s))]} for t, s in plan.trials if (t, str(s)) in done]
+    # every finished prompt, of every condition (a member is (task, seed) or (task, seed, condition))
+    sources = [{"task": m[0], "seed": m[1], "condition": m[2] if len(m) > 2 else None,
+                "run_id": done[layout.train_run_name(*m)]} for m in plan.trials if layout.train_run_name(*m) in done]
     targets = plan.transfer_targets  # the trained tasks, then the transfer-only targets
     held = f" (transfer only: {', '.join(plan.targets)})" if plan.targets else ""
     print(f"\ntransfer: {len(sources)} prompts x {len(targets)} tasks{held} + {len(targets)} no-prompt baselines, "
@@ -99,7 +101,7 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     baseline_run = tracking.replace_unfinished(client, ctx.experiment_id, ctx.study, layout.baseline_run_name(target))
     todo = []
     for src in sources:
-        run_name = layout.transfer_run_name(src["task"], src["seed"], target)
+        run_name = layout.transfer_run_name(src["task"], src["seed"], target, src.get("condition"))
         if tracking.replace_unfinished(client, ctx.experiment_id, ctx.study, run_name) is None:
             todo.append(src)
     if baseline_run is not None and not todo:
@@ -129,13 +131,17 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     for src, prompt, res in zip(todo, prompts, results):
         params = {**base_params, "source": src["task"], "source_seed": src["seed"],
                   "source_run_id": src["run_id"], "num_tokens": int(prompt.shape[0])}
-        summaries.append(log_evaluation(client, ctx, src["task"], src["seed"], target, res, idx, no_prompt, params))
+        if src.get("condition"):
+            params["source_condition"] = src["condition"]
+        summaries.append(log_evaluation(client, ctx, src["task"], src["seed"], target, res, idx, no_prompt, params,
+                                        src.get("condition")))
     log.info("transfer on %s: %d runs in %.1f s", target, len(summaries), time.perf_counter() - t0)
     return summaries
 
 
 def log_evaluation(client, ctx: StudyContext, source: str | None, seed: int | None, target: str, res,
-                   idx: list[int], no_prompt: dict[str, float], params: dict[str, Any]) -> dict[str, Any]:
+                   idx: list[int], no_prompt: dict[str, float], params: dict[str, Any],
+                   condition: str | None = None) -> dict[str, Any]:
     """One transfer run (``source`` given) or baseline run (``source`` None): tags, params, metrics,
     ``metrics.json`` and ``predictions.json``, then FINISHED (FAILED, and raised again, on an error).
 
@@ -146,15 +152,17 @@ def log_evaluation(client, ctx: StudyContext, source: str | None, seed: int | No
         kind, name = layout.BASELINE, layout.baseline_run_name(target)
         tags = layout.run_tags(ctx.study, kind, target=target)
     else:
-        kind, name = layout.TRANSFER, layout.transfer_run_name(source, seed, target)
-        tags = layout.run_tags(ctx.study, kind, seed=seed, source=source, target=target)
+        kind, name = layout.TRANSFER, layout.transfer_run_name(source, seed, target, condition)
+        tags = layout.run_tags(ctx.study, kind, seed=seed, source=source, target=target, condition=condition)
     metrics = layout.eval_metrics(source, seed, target, res, no_prompt)
     run_id = tracking.create_run(client, ctx.experiment_id, name, tags).info.run_id
-    with tracking.finishing(client, run_id):  # FAILED and raised again on an error: the retry redoes it
-        tracking.log_params_once(client, run_id, params)
-        tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k != "source_seed"})
-        with tempfile.TemporaryDirectory(prefix="ptray-eval-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ptray-eval-") as tmp:
+        try:
             write_json(Path(tmp) / layout.METRICS_FILE, metrics)
             write_json(Path(tmp) / layout.PREDICTIONS_FILE, layout.predictions(idx, res))
-            client.log_artifacts(run_id, tmp)
+        except BaseException:
+            tracking.mark_failed(client, run_id)
+            raise
+        # FINISHED, or FAILED and raised again on an error (the retry redoes it); the writer ptray publish uses too
+        tracking.log_finished_run(client, run_id, params, layout.logged_metrics(kind, metrics), tmp)
     return {"run_id": run_id, "name": name, "kind": kind, **metrics}

@@ -13,14 +13,16 @@ lacks (``tracking.sync_history``), then continues with the next epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ptray import layout
+from ptray.config import TrainConfig, expand_init_source
 from ptray.errors import PtrayError
 from ptray.files import write_json
 from ptray.study import tracking
@@ -37,6 +39,8 @@ RESOLVED_LATER = ("init_text", "num_tokens", "device", "precision", "attention")
 GroupReport = Callable[[dict[str, Any], "States | None"], None]
 # report(metrics, state, run_id): the same for a trial of one prompt, its state alone (``run_training``).
 Report = Callable[[dict[str, Any], "dict[str, Any] | None", str], None]
+# A trial's condition (its member's third element) -> the TrainConfig overrides it trains with.
+Conditions = Mapping[str, Mapping[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,38 +48,48 @@ Report = Callable[[dict[str, Any], "dict[str, Any] | None", str], None]
 
 
 def group_key(members) -> str:
-    """A group's (task, seed) prompts as the Tune config value: ``"cb:0,cb:1"`` (a string: Tune would try to
-    resolve nested lists as search spaces)."""
-    return ",".join(f"{task}:{seed}" for task, seed in members)
+    """A group's (task, seed) or (task, seed, condition) prompts as the Tune config value: ``"cb:0,cb:1"``,
+    ``"cb:0:random,cb:1:random"`` (a string: Tune would try to resolve nested lists as search spaces)."""
+    return ",".join(":".join(map(str, member)) for member in members)
 
 
-def parse_group_key(key: str) -> list[tuple[str, int]]:
+def parse_group_key(key: str) -> list[tuple]:
     """Inverse of ``group_key``."""
-    return [(task, int(seed)) for task, seed in (part.split(":") for part in key.split(","))]
+    return [(parts[0], int(parts[1]), *parts[2:]) for parts in (part.split(":") for part in key.split(","))]
 
 
-def trial_members(config: dict[str, Any]) -> list[tuple[str, int]]:
-    """The (task, seed) prompts of a trial's config: ``{"group": group_key}``, or ``{"task", "seed"}`` for one."""
+def trial_members(config: dict[str, Any]) -> list[tuple]:
+    """The prompts of a trial's config: ``{"group": group_key}``, or ``{"task", "seed"}`` (and ``"condition"`` in
+    a study with conditions or a search) for one."""
     if "group" in config:
         return parse_group_key(config["group"])
-    return [(config["task"], int(config["seed"]))]
+    return [(config["task"], int(config["seed"]), *([config["condition"]] if config.get("condition") else []))]
+
+
+def sampled(config: dict[str, Any]) -> dict[str, Any]:
+    """A searched trial's sampled ``TrainConfig`` values (Tune's search space fills them in the config)."""
+    return {k: v for k, v in config.items() if k in _TRAIN_FIELDS}
+
+
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "seed"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the Tune function
 
 
-def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
+def train_trial(config: dict[str, Any], ctx: StudyContext, conditions: Conditions | None = None) -> None:
     """Tune function: train the trial's prompts (``trial_members``) with ``run_group``, resuming from Tune's
     checkpoint if any."""
     quiet()
-    names = [layout.train_run_name(task, seed) for task, seed in trial_members(config)]
-    run_group(config, ctx, _tune_resume(lambda folder: load_trial_checkpoint(folder, names)), _tune_report)
+    names = [layout.train_run_name(*member) for member in trial_members(config)]
+    run_group(config, ctx, _tune_resume(lambda folder: load_trial_checkpoint(folder, names)), _tune_report,
+              conditions)
 
 
-def train_group_trial(config: dict[str, Any], ctx: StudyContext) -> None:
+def train_group_trial(config: dict[str, Any], ctx: StudyContext, conditions: Conditions | None = None) -> None:
     """``train_trial`` under the name grouped studies were saved with in Tune (``ptray.study.tuner.train_phase``)."""
-    train_trial(config, ctx)
+    train_trial(config, ctx, conditions)
 
 
 def _tune_resume(load: Callable[[str], Any]) -> Any:
@@ -105,7 +119,7 @@ def _tune_report(metrics: dict[str, Any], states: States | None) -> None:
 
 
 def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[str, Any]] | None,
-              report: GroupReport) -> dict[str, dict[str, Any]]:
+              report: GroupReport, conditions: Conditions | None = None) -> dict[str, dict[str, Any]]:
     """Train a trial's prompts (``trial_members(config)``) together with ``train_group``, each into its own MLflow
     run; return each prompt's final metrics by run name.
 
@@ -114,6 +128,8 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
     prompt that leaves the group (early stopping, last epoch) has its run finished at once; one whose run is
     already FINISHED (the trial completed but Tune never heard of it, e.g. the driver was killed) is not trained
     again. The runs of a ``{"group": ...}`` config also get the params ``group_size`` and ``group_index``.
+    A prompt with a condition (``(task, seed, condition)``) trains with ``conditions[condition]``'s overrides and a
+    searched trial with its sampled values (``sampled(config)``); its run is tagged with the condition.
     """
     from ptray.training.loop import train_group
 
@@ -126,15 +142,16 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
     latest: States = {}  # what the trial's checkpoint holds
     todo: list[dict[str, Any]] = []  # the prompts to train: name, index in the group, cfg, run id, resume state
     sources = tempfile.TemporaryDirectory(prefix="ptray-source-")  # SPoT source prompts, read at the group's setup
-    for index, (task, seed) in enumerate(members):
-        name = layout.train_run_name(task, seed)
+    for index, (task, seed, *condition) in enumerate(members):
+        condition = condition[0] if condition else None
+        name = layout.train_run_name(task, seed, condition)
         state = resume.get(name)
-        run = _train_run(client, ctx, name, task, seed, state)
+        run = _train_run(client, ctx, name, task, seed, state, condition)
         if run.info.status == layout.FINISHED:
             finals[name] = tracking.final_metrics(run)
             log.info("%s already finished in MLflow run %s; not training again", name, run.info.run_id)
             continue
-        cfg = ctx.train_config(task, seed)
+        cfg = condition_config(ctx.train_config(task, seed), (conditions or {}).get(condition, {}), sampled(config))
         run_id = _open_run(client, ctx, run, cfg, state)
         init_from = cfg.init_source
         cfg = resolve_init_source(client, ctx, cfg, Path(sources.name) / name)
@@ -210,7 +227,17 @@ def run_training(config: dict[str, Any], ctx: StudyContext, resume: dict[str, An
 # a prompt's MLflow run
 
 
-def _train_run(client, ctx: StudyContext, name: str, task: str, seed: int, resume: dict[str, Any] | None):
+def condition_config(cfg: TrainConfig, overrides: Mapping[str, Any], values: Mapping[str, Any]) -> TrainConfig:
+    """A trial's config with its condition's ``overrides`` and its sampled ``values`` (an init_source's ``{seed}``
+    is the trial's seed)."""
+    if not overrides and not values:
+        return cfg
+    cfg = dataclasses.replace(cfg, **overrides, **values)
+    return dataclasses.replace(cfg, init_source=expand_init_source(cfg.init_source, cfg.seed))
+
+
+def _train_run(client, ctx: StudyContext, name: str, task: str, seed: int, resume: dict[str, Any] | None,
+               condition: str | None = None):
     """The prompt's MLflow run: the checkpoint's, else the one of that name in the study, else a new one."""
     if resume and resume.get("run_id"):
         from mlflow.exceptions import MlflowException
@@ -223,7 +250,8 @@ def _train_run(client, ctx: StudyContext, name: str, task: str, seed: int, resum
             return run
     run = tracking.find_run(client, ctx.experiment_id, ctx.study, name)
     if run is None:
-        run = tracking.create_run(client, ctx.experiment_id, name, layout.run_tags(ctx.study, layout.TRAIN, task, seed))
+        run = tracking.create_run(client, ctx.experiment_id, name,
+                                  layout.run_tags(ctx.study, layout.TRAIN, task, seed, condition=condition))
     return run
 
 
@@ -304,12 +332,13 @@ def finish_train_run(client, run_id: str, result, config: dict[str, Any]) -> Non
     """
     from ptray.training.run_folder import save_run
 
-    with tracking.finishing(client, run_id):
-        # Resolved values (n tokens, init text, device, precision, code version) are known only now.
-        tracking.log_params_once(client, run_id, config)
-        tracking.log_metrics(client, run_id, {layout.FINAL_PREFIX + k: v for k, v in result.metrics.items()
-                                              if k not in ("task", "seed")})
-        with tempfile.TemporaryDirectory(prefix="ptray-run-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ptray-run-") as tmp:
+        try:
             out = save_run(result, Path(tmp) / "run")
             write_json(out / layout.CONFIG_FILE, config)
-            client.log_artifacts(run_id, str(out))
+        except BaseException:
+            tracking.mark_failed(client, run_id)
+            raise
+        # Resolved values (n tokens, init text, device, precision, code version) are known only now. The same
+        # writer logs a local study's run folders (ptray publish).
+        tracking.log_finished_run(client, run_id, config, layout.logged_metrics(layout.TRAIN, result.metrics), out)
