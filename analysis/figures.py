@@ -236,8 +236,9 @@ def _fmt(v: float) -> str:
 
 def bars_figure(panels: list[dict], ncols: int = 2) -> Figure:
     """Grouped bars, one panel per dict with keys: data (DataFrame), category (column: one group per value),
-    series ([(column, legend label)]), title, ylabel, and optionally errors ({column: error column}), dots
-    (DataFrame with the category and the same columns: one dot per seed on its bar) and ylim."""
+    series ([(column, legend label)]), title, ylabel, and optionally errors ({column: error column, a symmetric
+    error, or (low column, high column), an interval}), dots (DataFrame with the category and the same columns: one
+    dot per seed on its bar) and ylim."""
     ncols = min(ncols, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(6.2 * ncols, 4.3 * nrows))
@@ -252,7 +253,7 @@ def bars_figure(panels: list[dict], ncols: int = 2) -> Figure:
         width = 0.8 / len(series)
         for s, (col, name) in enumerate(series):
             xs = np.arange(len(cats)) + (s - (len(series) - 1) / 2) * width
-            err = data[errors[col]].to_numpy(dtype=float) if col in errors else None
+            err = _yerr(data, col, errors.get(col))
             ax.bar(xs, data[col].to_numpy(dtype=float), width * 0.92, yerr=err, label=name, color=cmap(s),
                    capsize=3, error_kw={"linewidth": 0.8})
             if dots is not None and col in dots:
@@ -267,6 +268,50 @@ def bars_figure(panels: list[dict], ncols: int = 2) -> Figure:
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=min(3, len(series)),
                   frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _yerr(data: pd.DataFrame, col: str, error) -> np.ndarray | None:
+    """Matplotlib's yerr for one series: a symmetric error column, or an interval (low, high) as distances from the
+    bar (missing: no error bar)."""
+    if error is None:
+        return None
+    if isinstance(error, str):
+        return np.nan_to_num(data[error].to_numpy(dtype=float))
+    mean = data[col].to_numpy(dtype=float)
+    low, high = (data[c].to_numpy(dtype=float) for c in error)
+    return np.nan_to_num(np.clip(np.stack([mean - low, high - mean]), 0, None))
+
+
+def search_figure(trials: pd.DataFrame, tasks: list[str], x: str = "lr", y: str = "best_eval_loss",
+                  ncols: int = 3) -> Figure:
+    """A search's trials: one panel per task, ``x`` (log scale) against ``y``; finished trials as dots, trials a
+    scheduler stopped as crosses, the best trial ringed (column ``best``, bool)."""
+    cols = min(ncols, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig = Figure(figsize=(4.8 * cols, 3.9 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colours = task_colours(tasks)
+    for ax, task in zip(axes.flat, tasks):
+        sub = trials[trials["task"] == task]
+        for stopped, marker, label in ((False, "o", "finished"), (True, "x", "stopped by the scheduler")):
+            part = sub[sub["stopped"] == stopped]
+            if len(part):
+                ax.scatter(part[x], part[y], marker=marker, s=42, color=colours[task], label=label, zorder=3,
+                           linewidths=1.4)
+        best = sub[sub["best"]]
+        ax.scatter(best[x], best[y], s=170, facecolors="none", edgecolors="black", linewidths=1.2, zorder=4,
+                   label="best")
+        if (sub[x] > 0).all() and len(sub):
+            ax.set_xscale("log")
+        ax.set_xlabel(x, fontsize=9)
+        ax.set_ylabel(y.replace("_", " "), fontsize=9)
+        ax.set_title(task.upper(), fontsize=10)
+        ax.tick_params(labelsize=7.5)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
     fig.tight_layout()
     return fig
 

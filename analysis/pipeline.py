@@ -11,8 +11,15 @@ passes aside) that returns a ``Section``: figures with the numbers they draw, ta
 | zero-shot transfer (Figure 8) | ``analysis/transfer.py`` |
 | distance vs transfer (Mantel test) | ``analysis/correlation.py`` |
 | other transferability predictors | ``analysis/predictors.py`` |
+| conditions compared (a study with conditions) | ``analysis/conditions.py`` |
+| a search: searched values, stopped trials, best value | ``analysis/search.py`` |
+| SPoT: gain from another task's prompt, its predictors | ``analysis/spot.py`` |
 | faithfulness of the nearest-token reading | ``analysis/faithfulness.py`` |
 | the report files | ``analysis/report.py`` |
+
+A study with conditions, SPoT runs or a search: the paper's sections read one condition (``AnalysisOptions
+.condition``, default the first declared), without SPoT runs, and in a search the best finished trial per task and
+seed (``conditions.paper_view``); the conditions, search and SPoT sections read the whole study.
 """
 
 from __future__ import annotations
@@ -22,7 +29,18 @@ import logging
 import time
 from contextlib import contextmanager
 
-from analysis import correlation, distances, geometry, nearest, predictors, stochasticity, transfer
+from analysis import (
+    conditions,
+    correlation,
+    distances,
+    geometry,
+    nearest,
+    predictors,
+    search,
+    spot,
+    stochasticity,
+    transfer,
+)
 from analysis.faithfulness import faithfulness_section
 from analysis.inputs import prepare
 from analysis.records import Study
@@ -90,6 +108,8 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
     """
     opt = options or AnalysisOptions()
     seconds: dict[str, float] = {}
+    full = study
+    study, view_notes, view_meta = conditions.paper_view(full, opt.condition)
     with _timed(seconds, "prepare"):
         inputs = prepare(study, model, tokenizer)
     tasks = inputs.tasks
@@ -103,12 +123,14 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
         "hidden_size": int(inputs.embedding.shape[1]), "vocab_size": int(inputs.embedding.shape[0]),
         "effective_prompt": inputs.effective_name,
         "distance_method": opt.distance, "top_k": opt.top_k, "n_boot": opt.n_boot, "seed": opt.seed,
-        "num_transfer_runs": sum(e.kind == "transfer" for e in study.evals),
-        "num_baseline_runs": sum(e.kind == "baseline" for e in study.evals),
+        "num_transfer_runs": sum(e.kind == "transfer" for e in full.evals),
+        "num_baseline_runs": sum(e.kind == "baseline" for e in full.evals),
         "inputs": recorded_inputs(opt, model, len(inputs.prompts)),
         "seconds": seconds,
-        "notes": list(notes or []),
+        "notes": list(notes or []) + view_notes,
     })
+    if view_meta["conditions"]:
+        res.meta.update(condition=view_meta["condition"], conditions=view_meta["conditions"])
     res.meta["inputs"]["model"]["name"] = res.meta["model"]
     if inputs.effective is None:
         res.meta["notes"].append("the effective prompt is not defined for this model: every effective number is "
@@ -147,6 +169,18 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
                                                     distance_definition=res.meta["distance_definition"]))
             res.add(predictors.predictors_section(pairs=pairs, stats=stats, tasks=tasks))
 
+    if full.conditions:
+        with _timed(seconds, "conditions"):
+            res.add(conditions.conditions_section(study=full, n_boot=opt.n_boot, seed=opt.seed,
+                                                  distance=opt.distance, effective=conditions.effective_map(model)))
+            res.meta["inputs"]["conditions_test"] = res.summary["conditions_test"]
+    if full.trials and conditions.is_search(full):
+        with _timed(seconds, "search"):
+            res.add(search.search_section(study=full))
+    if any(conditions.is_spot(p) for p in full.prompts):
+        with _timed(seconds, "spot"):
+            res.add(spot.spot_section(study=full, tasks=tasks, n_boot=opt.n_boot, seed=opt.seed,
+                                      condition=res.meta.get("condition"), predictors=preds, zero_shot=summary))
     if opt.faithfulness:
         with _timed(seconds, "faithfulness"):
             res.add(faithfulness_section(inputs=inputs, top1=top1, model=model, tokenizer=tokenizer,

@@ -29,11 +29,15 @@ class PromptRun:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     predictions: dict[str, Any] = field(default_factory=dict)
+    condition: str | None = None  # ``ptray.condition``: the study's condition (None in a study without conditions)
+    init_from: str | None = None  # ``ptray.init_from``: a SPoT run's source prompt (its train run name)
+    lr: float | None = None  # the learning rate it trained with (the run's ``lr`` param / config.json)
 
     @property
     def label(self) -> str:
-        """The prompt's name in tables and figures: its train run's name, e.g. ``cb-seed0``."""
-        return layout.train_run_name(self.task, self.seed)
+        """The prompt's name in tables and figures: its train run's name, e.g. ``cb-seed0`` (``cb-seed0-random``
+        with a condition)."""
+        return layout.train_run_name(self.task, self.seed, self.condition)
 
     @property
     def num_tokens(self) -> int:
@@ -57,6 +61,26 @@ class EvalRun:
     idx: list[int] = field(default_factory=list)
     em_correct: list[int] = field(default_factory=list)
     rank_correct: list[int] = field(default_factory=list)
+    condition: str | None = None  # a transfer run's source prompt's condition (``ptray.condition``)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One train run as a search trial: finished, or stopped early by a Tune scheduler (``KILLED`` with
+    ``ptray.stopped_by``, which may have no artifacts). ``metrics``: ``best_eval_loss`` (the lowest eval loss it
+    reached), ``eval_loss`` (its last epoch's), ``best_epoch``, ``epochs_run``, and for a finished run its final
+    ``exact_match`` / ``rank_accuracy``."""
+
+    run_id: str
+    task: str
+    seed: int
+    status: str  # layout.FINISHED or layout.KILLED
+    lr: float | None = None
+    condition: str | None = None
+    stopped_by: str | None = None
+    init_from: str | None = None
+    run_name: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +92,7 @@ class Study:
     prompts: list[PromptRun]
     evals: list[EvalRun] = field(default_factory=list)
     experiment_id: str | None = None
+    trials: list[Trial] = field(default_factory=list)  # every train run, stopped ones too (the search section)
 
     @property
     def tasks(self) -> list[str]:
@@ -81,3 +106,25 @@ class Study:
         """Prompts ordered by task (registry order), then seed: the row/column order of every matrix."""
         order = {t: i for i, t in enumerate(self.tasks)}
         return sorted(self.prompts, key=lambda p: (order[p.task], p.seed))
+
+    @property
+    def conditions(self) -> list[str]:
+        """The study's conditions (``ptray.condition`` of its train runs) in the order their first runs appear (the
+        loader lists runs by start time and a declared grid is condition-major: the declared order); [] for a
+        study without conditions."""
+        return list(dict.fromkeys(p.condition for p in self.prompts if p.condition is not None))
+
+    @property
+    def transfer_only_targets(self) -> list[str]:
+        """Tasks evaluated in the transfer grid (transfer or baseline runs on them) that have no train runs:
+        held-out targets, registry order then alphabetical."""
+        from ptray.data.tasks import TASK_NAMES
+
+        held = {e.target for e in self.evals} - set(self.tasks)
+        return [t for t in TASK_NAMES if t in held] + sorted(held - set(TASK_NAMES))
+
+    def select(self, prompts: list[PromptRun], condition: str | None = None) -> Study:
+        """The same study with only ``prompts`` as train runs; transfer runs kept when their source prompt's
+        condition is ``condition`` (baselines always). ``trials`` are left out."""
+        evals = [e for e in self.evals if e.kind != layout.TRANSFER or e.condition == condition]
+        return Study(self.experiment, self.study, list(prompts), evals, experiment_id=self.experiment_id)

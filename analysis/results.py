@@ -34,6 +34,8 @@ class AnalysisOptions:
     data_dir: str | None = config_field(None, "SuperGLUE jsonl folder for the faithfulness check (unset: the "
                                               "train runs' data_dir)")
     batch_size: int = config_field(32, "evaluation sequences per step (faithfulness check)", type=positive_int)
+    condition: str | None = config_field(None, "a study with conditions: the condition the paper's sections read "
+                                                "(unset: the first declared)")
     chunk: int = config_field(32768, "vocabulary rows per similarity block in the nearest-token search",
                               type=positive_int, cli=False)
 
@@ -95,5 +97,8 @@ SECTIONS = {
     "transfer": "Zero-shot transfer (Figure 8)",
     "correlation": "Does distance predict transfer?",
     "predictors": "Other transferability predictors",
+    "conditions": "Conditions compared",
+    "search": "Search: learning rate against eval loss",
+    "spot": "SPoT: training from another task's prompt",
     "faithfulness": "Faithfulness of the nearest-token reading",
 }

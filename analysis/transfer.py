@@ -16,6 +16,11 @@ CB has 56 validation examples, so one example moves an accuracy by 1.8 points: t
 
 The diagonal (A on A) comes from ``transfer`` runs when the study has them, else from the train runs' own
 predictions on the validation split. Examples are matched by ``idx``.
+
+Transfer-only targets (tasks evaluated in the transfer grid without train runs: ``Study.transfer_only_targets``)
+are held-out columns: every source's prompts on them, against their no-prompt run; they have no diagonal and no
+prompt of their own, so they are never a source (row) and the distance-vs-transfer tests, which pair a target's
+prompts with a source's, leave them out (``summary_matrix`` with the trained tasks).
 """
 
 from __future__ import annotations
@@ -115,10 +120,11 @@ def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0) -> tuple[pd
     """
     cells, baselines = collect(study)
     tasks = study.tasks
+    held_out = study.transfer_only_targets
     per_seed, summary = [], []
     for source in tasks:
         seeds = sorted({p.seed for p in study.prompts if p.task == source})
-        for target in tasks:
+        for target in tasks + held_out:
             base = baselines.get(target)
             for metric in METRICS:
                 col = 0 if metric == "exact_match" else 1
@@ -165,7 +171,8 @@ def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0) -> tuple[pd
                     delta_mean = float(np.mean(deltas))
                     accuracy_mean = delta_mean + float(base_acc)
                 summary.append({
-                    "source": source, "target": target, "metric": metric, "n_seeds": len(deltas),
+                    "source": source, "target": target, "held_out": target in held_out, "metric": metric,
+                    "n_seeds": len(deltas),
                     "n_examples": n_common, "baseline": float(base_acc),
                     "accuracy_mean": accuracy_mean, "delta_mean": delta_mean,
                     "delta_sd_ddof1": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else float("nan"),
@@ -177,44 +184,53 @@ def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0) -> tuple[pd
     return pd.DataFrame(per_seed), pd.DataFrame(summary)
 
 
-def summary_matrix(summary: pd.DataFrame, metric: str, value: str, tasks: list[str]) -> pd.DataFrame:
-    """One column of the summary as a [source, target] matrix in ``tasks`` order (NaN where missing)."""
+def summary_matrix(summary: pd.DataFrame, metric: str, value: str, tasks: list[str],
+                   targets: list[str] | None = None) -> pd.DataFrame:
+    """One column of the summary as a [source, target] matrix in ``tasks`` order (NaN where missing); columns
+    ``targets`` (default: ``tasks``, the square matrix of trained tasks; held-out targets are columns only)."""
     sub = summary[summary["metric"] == metric]
     mat = sub.pivot(index="source", columns="target", values=value) if len(sub) else pd.DataFrame()
-    return mat.reindex(index=tasks, columns=tasks).astype(float).rename_axis(index="source", columns="target")
+    return mat.reindex(index=tasks, columns=targets if targets is not None else tasks).astype(float).rename_axis(
+        index="source", columns="target")
 
 
 def transfer_section(*, study: Study, tasks: list[str], n_boot: int, seed: int) -> tuple[Section, pd.DataFrame]:
     """Figure 8 and the per-seed table; returns ``(section, summary)`` with ``summary`` from ``transfer_tables``
     (empty when the study has no transfer results)."""
     per_seed, summary = transfer_tables(study, n_boot, seed)
-    out = Section(summary={"transfer": summary.to_dict(orient="records")})
+    held_out = [t for t in study.transfer_only_targets if len(summary) and t in set(summary["target"])]
+    targets = tasks + held_out
+    out = Section(summary={"transfer": summary.to_dict(orient="records"), "transfer_held_out_targets": held_out})
     if summary.empty:
         out.notes.append("no transfer results: the study has no transfer runs and its train runs no predictions")
         return out, summary
     if len(tasks) < 2:
         out.notes.append("transfer between tasks: n/a (one task); Figure 8 holds the task's prompts on their own "
                          "task only")
+    if held_out:
+        out.notes.append(f"held-out transfer targets {', '.join(held_out)}: evaluated only (no train runs), so a "
+                         f"column of Figure 8 without a diagonal or a prompt of their own; the distance-vs-transfer "
+                         f"and predictor correlations use the trained tasks only ({', '.join(tasks)})")
     one_seed = sorted(set(summary.loc[summary["n_seeds"] < 2, "source"]), key=tasks.index)
     if one_seed:
         out.notes.append(f"transfer spread across seeds (delta_sd_ddof1): n/a for {', '.join(one_seed)} (one seed); "
                          f"their hierarchical interval resamples the examples only")
     panels = []
     for metric, name in (("exact_match", "exact match"), ("rank_accuracy", "rank accuracy")):
-        mat = {v: summary_matrix(summary, metric, v, tasks) for v in (
+        mat = {v: summary_matrix(summary, metric, v, tasks, targets) for v in (
             "delta_mean", "delta_sd_ddof1", "ci95_seeds_examples_low", "ci95_seeds_examples_high", "baseline")}
         mean = mat["delta_mean"]
         text = mean.copy().astype(object)
         for a in tasks:
-            for b in tasks:
+            for b in targets:
                 m, sd = mean.loc[a, b], mat["delta_sd_ddof1"].loc[a, b]
                 lo, hi = mat["ci95_seeds_examples_low"].loc[a, b], mat["ci95_seeds_examples_high"].loc[a, b]
                 if np.isfinite(m):
                     text.loc[a, b] = f"{m:+.2f}" + (f"±{sd:.2f}" if np.isfinite(sd) else "") + (
                         f"\n[{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else "")
         base = mat["baseline"]
-        cols = [f"{b.upper()}\n(none: {base[b].dropna().iloc[0]:.2f})" if base[b].notna().any() else b.upper()
-                for b in tasks]
+        cols = [(f"{b.upper()}\n(none: {base[b].dropna().iloc[0]:.2f})" if base[b].notna().any() else b.upper())
+                + ("\nheld out" if b in held_out else "") for b in targets]
         values, text = figures.upper_labels(mean), figures.upper_labels(text)
         values.columns = text.columns = cols
         values.columns.name = text.columns.name = "target (no-prompt accuracy)"
@@ -226,7 +242,9 @@ def transfer_section(*, study: Study, tasks: list[str], n_boot: int, seed: int) 
         f"95% hierarchical bootstrap interval (ci95_seeds_examples: A's seeds and B's examples resampled "
         f"together, {n_boot} resamples). The CSV also has ci95_examples, which resamples B's examples with A's "
         f"seeds held fixed (evaluation-set uncertainty only). With few examples (CB: 56, one example = 1.8 points) "
-        f"and few seeds the intervals are wide: a cell whose interval contains 0 shows no measurable transfer.",
+        f"and few seeds the intervals are wide: a cell whose interval contains 0 shows no measurable transfer."
+        + (f" Held-out columns ({', '.join(t.upper() for t in held_out)}): targets evaluated only, with no train "
+           f"runs (no diagonal, no prompt of their own)." if held_out else ""),
         summary, figures.heatmaps_figure(panels, cmap="RdBu", center=0.0, colorbar_label="accuracy change")))
     out.outputs.append(Output(
         "transfer_per_seed", "transfer", "Transfer per seed",
