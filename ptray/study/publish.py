@@ -40,8 +40,7 @@ def publish(study_dir: str | Path, tracking_uri: str | None = None, experiment: 
     """
     plan = read_plan(study_dir)
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    tracking.check_tracking(uri)
-    client = tracking.client(uri)
+    client = tracking.open_store(uri)  # a store MLflow refuses (a folder, not a database): one line
     experiment = experiment or f"ptray-{plan.study}"
     exp_id = tracking.get_or_create_experiment(client, experiment)
     stored = tracking.read_plan(client, experiment, plan.study)
