@@ -147,7 +147,8 @@ def test_each_mistake_is_one_line_naming_the_file_and_field(tmp_path, text, mess
 
 def test_unknown_names_and_missing_files(tmp_path):
     with pytest.raises(PtrayError, match=r"^unknown study 'inti'; shipped studies: init, length, lr, optimizer, "
-                                         r"paper, spot\. Did you mean 'init'\? Or give the path of a study file \(\.toml\)$"):
+                                         r"paper, spot\. Did you mean 'init'\? Or give the path of a study file "
+                                         r"\(\.toml\)$"):
         load_study("inti")
     with pytest.raises(PtrayError, match=r"^study file '.*nope\.toml' not found$"):
         load_study(tmp_path / "nope.toml")
