@@ -31,9 +31,9 @@ from ptray.study.context import StudyContext, quiet
 
 log = logging.getLogger("ptray")
 
-# Config fields that ``train`` resolves (None -> the init text's length, auto -> cuda/bf16, ...): logged only once
-# resolved, since MLflow never changes a param after it is set.
-RESOLVED_LATER = ("init_text", "num_tokens", "device", "precision", "attention")
+# Config fields that ``train`` resolves (None -> the init text's length or the optimizer's lr, auto -> cuda/bf16,
+# ...): logged only once resolved, since MLflow never changes a param after it is set.
+RESOLVED_LATER = ("init_text", "num_tokens", "device", "precision", "attention", "lr")
 
 # report(metrics, states): persist a trial checkpoint of ``states`` (None: none) and hand ``metrics`` to Tune.
 GroupReport = Callable[[dict[str, Any], "States | None"], None]
@@ -135,7 +135,7 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
 
     ctx.register_tasks()  # the study's user tasks, before any task is looked up
     members = trial_members(config)
-    grouped = "group" in config
+    grouped, searched = "group" in config, bool(sampled(config))
     resume = resume or {}
     client = ctx.client()
     finals: dict[str, dict[str, Any]] = {}
@@ -168,7 +168,12 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
     def on_epoch_end(i: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
         m = todo[i]
         latest[m["name"]] = (state, m["run_id"])
-        report({**metrics, "prompt": m["name"]}, dict(latest))  # the checkpoint first: see the module docstring
+        try:
+            report({**metrics, "prompt": m["name"]}, dict(latest))  # the checkpoint first: see the module docstring
+        except SystemExit as stop:  # Tune stopped the trial (its checkpoint holds this epoch)
+            if searched and _stopped_by_tune(stop):  # a scheduler's stop: the run's history ends with this epoch
+                tracking.log_metrics(client, m["run_id"], tracking.epoch_metrics(metrics), step=metrics["epoch"])
+            raise
         tracking.log_metrics(client, m["run_id"], tracking.epoch_metrics(metrics), step=metrics["epoch"])
 
     def on_prompt_end(i: int, result) -> None:
@@ -188,10 +193,13 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
     try:
         train_group([m["cfg"] for m in todo], on_epoch_end=on_epoch_end, resume=[m["state"] for m in todo],
                     on_prompt_end=on_prompt_end)
-    except BaseException:
-        for m in todo:
-            if not m["done"]:
-                tracking.mark_failed(client, m["run_id"])
+    except BaseException as err:
+        # a searched trial that Tune stopped keeps its run RUNNING: the study marks it KILLED, tagged with the
+        # scheduler that stopped it (ptray.study.tuner.finish_stopped), or resumes it if the study was interrupted
+        if not (searched and isinstance(err, SystemExit) and _stopped_by_tune(err)):
+            for m in todo:
+                if not m["done"]:
+                    tracking.mark_failed(client, m["run_id"])
         raise
     finally:
         sources.cleanup()
@@ -225,6 +233,11 @@ def run_training(config: dict[str, Any], ctx: StudyContext, resume: dict[str, An
 
 # ---------------------------------------------------------------------------------------------------------------
 # a prompt's MLflow run
+
+
+def _stopped_by_tune(stop: SystemExit) -> bool:
+    """Whether ``tune.report`` raised ``stop`` because Tune stopped the trial (it exits the training thread with 0)."""
+    return stop.code in (0, None)
 
 
 def condition_config(cfg: TrainConfig, overrides: Mapping[str, Any], values: Mapping[str, Any]) -> TrainConfig:
