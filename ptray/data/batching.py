@@ -26,7 +26,9 @@ class Batch:
     input_ids, attention_mask: [B, L] (prompt not included; a BOS, where the tokenizer adds one, is input_ids' first
     token). ans_seq, ans_pos: [A] sequence index and the position (in input_ids) whose next-token prediction is an
     answer token; ans_tokens: [A] the token to predict (the answer words, then the EOS trained on); ans_end: [A] bool,
-    whether that target is the answer's end (where exact match accepts any of the model's EOS ids).
+    whether that target is the answer's end (where exact match accepts any of the model's EOS ids). lengths: [B]
+    host ints, each row's real tokens (``attention_mask``'s row sums, counted when the batch was built, so that
+    nothing reads them back from a device; None: unknown, read from the mask).
     """
 
     input_ids: torch.Tensor
@@ -35,16 +37,45 @@ class Batch:
     ans_pos: torch.Tensor
     ans_tokens: torch.Tensor
     ans_end: torch.Tensor
+    lengths: tuple[int, ...] | None = None
 
     @property
     def num_seqs(self) -> int:
         """Sequences in the batch (B)."""
         return self.input_ids.shape[0]
 
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) tokens in the batch, from the host-side ``lengths`` (no device sync) where known."""
+        if self.lengths is not None:
+            return sum(self.lengths)
+        return int(self.attention_mask.sum())
+
+    def row_lengths(self) -> list[int]:
+        """Each row's real tokens [B] as host ints: ``lengths``, or the mask's row sums (one device sync)."""
+        return list(self.lengths) if self.lengths is not None else self.attention_mask.sum(1).tolist()
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.attention_mask, self.ans_seq, self.ans_pos, self.ans_tokens, self.ans_end
+
     def to(self, device) -> Batch:
-        """The batch with every tensor on ``device``."""
-        return Batch(*(t.to(device, non_blocking=True) for t in (
-            self.input_ids, self.attention_mask, self.ans_seq, self.ans_pos, self.ans_tokens, self.ans_end)))
+        """The batch with every tensor on ``device``; the copies are asynchronous only from pinned memory
+        (``pin_memory``), where ``non_blocking`` means something."""
+        return Batch(*(t.to(device, non_blocking=t.is_pinned()) for t in self._tensors()), lengths=self.lengths)
+
+    def pin_memory(self) -> Batch:
+        """The batch with every tensor in page-locked host memory (needs CUDA), so ``to`` copies asynchronously."""
+        return Batch(*(t.pin_memory() for t in self._tensors()), lengths=self.lengths)
+
+
+def stage(batches: list[Batch], device) -> list[Batch]:
+    """``batches`` on ``device`` all at once (an epoch's, before its first step): on CUDA from pinned memory with
+    asynchronous copies, so no step waits on a host-to-device copy; elsewhere plain ``Batch.to``. The host-side
+    ``lengths`` go along (token counts need no device)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return [b.pin_memory().to(device) for b in batches]
+    return [b.to(device) for b in batches]
 
 
 def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int, eos_id: int) -> Batch:
@@ -66,7 +97,7 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int, eos_id: int) -
         ans_end += [False] * len(ans) + [True]
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return Batch(input_ids, attention_mask, as_long(ans_seq), as_long(ans_pos), as_long(ans_tokens),
-                 torch.tensor(ans_end, dtype=torch.bool))
+                 torch.tensor(ans_end, dtype=torch.bool), tuple(lengths))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,15 @@ objects, so ``generate`` and ptray's shared-source evaluation work unchanged), t
 ``pretraining_tp > 1`` with ``slow_but_exact`` fall back to the original forward for that call.
 ``tests/test_attention.py`` checks logits, the soft prompt's gradient and generation against the eager model.
 
+With the fused attention, BLOOM's MLP activation ``BloomGelu`` (the tanh GELU written out: ~9 elementwise kernels
+forward, ~16 backward) is swapped for ``torch.nn.GELU(approximate="tanh")``, the same function in one fused kernel
+each way (``use_fused_gelu``; its constant sqrt(2/pi) is BloomGelu's 0.79788456 to 1e-10, far below fp32 rounding);
+``tests/test_gpu_path.py`` checks its values and gradient against ``BloomGelu``.
+
+What the layers of one pass share is built once per pass (``_PerPass``): the [batch, heads, q, kv] bias, or for
+the folded path the extra Q and K columns. ptray's own passes, whose rows are right-padded by construction, say so
+(``right_padded_rows``), so the folded path needs no device sync to find out.
+
 Other families: GPT-2, OPT, Llama and Qwen2 load with ``attn_implementation="sdpa"`` by default in transformers 5
 (tested); Gemma2 loads eager (its attention-logit soft-capping). ``use_fused_attention`` leaves them as they are
 (returns 0).
@@ -22,6 +31,8 @@ Other families: GPT-2, OPT, Llama and Qwen2 load with ``attn_implementation="sdp
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import types
 import weakref
 
@@ -54,8 +65,11 @@ def _fused_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
     per_pass = self._ptray_per_pass
     dropout = self.attention_dropout.p if self.training else 0.0
     if (per_pass.fold_alibi and q_length == kv_length
-            and per_pass.get(alibi, attention_mask, "right_padded", lambda: _right_padded(attention_mask))):
-        context = _folded_alibi_attention(query, key, value, alibi, self.inv_norm_factor, dropout)
+            and (_RIGHT_PADDED.get()
+                 or per_pass.get(alibi, attention_mask, "right_padded", lambda: _right_padded(attention_mask)))):
+        extra = per_pass.get(alibi, attention_mask, "folded", lambda: _folded_columns(
+            alibi, batch_size, self.num_heads, q_length, self.head_dim, self.inv_norm_factor, query.dtype))
+        context = _folded_alibi_attention(query, key, value, alibi, self.inv_norm_factor, dropout, extra)
     else:
         bias = per_pass.get(alibi, attention_mask, "bias", lambda: _bias(
             alibi, attention_mask, batch_size, self.num_heads, q_length, kv_length, query.dtype))
@@ -96,7 +110,7 @@ def _right_padded(attention_mask) -> bool:
     return bool((real[:, 1:] <= real[:, :-1]).all())
 
 
-def _folded_alibi_attention(query, key, value, alibi, scale: float, dropout: float) -> torch.Tensor:
+def _folded_alibi_attention(query, key, value, alibi, scale: float, dropout: float, extra=None) -> torch.Tensor:
     """Causal attention with ALiBi for right-padded rows and no cache, with no [batch, heads, q, kv] bias at all.
 
     ALiBi adds slope x key position to every score of a key, whatever the query: that is one more dot-product
@@ -104,19 +118,47 @@ def _folded_alibi_attention(query, key, value, alibi, scale: float, dropout: flo
     high and a low part (exact to ~2^-16 in bf16, where one part would round it); SDPA's scale x (Q K^T) then
     holds the bias, and the only mask left is the causal one (``is_causal``), which flash kernels take. Padding
     keys come after every real token, so no real query sees them; padded queries compute values nobody reads.
-    Head dims are zero-padded to a multiple of 8, as flash kernels want.
+    Head dims are zero-padded to a multiple of 8, as flash kernels want. ``extra``: the columns appended to Q and
+    K (``_folded_columns``, the same for every layer of a pass); None builds them here.
     """
     batch, heads, length, dim = query.shape
-    x = alibi.view(batch, heads, -1, 1)[:, :, :length].float() / scale
-    hi = x.to(query.dtype)
-    lo = (x - hi.float()).to(query.dtype)
-    pad = -(dim + 2) % 8
-    ones = query.new_ones(batch, heads, length, 2)
-    q = F.pad(torch.cat([query, ones], dim=-1), (0, pad))
-    k = F.pad(torch.cat([key, hi, lo], dim=-1), (0, pad))
-    v = F.pad(value, (0, 2 + pad))
+    if extra is None:
+        extra = _folded_columns(alibi, batch, heads, length, dim, scale, query.dtype)
+    q_extra, k_extra = extra
+    q = torch.cat([query, q_extra], dim=-1)
+    k = torch.cat([key, k_extra], dim=-1)
+    v = F.pad(value, (0, q_extra.shape[-1]))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
     return out[..., :dim]
+
+
+def _folded_columns(alibi, batch: int, heads: int, length: int, dim: int, scale: float,
+                    dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns ``_folded_alibi_attention`` appends to Q and K [batch, heads, length, 2 + pad] each: (1, 1, 0...)
+    for every query; (hi, lo, 0...) for every key, hi + lo = slope x key position / ``scale``; zero padding makes
+    the head dim a multiple of 8."""
+    x = alibi.view(batch, heads, -1, 1)[:, :, :length].float() / scale
+    hi = x.to(dtype)
+    lo = (x - hi.float()).to(dtype)
+    pad = -(dim + 2) % 8
+    q_extra = F.pad(hi.new_ones(batch, heads, length, 2), (0, pad))
+    k_extra = F.pad(torch.cat([hi, lo], dim=-1), (0, pad))
+    return q_extra, k_extra
+
+
+_RIGHT_PADDED = contextvars.ContextVar("ptray_right_padded_rows", default=False)
+
+
+@contextlib.contextmanager
+def right_padded_rows():
+    """Within the block, the caller promises that every forward pass has right-padded rows (real tokens first, as
+    ``ptray.lm.prompt.prepend`` and ``ptray.data.batching.collate`` build them): the folded path then skips its
+    check of the mask, a device sync per pass. Passes with cached keys are never folded, whatever the promise."""
+    token = _RIGHT_PADDED.set(True)
+    try:
+        yield
+    finally:
+        _RIGHT_PADDED.reset(token)
 
 
 class _PerPass:
@@ -154,11 +196,14 @@ def use_fused_attention(model, enabled: bool = True, fold_alibi: bool = False) -
     eligible, no [batch, heads, q, kv] bias); other passes use the bias. Off by default until a GPU run shows it
     pays (``benchmarks/gpu.py`` measures both).
 
+    BLOOM's MLP GELU goes with it (``use_fused_gelu``: the same function in one kernel).
+
     Works on a ``BloomForCausalLM``/``BloomModel`` or anything holding one (a PEFT model). Returns the number of
     attention modules now patched (enabled) or restored (disabled); 0 for models that are not BLOOM (their
     Hugging Face code picks SDPA itself). Idempotent. Raises nothing on non-BLOOM models.
     """
     modules = _bloom_attentions(model)
+    use_fused_gelu(model, enabled)
     per_pass = _PerPass(fold_alibi)  # one per model: its layers see the same alibi and mask
     for module in modules:
         if enabled:
@@ -176,3 +221,27 @@ def fused_attention_enabled(model) -> bool:
     """Whether every BLOOM attention module of ``model`` runs the fused path (False if it has none)."""
     modules = _bloom_attentions(model)
     return bool(modules) and all(getattr(m, _ORIGINAL, False) for m in modules)
+
+
+_GELU = "_ptray_fused_gelu"  # marks an MLP whose BloomGelu was swapped
+
+
+def use_fused_gelu(model, enabled: bool = True) -> int:
+    """Swap each BLOOM MLP's ``BloomGelu`` for ``torch.nn.GELU(approximate="tanh")`` (``enabled=False``: back).
+
+    Both compute 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) with its exact derivative; the fused one in one
+    kernel each way instead of BloomGelu's chain of elementwise ones (in bf16 it rounds once instead of after every
+    step). ``use_fused_attention`` calls it. Returns the number of MLPs now swapped (enabled) or restored
+    (disabled); 0 for models that are not BLOOM. Idempotent. Raises nothing.
+    """
+    from transformers.models.bloom.modeling_bloom import BloomGelu, BloomMLP
+
+    mlps = [m for m in model.modules() if isinstance(m, BloomMLP)]
+    for mlp in mlps:
+        if enabled:
+            mlp.gelu_impl = torch.nn.GELU(approximate="tanh")
+            setattr(mlp, _GELU, True)
+        elif getattr(mlp, _GELU, False):
+            mlp.gelu_impl = BloomGelu()  # stateless: a new one is the original
+            delattr(mlp, _GELU)
+    return len(mlps)

@@ -27,17 +27,22 @@ prompts (tests/test_evaluate.py checks each prompt's result against its own per-
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ptray.data.batching import Encoded, encode_all, eval_batches
 from ptray.data.superglue import DEFAULT_HUB_DATASET, load_split
-from ptray.data.tasks import get_task
-from ptray.data.tokens import pad_token_id
+from ptray.data.tasks import Task, get_task
+from ptray.data.tokens import pad_token_id, special_prefix
 from ptray.lm import families
+from ptray.lm.attention import right_padded_rows
 from ptray.lm.forward import answer_logprobs, greedy_ok
 from ptray.lm.special import answer_ends, end_ids
 
@@ -123,6 +128,27 @@ def evaluate_prompts(model, data: list[Encoded], prompts: list[torch.Tensor | No
     eos_id = answer_ends(model, eos_id)
     scored = _score_shared_many(model, data, prompts, batch_size, pad_id, eos_id, device, autocast)
     return _results(data, len(prompts), scored)
+
+
+def evaluate_together(model, jobs: list[tuple[list[Encoded], torch.Tensor | None, int]], pad_id: int,
+                      eos_id: int | Sequence[int], device=None, autocast=None) -> list[EvalResult]:
+    """Each job ``(data, prompt, batch_size)`` evaluated as ``evaluate(model, data, prompt, batch_size, ...)``;
+    jobs on the same data (the same list object) and batch size run together, several prompts per pass
+    (``evaluate_prompts``: the same numbers within fp32 rounding), a job alone through ``evaluate`` itself. Returns
+    the results in the order of ``jobs``. Raises ValueError when a job's data has no labeled example."""
+    together: dict[tuple, list[int]] = {}
+    for j, (data, _, batch_size) in enumerate(jobs):
+        together.setdefault((id(data), batch_size), []).append(j)
+    results: list[EvalResult | None] = [None] * len(jobs)
+    for js in together.values():
+        data, _, batch_size = jobs[js[0]]
+        if len(js) == 1:
+            out = [evaluate(model, data, jobs[js[0]][1], batch_size, pad_id, eos_id, device, autocast)]
+        else:
+            out = evaluate_prompts(model, data, [jobs[j][1] for j in js], batch_size, pad_id, eos_id, device, autocast)
+        for j, r in zip(js, out):
+            results[j] = r
+    return results
 
 
 def _results(data: list[Encoded], num_prompts: int, scored) -> list[EvalResult]:
@@ -225,8 +251,9 @@ def _score_shared_many(model, data, prompts, batch_size, pad_id, ends, device, a
             sel = torch.tensor([r for r, (q, _) in enumerate(part) if q == p], device=device)
             embeds[sel, :lengths[p]] = prompts[p].to(device=device, dtype=embeds.dtype)
         with _autocast(autocast):
-            out = families.base_forward(model, embeds, src_mask, position_ids=families.position_ids(model, src_mask),
-                                        use_cache=True)
+            with right_padded_rows():  # each row: its prompt, its source, then padding
+                out = families.base_forward(model, embeds, src_mask,
+                                            position_ids=families.position_ids(model, src_mask), use_cache=True)
             logits = families.logits(model, out.last_hidden_state[torch.arange(b, device=device), last])  # [b, V]
             cache = families.output_cache(out)
             cache.batch_repeat_interleave(k)
@@ -249,6 +276,56 @@ def _score_shared_many(model, data, prompts, batch_size, pad_id, ends, device, a
         yield [keys[i] for i in keep], [seq_logp[i] for i in keep], [seq_wrong[i] for i in keep]
 
 
+_ENCODED: collections.OrderedDict = collections.OrderedDict()  # encoded splits, most recently used last
+_ENCODED_MAX = 16  # splits kept per process
+_TOKENIZER_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_key(tokenizer) -> tuple:
+    """What identifies a tokenizer's output: a digest of a fast tokenizer's whole definition (vocabulary, merges,
+    normalisation, added tokens), so a tokenizer loaded again from the same files hits the cache; other tokenizers
+    by identity (the cache entry holds them, so their id is not reused)."""
+    try:
+        return _TOKENIZER_KEYS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        key = (type(tokenizer).__name__, digest, tuple(special_prefix(tokenizer)))
+    else:
+        key = ("object", id(tokenizer))
+    with contextlib.suppress(TypeError):
+        _TOKENIZER_KEYS[tokenizer] = key
+    return key
+
+
+def encoded_split(task: Task, split: str, tokenizer, max_length: int, data_dir: str | None = None,
+                  hub_dataset: str = DEFAULT_HUB_DATASET, max_examples: int | None = None) -> list[Encoded]:
+    """``encode_all(task, load_split(task, split, data_dir, hub_dataset, max_examples), tokenizer, max_length)``,
+    read and encoded once per process: the prompts of a group (seeds of one task) and later groups in the same
+    process share one list (read-only: do not change it). Keyed by the task's declaration (its digest), the split,
+    the data file (path, size, modification time) or Hub dataset, ``max_examples``, ``max_length`` and the
+    tokenizer (``_tokenizer_key``); the ``_ENCODED_MAX`` most recently used splits are kept. Raises what
+    ``load_split`` and ``encode_all`` raise (PtrayError), and caches nothing then.
+    """
+    where: tuple = (hub_dataset,)
+    if data_dir is not None:
+        path = Path(data_dir) / getattr(task, "dir_name", task.name) / f"{split}.jsonl"
+        stat = path.stat() if path.is_file() else None
+        where = (str(Path(data_dir).resolve()), stat and stat.st_size, stat and stat.st_mtime_ns)
+    key = (task.name, getattr(task, "digest", None), split, where, max_examples, max_length,
+           _tokenizer_key(tokenizer))
+    if key in _ENCODED:
+        _ENCODED.move_to_end(key)
+        return _ENCODED[key][1]
+    data = encode_all(task, load_split(task, split, data_dir, hub_dataset, max_examples), tokenizer, max_length)
+    _ENCODED[key] = (tokenizer, data)  # the tokenizer held: an identity key stays its own
+    while len(_ENCODED) > _ENCODED_MAX:
+        _ENCODED.popitem(last=False)
+    return data
+
+
 def evaluate_on_task(
     model,
     tokenizer,
@@ -267,7 +344,7 @@ def evaluate_on_task(
     Returns the result and the ``idx`` of each evaluated example (the order of the per-example lists).
     """
     task = get_task(task_name)
-    data = encode_all(task, load_split(task, split, data_dir, hub_dataset, max_examples), tokenizer, max_length)
+    data = encoded_split(task, split, tokenizer, max_length, data_dir, hub_dataset, max_examples)
     result = evaluate(model, data, prompt, batch_size, pad_token_id(tokenizer), end_ids(model, tokenizer),
                       autocast=autocast)
     return result, [d.idx for d in data if d.label is not None]

@@ -12,6 +12,7 @@ import torch
 
 from ptray.data.batching import Batch
 from ptray.lm import families
+from ptray.lm.attention import right_padded_rows
 from ptray.lm.prompt import prepend
 
 
@@ -33,7 +34,8 @@ def answer_logprobs(model, batch: Batch, prompt: torch.Tensor | None = None,
     if prompt is not None:
         n = prompt.shape[0]
         embeds, mask = prepend(prompt, embeds, mask)
-    hidden = families.base_forward(model, embeds, mask).last_hidden_state
+    with right_padded_rows():  # prompt rows, then the batch's right-padded tokens
+        hidden = families.base_forward(model, embeds, mask).last_hidden_state
     selected = hidden[batch.ans_seq, batch.ans_pos + n]
     logits = families.logits(model, selected)
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -93,7 +95,7 @@ def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]], max_to
     every row to the longest. Returns, per pair, the log-probability of each answer token [A_i] (fp32), as
     ``answer_logprobs(model, batch_i, prompt_i)[0]`` would.
     """
-    embeds, masks, seqs, positions, tokens, counts = [], [], [], [], [], []
+    embeds, masks, seqs, positions, tokens, counts, lengths = [], [], [], [], [], [], []
     offset = 0
     for batch, prompt in parts:
         e, m = prepend(prompt, families.embed(model, batch.input_ids), batch.attention_mask)
@@ -103,32 +105,53 @@ def group_answer_logprobs(model, parts: list[tuple[Batch, torch.Tensor]], max_to
         positions.append(batch.ans_pos + prompt.shape[0])
         tokens.append(batch.ans_tokens)
         counts.append(batch.ans_tokens.shape[0])
+        if max_tokens > 0:  # host-side row lengths (no device sync where the batch carries them)
+            lengths += [prompt.shape[0] + n for n in batch.row_lengths()]
         offset += batch.num_seqs
     width = max(e.shape[1] for e in embeds)
     embeds = torch.cat([torch.nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in embeds])
     mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
     seqs, positions = torch.cat(seqs), torch.cat(positions)
     if max_tokens <= 0:
-        hidden = families.base_forward(model, embeds, mask).last_hidden_state
+        with right_padded_rows():
+            hidden = families.base_forward(model, embeds, mask).last_hidden_state
         selected = hidden[seqs, positions]
     else:
         # Each pass's hidden states are flattened to [rows * its width, hidden]; an answer of row r at position p
         # is then row r's base (its pass's offset + its index in the pass x the pass's width) + p.
-        lengths = mask.sum(1).tolist()  # one device sync per step
         passes = forward_passes(lengths, max_tokens, bucket, getattr(model.config, "max_position_embeddings", None))
         widest = max(w for _, w in passes)
         if widest > width:  # bucketed widths may pass the step's longest row: pad (masked) up to them
             embeds = torch.nn.functional.pad(embeds, (0, 0, 0, widest - width))
             mask = torch.nn.functional.pad(mask, (0, widest - width))
-        base = torch.zeros(len(lengths), dtype=torch.long)
-        flat, start = [], 0
-        for rows, w in passes:
-            idx = torch.tensor(rows, device=embeds.device)
-            h = families.base_forward(model, embeds[idx, :w], mask[idx, :w]).last_hidden_state
-            flat.append(h.reshape(-1, h.shape[-1]))
-            base[rows] = start + torch.arange(len(rows)) * w
-            start += len(rows) * w
-        selected = torch.cat(flat)[base.to(embeds.device)[seqs] + positions]
+        order, base = _pass_indices(passes, len(lengths), embeds.device)
+        flat, first = [], 0
+        with right_padded_rows():
+            for rows, w in passes:
+                idx = order[first:first + len(rows)]  # a view of the one copied index tensor: no copy per pass
+                first += len(rows)
+                h = families.base_forward(model, embeds[idx, :w], mask[idx, :w]).last_hidden_state
+                flat.append(h.reshape(-1, h.shape[-1]))
+        selected = torch.cat(flat)[base[seqs] + positions]
     logits = families.logits(model, selected)
     logp = torch.log_softmax(logits, dim=-1).gather(1, torch.cat(tokens).unsqueeze(1)).squeeze(1)
     return list(logp.split(counts))
+
+
+def _pass_indices(passes: list[tuple[list[int], int]], num_rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of every pass in pass order [R] and each row's base in the passes' flattened hidden states [R]
+    (its pass's offset + its index in the pass x the pass's width), built on the host and copied to ``device`` in
+    one copy (from pinned memory, asynchronously, on CUDA)."""
+    order = [r for rows, _ in passes for r in rows]
+    base = [0] * num_rows
+    start = 0
+    for rows, w in passes:
+        for i, r in enumerate(rows):
+            base[r] = start + i * w
+        start += len(rows) * w
+    both = torch.tensor(order + base, dtype=torch.long)
+    if torch.device(device).type == "cuda":
+        both = both.pin_memory().to(device, non_blocking=True)
+    else:
+        both = both.to(device)
+    return both[:len(order)], both[len(order):]

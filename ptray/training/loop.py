@@ -34,19 +34,23 @@ from typing import Any
 import torch
 
 from ptray.config import TrainConfig, resolve_attention
-from ptray.data.batching import check_fits, encode_all, train_batches
-from ptray.data.superglue import load_split
+from ptray.data.batching import check_fits, stage, train_batches
 from ptray.data.tasks import get_task
 from ptray.data.tokens import pad_token_id, special_prefix, token_ids
 from ptray.errors import PtrayError
 from ptray.lm import families
-from ptray.lm.evaluate import EvalResult, evaluate
+from ptray.lm.evaluate import EvalResult, encoded_split, evaluate, evaluate_together
 from ptray.lm.forward import group_answer_logprobs
 from ptray.lm.load import resolve_device_precision, setup_model
 from ptray.lm.prompt import init_prompt, source_prompt
 from ptray.lm.special import end_ids
 from ptray.seeds import set_seed
-from ptray.training.optimizers import load_optimizer_state, make_optimizer, optimizer_state, resolved_settings
+from ptray.training.optimizers import (
+    make_optimizer,  # noqa: F401 - its old home: callers import it from here
+    optimizer_state,
+    prompt_optimizer,
+    step_all,
+)
 from ptray.versions import code_version, library_versions
 
 log = logging.getLogger("ptray")
@@ -83,14 +87,15 @@ class _Member:
     best: dict
     history: list
     epoch: int  # the epoch now running (or about to start)
-    batches: list | None = None
+    batches: list | None = None  # this epoch's, on the device
     step: int = 0
     loss_sum: torch.Tensor | None = None
-    tokens: int = 0
+    tokens: int = 0  # real tokens trained on this epoch (counted on the host)
     t0: float = 0.0
+    train_time: float = 0.0  # seconds of this epoch's training, evaluation excluded
     best_eval: EvalResult | None = None
     result: TrainResult | None = None
-    optimizer: torch.optim.Optimizer | None = None  # its own (``make_optimizer``), set once every member is set up
+    optimizer: torch.optim.Optimizer | None = None  # its own (``prompt_optimizer``), once every member is set up
 
 
 def _check_group(cfgs: list[TrainConfig]) -> None:
@@ -127,8 +132,9 @@ def train_group(
 
     The steps, in order: ``_setup_model`` (the frozen model, once), ``_setup_member`` (each prompt: data, init,
     resume, baselines), then until every prompt has left: ``_step`` (one optimizer step of every active prompt),
-    ``_end_epoch`` (evaluation, early stopping, the checkpoint state) and ``_start_epoch`` (the next epoch's batches,
-    or ``_leave``).
+    ``_evaluate_ends`` (the prompts whose epochs ended on this step, those on the same data in one evaluation),
+    ``_end_epoch`` (early stopping, the checkpoint state) and ``_start_epoch`` (the next epoch's batches on the
+    device, or ``_leave``).
     """
     _check_group(cfgs)
     resume = list(resume) if resume is not None else [None] * len(cfgs)
@@ -143,11 +149,9 @@ def train_group(
     no_prompt_cache: dict[tuple, EvalResult] = {}
     members = [_setup_member(run, i, cfg, state, len(cfgs), no_prompt_cache)
                for i, (cfg, state) in enumerate(zip(cfgs, resume))]
-    for m, state in zip(members, resume):
-        m.optimizer = make_optimizer(m.cfg, m.weight)
-        m.resolved.update(resolved_settings(m.cfg))  # the lr it trains with
-        if state is not None:
-            load_optimizer_state(m.optimizer, m.cfg, state)
+    for m, state in zip(members, resume):  # each its own; the lr it trains with recorded
+        m.optimizer, settings = prompt_optimizer(m.cfg, m.weight, state)
+        m.resolved.update(settings)
 
     def next_epoch(m: _Member) -> bool:
         if _start_epoch(run, m):
@@ -158,10 +162,12 @@ def train_group(
     active = [m for m in members if next_epoch(m)]
     while active:
         _step(run, active, len(members))
+        ending = [m for m in active if m.step == len(m.batches)]
+        results = _evaluate_ends(run, ending) if ending else {}
         still = []
         for m in active:
             if m.step == len(m.batches):
-                _end_epoch(run, m, on_epoch_end, len(members))
+                _end_epoch(run, m, on_epoch_end, len(members), results[m.index])
                 if not next_epoch(m):
                     continue
             still.append(m)
@@ -212,10 +218,11 @@ def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group
     """Prompt ``i``: its data, its initial (or resumed) rows (its optimizer comes after), its baselines."""
     tokenizer, embedding = run.tokenizer, run.model.get_input_embeddings().weight
     task = get_task(cfg.task)
-    train_data = encode_all(task, load_split(task, "train", cfg.data_dir, cfg.hub_dataset, cfg.max_train_examples),
-                            tokenizer, cfg.max_length)
-    eval_data = encode_all(task, load_split(task, cfg.eval_split, cfg.data_dir, cfg.hub_dataset,
-                                            cfg.max_eval_examples), tokenizer, cfg.max_length)
+    # read and encoded once per process: the seeds of a task share these lists
+    train_data = encoded_split(task, "train", tokenizer, cfg.max_length, cfg.data_dir, cfg.hub_dataset,
+                               cfg.max_train_examples)
+    eval_data = encoded_split(task, cfg.eval_split, tokenizer, cfg.max_length, cfg.data_dir, cfg.hub_dataset,
+                              cfg.max_eval_examples)
     init_text = cfg.init_text if cfg.init_text is not None else task.init_text
     # the module, not its rows: TEXT init must include any embedding scale (Gemma2), as the model's own input does
     source = source_prompt(cfg.init_source) if cfg.init_source else None  # init 'prompt' (SPoT)
@@ -247,12 +254,15 @@ def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group
         best = {"eval_loss": math.inf, "epoch": 0, "prompt": weight.detach().cpu().clone(), "bad_epochs": 0}
         history, epoch = [], 1
     if cfg.baselines and not baselines:
-        key = (cfg.task, cfg.data_dir, cfg.hub_dataset, cfg.eval_split, cfg.max_eval_examples, cfg.max_length)
+        key = (cfg.task, cfg.data_dir, cfg.hub_dataset, cfg.eval_split, cfg.max_eval_examples, cfg.max_length,
+               cfg.eval_batch_size)
         if key not in no_prompt_cache:  # the same for every prompt of a task: evaluate it once
             no_prompt_cache[key] = run.evaluate(cfg, eval_data, None)
-        # the init text as a hard prompt: the model's own input vectors of its tokens (Gemma's scale included)
-        hard = families.embed(run.model, torch.tensor(token_ids(tokenizer, init_text)))
-        baselines = {"no_prompt": no_prompt_cache[key], "init_text": run.evaluate(cfg, eval_data, hard)}
+        if key + (init_text,) not in no_prompt_cache:  # and the same init text (the task's, for its seeds): once
+            # the init text as a hard prompt: the model's own input vectors of its tokens (Gemma's scale included)
+            hard = families.embed(run.model, torch.tensor(token_ids(tokenizer, init_text)))
+            no_prompt_cache[key + (init_text,)] = run.evaluate(cfg, eval_data, hard)
+        baselines = {"no_prompt": no_prompt_cache[key], "init_text": no_prompt_cache[key + (init_text,)]}
         for name, res in baselines.items():
             log.info("baseline %-9s eval_loss %.4f exact_match %.4f rank_accuracy %.4f",
                      name, res.loss, res.exact_match, res.rank_accuracy)
@@ -263,32 +273,24 @@ def _start_epoch(run: _Run, m: _Member) -> bool:
     """Set up ``m``'s next epoch; False when it is done (out of epochs or patience)."""
     if m.epoch > m.cfg.max_epochs or m.best["bad_epochs"] >= m.cfg.patience:
         return False
-    m.batches = train_batches(m.train_data, m.cfg.batch_size, m.cfg.seed, m.epoch, run.pad_id, run.eos_id)
+    batches = train_batches(m.train_data, m.cfg.batch_size, m.cfg.seed, m.epoch, run.pad_id, run.eos_id)
     m.step, m.tokens, m.t0 = 0, 0, time.perf_counter()
+    m.batches = stage(batches, run.accelerator.device)  # the whole epoch on the device at once (pinned on CUDA)
     m.loss_sum = torch.zeros((), device=run.accelerator.device)
     return True
 
 
 def _step(run: _Run, active: list[_Member], group_size: int) -> None:
     """One optimizer step: the next batch of every active prompt in one forward, each loss its own batch mean."""
-    parts = [(m.batches[m.step].to(run.accelerator.device), m.weight) for m in active]
+    parts = [(m.batches[m.step], m.weight) for m in active]  # staged on the device by ``_start_epoch``
     with run.accelerator.autocast():
         logps = group_answer_logprobs(run.model, parts, run.max_tokens_per_forward)
         losses = [-lp.mean() for lp in logps]
     run.accelerator.backward(torch.stack(losses).sum())  # each prompt's gradient is its own mean's gradient
-    scaler = getattr(run.accelerator, "scaler", None)  # fp16 only: the loss was scaled
-    for m in active:
-        if scaler is None:
-            m.optimizer.step()
-        else:  # unscales this prompt's gradient; skips its step if it holds inf/nan
-            scaler.step(m.optimizer)
-    if scaler is not None:
-        scaler.update()  # once per step, after every optimizer (GradScaler with several optimizers)
-    for m in active:
-        m.optimizer.zero_grad(set_to_none=True)
+    step_all([m.optimizer for m in active], getattr(run.accelerator, "scaler", None))  # a scaler: fp16 only
     for m, (batch, _), loss in zip(active, parts, losses):
         m.loss_sum += loss.detach()
-        m.tokens += int(batch.attention_mask.sum())
+        m.tokens += batch.num_tokens  # host-side lengths: no device sync
         m.step += 1
         if (m.step % 20 == 0 or m.step == len(m.batches)) and not torch.isfinite(m.loss_sum):
             raise PtrayError(
@@ -297,10 +299,24 @@ def _step(run: _Run, active: list[_Member], group_size: int) -> None:
                 f"lower --lr (now {m.resolved['lr']}) or use a more stable precision (--precision bf16/no)")
 
 
-def _end_epoch(run: _Run, m: _Member, on_epoch_end, group_size: int) -> None:
-    """``m``'s epoch is over: evaluate it, track early stopping and the best prompt, report metrics and state."""
-    train_time = time.perf_counter() - m.t0
-    result = run.evaluate(m.cfg, m.eval_data, m.weight.detach())
+def _evaluate_ends(run: _Run, ending: list[_Member]) -> dict[int, EvalResult]:
+    """Evaluate the prompts whose epochs ended on this step (their training clocks stopped first), those on the same
+    data (the seeds of a task) together (``evaluate_together``); each member's result by its index."""
+    now = time.perf_counter()
+    for m in ending:
+        m.train_time = now - m.t0
+    results = evaluate_together(run.model, [(m.eval_data, m.weight.detach(), m.cfg.eval_batch_size) for m in ending],
+                                run.pad_id, run.end_ids, device=run.accelerator.device,
+                                autocast=run.accelerator.autocast)
+    return {m.index: r for m, r in zip(ending, results)}
+
+
+def _end_epoch(run: _Run, m: _Member, on_epoch_end, group_size: int, result: EvalResult | None = None) -> None:
+    """``m``'s epoch is over: with its evaluation ``result`` (None: evaluate it now), track early stopping and the
+    best prompt, report metrics and state."""
+    if result is None:
+        m.train_time = time.perf_counter() - m.t0
+        result = run.evaluate(m.cfg, m.eval_data, m.weight.detach())
     if not math.isfinite(result.loss):  # else the untrained init prompt would be "best" and the run end as done
         raise PtrayError(
             f"the evaluation loss became {result.loss} at epoch {m.epoch} ({m.cfg.task}, seed {m.cfg.seed}"
@@ -319,7 +335,7 @@ def _end_epoch(run: _Run, m: _Member, on_epoch_end, group_size: int) -> None:
         **result.metrics(),
         "best_eval_loss": m.best["eval_loss"],
         "best_epoch": m.best["epoch"],
-        "train_tokens_per_s": m.tokens / train_time,  # this prompt's tokens over the group's wall time
+        "train_tokens_per_s": m.tokens / m.train_time,  # this prompt's tokens over the group's wall time
         "epoch_seconds": time.perf_counter() - m.t0,
     }
     m.history.append(metrics)
