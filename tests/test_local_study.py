@@ -129,3 +129,23 @@ def test_ptray_study_local_runs_publishes_and_resumes(tiny_model_dir, data_dir, 
     assert main(["--resume", "--local", "study", "--study", "cli", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "0 train runs and 0 evaluations written" in out and "published 0 runs" in out
+
+
+def test_the_local_study_needs_neither_ray_nor_mlflow(tiny_model_dir, data_dir, tmp_path):
+    """As on a GPU machine with torch, transformers, peft and accelerate only: the study runs, and says how to
+    publish it where MLflow is."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('mlflow', 'ray', 'datasets'):\n"
+            "    sys.modules[m] = None\n"
+            "from ptray.command import main\n"
+            f"sys.exit(main(['study', '--model', {str(tiny_model_dir)!r}, '--data-dir', {str(data_dir)!r}, "
+            "'--tasks', 'copa', '--seeds', '0', '--max-epochs', '1', '--max-train-examples', '8', "
+            "'--max-eval-examples', '8', '--max-length', '128', '--local', 'study', '--study', 'gpu']))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "MLflow is not installed here: publish it where it is with" in out.stdout
+    assert sorted(finished_runs(tmp_path / "study")) == ["baseline-none-on-copa", "copa-seed0",
+                                                         "transfer-copa-seed0-on-copa"]
