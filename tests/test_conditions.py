@@ -219,6 +219,33 @@ def test_a_conditioned_prompt_is_tagged_named_and_trained_with_its_overrides(sto
     assert all(r.info.status == layout.FINISHED for r in runs.values())
 
 
+def test_a_searched_trial_stopped_by_tune_keeps_its_run_for_the_study_to_mark(store, tiny_model_dir, data_dir):
+    from ptray.study.trial import run_group
+    from ptray.study.tuner import finish_stopped
+
+    uri, exp = store
+    ctx = StudyContext(study="stop", experiment_id=exp, tracking_uri=uri, model_label=str(tiny_model_dir),
+                       data_label=str(data_dir), params={"study": "stop"},
+                       train=TrainConfig(model=str(tiny_model_dir), data_dir=str(data_dir), max_epochs=3, patience=5,
+                                         max_train_examples=8, max_eval_examples=8, max_length=64, baselines=False))
+
+    def report(metrics, states):
+        if states is not None and metrics["epoch"] == 1:
+            raise SystemExit(0)  # what tune.report raises when the scheduler stopped the trial
+
+    with pytest.raises(SystemExit):
+        run_group({"task": "cb", "seed": 0, "condition": "sample0", "lr": 0.5}, ctx, None, report, {"sample0": {}})
+    mc = tracking.client(uri)
+    (run,) = tracking.search_study_runs(mc, exp, "stop")
+    assert run.info.status == layout.RUNNING and run.data.params["lr"] == "0.5"
+    assert tracking.logged_epochs(mc, run.info.run_id) == [1]  # the epoch the scheduler judged is in its history
+    plan = dataclasses.replace(plan_of("--study", "lr", "--tasks", "cb", "--num-samples", "1"), study="stop")
+    finish_stopped(plan, SimpleNamespace(client=lambda: mc, experiment_id=exp, study="stop"),
+                   {"cb-seed0-sample0": "TERMINATED"})
+    run = mc.get_run(run.info.run_id)
+    assert run.info.status == layout.KILLED and run.data.tags[layout.TAG_STOPPED_BY] == "asha"
+
+
 def test_stopped_trials_end_killed_and_the_summary_reports_the_best_config(store):
     from ptray.study.summary import render_summary, summarize
     from ptray.study.tuner import finish_stopped

@@ -153,6 +153,8 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
             continue
         cfg = condition_config(ctx.train_config(task, seed), (conditions or {}).get(condition, {}), sampled(config))
         run_id = _open_run(client, ctx, run, cfg, state)
+        if searched:  # the sampled values at once: a run its scheduler stops still says what it tried
+            tracking.log_params_once(client, run_id, sampled(config))
         init_from = cfg.init_source
         cfg = resolve_init_source(client, ctx, cfg, Path(sources.name) / name)
         if init_from is not None:
