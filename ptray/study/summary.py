@@ -41,7 +41,8 @@ def describe(plan: Plan, opts: Options, uri: str, storage: str, experiment: str,
         f"{opts.max_failures} retries",
         f"             {' '.join(names)}",
         f"  groups     {_groups_text(plan)}",
-        f"  transfer   {plan.num_evaluations} evaluations ({len(plan.trials)} prompts x {len(plan.transfer_targets)} "
+        f"  transfer   {'up to ' if plan.search else ''}{plan.num_evaluations} evaluations ({len(plan.trials)} "
+        f"prompts x {len(plan.transfer_targets)} "
         f"tasks + {len(plan.transfer_targets)} no-prompt baselines), one Ray task per target task, same resources"
         + (f"; transfer only (not trained): {', '.join(plan.targets)}" if plan.targets else ""),
         f"  MLflow     experiment {experiment!r} at {uri}",
