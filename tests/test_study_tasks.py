@@ -49,6 +49,17 @@ def task_file(tmp_path, name, splits='["val"]', version=1):
     return path
 
 
+@pytest.fixture(autouse=True)
+def registry():
+    """Each test's user tasks leave this process's registry with it (other tests list the registered tasks)."""
+    from ptray.data import tasks
+
+    saved = dict(tasks._USER)
+    yield
+    tasks._USER.clear()
+    tasks._USER.update(saved)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
