@@ -77,7 +77,7 @@ def is_search(study: Study) -> bool:
     """Whether the study is a search: a train run stopped by a scheduler, or train runs that share a
     ``search_key`` (they differ by their ``lr``)."""
     keys = [search_key(t) for t in study.trials] or [search_key(p) for p in study.prompts]
-    return any(t.stopped_by for t in study.trials) or len(keys) != len(set(keys))
+    return bool(study.search) or any(t.stopped_by for t in study.trials) or len(keys) != len(set(keys))
 
 
 def best_trials(prompts: list[PromptRun]) -> list[PromptRun]:
@@ -108,7 +108,7 @@ def paper_view(study: Study, condition: str | None = None) -> tuple[Study, list[
         notes.append(f"the study has conditions ({', '.join(study.conditions)}): the paper's sections (nearest "
                      f"tokens, stochasticity, distances, transfer, correlations, predictors, faithfulness) read "
                      f"condition {ref!r} only" + (" (chosen with --condition)" if condition else
-                                                  " (the first declared)")
+                                                  " (the first in the study that is not a SPoT condition)")
                      + (f"; the conditions section compares it with {', '.join(others)}" if others else ""))
     spot = [p for p in prompts if is_spot(p)]
     if spot:
@@ -128,7 +128,7 @@ def paper_view(study: Study, condition: str | None = None) -> tuple[Study, list[
                          f"against trained prompts)")
     if ref is None and not spot and len(prompts) == len(study.prompts):
         return study, notes, {"condition": None, "conditions": []}
-    view = study.select(prompts, ref)
+    view = study.select(prompts)
     return view, notes, {"condition": ref, "conditions": study.conditions}
 
 
@@ -246,12 +246,13 @@ def condition_table(study: Study, n_boot: int = 2000, seed: int = 0, distance: s
     ``transfer_targets`` of them; NaN without transfer runs). Accuracies are fractions (0-1)."""
     per_seed = per_seed_table(study, effective)
     rows = []
+    groups = _groups(study)
     transfer_by_condition = {}
     for c in study.conditions:
-        _, summary = transfer.transfer_tables(study.select([p for p in study.prompts if p.condition == c], c),
-                                              n_boot=0, seed=seed)
+        chosen = [p for ps in groups.values() for p in ps if p.condition == c]
+        _, summary = transfer.transfer_tables(study.select(chosen), n_boot=0, seed=seed)
         transfer_by_condition[c] = summary
-    for (task, cond), ps in _groups(study).items():
+    for (task, cond), ps in groups.items():
         row = {"task": task, "condition": cond, "n_seeds": len(ps), "n_examples": None}
         for m in METRICS:
             mat, idx = correctness_matrix(ps, m)

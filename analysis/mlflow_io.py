@@ -10,6 +10,7 @@ import difflib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -80,6 +81,28 @@ def _float(value) -> float | None:
         return None
 
 
+def _plan(exp) -> dict:
+    """The study's plan stored as an experiment tag (``ptray.plan.<study>``), {} without one (or with several)."""
+    plans = [v for k, v in (exp.tags or {}).items() if k.startswith(layout.PLAN_TAG_PREFIX)]
+    try:
+        return json.loads(plans[0]) if len(plans) == 1 else {}
+    except ValueError:
+        return {}
+
+
+def _condition(tag: str | None, search: bool) -> tuple[str | None, str | None]:
+    """(declared condition, search trial) of a run's ``ptray.condition`` tag: in a search the tag is the trial
+    (``sample3``, ``random-sample3``) and the declared condition is the tag without its sample suffix."""
+    if not tag:
+        return None, None
+    if not search:
+        return tag, None
+    if re.fullmatch(r"sample\d+", tag):
+        return None, tag
+    head, sep, tail = tag.rpartition("-sample")
+    return (head, tag) if sep and tail.isdigit() else (tag, None)
+
+
 def _latest(runs: list, notes: list[str]) -> list:
     """One run per key (``_key``): the latest (a resumed or re-run study repeats runs)."""
     keep: dict[tuple, object] = {}
@@ -146,6 +169,8 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
             continue
         runs.append(run)
     runs = _latest(runs, notes)
+    plan = _plan(exp)
+    search = bool(plan.get("search")) or any(_stopped(r) for r in runs)
     if not any(r.data.tags.get(layout.TAG_KIND) == layout.TRAIN and r.info.status == layout.FINISHED for r in runs):
         raise PtrayError(f"experiment {experiment!r} has no finished train runs (runs tagged "
                          f"{layout.TAG_KIND}={layout.TRAIN}); nothing to analyse")
@@ -156,8 +181,9 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
             run_id = run.info.run_id
             studies.add(tags.get(layout.TAG_STUDY, ""))
             dst = Path(tmp) / run_id
+            condition, trial = _condition(tags.get(layout.TAG_CONDITION), search)
             if kind == layout.TRAIN and _stopped(run):
-                trials.append(_stopped_trial(client, run))
+                trials.append(_stopped_trial(client, run, condition, trial))
             elif kind == layout.TRAIN:
                 for name in layout.PROMPT_FILES:
                     _download(run, name, dst, required=True, tracking_uri=uri)
@@ -171,8 +197,8 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
                     raise PtrayError(f"train run {run_id} has no {layout.TAG_TASK} tag and no task in config.json")
                 lr = _float(run.data.params.get("lr", config.get("lr")))
                 prompt_run = PromptRun(run_id, str(task), _int(seed, "seed", run_id), prompt, config, metrics, preds,
-                                       condition=tags.get(layout.TAG_CONDITION) or None,
-                                       init_from=tags.get(layout.TAG_INIT_FROM) or None, lr=lr)
+                                       condition=condition, init_from=tags.get(layout.TAG_INIT_FROM) or None, lr=lr,
+                                       trial=trial)
                 prompts.append(prompt_run)
                 trials.append(Trial(
                     run_id, prompt_run.task, prompt_run.seed, layout.FINISHED, lr, prompt_run.condition,
@@ -180,7 +206,7 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
                     metrics={"best_eval_loss": metrics.get("eval_loss"), "eval_loss": _last_eval_loss(run, metrics),
                              "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
                              "exact_match": metrics.get("exact_match"),
-                             "rank_accuracy": metrics.get("rank_accuracy")}))
+                             "rank_accuracy": metrics.get("rank_accuracy")}, trial=trial))
             else:
                 metrics = _json(run, layout.METRICS_FILE, dst, True, uri)
                 preds = _json(run, layout.PREDICTIONS_FILE, dst, False, uri)
@@ -195,9 +221,10 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
                     run_id=run_id, kind=kind, target=str(target), source=str(source) if transfer else None,
                     source_seed=_int(seed, "seed", run_id) if transfer else None, metrics=metrics, idx=idx,
                     em_correct=em_correct, rank_correct=rank_correct,
-                    condition=tags.get(layout.TAG_CONDITION) or None))
+                    condition=condition, trial=trial))
     study_tag = min(studies) if len(studies) == 1 else ",".join(sorted(s for s in studies if s))
-    return Study(experiment, study_tag, prompts, evals, experiment_id=exp.experiment_id, trials=trials), notes
+    return Study(experiment, study_tag, prompts, evals, experiment_id=exp.experiment_id, trials=trials,
+                 search=dict(plan.get("search") or ({"stopped": True} if search else {}))), notes
 
 
 def _last_eval_loss(run, metrics: dict) -> float | None:
@@ -206,7 +233,7 @@ def _last_eval_loss(run, metrics: dict) -> float | None:
     return _float(run.data.metrics.get(layout.HISTORY_KEY, metrics.get("eval_loss")))
 
 
-def _stopped_trial(client, run) -> Trial:
+def _stopped_trial(client, run, condition: str | None, trial: str | None) -> Trial:
     """A scheduler-stopped train run as a Trial, from its tags, params and per-epoch metrics (no artifacts are
     needed: a stopped trial may have none)."""
     tags, m = run.data.tags, run.data.metrics
@@ -217,12 +244,12 @@ def _stopped_trial(client, run) -> Trial:
     history = client.get_metric_history(run_id, layout.HISTORY_KEY)
     losses = [h.value for h in history]
     return Trial(run_id, str(task), _int(tags.get(layout.TAG_SEED, run.data.params.get("seed")), "seed", run_id),
-                 layout.KILLED, _float(run.data.params.get("lr")), tags.get(layout.TAG_CONDITION) or None,
+                 layout.KILLED, _float(run.data.params.get("lr")), condition,
                  tags.get(layout.TAG_STOPPED_BY), tags.get(layout.TAG_INIT_FROM) or None, run.info.run_name or "",
                  {"best_eval_loss": _float(m.get("best_eval_loss", min(losses) if losses else None)),
                   "eval_loss": _float(m.get(layout.HISTORY_KEY)),
                   "best_epoch": _float(m.get("best_epoch")), "epochs_run": len({h.step for h in history}),
-                  "exact_match": None, "rank_accuracy": None})
+                  "exact_match": None, "rank_accuracy": None}, trial=trial)
 
 
 def log_analysis(study: Study, out_dir: Path, tracking_uri: str | None, metrics: dict[str, float]) -> str:

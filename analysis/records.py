@@ -32,12 +32,13 @@ class PromptRun:
     condition: str | None = None  # ``ptray.condition``: the study's condition (None in a study without conditions)
     init_from: str | None = None  # ``ptray.init_from``: a SPoT run's source prompt (its train run name)
     lr: float | None = None  # the learning rate it trained with (the run's ``lr`` param / config.json)
+    trial: str | None = None  # a search's trial: its ``ptray.condition`` tag (``sample3``, ``random-sample3``)
 
     @property
     def label(self) -> str:
         """The prompt's name in tables and figures: its train run's name, e.g. ``cb-seed0`` (``cb-seed0-random``
-        with a condition)."""
-        return layout.train_run_name(self.task, self.seed, self.condition)
+        with a condition, ``cb-seed0-sample3`` for a search's trial)."""
+        return layout.train_run_name(self.task, self.seed, self.trial or self.condition)
 
     @property
     def num_tokens(self) -> int:
@@ -61,7 +62,8 @@ class EvalRun:
     idx: list[int] = field(default_factory=list)
     em_correct: list[int] = field(default_factory=list)
     rank_correct: list[int] = field(default_factory=list)
-    condition: str | None = None  # a transfer run's source prompt's condition (``ptray.condition``)
+    condition: str | None = None  # a transfer run's source prompt's (declared) condition
+    trial: str | None = None  # a search: the source prompt's trial (its ``ptray.condition`` tag)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Trial:
     init_from: str | None = None
     run_name: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    trial: str | None = None  # its ``ptray.condition`` tag in a search (``sample3``)
 
 
 @dataclass
@@ -93,6 +96,8 @@ class Study:
     evals: list[EvalRun] = field(default_factory=list)
     experiment_id: str | None = None
     trials: list[Trial] = field(default_factory=list)  # every train run, stopped ones too (the search section)
+    declared_conditions: list[str] = field(default_factory=list)  # the plan's conditions, in declared order
+    search: dict[str, Any] = field(default_factory=dict)  # the plan's Tune search (space, metric, mode, scheduler)
 
     @property
     def tasks(self) -> list[str]:
@@ -109,10 +114,12 @@ class Study:
 
     @property
     def conditions(self) -> list[str]:
-        """The study's conditions (``ptray.condition`` of its train runs) in the order their first runs appear (the
-        loader lists runs by start time and a declared grid is condition-major: the declared order); [] for a
-        study without conditions."""
-        return list(dict.fromkeys(p.condition for p in self.prompts if p.condition is not None))
+        """The study's (declared) conditions that have train runs: in ``declared_conditions`` order, then any others
+        in the order their runs appear (the loader lists runs by start time; the stored plan keeps no order); []
+        for a study without conditions."""
+        present = list(dict.fromkeys(p.condition for p in self.prompts if p.condition is not None))
+        return [c for c in self.declared_conditions if c in present] + [
+            c for c in present if c not in self.declared_conditions]
 
     @property
     def transfer_only_targets(self) -> list[str]:
@@ -123,8 +130,11 @@ class Study:
         held = {e.target for e in self.evals} - set(self.tasks)
         return [t for t in TASK_NAMES if t in held] + sorted(held - set(TASK_NAMES))
 
-    def select(self, prompts: list[PromptRun], condition: str | None = None) -> Study:
-        """The same study with only ``prompts`` as train runs; transfer runs kept when their source prompt's
-        condition is ``condition`` (baselines always). ``trials`` are left out."""
-        evals = [e for e in self.evals if e.kind != layout.TRANSFER or e.condition == condition]
-        return Study(self.experiment, self.study, list(prompts), evals, experiment_id=self.experiment_id)
+    def select(self, prompts: list[PromptRun]) -> Study:
+        """The same study with only ``prompts`` as train runs: transfer runs kept when their source prompt is one
+        of them (task, seed, condition and trial), baselines always. ``trials`` and ``search`` are left out."""
+        keep = {(p.task, p.seed, p.condition, p.trial) for p in prompts}
+        evals = [e for e in self.evals if e.kind != layout.TRANSFER
+                 or (e.source, e.source_seed, e.condition, e.trial) in keep]
+        return Study(self.experiment, self.study, list(prompts), evals, experiment_id=self.experiment_id,
+                     declared_conditions=list(self.declared_conditions))
