@@ -94,6 +94,13 @@ def test_a_search_plan_is_one_prompt_per_trial():
     space = param_space(plan)
     assert set(space) == {"task", "seed", "condition", "lr"}
     assert (space["lr"].lower, space["lr"].upper) == (1e-3, 1.0)
+    from ptray.study.tuner import scheduler
+
+    plan.group_size = 1
+    asha = scheduler(plan)  # one ASHA per task: losses of different tasks are not compared
+    assert asha.metric == "eval_loss"
+    assert asha.point({"task": "rte", "seed": 0, "condition": "sample2"}) == ("rte", None)
+    assert scheduler(plan_of("--study", "init")) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,8 +17,11 @@ class PerTaskASHA(FIFOScheduler):
     scheduler's early stops leave a run unfinished (``ptray.study.tuner.finish_stopped`` marks it KILLED).
     """
 
+    _supports_buffered_results = False  # as ASHA: each epoch's result is judged when it comes
+
     def __init__(self, metric: str, mode: str, max_t: int, by_condition: bool):
-        super().__init__(metric=metric, mode=mode)
+        super().__init__()
+        self._metric, self._mode = metric, mode
         self._args = dict(time_attr="epoch", metric=metric, mode=mode, max_t=max(max_t, 1), grace_period=1,
                           stop_last_trials=False)
         self._by_condition = by_condition
