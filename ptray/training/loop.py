@@ -305,6 +305,8 @@ def _evaluate_ends(run: _Run, ending: list[_Member]) -> dict[int, EvalResult]:
     now = time.perf_counter()
     for m in ending:
         m.train_time = now - m.t0
+    if len(ending) == 1:  # as a single trial: through this module's ``evaluate``
+        return {ending[0].index: run.evaluate(ending[0].cfg, ending[0].eval_data, ending[0].weight.detach())}
     results = evaluate_together(run.model, [(m.eval_data, m.weight.detach(), m.cfg.eval_batch_size) for m in ending],
                                 run.pad_id, run.end_ids, device=run.accelerator.device,
                                 autocast=run.accelerator.autocast)
