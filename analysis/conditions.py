@@ -1,12 +1,7 @@
 """A study with conditions (``ptray.condition``: init, length, optimizer, ... studies): which runs the paper's
 sections read, and the conditions section that compares the conditions per task.
 
-Which runs the paper's sections read (``paper_view``): one condition, never a mix. By default the first declared
-condition (``Study.conditions``: the grid is condition-major, so the condition whose runs started first), or the one
-``AnalysisOptions.condition`` names; SPoT runs (``ptray.init_from``: a prompt started from another trained prompt)
-are left out (the SPoT section reads them); in a search (train runs of one task, seed and condition that differ by
-their ``lr``) the finished trial with the lowest eval loss stands for its task and seed. A study without conditions,
-SPoT runs or a search is passed through unchanged.
+Which runs the paper's sections read is ``analysis.views.paper_view``.
 
 The conditions section, per task and condition (every condition, SPoT ones included):
 
@@ -18,12 +13,8 @@ The conditions section, per task and condition (every condition, SPoT ones inclu
 - transfer: the mean accuracy change of the condition's prompts on the other tasks (off the diagonal, held-out
   targets included) over the target's no prompt, from its transfer runs (``transfer.transfer_tables``).
 
-The test across conditions (``paired_bootstrap``): condition A against B on one task, a paired hierarchical
-bootstrap: each resample draws the validation examples once (with replacement; the same examples for both
-conditions: they are scored on the same examples) and each condition's seeds (with replacement, independently: the
-seeds of two conditions are different trainings); the statistic is mean accuracy(A) - mean accuracy(B) over
-seeds x examples. Two-sided p = 2 min(share of resamples <= 0, share >= 0), with the add-one correction; Holm's
-adjustment over every comparison of one metric is beside it.
+The test across conditions: ``analysis.paired.paired_bootstrap`` (condition A against B on one task, the same
+examples for both, each condition's seeds resampled independently), with Holm's adjustment per metric.
 """
 
 from __future__ import annotations
@@ -35,167 +26,12 @@ import pandas as pd
 import torch
 
 from analysis import figures, geometry, transfer
+from analysis.paired import correctness_matrix, holm, paired_bootstrap
 from analysis.records import PromptRun, Study
 from analysis.results import Output, Section
-from ptray import layout
+from analysis.views import best_trials, is_search
 
 METRICS = transfer.METRICS
-
-
-# ----------------------------------------------------------------------------------------------- the paper's runs
-def is_spot(p: PromptRun) -> bool:
-    """Whether ``p`` started from another trained prompt (SPoT): its ``ptray.init_from`` tag, else its config's
-    ``init_source``."""
-    return bool(p.init_from or p.config.get("init_source"))
-
-
-def reference_condition(study: Study, condition: str | None = None) -> str | None:
-    """The condition the paper's sections read: ``condition`` when given, else the first declared one whose runs
-    are not SPoT runs; None in a study without conditions.
-
-    Raises:
-        PtrayError: ``condition`` is not one of the study's (the message lists them).
-    """
-    conditions = study.conditions
-    if condition is not None:
-        if condition not in conditions:
-            from ptray.errors import PtrayError
-
-            raise PtrayError(f"--condition {condition!r} is not a condition of this study "
-                             f"({', '.join(conditions) if conditions else 'it has none'})")
-        return condition
-    plain = [c for c in conditions if not any(is_spot(p) for p in study.prompts if p.condition == c)]
-    return (plain or conditions or [None])[0]
-
-
-def search_key(p) -> tuple:
-    """What the trials of a search share: task, seed, condition and the prompt they started from."""
-    return p.task, p.seed, p.condition, p.init_from
-
-
-def is_search(study: Study) -> bool:
-    """Whether the study is a search: a train run stopped by a scheduler, or train runs that share a
-    ``search_key`` (they differ by their ``lr``)."""
-    keys = [search_key(t) for t in study.trials] or [search_key(p) for p in study.prompts]
-    return bool(study.search) or any(t.stopped_by for t in study.trials) or len(keys) != len(set(keys))
-
-
-def best_trials(prompts: list[PromptRun]) -> list[PromptRun]:
-    """One prompt per ``search_key``: the one with the lowest (best-epoch) eval loss; ties: the earlier run."""
-    best: dict[tuple, PromptRun] = {}
-    for p in prompts:
-        loss = p.metrics.get("eval_loss")
-        key = search_key(p)
-        held = best.get(key)
-        if held is None or (loss is not None and (held.metrics.get("eval_loss") is None
-                                                  or loss < held.metrics["eval_loss"])):
-            best[key] = p
-    return list(best.values())
-
-
-def paper_view(study: Study, condition: str | None = None) -> tuple[Study, list[str], dict]:
-    """The runs the paper's sections read (see the module docstring): ``(study, notes, meta)``; ``meta`` holds
-    ``condition`` (None without conditions) and ``conditions``.
-
-    Raises:
-        PtrayError: ``condition`` is not one of the study's, or the view has no train run left.
-    """
-    ref = reference_condition(study, condition)
-    notes: list[str] = []
-    prompts = [p for p in study.prompts if p.condition == ref] if ref is not None else list(study.prompts)
-    if ref is not None:
-        others = [c for c in study.conditions if c != ref]
-        notes.append(f"the study has conditions ({', '.join(study.conditions)}): the paper's sections (nearest "
-                     f"tokens, stochasticity, distances, transfer, correlations, predictors, faithfulness) read "
-                     f"condition {ref!r} only" + (" (chosen with --condition)" if condition else
-                                                  " (the first in the study that is not a SPoT condition)")
-                     + (f"; the conditions section compares it with {', '.join(others)}" if others else ""))
-    spot = [p for p in prompts if is_spot(p)]
-    if spot:
-        prompts = [p for p in prompts if not is_spot(p)]
-        notes.append(f"{len(spot)} SPoT train runs (started from another prompt) are left out of the paper's "
-                     f"sections; the SPoT section reads them")
-    if is_search(study):
-        kept = best_trials(prompts)
-        if len(kept) < len(prompts):
-            notes.append(f"search: the paper's sections read the finished trial with the lowest eval loss per task "
-                         f"and seed ({len(kept)} of {len(prompts)} finished trials); the search section shows all")
-        prompts = kept
-    if not prompts:
-        from ptray.errors import PtrayError
-
-        raise PtrayError(f"no finished train run to analyse in condition {ref!r} (SPoT runs are analysed only "
-                         f"against trained prompts)")
-    if ref is None and not spot and len(prompts) == len(study.prompts):
-        return study, notes, {"condition": None, "conditions": []}
-    view = study.select(prompts)
-    return view, notes, {"condition": ref, "conditions": study.conditions}
-
-
-# ----------------------------------------------------------------------------------------------- statistics
-def correctness_matrix(prompts: list[PromptRun], metric: str) -> tuple[np.ndarray, list[int]]:
-    """[S, N] 0/1 correctness of each prompt (a row) on the validation examples every one of them was scored on
-    (matched by ``idx``, sorted), from the runs' own predictions; ([0, 0], []) without predictions."""
-    col = 0 if metric == "exact_match" else 1
-    outcomes = [transfer._outcomes(*layout.prediction_lists(p.predictions or {})) for p in prompts]
-    if not outcomes or not all(outcomes):
-        return np.zeros((0, 0)), []
-    common = sorted(set.intersection(*(set(o) for o in outcomes)))
-    return np.array([[o[i][col] for i in common] for o in outcomes], dtype=float).reshape(len(prompts),
-                                                                                         len(common)), common
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-                     block: int = 500) -> dict[str, float]:
-    """Condition A against B on the same N examples: ``a`` [S_a, N] and ``b`` [S_b, N] per seed and example.
-
-    Each resample draws N examples with replacement (one draw for both: paired) and S_a, S_b seeds with
-    replacement (independently); the statistic is mean(a) - mean(b) over the drawn seeds x examples.
-
-    Returns ``diff`` (the observed difference, in the input's units), ``ci95_low``/``ci95_high`` (percentile
-    interval at ``level``) and ``p_boot`` (two-sided: 2 min(#<=0 + 1, #>=0 + 1) / (n_boot + 1), at most 1); NaN
-    without data or with ``n_boot`` 0.
-
-    Raises:
-        ValueError: the matrices are not 2-D on the same number of examples.
-    """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"paired_bootstrap needs [S_a, N] and [S_b, N], got {a.shape} and {b.shape}")
-    nan = {"diff": np.nan, "ci95_low": np.nan, "ci95_high": np.nan, "p_boot": np.nan}
-    if a.size == 0 or b.size == 0:
-        return nan
-    diff = float(a.mean() - b.mean())
-    if n_boot <= 0:
-        return {**nan, "diff": diff}
-    rng = np.random.default_rng(seed)
-    n_ex = a.shape[1]
-    stats = []
-    for start in range(0, n_boot, block):
-        size = min(block, n_boot - start)
-        e = rng.integers(0, n_ex, size=(size, n_ex))
-        sa = rng.integers(0, a.shape[0], size=(size, a.shape[0]))
-        sb = rng.integers(0, b.shape[0], size=(size, b.shape[0]))
-        stats.append(a[sa[:, :, None], e[:, None, :]].mean(axis=(1, 2))
-                     - b[sb[:, :, None], e[:, None, :]].mean(axis=(1, 2)))
-    d = np.concatenate(stats)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(d, [alpha, 1 - alpha])
-    p = min(1.0, 2 * min((np.sum(d <= 0) + 1) / (n_boot + 1), (np.sum(d >= 0) + 1) / (n_boot + 1)))
-    return {"diff": diff, "ci95_low": float(lo), "ci95_high": float(hi), "p_boot": float(p)}
-
-
-def holm(p_values) -> np.ndarray:
-    """Holm's step-down adjustment of p-values (NaN kept as NaN, left out of the count)."""
-    p = np.asarray(p_values, dtype=float)
-    out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    order = ok[np.argsort(p[ok], kind="stable")]
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(order) - rank) * p[i]))
-        out[i] = running
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- tables

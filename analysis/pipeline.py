@@ -19,7 +19,7 @@ passes aside) that returns a ``Section``: figures with the numbers they draw, ta
 
 A study with conditions, SPoT runs or a search: the paper's sections read one condition (``AnalysisOptions
 .condition``, default the first declared), without SPoT runs, and in a search the best finished trial per task and
-seed (``conditions.paper_view``); the conditions, search and SPoT sections read the whole study.
+seed (``views.paper_view``); the conditions, search and SPoT sections read the whole study.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from analysis import (
     spot,
     stochasticity,
     transfer,
+    views,
 )
 from analysis.faithfulness import faithfulness_section
 from analysis.inputs import prepare
@@ -109,7 +110,7 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
     opt = options or AnalysisOptions()
     seconds: dict[str, float] = {}
     full = study
-    study, view_notes, view_meta = conditions.paper_view(full, opt.condition)
+    study, view_notes, view_meta = views.paper_view(full, opt.condition)
     with _timed(seconds, "prepare"):
         inputs = prepare(study, model, tokenizer)
     tasks = inputs.tasks
@@ -174,10 +175,10 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
             res.add(conditions.conditions_section(study=full, n_boot=opt.n_boot, seed=opt.seed,
                                                   distance=opt.distance, effective=conditions.effective_map(model)))
             res.meta["inputs"]["conditions_test"] = res.summary["conditions_test"]
-    if full.trials and conditions.is_search(full):
+    if full.trials and views.is_search(full):
         with _timed(seconds, "search"):
             res.add(search.search_section(study=full))
-    if any(conditions.is_spot(p) for p in full.prompts):
+    if any(views.is_spot(p) for p in full.prompts):
         with _timed(seconds, "spot"):
             res.add(spot.spot_section(study=full, tasks=tasks, n_boot=opt.n_boot, seed=opt.seed,
                                       condition=res.meta.get("condition"), predictors=preds, zero_shot=summary))

@@ -24,7 +24,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from analysis import conditions, correlation, figures, transfer
+from analysis import correlation, figures, paired, transfer, views
 from analysis.records import PromptRun, Study
 from analysis.results import Output, Section
 
@@ -71,8 +71,8 @@ def gain_tables(study: Study, n_boot: int = 2000, seed: int = 0, condition: str 
     summary one row per (source, target, metric): n_seeds, n_examples, k, accuracy_spot_mean, accuracy_text_mean,
     gain_mean, gain_sd_ddof1 (over seeds) and ci95_seeds_examples_low/high. Fractions (0-1)."""
     by_label = {p.label: p for p in study.prompts}
-    plain = [p for p in study.prompts if not conditions.is_spot(p)]
-    spot = [p for p in study.prompts if conditions.is_spot(p)]
+    plain = [p for p in study.prompts if not views.is_spot(p)]
+    spot = [p for p in study.prompts if views.is_spot(p)]
     notes: list[str] = []
     per_seed, unresolved, unreferenced, budgets = [], [], [], []
     cells: dict[tuple[str, str, str], list] = {}
@@ -89,7 +89,7 @@ def gain_tables(study: Study, n_boot: int = 2000, seed: int = 0, condition: str 
         if k != ref.config.get("max_epochs"):
             budgets.append(f"{p.label} ({k}) vs {ref.label} ({ref.config.get('max_epochs')})")
         for m in METRICS:
-            mat, idx = conditions.correctness_matrix([p, ref], m)
+            mat, idx = paired.correctness_matrix([p, ref], m)
             if idx:
                 acc_s, acc_t = float(mat[0].mean()), float(mat[1].mean())
             else:  # recorded metrics only: no interval
@@ -113,8 +113,8 @@ def gain_tables(study: Study, n_boot: int = 2000, seed: int = 0, condition: str 
     for (source, target, m), entries in cells.items():
         gains = [a - b for _, _, a, b, _ in entries]
         idx0 = entries[0][0]
-        paired = all(e[1] is not None and e[0] == idx0 for e in entries)
-        if paired:
+        same_examples = all(e[1] is not None and e[0] == idx0 for e in entries)
+        if same_examples:
             mat = np.stack([e[1] for e in entries])
             gain = float(mat.sum()) / mat.size
             lo, hi = transfer.hierarchical_bootstrap_ci(mat, n_boot, seed=seed)

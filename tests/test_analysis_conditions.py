@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from analysis_store import build_condition_store, build_search_store
 
-from analysis import conditions, report
+from analysis import paired, report, views
 from analysis.mlflow_io import load_study
 from analysis.pipeline import AnalysisOptions, compute
 
@@ -19,25 +19,25 @@ from analysis.pipeline import AnalysisOptions, compute
 # ----------------------------------------------------------------------------------------------- statistics
 def test_paired_bootstrap_on_constructed_outcomes():
     a, b = np.ones((2, 10)), np.zeros((3, 10))
-    r = conditions.paired_bootstrap(a, b, n_boot=999, seed=0)
+    r = paired.paired_bootstrap(a, b, n_boot=999, seed=0)
     assert r["diff"] == 1.0 and (r["ci95_low"], r["ci95_high"]) == (1.0, 1.0)
     assert r["p_boot"] == pytest.approx(2 / 1000)  # no resample <= 0: the add-one floor, two-sided
-    same = conditions.paired_bootstrap(a, a, n_boot=200, seed=0)
+    same = paired.paired_bootstrap(a, a, n_boot=200, seed=0)
     assert same["diff"] == 0.0 and same["p_boot"] == 1.0
     # paired on the examples: B is A one example behind on every seed; hard and easy examples shared by both
     x = np.array([[1, 1, 1, 1, 0, 0, 0, 0, 1, 0]] * 2, dtype=float)
     y = x.copy()
     y[:, 0] = 0
-    r = conditions.paired_bootstrap(x, y, n_boot=2000, seed=1)
+    r = paired.paired_bootstrap(x, y, n_boot=2000, seed=1)
     assert r["diff"] == pytest.approx(0.1) and r["ci95_low"] >= 0.0  # never below: the pairs are kept
-    assert conditions.paired_bootstrap(x, y, n_boot=300, seed=4) == conditions.paired_bootstrap(x, y, n_boot=300,
+    assert paired.paired_bootstrap(x, y, n_boot=300, seed=4) == paired.paired_bootstrap(x, y, n_boot=300,
                                                                                                  seed=4)
     with pytest.raises(ValueError, match="S_a, N"):
-        conditions.paired_bootstrap(np.ones((2, 3)), np.ones((2, 4)))
+        paired.paired_bootstrap(np.ones((2, 3)), np.ones((2, 4)))
 
 
 def test_holm_adjustment_by_hand():
-    got = conditions.holm([0.01, 0.04, np.nan, 0.03])
+    got = paired.holm([0.01, 0.04, np.nan, 0.03])
     np.testing.assert_allclose(got, [0.03, 0.06, np.nan, 0.06])  # 3*0.01, max(2*0.03, .03), max(1*0.04, .06)
 
 
@@ -132,11 +132,11 @@ def test_a_condition_can_be_chosen_and_an_unknown_one_is_refused(condition_store
     from ptray.errors import PtrayError
 
     study, _ = load_study(condition_store.experiment, condition_store.tracking_uri)
-    view, notes, meta = conditions.paper_view(study, "random")
+    view, notes, meta = views.paper_view(study, "random")
     assert meta["condition"] == "random" and {p.condition for p in view.prompts} == {"random"}
     assert {e.condition for e in view.evals if e.kind == "transfer"} == {"random"}
     with pytest.raises(PtrayError, match="not a condition of this study"):
-        conditions.paper_view(study, "nope")
+        views.paper_view(study, "nope")
 
 
 # ----------------------------------------------------------------------------------------------- a search
