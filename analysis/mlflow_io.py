@@ -17,23 +17,23 @@ from pathlib import Path
 from analysis.records import EvalRun, PromptRun, Study, Trial
 from ptray import layout
 from ptray.errors import PtrayError
-from ptray.study import tracking
+from ptray.study import store, tracking
 
 
 def _check_uri(uri: str) -> None:
     """Fail at once, in one line, on a store that is not there (instead of MLflow creating an empty one, or
     retrying a dead server for minutes)."""
-    if not tracking.store_exists(uri):
+    if not store.store_exists(uri):
         raise PtrayError(f"no MLflow database or file store at {uri}; pass --tracking-uri with the study's store, "
                          f"e.g. sqlite:///path/to/mlflow.db")
 
 
 def connect(tracking_uri: str | None = None):
     """An ``MlflowClient`` for ``tracking_uri`` (default: MLflow's own default / $MLFLOW_TRACKING_URI); a store
-    MLflow cannot use is one ``PtrayError`` line (``tracking.open_store``), as in the sweep."""
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    MLflow cannot use is one ``PtrayError`` line (``store.open_store``), as in the sweep."""
+    uri = store.resolve_tracking_uri(tracking_uri)
     _check_uri(uri)
-    return tracking.open_store(uri), uri
+    return store.open_store(uri), uri
 
 
 def find_experiment(client, name: str):
@@ -44,7 +44,7 @@ def find_experiment(client, name: str):
         raise PtrayError(f"could not query the MLflow store: {type(err).__name__}: {str(err).splitlines()[0]}") \
             from None
     if exp is not None and exp.lifecycle_stage != "active":
-        raise tracking.deleted_experiment_error(exp, tracking.client_uri(client))
+        raise tracking.deleted_experiment_error(exp, store.client_uri(client))
     if exp is None:
         names = [e.name for e in client.search_experiments()]
         hint = difflib.get_close_matches(name, names, n=1)

@@ -31,7 +31,7 @@ import analysis
 from ptray.config import SMOKE_TRAIN
 from ptray.data.tasks import register_task_files
 from ptray.errors import PtrayError
-from ptray.study import driver, tracking
+from ptray.study import driver, store, tracking
 from ptray.study.declared import StudyDeclaration, load_study
 
 SOURCE = "{source}"  # in [conditions.spot]'s init_source: the source task
@@ -125,9 +125,9 @@ def _resumable(argv: list[str], path: Path, experiment: str) -> list[str]:
     if "--resume" not in argv:
         return argv
     study = load_study(path).name
-    uri = tracking.resolve_tracking_uri(_flag(argv, "--tracking-uri"))
+    uri = store.resolve_tracking_uri(_flag(argv, "--tracking-uri"))
     try:
-        started = tracking.read_plan(tracking.client(uri), experiment, study) is not None
+        started = tracking.read_plan(store.client(uri), experiment, study) is not None
     except Exception:  # no store yet: nothing started
         started = False
     return argv if started else [a for a in argv if a != "--resume"]

@@ -15,7 +15,7 @@ import yaml
 from test_tracking import mlflow_server
 
 from ptray.lm.prompt import load_adapter
-from ptray.study import tracking
+from ptray.study import store, tracking
 from ptray.study.driver import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def sweep(tmp_path, server, cluster, study, *extra) -> int:
 
 
 def study_runs(uri, study):
-    mc = tracking.client(uri)
+    mc = store.client(uri)
     exp = mc.get_experiment_by_name(f"ptray-{study}").experiment_id
     return mc, exp, tracking.search_study_runs(mc, exp, study)
 
@@ -161,7 +161,7 @@ def test_lost_worker_node_resumes_the_trial_in_the_same_run(tmp_path, server, cl
     killed: dict = {}
 
     def kill_a_running_trials_node():
-        mc = tracking.client(server)
+        mc = store.client(server)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             exp = mc.get_experiment_by_name("ptray-chaos")

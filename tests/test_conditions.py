@@ -22,6 +22,7 @@ from ptray.study import tracking
 from ptray.study.context import StudyContext
 from ptray.study.declared import shipped_studies
 from ptray.study.driver import build_parser, main, plan_from_args
+from ptray.study.store import client, resolve_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("paper", "init", "length", "optimizer", "lr")  # one sweeps/NAME.py per shipped declaration
@@ -171,7 +172,7 @@ def test_resume_compares_the_declaration(workdir, capsys, data_dir, tmp_path):
     mine = tmp_path / "mine.toml"
     mine.write_text('name = "mine"\ndescription = "d"\ntasks = ["cb"]\nseeds = [0]\n[conditions.a]\nnum_tokens = 2\n')
     plan = plan_of("--study", str(mine), "--data-dir", str(data_dir))
-    mc = tracking.client(tracking.resolve_tracking_uri())
+    mc = client(resolve_tracking_uri())
     exp = tracking.get_or_create_experiment(mc, "ptray-mine")
     tracking.write_plan(mc, exp, "mine", plan.to_json())
     code, out, err = run_main(capsys, "--resume", "--study", str(mine), "--dry-run")
@@ -201,7 +202,7 @@ def test_resume_compares_the_declaration(workdir, capsys, data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
-    return uri, tracking.get_or_create_experiment(tracking.client(uri), "ptray-test-conditions")
+    return uri, tracking.get_or_create_experiment(client(uri), "ptray-test-conditions")
 
 
 def test_a_conditioned_prompt_is_tagged_named_and_trained_with_its_overrides(store, tiny_model_dir, data_dir):
@@ -217,7 +218,7 @@ def test_a_conditioned_prompt_is_tagged_named_and_trained_with_its_overrides(sto
     finals = run_group({"group": "cb:0:random,cb:0:short"}, ctx, None, lambda m, s: reports.append(m),
                        {"random": {"init": "random"}, "short": {"num_tokens": 2}})
     assert set(finals) == {"cb-seed0-random", "cb-seed0-short"}
-    mc = tracking.client(uri)
+    mc = client(uri)
     runs = {r.info.run_name: r for r in tracking.search_study_runs(mc, exp, "cond", kind=layout.TRAIN)}
     assert runs["cb-seed0-random"].data.tags[layout.TAG_CONDITION] == "random"
     assert runs["cb-seed0-random"].data.params["init"] == "random"
@@ -242,7 +243,7 @@ def test_a_searched_trial_stopped_by_tune_keeps_its_run_for_the_study_to_mark(st
 
     with pytest.raises(SystemExit):
         run_group({"task": "cb", "seed": 0, "condition": "sample0", "lr": 0.5}, ctx, None, report, {"sample0": {}})
-    mc = tracking.client(uri)
+    mc = client(uri)
     (run,) = tracking.search_study_runs(mc, exp, "stop")
     assert run.info.status == layout.RUNNING and run.data.params["lr"] == "0.5"
     assert tracking.logged_epochs(mc, run.info.run_id) == [1]  # the epoch the scheduler judged is in its history
@@ -258,7 +259,7 @@ def test_stopped_trials_end_killed_and_the_summary_reports_the_best_config(store
     from ptray.study.tuner import finish_stopped
 
     uri, exp = store
-    mc = tracking.client(uri)
+    mc = client(uri)
     plan = plan_of("--study", "lr", "--tasks", "cb", "--num-samples", "3", "--smoke")
     plan = dataclasses.replace(plan, study="search")
     ctx = SimpleNamespace(client=lambda: mc, experiment_id=exp, study="search")
@@ -315,7 +316,7 @@ def test_init_and_lr_smoke(tmp_path, data_dir):
     out = _run("init.py", *caps, cwd=tmp_path)
     sid = re.search(r"study '(init-smoke-\d{8}-\d{6})'", out).group(1)
     assert "4/4 trials done, 0 failed" in out and "5/5 transfer and baseline runs done" in out
-    mc = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mc = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = mc.get_experiment_by_name(f"ptray-{sid}").experiment_id
     runs = tracking.search_study_runs(mc, exp, sid)
     train = {r.info.run_name: r for r in runs if r.data.tags["ptray.kind"] == "train"}

@@ -158,9 +158,9 @@ def test_sweep_refuses_seeds_out_of_range_before_anything_starts(tmp_path, capsy
 
 def test_a_stored_plan_with_a_seed_out_of_range_is_refused_before_resuming(workdir, capsys):
     from ptray.config import Plan
-    from ptray.study import tracking
+    from ptray.study import store, tracking
 
-    mc = tracking.client(tracking.resolve_tracking_uri())
+    mc = store.client(store.resolve_tracking_uri())
     exp = tracking.get_or_create_experiment(mc, "ptray-old")
     stored = {**Plan(study="old", tasks=("cb",), seeds=(0,)).to_json(), "seeds": [int(BIG)]}  # written before checks
     tracking.write_plan(mc, exp, "old", stored)
@@ -206,7 +206,7 @@ def _study(capsys, *argv) -> tuple[int, str, str]:
 def test_every_study_path_reaches_the_workers_absolute(workdir, tiny_model_dir, data_dir, monkeypatch):
     import shutil
 
-    from ptray.study import preflight, tracking
+    from ptray.study import preflight, store
     from ptray.study.driver import build_parser, options_from_args, plan_from_args, study_context
 
     shutil.copytree(tiny_model_dir, workdir / "tinymodel")
@@ -215,7 +215,7 @@ def test_every_study_path_reaches_the_workers_absolute(workdir, tiny_model_dir, 
                                       "0", "--tracking-uri", "sqlite:///runs/mlflow.db", "--storage-path", "ray",
                                       "--analysis-dir", "report"])
     plan, opts = plan_from_args(args), options_from_args(args)
-    uri = tracking.resolve_tracking_uri(opts.tracking_uri)
+    uri = store.resolve_tracking_uri(opts.tracking_uri)
     storage = preflight.resolve_storage(opts.storage_path, cluster=False)
     ctx = study_context(plan, "0", uri, None, None)
     monkeypatch.chdir(workdir.parent)  # a trial's working directory is its own folder
@@ -262,7 +262,7 @@ def test_study_refuses_a_model_path_that_does_not_exist_before_anything_starts(w
 
 
 def test_study_refuses_a_max_length_that_cannot_serve_before_any_trial(workdir, capsys):
-    from ptray.study import tracking
+    from ptray.study import store, tracking
 
     code, _, err = _study(capsys, "--smoke", "--study", "short", "--tasks", "cb,copa", "--seeds", "0",
                           "--max-length", "3")
@@ -270,7 +270,7 @@ def test_study_refuses_a_max_length_that_cannot_serve_before_any_trial(workdir, 
     assert err.startswith("error: --max-length 3 cannot hold cb's answer cue 'Answer:' and longest answer")
     assert err.count("\n") == 1
     assert not (workdir / "outputs").exists()  # no Tune folder: no trial started
-    assert tracking.read_plan(tracking.client(tracking.resolve_tracking_uri()), "ptray-short", "short") is None
+    assert tracking.read_plan(store.client(store.resolve_tracking_uri()), "ptray-short", "short") is None
 
 
 @pytest.mark.slow
@@ -301,13 +301,13 @@ def test_study_with_a_relative_model_path_trains_and_transfers(tmp_path, tiny_mo
 
 def test_resume_checks_the_data_folder_against_the_stored_tasks(workdir, capsys, data_dir):
     from ptray.config import Plan, TrainConfig
-    from ptray.study import tracking
+    from ptray.study import store, tracking
 
     only_cb = workdir / "superglue"
     (only_cb / "CB").mkdir(parents=True)
     for split in ("train", "val"):
         (only_cb / "CB" / f"{split}.jsonl").symlink_to(data_dir / "CB" / f"{split}.jsonl")
-    mc = tracking.client(tracking.resolve_tracking_uri())
+    mc = store.client(store.resolve_tracking_uri())
     exp = tracking.get_or_create_experiment(mc, "ptray-S")
     plan = Plan(study="S", tasks=("cb",), seeds=(0,), train=TrainConfig(data_dir=str(only_cb), max_epochs=1))
     tracking.write_plan(mc, exp, "S", plan.to_json())

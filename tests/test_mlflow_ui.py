@@ -11,7 +11,7 @@ import pytest
 from test_tracking import mlflow_server
 
 from ptray.config import TrainConfig
-from ptray.study import tracking
+from ptray.study import store, tracking
 from ptray.study.context import StudyContext
 from ptray.study.transfer import transfer_target
 from ptray.study.trial import run_training
@@ -35,7 +35,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def study(server, tiny_model_dir, data_dir):
     """A small study's runs, logged by the same adapters the sweep runs: cb-seed0, its transfer and a baseline."""
-    mc = tracking.client(server)
+    mc = store.client(server)
     exp = tracking.get_or_create_experiment(mc, "ptray-ui")
     ctx = StudyContext(study="ui", experiment_id=exp, tracking_uri=server, model_label=str(tiny_model_dir),
                        data_label=str(data_dir), params={"study": "ui"},
@@ -93,7 +93,7 @@ def test_ui_shows_a_train_runs_metrics(server, study, browser, tmp_path):
     for metric in ("eval_loss", "final_exact_match", "final_rank_accuracy"):
         page.get_by_text(metric, exact=True).first.wait_for(state="visible", timeout=30_000)
     # The value shown is the one logged.
-    value = tracking.client(server).get_run(run.info.run_id).data.metrics["final_rank_accuracy"]
+    value = store.client(server).get_run(run.info.run_id).data.metrics["final_rank_accuracy"]
     name = page.get_by_text("final_rank_accuracy", exact=True).first
     row = name.locator("xpath=ancestor::*[@role='row' or self::tr][1]").inner_text(timeout=10_000)
     assert str(value) in row or f"{value:.4f}" in row, row

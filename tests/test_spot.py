@@ -18,7 +18,7 @@ from ptray import layout
 from ptray.config import TrainConfig
 from ptray.errors import PtrayError
 from ptray.lm.prompt import init_prompt, load_adapter, save_adapter, source_prompt
-from ptray.study import tracking
+from ptray.study import store, tracking
 from ptray.study.context import StudyContext
 from ptray.study.declared import load_study, parse_study
 
@@ -80,7 +80,7 @@ def test_a_study_run_starts_from_a_train_run_of_the_study(tiny_model_dir, data_d
     from ptray.study.trial import run_training
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mc = tracking.client(uri)
+    mc = store.client(uri)
     exp = tracking.get_or_create_experiment(mc, "ptray-spot-unit")
     fields = dict(model=str(tiny_model_dir), data_dir=str(data_dir), max_epochs=1, max_train_examples=8,
                   max_eval_examples=8, max_length=64, baselines=False)
@@ -165,7 +165,7 @@ def test_spot_smoke_study_end_to_end(tmp_path, data_dir):
             "--targets", "wic,held_rte", "--no-analysis", "--max-eval-examples", "16", "--max-train-examples", "16"]
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    mc = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mc = store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = mc.get_experiment_by_name("ptray-spot").experiment_id
     runs = tracking.search_runs(mc, exp)
     assert all(r.info.status == "FINISHED" for r in runs)

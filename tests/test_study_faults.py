@@ -17,7 +17,7 @@ import pytest
 
 from ptray import layout
 from ptray.errors import PtrayError
-from ptray.study import preflight, tracking
+from ptray.study import preflight, store, tracking
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def _analyse(capsys, *argv) -> tuple[int, str]:
 
 
 def _store_plan(uri: str, plan) -> str:
-    mc = tracking.open_store(uri)
+    mc = store.open_store(uri)
     exp = tracking.get_or_create_experiment(mc, f"ptray-{plan.study}")
     tracking.write_plan(mc, exp, plan.study, plan.to_json())
     return exp
@@ -90,7 +90,7 @@ def test_resume_refuses_a_rebuilt_model_folder(workdir, tiny_model_dir, data_dir
     digest, files = preflight.model_fingerprint(str(folder))
     plan = Plan(study="S", tasks=("cb",), seeds=(0,), group_size=1, model_digest=digest, model_files=files,
                 train=TrainConfig(model=str(folder), data_dir=str(data_dir), max_epochs=1))
-    _store_plan(tracking.resolve_tracking_uri(), plan)
+    _store_plan(store.resolve_tracking_uri(), plan)
     _rewrite_weights(folder)
     code, _, err = _study(capsys, "--resume", "--study", "S")
     assert code == 2
@@ -179,9 +179,9 @@ def test_mlflows_own_store_errors_are_translated(tmp_path):
     try:
         MlflowClient(tracking_uri=folder.as_uri()).search_experiments()
     except Exception as raised:  # noqa: BLE001 - MLflow 3's refusal of the file store
-        err = tracking.store_error(folder.as_uri(), raised)
+        err = store.store_error(folder.as_uri(), raised)
     assert str(err).startswith(f"the tracking store {folder.as_uri()} is a folder (MLflow's file store)")
-    assert "\n" not in str(tracking.store_error("sqlite:////x.db", RuntimeError("a\nb [SQL: SELECT 1]")))
+    assert "\n" not in str(store.store_error("sqlite:////x.db", RuntimeError("a\nb [SQL: SELECT 1]")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,12 +193,12 @@ def test_a_file_store_with_spaces_is_found_again(workdir, capsys, monkeypatch):
     from ptray.config import Plan
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    uri = tracking.resolve_tracking_uri("my runs")
+    uri = store.resolve_tracking_uri("my runs")
     assert uri == (workdir / "my runs").as_uri() and "%20" in uri
-    assert tracking.local_path(uri) == workdir / "my runs"
+    assert store.local_path(uri) == workdir / "my runs"
     _store_plan(uri, Plan(study="S", tasks=("cb",), seeds=(0,)))
     assert (workdir / "my runs").is_dir() and not (workdir / "my%20runs").exists()
-    assert tracking.store_exists(uri)
+    assert store.store_exists(uri)
     code, out, err = _study(capsys, "--resume", "--study", "S", "--tracking-uri", "my runs", "--dry-run")
     assert code == 0, err
     assert "study 'S' (resume)" in out
@@ -208,14 +208,14 @@ def test_a_file_store_with_spaces_is_found_again(workdir, capsys, monkeypatch):
 
 def test_a_sqlite_uri_is_read_as_sqlalchemy_reads_it(workdir):
     # SQLAlchemy decodes %20: the database lies in "sp ace", and so must every check and the resume look there
-    uri = tracking.resolve_tracking_uri("sqlite:///sp%20ace/m.db")
+    uri = store.resolve_tracking_uri("sqlite:///sp%20ace/m.db")
     assert uri == f"sqlite:///{workdir / 'sp ace' / 'm.db'}"
-    assert tracking.resolve_tracking_uri(uri) == uri
-    tracking.open_store(uri).create_experiment("e")
+    assert store.resolve_tracking_uri(uri) == uri
+    store.open_store(uri).create_experiment("e")
     assert (workdir / "sp ace" / "m.db").is_file() and not (workdir / "sp%20ace").exists()
-    assert tracking.store_exists(uri)
-    percent = tracking.resolve_tracking_uri(tracking.sqlite_uri(workdir / "100% done" / "m.db"))
-    assert tracking.local_path(percent) == workdir / "100% done" / "m.db"
+    assert store.store_exists(uri)
+    percent = store.resolve_tracking_uri(store.sqlite_uri(workdir / "100% done" / "m.db"))
+    assert store.local_path(percent) == workdir / "100% done" / "m.db"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,9 +225,9 @@ def test_a_sqlite_uri_is_read_as_sqlalchemy_reads_it(workdir):
 def test_resume_of_a_study_whose_experiment_was_deleted(workdir, capsys):
     from ptray.config import Plan
 
-    uri = tracking.resolve_tracking_uri()
+    uri = store.resolve_tracking_uri()
     exp = _store_plan(uri, Plan(study="S", tasks=("cb",), seeds=(0,)))
-    tracking.client(uri).delete_experiment(exp)
+    store.client(uri).delete_experiment(exp)
     want = (f"study 'S' is in MLflow experiment 'ptray-S', which (id {exp}) at {uri} was deleted; restore it with "
             f"`MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {exp}`, or purge it for good "
             f"with `mlflow gc --backend-store-uri {uri} --experiment-ids {exp}` and start anew (or pass another "
@@ -244,7 +244,7 @@ def test_resume_of_a_study_whose_experiment_was_deleted(workdir, capsys):
 
 
 def test_a_replaced_run_is_finished_as_killed_before_it_is_deleted(tmp_path):
-    mc = tracking.client(f"sqlite:///{tmp_path / 'm.db'}")
+    mc = store.client(f"sqlite:///{tmp_path / 'm.db'}")
     exp = tracking.get_or_create_experiment(mc, "e")
     run = tracking.create_run(mc, exp, "cb-seed0", layout.run_tags("s", "train", "cb", 0))
     for epoch in (1, 2, 3):
@@ -288,7 +288,7 @@ def test_the_best_seed_per_task_breaks_ties_by_a_stated_rule(monkeypatch):
 def test_a_tracking_server_outage_is_said_once_and_so_is_its_end():
     answers = iter([True, False, False, False, True, True, False])
     said: list[str] = []
-    watch = tracking.ServerWatch("http://10.0.0.5:5000", probe=lambda: next(answers), say=said.append)
+    watch = store.ServerWatch("http://10.0.0.5:5000", probe=lambda: next(answers), say=said.append)
     for _ in range(7):
         watch.check()
     assert len(said) == 3
@@ -296,7 +296,7 @@ def test_a_tracking_server_outage_is_said_once_and_so_is_its_end():
                        "(MLflow retries its requests; trials may fail and be retried)")
     assert said[1].startswith("the MLflow tracking server at http://10.0.0.5:5000 answers again after ")
     assert said[1].endswith(" s; the study goes on")
-    with tracking.ServerWatch("sqlite:////x.db", interval=0.01, probe=lambda: False, say=said.append) as local:
+    with store.ServerWatch("sqlite:////x.db", interval=0.01, probe=lambda: False, say=said.append) as local:
         time.sleep(0.05)
     assert local._thread is None and len(said) == 3  # a local store has no outage to watch
 
@@ -307,7 +307,7 @@ def test_a_live_watch_sees_a_closed_port(capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with tracking.ServerWatch(f"http://127.0.0.1:{port}", interval=0.05):
+    with store.ServerWatch(f"http://127.0.0.1:{port}", interval=0.05):
         time.sleep(0.5)
     err = capsys.readouterr().err
     assert err.count("does not answer; the study waits for it") == 1

@@ -14,7 +14,7 @@ import pytest
 from ptray.config import Plan, TrainConfig
 from ptray.data.tasks import get_task, user_declarations
 from ptray.errors import PtrayError
-from ptray.study import tracking
+from ptray.study import store, tracking
 from ptray.study.context import StudyContext
 from ptray.study.driver import build_parser, main, plan_from_args, register_plan_tasks
 
@@ -118,7 +118,7 @@ def test_resume_registers_the_plans_tasks_and_refuses_an_edited_task_file(workdi
     from ptray.data.task_schema import read_task_file
 
     original = task_file(tmp_path, "resumed_task", splits='["train", "val"]')
-    mc = tracking.client(tracking.resolve_tracking_uri())
+    mc = store.client(store.resolve_tracking_uri())
     exp = tracking.get_or_create_experiment(mc, "ptray-usertask")
     stored = {**Plan(study="usertask", tasks=("cb",), seeds=(0,), smoke=True, tiny_model=True, group_size=1,
                      train=TrainConfig(data_dir=str(data_dir))).to_json(),

@@ -22,7 +22,7 @@ import pytest
 
 from ptray.config import Options, Plan, TrainConfig
 from ptray.errors import PtrayError
-from ptray.study import preflight, tracking
+from ptray.study import preflight, store, tracking
 from ptray.study.driver import analysis_phase, group_gpus, main, parse_seeds, parse_tasks, resolve_group_size
 from ptray.study.tuner import trial_statuses
 
@@ -93,7 +93,7 @@ def test_resume_of_a_missing_study_fails(workdir, capsys):
                            f"sqlite:///{workdir / 'mlflow.db'} does not exist; check --tracking-uri (or "
                            f"MLFLOW_TRACKING_URI) and the working directory")
     assert not (workdir / "mlflow.db").exists()
-    tracking.get_or_create_experiment(tracking.client(tracking.resolve_tracking_uri()), "ptray-other")
+    tracking.get_or_create_experiment(store.client(store.resolve_tracking_uri()), "ptray-other")
     code, _, err = run_main(capsys, "--resume", "--study", "nope")
     assert code == 2
     assert err.strip() == (f"error: there is no study 'nope' to resume in MLflow experiment 'ptray-nope' at "
@@ -124,7 +124,7 @@ def test_dry_run_prints_the_plan(workdir, capsys, data_dir):
 
 
 def test_resume_refuses_a_changed_plan(workdir, capsys, data_dir):
-    mc = tracking.client(tracking.resolve_tracking_uri())
+    mc = store.client(store.resolve_tracking_uri())
     exp = tracking.get_or_create_experiment(mc, "ptray-smoke")
     plan = Plan(study="smoke", tasks=("cb", "rte"), seeds=(0, 1), smoke=True, tiny_model=True, group_size=2,
                 train=TrainConfig(data_dir=str(data_dir)))
@@ -309,7 +309,7 @@ def test_smoke_study_stopped_and_resumed_reruns_nothing_finished(tmp_path, data_
                            first_log)
     assert resume_cmd, first_log[-3000:]
     sid = resume_cmd.group(2)
-    mc = tracking.client(uri)
+    mc = store.client(uri)
     before = finished_train_runs(mc, sid)
     assert 3 <= len(before) < 16
     history = {n: [(m.step, m.value) for m in mc.get_metric_history(r.info.run_id, "eval_loss")]

@@ -17,7 +17,7 @@ import pytest
 from ptray import layout
 from ptray.errors import PtrayError
 from ptray.files import write_json
-from ptray.study import tracking
+from ptray.study import store, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,32 +121,32 @@ def test_predictions_and_eval_metrics_follow_one_schema():
 def test_tracking_uri_resolution(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert store.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     # Relative SQLite paths become absolute: trials run in other working directories.
-    assert tracking.resolve_tracking_uri("sqlite:///sub/x.db") == f"sqlite:///{tmp_path / 'sub' / 'x.db'}"
+    assert store.resolve_tracking_uri("sqlite:///sub/x.db") == f"sqlite:///{tmp_path / 'sub' / 'x.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000/")
-    assert tracking.resolve_tracking_uri() == "http://10.0.0.5:5000"
-    assert tracking.resolve_tracking_uri("http://h:1") == "http://h:1"  # the flag wins over the environment
+    assert store.resolve_tracking_uri() == "http://10.0.0.5:5000"
+    assert store.resolve_tracking_uri("http://h:1") == "http://h:1"  # the flag wins over the environment
     with pytest.raises(PtrayError, match="names no database file"):
-        tracking.resolve_tracking_uri("sqlite://")
+        store.resolve_tracking_uri("sqlite://")
 
 
 def test_unreachable_server_fails_fast():
     closed = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     with pytest.raises(PtrayError, match=r"cannot reach the MLflow tracking server at http://127\.0\.0\.1"):
-        tracking.check_tracking(closed, timeout=2)
+        store.check_tracking(closed, timeout=2)
     # A host that never answers (TEST-NET-1, RFC 5737) must also fail within the timeout, not after retries.
     with pytest.raises(PtrayError, match="cannot reach the MLflow tracking server at http://192.0.2.1:5000"):
-        tracking.check_tracking("http://192.0.2.1:5000", timeout=2)
+        store.check_tracking("http://192.0.2.1:5000", timeout=2)
     assert time.monotonic() - t0 < 10
 
 
 def test_a_store_under_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(PtrayError, match="is a file, not a folder"):
-        tracking.check_tracking(f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}")
-    tracking.check_tracking(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")  # a folder still to create is fine
+        store.check_tracking(f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}")
+    store.check_tracking(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")  # a folder still to create is fine
 
 
 def _history(n):
@@ -154,7 +154,7 @@ def _history(n):
 
 
 def test_sync_history_backfills_the_missing_epoch(tmp_path):
-    mc = tracking.client(sqlite_uri(tmp_path))
+    mc = store.client(sqlite_uri(tmp_path))
     exp = tracking.get_or_create_experiment(mc, "e")
     run = tracking.create_run(mc, exp, "cb-seed0", layout.run_tags("s", "train", "cb", 0))
     for row in _history(2):
@@ -167,7 +167,7 @@ def test_sync_history_backfills_the_missing_epoch(tmp_path):
 
 
 def test_sync_history_replaces_a_run_that_is_ahead_of_its_checkpoint(tmp_path):
-    mc = tracking.client(sqlite_uri(tmp_path))
+    mc = store.client(sqlite_uri(tmp_path))
     exp = tracking.get_or_create_experiment(mc, "e")
     run = tracking.create_run(mc, exp, "cb-seed0", layout.run_tags("s", "train", "cb", 0))
     mc.log_param(run.info.run_id, "lr", "0.03")
@@ -185,7 +185,7 @@ def test_sync_history_replaces_a_run_that_is_ahead_of_its_checkpoint(tmp_path):
 
 
 def test_params_are_logged_once_and_never_changed(tmp_path):
-    mc = tracking.client(sqlite_uri(tmp_path))
+    mc = store.client(sqlite_uri(tmp_path))
     exp = tracking.get_or_create_experiment(mc, "e")
     run_id = tracking.create_run(mc, exp, "r", layout.run_tags("s", "train", "cb", 0)).info.run_id
     tracking.log_params_once(mc, run_id, {"lr": 0.03, "verbalizer": {"b": "no", "a": "yes"}, "n": None})
@@ -195,7 +195,7 @@ def test_params_are_logged_once_and_never_changed(tmp_path):
 
 
 def test_finishing_marks_a_run_finished_or_failed_and_reraises(tmp_path):
-    mc = tracking.client(sqlite_uri(tmp_path))
+    mc = store.client(sqlite_uri(tmp_path))
     exp = tracking.get_or_create_experiment(mc, "e")
     ok = tracking.create_run(mc, exp, "ok", layout.run_tags("s", "baseline", target="cb")).info.run_id
     with tracking.finishing(mc, ok):
@@ -217,7 +217,7 @@ def test_finishing_marks_a_run_finished_or_failed_and_reraises(tmp_path):
 
 
 def test_plan_is_stored_with_the_experiment(tmp_path):
-    mc = tracking.client(sqlite_uri(tmp_path))
+    mc = store.client(sqlite_uri(tmp_path))
     assert tracking.read_plan(mc, "ptray-x", "x") is None
     exp = tracking.get_or_create_experiment(mc, "ptray-x")
     tracking.write_plan(mc, exp, "x", {"tasks": ["cb"], "seeds": [0, 1]})
@@ -227,8 +227,8 @@ def test_plan_is_stored_with_the_experiment(tmp_path):
 
 @pytest.mark.slow
 def test_real_mlflow_server_serves_runs_and_artifacts(server, tmp_path):
-    tracking.check_tracking(server)  # reachable: no error
-    mc = tracking.client(server)
+    store.check_tracking(server)  # reachable: no error
+    mc = store.client(server)
     exp = tracking.get_or_create_experiment(mc, "server-check")
     run = tracking.create_run(mc, exp, "cb-seed0", layout.run_tags("s", "train", "cb", 0))
     # Artifacts go through the server (no shared disk): the run's artifact URI is the proxy scheme.

@@ -21,6 +21,7 @@ from ptray.study import tracking
 from ptray.study.bundle import Bundle
 from ptray.study.checkpoints import load_checkpoint, load_trial_checkpoint, save_checkpoint, save_trial_checkpoint
 from ptray.study.context import StudyContext
+from ptray.study.store import client
 from ptray.study.transfer import transfer_target
 from ptray.study.trial import group_key, parse_group_key, run_group, run_training
 
@@ -31,7 +32,7 @@ EPOCHS = 3
 def store(tmp_path_factory):
     """One SQLite store for the module (creating one costs seconds); each test uses its own study id."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
-    mc = tracking.client(uri)
+    mc = client(uri)
     return uri, tracking.get_or_create_experiment(mc, "ptray-test-trial")
 
 

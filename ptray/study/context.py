@@ -9,7 +9,7 @@ from typing import Any
 
 from ptray.config import EvalConfig, TrainConfig, expand_init_source
 from ptray.data.tasks import register_declarations
-from ptray.study import tracking
+from ptray.study import store
 from ptray.study.bundle import Bundle
 
 
@@ -57,7 +57,7 @@ class StudyContext:
 
     def client(self):
         """An ``MlflowClient`` on the study's tracking store."""
-        return tracking.client(self.tracking_uri)
+        return store.client(self.tracking_uri)
 
     def logged_config(self, resolved: dict[str, Any]) -> dict[str, Any]:
         """A resolved config as logged: the model and data as the user named them, not a node's cache folder."""

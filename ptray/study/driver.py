@@ -40,7 +40,7 @@ from ptray.data.tasks import (
 )
 from ptray.errors import PtrayError
 from ptray.seeds import MAX_SEED
-from ptray.study import preflight, tracking
+from ptray.study import preflight, store, tracking
 from ptray.study.bundle import Bundle, tiny_model_bundle
 from ptray.study.context import StudyContext, quiet
 from ptray.study.declared import StudyDeclaration, load_study, shipped_studies
@@ -367,7 +367,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     """
     t0 = time.perf_counter()
     opts = options_from_args(args)
-    uri = tracking.resolve_tracking_uri(opts.tracking_uri)
+    uri = store.resolve_tracking_uri(opts.tracking_uri)
     storage = preflight.resolve_storage(opts.storage_path, cluster=opts.address is not None)
     plan = plan_from_args(args)
     if plan.num_samples is not None and not plan.search:  # here: plan_from_args takes every flag it is given
@@ -389,10 +389,10 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
 
     if opts.address:
         preflight.check_ray_address(opts.address)
-    if opts.resume and not tracking.store_exists(uri):
+    if opts.resume and not store.store_exists(uri):
         raise PtrayError(f"there is no study {plan.study!r} to resume: the tracking store {uri} does not exist; "
                          f"check --tracking-uri (or MLFLOW_TRACKING_URI) and the working directory")
-    mc = tracking.open_store(uri)  # seconds, before anything else starts; a store MLflow refuses is one line
+    mc = store.open_store(uri)  # seconds, before anything else starts; a store MLflow refuses is one line
     tracking.check_experiment(mc, experiment, uri, plan.study)  # deleted: how to restore or purge it
     stored = tracking.read_plan(mc, experiment, plan.study)
     tune_folder = tune_path(storage, plan.study)
@@ -433,7 +433,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     if opts.resume and not opts.address:  # a killed driver's embedded Ray leaves its agents running
         preflight.clear_leftover_ray()
     started_ray = preflight.start_ray(opts.address)
-    watch = tracking.ServerWatch(uri).__enter__()  # says once when the tracking server stops answering, and after
+    watch = store.ServerWatch(uri).__enter__()  # says once when the tracking server stops answering, and after
     try:
         uri = preflight.check_cluster(opts, uri, storage)
         gpus = preflight.gpus_per_trial(opts)

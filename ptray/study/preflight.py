@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 from ptray.config import DEFAULT_GPUS_PER_TRIAL, Options, Plan
 from ptray.data.tasks import get_task
 from ptray.errors import PtrayError
-from ptray.study import tracking
+from ptray.study import store
 from ptray.study.paths import study_path
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "lustre", "glusterfs", "gpfs", "beegfs",
@@ -134,7 +134,7 @@ def check_cluster(opts: Options, uri: str, storage: str) -> str:
     several = bool(_cluster_ips() - {here}) or _autoscaling()
     if not several:
         return uri
-    if tracking.is_local_store(uri):
+    if store.is_local_store(uri):
         raise PtrayError(f"the tracking store {uri} is a file on this machine, but the Ray cluster has other "
                          f"machines; run an MLflow server (the head of cluster.yaml does) and pass --tracking-uri "
                          f"http://HEAD_PRIVATE_IP:5000")
@@ -142,7 +142,7 @@ def check_cluster(opts: Options, uri: str, storage: str) -> str:
     if host in ("localhost", "127.0.0.1", "::1"):
         rewritten = uri.replace(host, here, 1)
         try:
-            tracking.check_tracking(rewritten)
+            store.check_tracking(rewritten)
         except PtrayError:
             raise PtrayError(f"--tracking-uri {uri} is this machine's loopback, which other nodes cannot reach, and "
                              f"the server does not answer at {rewritten}; start it with --host 0.0.0.0 (private "

@@ -25,7 +25,7 @@ from ptray import layout
 from ptray.cli import OneLineParser
 from ptray.config import Plan
 from ptray.errors import PtrayError
-from ptray.study import tracking
+from ptray.study import store, tracking
 from ptray.study.local import RUN_FILE, finished_runs, read_plan, run_dir
 
 log = logging.getLogger("ptray")
@@ -39,8 +39,8 @@ def publish(study_dir: str | Path, tracking_uri: str | None = None, experiment: 
     study folder, an unreachable store, or an experiment that holds another plan under the same study id.
     """
     plan = read_plan(study_dir)
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    client = tracking.open_store(uri)  # a store MLflow refuses (a folder, not a database): one line
+    uri = store.resolve_tracking_uri(tracking_uri)
+    client = store.open_store(uri)  # a store MLflow refuses (a folder, not a database): one line
     experiment = experiment or f"ptray-{plan.study}"
     exp_id = tracking.get_or_create_experiment(client, experiment)
     stored = tracking.read_plan(client, experiment, plan.study)
@@ -90,5 +90,5 @@ def main(argv: list[str] | None = None, prog: str = "ptray publish") -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"published {out['published']} runs ({out['skipped']} already there) into experiment "
-          f"{out['experiment']!r} at {out['tracking_uri']}; {tracking.ui_command(out['tracking_uri'])}")
+          f"{out['experiment']!r} at {out['tracking_uri']}; {store.ui_command(out['tracking_uri'])}")
     return 0

@@ -8,7 +8,7 @@ from typing import Any
 
 from ptray import layout
 from ptray.config import DEFAULT_GPU_GROUP_SIZE, DEFAULT_GPUS_PER_TRIAL, Options, Plan, optimizer_settings
-from ptray.study import tracking
+from ptray.study import store, tracking
 from ptray.study.paths import study_path, tune_path
 
 
@@ -187,7 +187,7 @@ def render_summary(summary: dict[str, Any], plan: Plan, experiment: str, exp_id:
                                               + f"  ({plan.search['metric']} {s['value']:.4f}, {s['run']})"))
     lines += [
         f"  MLflow     experiment {experiment!r} (id {exp_id}) at {uri}",
-        f"             {tracking.ui_command(uri)}",
+        f"             {store.ui_command(uri)}",
         f"  Tune       {tune_path}",
         f"  analysis   {analysis_note}",
     ]
@@ -201,7 +201,7 @@ def resume_command(plan: Plan, opts: Options) -> str:
         parts.append(f"--experiment {opts.experiment}")
     # absolute, quoted: the command must name the same store and storage from any working directory
     if opts.tracking_uri:
-        parts.append(f"--tracking-uri {shlex.quote(tracking.resolve_tracking_uri(opts.tracking_uri))}")
+        parts.append(f"--tracking-uri {shlex.quote(store.resolve_tracking_uri(opts.tracking_uri))}")
     if opts.storage_path:
         parts.append(f"--storage-path {shlex.quote(study_path(opts.storage_path, '--storage-path'))}")
     if opts.address:
