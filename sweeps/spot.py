@@ -31,7 +31,7 @@ import analysis
 from ptray.config import SMOKE_TRAIN
 from ptray.data.tasks import register_task_files
 from ptray.errors import PtrayError
-from ptray.study import driver, store, tracking
+from ptray.study import driver, flags, store, tracking
 from ptray.study.declared import StudyDeclaration, load_study
 
 SOURCE = "{source}"  # in [conditions.spot]'s init_source: the source task
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         files = [v for i, v in enumerate(rest) if i and rest[i - 1] == "--task-file"]
         register_task_files(files)  # the declaration and --tasks may name them
         decl = load_study(args.study)
-        tasks = driver.parse_tasks(args.tasks) if args.tasks else decl.tasks
-        seeds = driver.parse_seeds(args.seeds) if args.seeds else decl.seeds
+        tasks = flags.parse_tasks(args.tasks) if args.tasks else decl.tasks
+        seeds = flags.parse_seeds(args.seeds) if args.seeds else decl.seeds
         smoke = "--smoke" in rest
         epochs = args.spot_epochs or (SMOKE_TRAIN["max_epochs"] if smoke else None)
         sources, targets = phase_texts(decl, tasks, seeds, epochs)

@@ -21,7 +21,8 @@ from ptray.config import GROUP_SHARED_FIELDS, Plan, TrainConfig
 from ptray.study import tracking
 from ptray.study.context import StudyContext
 from ptray.study.declared import shipped_studies
-from ptray.study.driver import build_parser, main, plan_from_args
+from ptray.study.driver import main
+from ptray.study.flags import build_parser, plan_from_args
 from ptray.study.store import client, resolve_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]

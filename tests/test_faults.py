@@ -138,7 +138,8 @@ def test_train_config_checks_the_seed_for_every_caller():
 
 
 def test_sweep_refuses_seeds_out_of_range_before_anything_starts(tmp_path, capsys, monkeypatch):
-    from ptray.study.driver import main, parse_seeds
+    from ptray.study.driver import main
+    from ptray.study.flags import parse_seeds
 
     with pytest.raises(PtrayError, match=rf"--seeds '{BIG}': seed {BIG} is out of range; seeds are integers from "
                                          rf"0 to {MAX_SEED}"):
@@ -207,7 +208,8 @@ def test_every_study_path_reaches_the_workers_absolute(workdir, tiny_model_dir, 
     import shutil
 
     from ptray.study import preflight, store
-    from ptray.study.driver import build_parser, options_from_args, plan_from_args, study_context
+    from ptray.study.driver import study_context
+    from ptray.study.flags import build_parser, options_from_args, plan_from_args
 
     shutil.copytree(tiny_model_dir, workdir / "tinymodel")
     (workdir / "data").symlink_to(data_dir)

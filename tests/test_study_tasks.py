@@ -16,7 +16,8 @@ from ptray.data.tasks import get_task, user_declarations
 from ptray.errors import PtrayError
 from ptray.study import store, tracking
 from ptray.study.context import StudyContext
-from ptray.study.driver import build_parser, main, plan_from_args, register_plan_tasks
+from ptray.study.driver import main
+from ptray.study.flags import build_parser, plan_from_args, register_plan_tasks
 
 SWEEP = Path(__file__).resolve().parents[1] / "sweeps" / "all.py"
 

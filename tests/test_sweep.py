@@ -23,7 +23,8 @@ import pytest
 from ptray.config import Options, Plan, TrainConfig
 from ptray.errors import PtrayError
 from ptray.study import preflight, store, tracking
-from ptray.study.driver import analysis_phase, group_gpus, main, parse_seeds, parse_tasks, resolve_group_size
+from ptray.study.driver import analysis_phase, group_gpus, main, resolve_group_size
+from ptray.study.flags import parse_seeds, parse_tasks
 from ptray.study.tuner import trial_statuses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def test_every_plan_flag_reaches_the_plan():
     """Each flag built from a Plan field, set to something other than its default, lands in that field: the plan is
     read from the flags by field, not by a hand-kept list of names a new field could miss."""
     from ptray.cli import add_config_arguments
-    from ptray.study.driver import build_parser, plan_from_args
+    from ptray.study.flags import build_parser, plan_from_args
 
     samples = {"tasks": ("cb,rte", ("cb", "rte")), "seeds": ("5,7", (5, 7)),  # parsed by the driver, not argparse
                "targets": ("wic", ("wic",))}
@@ -214,17 +215,17 @@ def test_every_plan_flag_reaches_the_plan():
 
 def test_a_new_plan_field_gets_a_flag_that_reaches_the_plan(monkeypatch):
     from ptray.cli import config_field, positive_int
-    from ptray.study import driver
+    from ptray.study import flags
 
     @dataclasses.dataclass
     class Later(Plan):
         max_hours: int | None = config_field(None, "a plan setting added later", type=positive_int)
 
-    monkeypatch.setattr(driver, "Plan", Later)
-    args = driver.build_parser().parse_args(["--max-hours", "5", "--seeds", "2"])
-    plan = driver.plan_from_args(args)
+    monkeypatch.setattr(flags, "Plan", Later)
+    args = flags.build_parser().parse_args(["--max-hours", "5", "--seeds", "2"])
+    plan = flags.plan_from_args(args)
     assert isinstance(plan, Later) and plan.max_hours == 5 and plan.seeds == (2,)
-    assert driver.plan_from_args(driver.build_parser().parse_args([])).max_hours is None
+    assert flags.plan_from_args(flags.build_parser().parse_args([])).max_hours is None
 
 
 def test_the_analysis_is_passed_in_by_the_entry_script():
