@@ -149,3 +149,22 @@ def test_the_local_study_needs_neither_ray_nor_mlflow(tiny_model_dir, data_dir, 
     assert "MLflow is not installed here: publish it where it is with" in out.stdout
     assert sorted(finished_runs(tmp_path / "study")) == ["baseline-none-on-copa", "copa-seed0",
                                                          "transfer-copa-seed0-on-copa"]
+
+
+def test_a_local_study_with_conditions_names_and_tags_each_prompt(tiny_model_dir, data_dir, tmp_path):
+    import dataclasses
+
+    plan = dataclasses.replace(_plan(tiny_model_dir, data_dir, max_epochs=1), tasks=("copa",),
+                               conditions={"text": {"init": "text"}, "random": {"init": "random"}})
+    assert run_local(plan, tmp_path / "s", progress=False) == {"train": 2, "evaluations": 1 + 2}
+    runs = finished_runs(tmp_path / "s")
+    assert sorted(runs) == ["baseline-none-on-copa", "copa-seed0-random", "copa-seed0-text",
+                            "transfer-copa-seed0-random-on-copa", "transfer-copa-seed0-text-on-copa"]
+    assert runs["copa-seed0-random"]["tags"][layout.TAG_CONDITION] == "random"
+    assert runs["copa-seed0-random"]["params"]["init"] == "random"
+    assert runs["transfer-copa-seed0-random-on-copa"]["params"]["source_condition"] == "random"
+    with pytest.raises(PtrayError, match="a search needs Ray Tune's scheduler: run this study without --local"):
+        run_local(dataclasses.replace(plan, conditions={}, search={"lr": {"distribution": "loguniform", "low": 1e-3,
+                                                                           "high": 1.0}}, num_samples=2),
+                  tmp_path / "search", progress=False)
+    assert not (tmp_path / "search").exists()

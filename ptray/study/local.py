@@ -114,6 +114,8 @@ def run_local(plan: Plan, study_dir: str | Path, resume: bool = False, device: s
     """
     from ptray.lm.load import resolve_device_precision
 
+    if plan.search:  # before anything is written
+        raise PtrayError("a search needs Ray Tune's scheduler: run this study without --local")
     out = prepare(plan, study_dir, resume)
     train = plan.train if device is None else dataclasses.replace(plan.train, device=device)
     if plan.tiny_model:  # the smoke model, built once into the study folder (so a resume uses the same weights)
@@ -140,47 +142,67 @@ def _bar(total: int, progress: bool | None):
     return tqdm(total=total, unit="epoch", desc="prompts x epochs", disable=not show, dynamic_ncols=True)
 
 
+def _member_config(plan: Plan, train, member: tuple, out: Path):
+    """A trial's ``TrainConfig`` in the local study: the plan's (its condition's overrides, task, seed) on this
+    study's model and device; a SPoT source named by its run (``init_source = "rte-seed0"``) is that run's folder."""
+    cfg = dataclasses.replace(plan.trial_config(member), model=train.model, device=train.device)
+    source = cfg.init_source
+    if source is not None and not Path(source).expanduser().exists():
+        folder = run_dir(out, source.replace("{seed}", str(member[1])))
+        if not (folder / layout.PROMPT_DIR).is_dir():
+            raise PtrayError(f"init source {source!r} of {layout.train_run_name(*member)} is neither a folder nor a "
+                             f"finished run of this local study; train the source first, or give its run folder")
+        cfg = dataclasses.replace(cfg, init_source=str(folder))
+    return cfg
+
+
 def _train(plan: Plan, train, out: Path, size: int, progress: bool | None) -> int:
-    """Train every (task, seed) prompt not finished yet, ``size`` prompts per group; return how many finished."""
+    """Train every prompt of the plan not finished yet, in the plan's groups of ``size``; return how many finished."""
     from ptray.study.checkpoints import load_checkpoint, save_checkpoint
     from ptray.training.loop import train_group
     from ptray.training.run_folder import save_run
 
     done = finished_runs(out)
-    todo = [(t, s) for t, s in plan.trials if layout.train_run_name(t, s) not in done]
+    todo = {m for m in plan.trials if layout.train_run_name(*m) not in done}
+    groups = [[m for m in group if m in todo] for group in plan.groups(size)]
+    groups = [g for g in groups if g]
     states = {}
-    for task, seed in todo:
-        ckpt = out / CHECKPOINTS / layout.train_run_name(task, seed)
+    for member in todo:
+        ckpt = out / CHECKPOINTS / layout.train_run_name(*member)
         if (ckpt / "state.pt").is_file():
-            states[(task, seed)] = {k: v for k, v in load_checkpoint(ckpt).items() if k != "run_id"}
-    epochs_left = sum(train.max_epochs - (states[m]["epoch"] if m in states else 0) for m in todo)
+            states[member] = {k: v for k, v in load_checkpoint(ckpt).items() if k != "run_id"}
+    cfgs_of = {m: _member_config(plan, train, m, out) for m in todo}
+    epochs_left = sum(cfgs_of[m].max_epochs - (states[m]["epoch"] if m in states else 0) for m in todo)
     bar = _bar(epochs_left, progress)
     written = 0
     try:
-        for start in range(0, len(todo), size):
-            members = todo[start:start + size]
-            cfgs = [dataclasses.replace(train, task=t, seed=s) for t, s in members]
-            names = [layout.train_run_name(t, s) for t, s in members]
+        for members in groups:
+            cfgs = [cfgs_of[m] for m in members]
+            names = [layout.train_run_name(*m) for m in members]
 
             def on_epoch_end(i: int, metrics: dict[str, Any], state: dict[str, Any], names=names) -> None:
                 with atomic_folder(out / CHECKPOINTS / names[i]) as tmp:
                     save_checkpoint(tmp, state, "")
                 bar.update(1)
 
-            def on_prompt_end(i: int, result, names=names, members=members) -> None:
+            def on_prompt_end(i: int, result, names=names, members=members, cfgs=cfgs) -> None:
                 nonlocal written
-                task, seed = members[i]
+                member, cfg = members[i], cfgs[i]
                 for key in ("group_size", "group_index"):  # a run's config as a single trial logs it
                     result.resolved.pop(key, None)
                 config = logged_config(plan, result.resolved)
+                condition = _condition(member)
+                tags = layout.run_tags(plan.study, layout.TRAIN, member[0], member[1], condition=condition)
+                if cfg.init_source is not None:  # SPoT: the run it started from, by name where it is one of ours
+                    tags[layout.TAG_INIT_FROM] = Path(cfg.init_source).name \
+                        if Path(cfg.init_source).parent == out / RUNS else cfg.init_source
                 with tempfile.TemporaryDirectory(prefix="ptray-run-", dir=out) as tmp:
                     folder = save_run(result, Path(tmp) / "run")
                     write_json(folder / layout.CONFIG_FILE, config)
                     _write_run(out, names[i], {"name": names[i], "kind": layout.TRAIN, "params": config,
-                                               "tags": layout.run_tags(plan.study, layout.TRAIN, task, seed)},
-                               folder=folder)
+                                               "tags": tags}, folder=folder)
                 shutil.rmtree(out / CHECKPOINTS / names[i], ignore_errors=True)
-                bar.update(max(0, train.max_epochs - result.metrics["epochs_run"]))  # epochs early stopping saved
+                bar.update(max(0, cfg.max_epochs - result.metrics["epochs_run"]))  # epochs early stopping saved
                 written += 1
 
             train_group(cfgs, on_epoch_end=on_epoch_end, resume=[states.get(m) for m in members],
@@ -214,15 +236,15 @@ def _transfer(plan: Plan, train, out: Path) -> int:
     from ptray.versions import code_version, library_versions
 
     done = finished_runs(out)
-    sources = [(t, s) for t, s in plan.trials if layout.train_run_name(t, s) in done]
+    sources = [m for m in plan.trials if layout.train_run_name(*m) in done]
     cfg = EvalConfig.from_train(train)
     device, precision = resolve_device_precision(cfg.device, cfg.precision)
     attention = resolve_attention(cfg.attention, device)
     model = None
     written = 0
-    for target in plan.tasks:
+    for target in plan.transfer_targets:  # the trained tasks, then the transfer-only targets
         baseline = layout.baseline_run_name(target)
-        todo = [(t, s) for t, s in sources if layout.transfer_run_name(t, s, target) not in done]
+        todo = [m for m in sources if layout.transfer_run_name(*m[:2], target, _condition(m)) not in done]
         if baseline in done and not todo:
             continue
         if model is None:
@@ -231,7 +253,7 @@ def _transfer(plan: Plan, train, out: Path) -> int:
         data = encode_all(task, load_split(task, cfg.split, cfg.data_dir, cfg.hub_dataset, cfg.max_examples),
                           tokenizer, cfg.max_length)
         idx = [d.idx for d in data if d.label is not None]
-        prompts = [load_adapter(run_dir(out, layout.train_run_name(t, s)) / layout.PROMPT_DIR) for t, s in todo]
+        prompts = [load_adapter(run_dir(out, layout.train_run_name(*m)) / layout.PROMPT_DIR) for m in todo]
         with torch.no_grad():
             results = evaluate_prompts(model, data, [None] + prompts, cfg.batch_size, pad_token_id(tokenizer),
                                        tokenizer.eos_token_id, autocast=accelerator.autocast)
@@ -248,23 +270,31 @@ def _transfer(plan: Plan, train, out: Path) -> int:
         if baseline not in done:
             _write_eval(out, plan, None, None, target, base, idx, no_prompt, {**params, "source": layout.NO_SOURCE})
             written += 1
-        for (source, seed), prompt, res in zip(todo, prompts, results):
+        for member, prompt, res in zip(todo, prompts, results):
+            source, seed, condition = member[0], member[1], _condition(member)
+            extra = {"source_condition": condition} if condition else {}
             _write_eval(out, plan, source, seed, target, res, idx, no_prompt,
-                        {**params, "source": source, "source_seed": seed, "num_tokens": int(prompt.shape[0])})
+                        {**params, "source": source, "source_seed": seed, **extra,
+                         "num_tokens": int(prompt.shape[0])}, condition)
             written += 1
     return written
 
 
+def _condition(member: tuple) -> str | None:
+    """The condition tag of a trial (its third element), None in a study without conditions."""
+    return member[2] if len(member) > 2 else None
+
+
 def _write_eval(out: Path, plan: Plan, source: str | None, seed: int | None, target: str, res, idx: list[int],
-                no_prompt: dict[str, float], params: dict[str, Any]) -> None:
+                no_prompt: dict[str, float], params: dict[str, Any], condition: str | None = None) -> None:
     """One evaluation's run folder: ``metrics.json``, ``predictions.json`` and its ``run.json`` (as the Ray study's
     ``transfer.log_evaluation`` logs it)."""
     if source is None:
         kind, name = layout.BASELINE, layout.baseline_run_name(target)
         tags = layout.run_tags(plan.study, kind, target=target)
     else:
-        kind, name = layout.TRANSFER, layout.transfer_run_name(source, seed, target)
-        tags = layout.run_tags(plan.study, kind, seed=seed, source=source, target=target)
+        kind, name = layout.TRANSFER, layout.transfer_run_name(source, seed, target, condition)
+        tags = layout.run_tags(plan.study, kind, seed=seed, source=source, target=target, condition=condition)
     metrics = layout.eval_metrics(source, seed, target, res, no_prompt)
     _write_run(out, name, {"name": name, "kind": kind, "tags": tags, "params": params},
                files={layout.METRICS_FILE: metrics, layout.PREDICTIONS_FILE: layout.predictions(idx, res)})
