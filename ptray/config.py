@@ -268,7 +268,7 @@ class Plan:
         None, "of the model's files: the smoke model's bundle, a local folder's files (model_files), or a Hub name's "
               "cached revision (hub:NAME@COMMIT); --resume refuses another", cli=False)
     model_files: dict[str, str] | None = config_field(None, "a local model folder's files, each with its fingerprint "
-                                                            "(ptray.study.preflight.model_fingerprint)", cli=False)
+                                                            "(ptray.study.fingerprint.model_fingerprint)", cli=False)
     data_digest: str | None = config_field(None, "of the data files read from data_dir", cli=False)
     # The declarations of the plan's user tasks (``ptray.data.tasks.user_declarations``: tasks and targets read
     # from --task-file): every worker registers them before it looks a task up, and --resume without the files.

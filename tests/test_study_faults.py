@@ -17,7 +17,7 @@ import pytest
 
 from ptray import layout
 from ptray.errors import PtrayError
-from ptray.study import preflight, store, tracking
+from ptray.study import cluster, fingerprint, store, tracking
 
 
 @pytest.fixture
@@ -69,15 +69,15 @@ def _rewrite_weights(folder: Path) -> None:
 def test_a_model_folders_fingerprint_names_what_changed(tmp_path, tiny_model_dir):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
-    digest, files = preflight.model_fingerprint(str(folder))
+    digest, files = fingerprint.model_fingerprint(str(folder))
     assert "config.json" in files and "model.safetensors" in files and any("tokenizer" in f for f in files)
-    assert preflight.model_fingerprint(str(folder)) == (digest, files)  # stable
+    assert fingerprint.model_fingerprint(str(folder)) == (digest, files)  # stable
     os.utime(folder / "config.json")  # touched, not changed: the same model
-    assert preflight.model_fingerprint(str(folder))[0] == digest
+    assert fingerprint.model_fingerprint(str(folder))[0] == digest
     _rewrite_weights(folder)
     (folder / "tokenizer_config.json").unlink()
-    new_digest, new_files = preflight.model_fingerprint(str(folder))
-    assert preflight.model_change(str(folder), digest, files, new_digest, new_files) == (
+    new_digest, new_files = fingerprint.model_fingerprint(str(folder))
+    assert fingerprint.model_change(str(folder), digest, files, new_digest, new_files) == (
         f"the model folder {folder} changed since the study started: model.safetensors changed, "
         f"tokenizer_config.json removed")
 
@@ -87,7 +87,7 @@ def test_resume_refuses_a_rebuilt_model_folder(workdir, tiny_model_dir, data_dir
 
     folder = workdir / "model"
     shutil.copytree(tiny_model_dir, folder)
-    digest, files = preflight.model_fingerprint(str(folder))
+    digest, files = fingerprint.model_fingerprint(str(folder))
     plan = Plan(study="S", tasks=("cb",), seeds=(0,), group_size=1, model_digest=digest, model_files=files,
                 train=TrainConfig(model=str(folder), data_dir=str(data_dir), max_epochs=1))
     _store_plan(store.resolve_tracking_uri(), plan)
@@ -104,13 +104,13 @@ def test_a_hub_models_revision_is_recorded_and_compared(monkeypatch):
 
     snapshot = "/cache/models--org--m/snapshots/{}/config.json"
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda name, f: snapshot.format("a" * 40))
-    assert preflight.model_fingerprint("org/m") == ("hub:org/m@" + "a" * 40, None)
+    assert fingerprint.model_fingerprint("org/m") == ("hub:org/m@" + "a" * 40, None)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda name, f: None)
-    assert preflight.model_fingerprint("org/m") == ("hub:org/m", None)  # not cached: the name
-    assert preflight.model_change("org/m", "hub:org/m@" + "a" * 40, None, "hub:org/m@" + "b" * 40, None) == (
+    assert fingerprint.model_fingerprint("org/m") == ("hub:org/m", None)  # not cached: the name
+    assert fingerprint.model_change("org/m", "hub:org/m@" + "a" * 40, None, "hub:org/m@" + "b" * 40, None) == (
         "the Hub model org/m is now at revision bbbbbbbbbbbb in the local cache, the study started at aaaaaaaaaaaa")
-    assert preflight.model_change("org/m", "hub:org/m", None, "hub:org/m@" + "b" * 40, None) is None  # unknown then
-    assert preflight.model_change("org/m", None, None, "hub:org/m", None) is None  # a plan stored before digests
+    assert fingerprint.model_change("org/m", "hub:org/m", None, "hub:org/m@" + "b" * 40, None) is None  # unknown then
+    assert fingerprint.model_change("org/m", None, None, "hub:org/m", None) is None  # a plan stored before digests
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,17 +120,17 @@ def test_a_hub_models_revision_is_recorded_and_compared(monkeypatch):
 def test_a_request_no_node_can_hold_is_refused_with_the_largest_that_fits():
     two_cpus = [{"CPU": 2.0, "memory": 1e9}]
     with pytest.raises(PtrayError) as err:
-        preflight.check_resources({"a training trial": (8, 0)}, two_cpus)
+        cluster.check_resources({"a training trial": (8, 0)}, two_cpus)
     assert str(err.value) == ("a training trial asks for 8 CPU + 0 GPU, but no node of the Ray cluster has that much "
                               "(2 CPU + 0 GPU); it would wait forever; pass --cpus-per-trial 2 or less")
     gpu_nodes = [{"CPU": 1.0}, {"CPU": 16.0, "GPU": 1.0}]
     with pytest.raises(PtrayError, match=r"asks for 1 CPU \+ 2 GPU.*\(16 CPU \+ 1 GPU, 1 CPU \+ 0 GPU\).*"
                                          r"pass --gpus-per-trial 1 or less$"):
-        preflight.check_resources({"a training trial": (1, 2)}, gpu_nodes)
+        cluster.check_resources({"a training trial": (1, 2)}, gpu_nodes)
     with pytest.raises(PtrayError, match=r"pass --cpus-per-trial 16 or less or --gpus-per-trial 0$"):
-        preflight.check_resources({"a transfer evaluation": (32, 0.25)}, [{"CPU": 32.0}, {"CPU": 16.0, "GPU": 1.0}])
-    preflight.check_resources({"a training trial": (2, 0.25)}, two_cpus, node_types=[{"CPU": 4.0, "GPU": 1.0}])
-    preflight.check_resources({"a training trial": (1, 0.25), "a transfer evaluation": (1, 0.25)}, gpu_nodes)
+        cluster.check_resources({"a transfer evaluation": (32, 0.25)}, [{"CPU": 32.0}, {"CPU": 16.0, "GPU": 1.0}])
+    cluster.check_resources({"a training trial": (2, 0.25)}, two_cpus, node_types=[{"CPU": 4.0, "GPU": 1.0}])
+    cluster.check_resources({"a training trial": (1, 0.25), "a transfer evaluation": (1, 0.25)}, gpu_nodes)
 
 
 @pytest.mark.slow
@@ -324,13 +324,13 @@ def test_ray_processes_left_by_a_killed_driver_are_found_and_stopped(tmp_path, m
     agent = subprocess.Popen([sys.executable, "-c", sleeper, "ray/dashboard/agent.py", f"--session-dir={live}"])
     try:
         time.sleep(0.5)
-        found = preflight.leftover_ray_processes()
+        found = cluster.leftover_ray_processes()
         assert found.get(session) == [orphan.pid]
         assert live not in found
         mine = {session: found[session]}
-        monkeypatch.setattr(preflight, "leftover_ray_processes", lambda: mine)  # never stop anyone else's
+        monkeypatch.setattr(cluster, "leftover_ray_processes", lambda: mine)  # never stop anyone else's
         said: list[str] = []
-        assert preflight.clear_leftover_ray(say=said.append) == 1
+        assert cluster.clear_leftover_ray(say=said.append) == 1
         assert orphan.wait(timeout=10) == -15
         assert said == [f"stopped 1 Ray process(es) left running by a killed driver (session {session})"]
     finally:

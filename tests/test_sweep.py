@@ -22,7 +22,7 @@ import pytest
 
 from ptray.config import Options, Plan, TrainConfig
 from ptray.errors import PtrayError
-from ptray.study import preflight, store, tracking
+from ptray.study import cluster, store, tracking
 from ptray.study.driver import analysis_phase, group_gpus, main, resolve_group_size
 from ptray.study.flags import parse_seeds, parse_tasks
 from ptray.study.tuner import trial_statuses
@@ -410,23 +410,23 @@ def several_machines(monkeypatch):
     """The driver on 127.0.0.2, another node on 10.0.0.2 (no autoscaler config on this machine)."""
     import ray
 
-    monkeypatch.setattr(preflight, "_cluster_ips", lambda: {"127.0.0.2", "10.0.0.2"})
+    monkeypatch.setattr(cluster, "_cluster_ips", lambda: {"127.0.0.2", "10.0.0.2"})
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.2")
-    monkeypatch.setattr(preflight, "_autoscaling", lambda: False)
+    monkeypatch.setattr(cluster, "_autoscaling", lambda: False)
     return Options(address="auto")
 
 
 def test_cluster_refuses_a_local_tracking_store(several_machines, tmp_path):
     with pytest.raises(ValueError, match=r"the tracking store sqlite:///\S+ is a file on this machine, but the Ray "
                                          r"cluster has other machines; run an MLflow server"):
-        preflight.check_cluster(several_machines, f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://b/p")
+        cluster.check_cluster(several_machines, f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://b/p")
 
 
 def test_cluster_refuses_local_disk_storage(several_machines, tmp_path):
     with pytest.raises(ValueError, match=r"--storage-path \S+ is on this machine's local disk \(\w+\), but the Ray "
                                          r"cluster has other machines"):
-        preflight.check_cluster(several_machines, "http://10.0.0.1:5000", str(tmp_path / "results"))
-    assert preflight.check_cluster(several_machines, "http://10.0.0.1:5000", "s3://bucket/ray") == "http://10.0.0.1:5000"
+        cluster.check_cluster(several_machines, "http://10.0.0.1:5000", str(tmp_path / "results"))
+    assert cluster.check_cluster(several_machines, "http://10.0.0.1:5000", "s3://bucket/ray") == "http://10.0.0.1:5000"
 
 
 def test_cluster_rewrites_a_loopback_tracking_uri(several_machines):
@@ -436,11 +436,11 @@ def test_cluster_rewrites_a_loopback_tracking_uri(several_machines):
     thread.start()
     try:
         # Workers cannot reach "localhost" on the head: they get the head's address instead.
-        assert preflight.check_cluster(several_machines, f"http://localhost:{port}", "s3://b/p") == \
+        assert cluster.check_cluster(several_machines, f"http://localhost:{port}", "s3://b/p") == \
             f"http://127.0.0.2:{port}"
     finally:
         server.shutdown()
     with pytest.raises(ValueError, match=rf"--tracking-uri http://127.0.0.1:{port} is this machine's loopback, which "
                                          r"other nodes cannot reach, and the server does not answer at "
                                          rf"http://127.0.0.2:{port}; start it with --host 0.0.0.0"):
-        preflight.check_cluster(several_machines, f"http://127.0.0.1:{port}", "s3://b/p")
+        cluster.check_cluster(several_machines, f"http://127.0.0.1:{port}", "s3://b/p")

@@ -28,7 +28,7 @@ from typing import Any
 
 from ptray.config import DEFAULT_GPU_GROUP_SIZE, Options, Plan
 from ptray.errors import PtrayError
-from ptray.study import preflight, store, tracking
+from ptray.study import cluster, fingerprint, preflight, store, tracking
 from ptray.study.bundle import Bundle, tiny_model_bundle
 from ptray.study.context import StudyContext, quiet
 from ptray.study.flags import build_parser, options_from_args, plan_from_args
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
         return 0
 
     if opts.address:
-        preflight.check_ray_address(opts.address)
+        cluster.check_ray_address(opts.address)
     if opts.resume and not store.store_exists(uri):
         raise PtrayError(f"there is no study {plan.study!r} to resume: the tracking store {uri} does not exist; "
                          f"check --tracking-uri (or MLFLOW_TRACKING_URI) and the working directory")
@@ -171,9 +171,9 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     model_bundle, data_bundle = _bundles(plan)
     # the model: the smoke model's bundle, a local folder's files, a Hub name's cached revision (--resume: the same)
     model_digest, model_files = ((model_bundle.digest, None) if model_bundle else
-                                 preflight.model_fingerprint(plan.train.model))
+                                 fingerprint.model_fingerprint(plan.train.model))
     if opts.resume:
-        preflight.check_same_model(plan, model_digest, model_files)
+        fingerprint.check_same_model(plan, model_digest, model_files)
     for what, digest, stored_digest in (("data", data_bundle and data_bundle.digest, plan.data_digest),):
         if opts.resume and stored_digest and digest != stored_digest:
             raise PtrayError(f"the {what} files differ from those study {plan.study!r} started with "
@@ -185,16 +185,16 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     import ray
 
     if opts.resume and not opts.address:  # a killed driver's embedded Ray leaves its agents running
-        preflight.clear_leftover_ray()
-    started_ray = preflight.start_ray(opts.address)
+        cluster.clear_leftover_ray()
+    started_ray = cluster.start_ray(opts.address)
     watch = store.ServerWatch(uri).__enter__()  # says once when the tracking server stops answering, and after
     try:
-        uri = preflight.check_cluster(opts, uri, storage)
-        gpus = preflight.gpus_per_trial(opts)
+        uri = cluster.check_cluster(opts, uri, storage)
+        gpus = cluster.gpus_per_trial(opts)
         # stored resolved: --resume keeps it; a searched trial is a group of one (its scheduler stops trials)
         plan.group_size = 1 if plan.search else resolve_group_size(plan.group_size, gpus)
         trial_gpus = group_gpus(gpus, plan.group_size, opts)
-        preflight.check_cluster_resources(opts, trial_gpus, gpus)  # a request no node can hold would wait forever
+        cluster.check_cluster_resources(opts, trial_gpus, gpus)  # a request no node can hold would wait forever
         exp_id = tracking.get_or_create_experiment(mc, experiment)
         if not opts.resume:
             tracking.write_plan(mc, exp_id, plan.study, plan.to_json())

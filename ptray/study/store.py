@@ -265,4 +265,3 @@ def ui_command(uri: str) -> str:
     if is_server(uri):
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
-
