@@ -32,7 +32,8 @@ from ptray.config import SMOKE_TRAIN
 from ptray.data.tasks import register_task_files
 from ptray.errors import PtrayError
 from ptray.study import driver, flags, store, tracking
-from ptray.study.declared import StudyDeclaration, load_study
+from ptray.study.declared import StudyDeclaration
+from ptray.study.study_file import load_study
 
 SOURCE = "{source}"  # in [conditions.spot]'s init_source: the source task
 

@@ -20,10 +20,10 @@ from ptray import layout
 from ptray.config import GROUP_SHARED_FIELDS, Plan, TrainConfig
 from ptray.study import tracking
 from ptray.study.context import StudyContext
-from ptray.study.declared import shipped_studies
 from ptray.study.driver import main
 from ptray.study.flags import build_parser, plan_from_args
 from ptray.study.store import client, resolve_tracking_uri
+from ptray.study.study_file import shipped_studies
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("paper", "init", "length", "optimizer", "lr")  # one sweeps/NAME.py per shipped declaration

@@ -1,5 +1,5 @@
-"""Declared studies (ptray/study/declared.py): the shipped declarations in sweeps/studies/, their grids, a user's
-file, and the one-line message of each kind of mistake."""
+"""Declared studies (ptray/study/study_file.py, ptray/study/declared.py): the shipped declarations in
+sweeps/studies/, their grids, a user's file, and the one-line message of each kind of mistake."""
 
 import re
 import subprocess
@@ -9,7 +9,8 @@ import pytest
 
 from ptray.config import TASK_NAMES, TrainConfig
 from ptray.errors import PtrayError
-from ptray.study.declared import STUDIES_DIR, Search, StudyRun, load_study, parse_study, shipped_studies
+from ptray.study.declared import Search, StudyRun
+from ptray.study.study_file import STUDIES_DIR, load_study, parse_study, shipped_studies
 
 PAPER_SEEDS = (0, 1, 2, 3)
 
@@ -160,14 +161,14 @@ def test_the_declarations_load_on_python_310_rules():
     """The module reads TOML with tomllib (3.11+) or tomli (3.10, a declared dependency), as the task files do."""
     from pathlib import Path
 
-    source = (Path(__file__).resolve().parents[1] / "ptray" / "study" / "declared.py").read_text()
+    source = (Path(__file__).resolve().parents[1] / "ptray" / "study" / "study_file.py").read_text()
     assert re.search(r"import tomllib\nexcept ModuleNotFoundError:.*\n\s+import tomli as tomllib", source)
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert 'tomli>=2; python_version < \\"3.11\\"' in pyproject
 
 
 def test_loading_a_study_imports_neither_torch_nor_ray():
-    code = ("import sys; from ptray.study.declared import load_study; [load_study(n) for n in "
+    code = ("import sys; from ptray.study.study_file import load_study; [load_study(n) for n in "
             "('paper', 'init', 'length', 'optimizer', 'lr')]; print('torch' in sys.modules, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -20,7 +20,7 @@ from ptray.errors import PtrayError
 from ptray.lm.prompt import init_prompt, load_adapter, save_adapter, source_prompt
 from ptray.study import store, tracking
 from ptray.study.context import StudyContext
-from ptray.study.declared import load_study, parse_study
+from ptray.study.study_file import load_study, parse_study
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,8 +29,9 @@ from ptray.data.tasks import (
 from ptray.errors import PtrayError
 from ptray.seeds import MAX_SEED
 from ptray.study import preflight
-from ptray.study.declared import StudyDeclaration, load_study, shipped_studies
+from ptray.study.declared import StudyDeclaration
 from ptray.study.paths import study_path
+from ptray.study.study_file import load_study, shipped_studies
 
 MAX_SEEDS = 1000  # seeds per study: a typo like 0-1000000 is refused, not expanded into a million trials
 
