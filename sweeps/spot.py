@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import analysis
-from ptray.config import SMOKE_TRAIN
 from ptray.data.tasks import register_task_files
 from ptray.errors import PtrayError
+from ptray.plan import SMOKE_TRAIN
 from ptray.study import driver, flags, store, tracking
 from ptray.study.declared import StudyDeclaration
 from ptray.study.study_file import load_study

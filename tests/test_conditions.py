@@ -17,7 +17,8 @@ from types import SimpleNamespace
 import pytest
 
 from ptray import layout
-from ptray.config import GROUP_SHARED_FIELDS, Plan, TrainConfig
+from ptray.config import GROUP_SHARED_FIELDS, TrainConfig
+from ptray.plan import Plan
 from ptray.study import tracking
 from ptray.study.context import StudyContext
 from ptray.study.driver import main
@@ -71,16 +72,13 @@ def test_a_plan_with_conditions():
 
 
 def test_groups_keep_apart_conditions_that_change_the_frozen_model():
-    from ptray.training.loop import SHARED_FIELDS
-
-    assert GROUP_SHARED_FIELDS == SHARED_FIELDS  # the plan groups by what the training loop requires
     plan = Plan(tasks=("cb",), seeds=(0, 1), conditions={"one": {}, "split": {"max_tokens_per_forward": 64},
                                                          "two": {"init": "random"}})
     groups = plan.groups(8)
     assert groups == [(("cb", 0, "one"), ("cb", 1, "one"), ("cb", 0, "two"), ("cb", 1, "two")),
                       (("cb", 0, "split"), ("cb", 1, "split"))]
     for group in groups:
-        values = {tuple(getattr(plan.trial_config(m), f) for f in SHARED_FIELDS) for m in group}
+        values = {tuple(getattr(plan.trial_config(m), f) for f in GROUP_SHARED_FIELDS) for m in group}
         assert len(values) == 1
 
 

@@ -158,7 +158,7 @@ def test_sweep_refuses_seeds_out_of_range_before_anything_starts(tmp_path, capsy
 
 
 def test_a_stored_plan_with_a_seed_out_of_range_is_refused_before_resuming(workdir, capsys):
-    from ptray.config import Plan
+    from ptray.plan import Plan
     from ptray.study import store, tracking
 
     mc = store.client(store.resolve_tracking_uri())
@@ -234,7 +234,7 @@ def test_every_study_path_reaches_the_workers_absolute(workdir, tiny_model_dir, 
 
 
 def test_the_printed_resume_command_names_the_same_store_and_storage_from_anywhere(workdir):
-    from ptray.config import Options, Plan
+    from ptray.plan import Options, Plan
     from ptray.study.summary import resume_command
 
     opts = Options(tracking_uri="sqlite:///runs/mlflow.db", storage_path="ray results")
@@ -302,7 +302,8 @@ def test_study_with_a_relative_model_path_trains_and_transfers(tmp_path, tiny_mo
 
 
 def test_resume_checks_the_data_folder_against_the_stored_tasks(workdir, capsys, data_dir):
-    from ptray.config import Plan, TrainConfig
+    from ptray.config import TrainConfig
+    from ptray.plan import Plan
     from ptray.study import store, tracking
 
     only_cb = workdir / "superglue"

@@ -15,7 +15,7 @@ PTRAY = ROOT / "ptray"
 LAYERS = [
     ("base", ["ptray", "ptray.errors", "ptray.seeds", "ptray.files", "ptray.layout", "ptray.cli", "ptray.versions"]),
     ("data", ["ptray.data"]),
-    ("config", ["ptray.config"]),
+    ("config", ["ptray.config", "ptray.plan"]),
     ("lm", ["ptray.lm"]),
     ("training", ["ptray.training"]),
     ("study", ["ptray.study"]),
@@ -123,7 +123,7 @@ def test_the_checker_finds_a_circle_and_a_function_level_import(tmp_path):
     assert layer_of("ptray.training.loop") > layer_of("ptray.data.probe")
 
 
-@pytest.mark.parametrize("module", ["ptray.config", "ptray.cli", "ptray.data.tasks", "ptray.command"])
+@pytest.mark.parametrize("module", ["ptray.config", "ptray.plan", "ptray.cli", "ptray.data.tasks", "ptray.command"])
 def test_configs_and_the_command_load_without_torch(module):
     """`ptray --help` and reading a config must not pay for importing torch."""
     code = f"import sys, {module}; print('torch' in sys.modules)"

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from ptray import layout
-from ptray.config import Plan, TrainConfig
+from ptray.config import TrainConfig
 from ptray.errors import PtrayError
 from ptray.lm.prompt import load_adapter
+from ptray.plan import Plan
 from ptray.study.local import finished_runs, run_dir, run_local
 
 

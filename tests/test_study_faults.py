@@ -83,7 +83,8 @@ def test_a_model_folders_fingerprint_names_what_changed(tmp_path, tiny_model_dir
 
 
 def test_resume_refuses_a_rebuilt_model_folder(workdir, tiny_model_dir, data_dir, capsys):
-    from ptray.config import Plan, TrainConfig
+    from ptray.config import TrainConfig
+    from ptray.plan import Plan
 
     folder = workdir / "model"
     shutil.copytree(tiny_model_dir, folder)
@@ -190,7 +191,7 @@ def test_mlflows_own_store_errors_are_translated(tmp_path):
 
 def test_a_file_store_with_spaces_is_found_again(workdir, capsys, monkeypatch):
     from analysis import mlflow_io
-    from ptray.config import Plan
+    from ptray.plan import Plan
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = store.resolve_tracking_uri("my runs")
@@ -223,7 +224,7 @@ def test_a_sqlite_uri_is_read_as_sqlalchemy_reads_it(workdir):
 
 
 def test_resume_of_a_study_whose_experiment_was_deleted(workdir, capsys):
-    from ptray.config import Plan
+    from ptray.plan import Plan
 
     uri = store.resolve_tracking_uri()
     exp = _store_plan(uri, Plan(study="S", tasks=("cb",), seeds=(0,)))
@@ -269,7 +270,7 @@ def _train_run(seed: int, **final):
 
 
 def test_the_best_seed_per_task_breaks_ties_by_a_stated_rule(monkeypatch):
-    from ptray.config import Plan
+    from ptray.plan import Plan
     from ptray.study import summary
 
     runs = [_train_run(3, exact_match=0.5, rank_accuracy=0.5, eval_loss=0.9),

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ptray.config import Plan, TrainConfig
+from ptray.config import TrainConfig
 from ptray.data.tasks import get_task, user_declarations
 from ptray.errors import PtrayError
+from ptray.plan import Plan
 from ptray.study import store, tracking
 from ptray.study.context import StudyContext
 from ptray.study.driver import main

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from ptray.config import Options, Plan, TrainConfig
+from ptray.config import TrainConfig
 from ptray.errors import PtrayError
+from ptray.plan import Options, Plan
 from ptray.study import cluster, store, tracking
 from ptray.study.driver import analysis_phase, group_gpus, main, resolve_group_size
 from ptray.study.flags import parse_seeds, parse_tasks

@@ -13,8 +13,9 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ptray.config import DEFAULT_GPUS_PER_TRIAL, Options
+from ptray.config import DEFAULT_GPUS_PER_TRIAL
 from ptray.errors import PtrayError
+from ptray.plan import Options
 from ptray.study import store
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "lustre", "glusterfs", "gpfs", "beegfs",

@@ -26,8 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ptray.config import DEFAULT_GPU_GROUP_SIZE, Options, Plan
+from ptray.config import DEFAULT_GPU_GROUP_SIZE
 from ptray.errors import PtrayError
+from ptray.plan import Options, Plan
 from ptray.study import cluster, fingerprint, preflight, store, tracking
 from ptray.study.bundle import Bundle, tiny_model_bundle
 from ptray.study.context import StudyContext, quiet

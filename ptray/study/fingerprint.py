@@ -8,8 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from ptray.config import Plan
 from ptray.errors import PtrayError
+from ptray.plan import Plan
 
 # Files hashed whole up to this size; larger ones (weights) by their size, header and sampled blocks: a study's
 # start must not read gigabytes, and a rebuilt or retrained checkpoint still differs in every sample.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ptray.cli import OneLineParser, add_config_arguments, config_from_args
-from ptray.config import PER_TRIAL_FIELDS, SMOKE_TRAIN, Options, Plan, TrainConfig
+from ptray.config import TrainConfig
 from ptray.data.task_schema import task_from_declaration
 from ptray.data.tasks import (
     TASK_NAMES,
@@ -27,6 +27,7 @@ from ptray.data.tasks import (
     user_declarations,
 )
 from ptray.errors import PtrayError
+from ptray.plan import PER_TRIAL_FIELDS, SMOKE_TRAIN, Options, Plan
 from ptray.seeds import MAX_SEED
 from ptray.study import preflight
 from ptray.study.declared import StudyDeclaration

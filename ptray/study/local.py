@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from ptray import layout
-from ptray.config import DEFAULT_GPU_GROUP_SIZE, Plan
+from ptray.config import DEFAULT_GPU_GROUP_SIZE
 from ptray.errors import PtrayError
 from ptray.files import atomic_folder, check_output_folder, write_json
+from ptray.plan import Plan
 
 log = logging.getLogger("ptray")
 

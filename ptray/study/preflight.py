@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ptray.config import Plan
 from ptray.data.tasks import get_task
 from ptray.errors import PtrayError
+from ptray.plan import Plan
 from ptray.study.paths import study_path
 
 

@@ -23,8 +23,8 @@ from typing import Any
 
 from ptray import layout
 from ptray.cli import OneLineParser
-from ptray.config import Plan
 from ptray.errors import PtrayError
+from ptray.plan import Plan
 from ptray.study import store, tracking
 from ptray.study.local import RUN_FILE, finished_runs, read_plan, run_dir
 

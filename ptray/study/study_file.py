@@ -50,9 +50,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ptray.config import PER_TRIAL_FIELDS, Plan, TrainConfig
+from ptray.config import TrainConfig
 from ptray.data.tasks import get_task
 from ptray.errors import PtrayError
+from ptray.plan import PER_TRIAL_FIELDS, Plan
 from ptray.seeds import check_seed
 from ptray.study.declared import Search, StudyDeclaration
 

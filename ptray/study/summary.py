@@ -7,7 +7,8 @@ import shlex
 from typing import Any
 
 from ptray import layout
-from ptray.config import DEFAULT_GPU_GROUP_SIZE, DEFAULT_GPUS_PER_TRIAL, Options, Plan, optimizer_settings
+from ptray.config import DEFAULT_GPU_GROUP_SIZE, DEFAULT_GPUS_PER_TRIAL, optimizer_settings
+from ptray.plan import Options, Plan
 from ptray.study import store, tracking
 from ptray.study.paths import study_path, tune_path
 

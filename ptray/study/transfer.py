@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ptray import layout
-from ptray.config import Options, Plan
 from ptray.files import write_json
+from ptray.plan import Options, Plan
 from ptray.study import tracking
 from ptray.study.context import StudyContext, quiet
 

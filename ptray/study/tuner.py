@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from ptray import layout
-from ptray.config import Options, Plan
+from ptray.plan import Options, Plan
 from ptray.study import tracking
 from ptray.study.context import StudyContext
 from ptray.study.declared import Search
