@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ptray.config import TrainConfig, resolve_attention
+from ptray.config import GROUP_SHARED_FIELDS, TrainConfig, resolve_attention
 from ptray.data.batching import check_fits, stage, train_batches
 from ptray.data.tasks import get_task
 from ptray.data.tokens import pad_token_id, special_prefix, token_ids
@@ -54,9 +54,6 @@ from ptray.training.optimizers import (
 from ptray.versions import code_version, library_versions
 
 log = logging.getLogger("ptray")
-
-# what the prompts of one group must agree on: the frozen model and how each step runs it
-SHARED_FIELDS = ("model", "precision", "device", "compile", "attention", "max_tokens_per_forward")
 
 
 @dataclasses.dataclass
@@ -101,7 +98,7 @@ class _Member:
 def _check_group(cfgs: list[TrainConfig]) -> None:
     if not cfgs:
         raise PtrayError("a trial group needs at least one TrainConfig")
-    for name in SHARED_FIELDS:
+    for name in GROUP_SHARED_FIELDS:
         values = {getattr(c, name) for c in cfgs}
         if len(values) > 1:
             raise PtrayError(f"the prompts of one group share the frozen model, so {name} must be the same for all; "
@@ -128,7 +125,7 @@ def train_group(
     while the others go on: a Tune trial finishes that prompt's MLflow run there.
     ``model_and_tokenizer`` reuses a loaded frozen model (the benchmark's; the fused attention, if turned on, stays
     on it); the model must be the one ``cfgs[0].model`` names. Raises PtrayError when the configs disagree on a
-    shared field (``SHARED_FIELDS``) or a loss becomes non-finite.
+    shared field (``GROUP_SHARED_FIELDS``) or a loss becomes non-finite.
 
     The steps, in order: ``_setup_model`` (the frozen model, once), ``_setup_member`` (each prompt: data, init,
     resume, baselines), then until every prompt has left: ``_step`` (one optimizer step of every active prompt),
@@ -201,7 +198,7 @@ class _Run:
 
 
 def _setup_model(first: TrainConfig, fused_attention: bool | None, loaded, fold_alibi: bool) -> _Run:
-    """The frozen model of the group (the configs agree on ``SHARED_FIELDS``), set up once."""
+    """The frozen model of the group (the configs agree on ``GROUP_SHARED_FIELDS``), set up once."""
     device, precision = resolve_device_precision(first.device, first.precision)
     set_seed(first.seed)  # nothing random happens in a frozen model in eval mode; set for any dropout
     if fused_attention is None:
