@@ -81,6 +81,21 @@ def _float(value) -> float | None:
         return None
 
 
+def register_study_tasks(exp) -> None:
+    """Register the user tasks (task files) every plan of the experiment stored, so a fresh process can read and
+    evaluate them as the study's workers did (``ptray.data.tasks.register_declarations``).
+
+    Raises:
+        PtrayError: a stored declaration clashes with a task this process already knows under its name.
+    """
+    from ptray.data.tasks import register_declarations
+
+    for key, value in (exp.tags or {}).items():
+        if key.startswith(layout.PLAN_TAG_PREFIX):
+            declarations = json.loads(value).get("task_declarations") or ()
+            register_declarations(declarations, f"the stored plan {key!r}")
+
+
 def _plan(exp) -> dict:
     """The study's plan stored as an experiment tag (``ptray.plan.<study>``), {} without one (or with several)."""
     plans = [v for k, v in (exp.tags or {}).items() if k.startswith(layout.PLAN_TAG_PREFIX)]
@@ -159,6 +174,7 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file is noise here
     client, uri = connect(tracking_uri)
     exp = find_experiment(client, experiment)
+    register_study_tasks(exp)
     prompts, evals, trials, notes, studies, runs = [], [], [], [], set(), []
     for run in _all_runs(client, exp.experiment_id):
         kind = run.data.tags.get(layout.TAG_KIND)

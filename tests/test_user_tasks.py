@@ -45,3 +45,32 @@ def test_unknown_task_without_its_file_is_one_line(tiny_model_dir, data_dir, tmp
                  str(data_dir), "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "never_declared" in err[0]
+
+
+def test_the_analysis_knows_the_user_tasks_a_study_stored(tmp_path):
+    """``ptray analyse`` in a fresh process: the plan's stored declarations are registered before any run is read."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mine.toml").write_text(USER_TASK)
+    code = f"""
+import json
+from mlflow import MlflowClient
+from analysis.mlflow_io import register_study_tasks
+from ptray.data.tasks import get_task, load_task_file
+from ptray.data.task_schema import read_task_file
+decl = read_task_file({str(tmp_path / 'mine.toml')!r})
+client = MlflowClient("sqlite:///{tmp_path / 'm.db'}")
+exp_id = client.create_experiment("ptray-s")
+client.set_experiment_tag(exp_id, "ptray.plan.s", json.dumps({{"task_declarations": [decl]}}))
+try:
+    get_task("premise_yes_no")
+    raise SystemExit("known before registration")
+except ValueError:
+    pass
+register_study_tasks(client.get_experiment(exp_id))
+print(get_task("premise_yes_no").version)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "3"
