@@ -193,3 +193,13 @@ def test_spot_smoke_study_end_to_end(tmp_path, data_dir):
     plan = tracking.read_plan(mc, "ptray-spot", targets)
     assert plan["targets"] == ["wic", "held_rte"]
     assert [d["name"] for d in plan["task_declarations"]] == ["my_rte", "held_rte"]
+
+
+def test_the_spot_declaration_alone_is_refused_naming_its_script(data_dir, capsys):
+    """Its conditions name the source task as {source}, which only sweeps/spot.py fills in (phase by phase)."""
+    from ptray.study.driver import main
+
+    assert main(["--study", "spot", "--data-dir", str(data_dir), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("it runs in two phases (the sources, then every target from each): run "
+                                             "it with python sweeps/spot.py")

@@ -150,7 +150,10 @@ def _check_declared(plan: Plan, given_train: dict[str, Any]) -> None:
     if plan.search and plan.group_size not in (None, 1):
         raise PtrayError(f"--group-size {plan.group_size}: a searched trial is a group of one (its scheduler stops "
                          f"trials, and a group holds several prompts); leave --group-size out")
-    for name in plan.conditions:
+    for name, over in plan.conditions.items():
+        if any("{source}" in str(v) for v in over.values()):  # a template of sweeps/spot.py's, not a study
+            raise PtrayError(f"study {plan.study!r} names each condition's source task as {{source}}: it runs in two "
+                             f"phases (the sources, then every target from each): run it with python sweeps/spot.py")
         try:
             plan.trial_config((plan.tasks[0], plan.seeds[0], name))
         except PtrayError as err:
