@@ -55,3 +55,25 @@ def test_a_folder_without_write_permission_is_refused(tmp_path, monkeypatch):
     with pytest.raises(PtrayError, match=r"--output-dir '.*/locked/run' cannot be written: no write permission on "
                                          r"'.*/locked'; choose another --output-dir"):
         check_output_folder(locked / "run", "--output-dir")
+
+
+@pytest.mark.parametrize("flag, setup, message", [
+    ("--storage-path", "file", "lies under '{blocker}', which is a file, not a folder; choose another --storage-path"),
+    ("--analysis-dir", "full", "already holds files; choose a new --analysis-dir or empty it"),
+])
+def test_study_output_folders_are_checked_before_anything_starts(flag, setup, message, data_dir, tmp_path, capsys):
+    from ptray.study.driver import main
+
+    blocker = tmp_path / "blocker"
+    if setup == "file":
+        blocker.write_text("a file")
+        value = blocker / "results"
+    else:
+        blocker.mkdir()
+        (blocker / "notes.txt").write_text("mine")
+        value = blocker
+    code = main(["--smoke", "--data-dir", str(data_dir), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                 flag, str(value)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message.format(blocker=blocker) in err[0]
+    assert not (tmp_path / "m.db").exists()  # nothing started

@@ -261,4 +261,6 @@ def options_from_args(args: argparse.Namespace) -> Options:
     opts = config_from_args(Options, args)
     opts.address = opts.address or os.environ.get("RAY_ADDRESS") or None
     opts.analysis_dir = study_path(opts.analysis_dir, "--analysis-dir")
+    if opts.analysis:
+        preflight.check_analysis_dir(opts.analysis_dir)  # before hours of training, not after
     return opts

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 from ptray.data.tasks import get_task
 from ptray.errors import PtrayError
+from ptray.files import check_output_folder
 from ptray.plan import Plan
 from ptray.study.paths import study_path
 
@@ -32,7 +33,18 @@ def resolve_storage(path: str | None, cluster: bool) -> str:
     if cluster and not Path(path).expanduser().is_absolute():
         raise PtrayError(f"--storage-path {path!r} is relative; on a cluster give shared storage: s3://BUCKET/PATH "
                          f"or an absolute path on a filesystem mounted on every node (NFS, EFS)")
-    return study_path(path, "--storage-path")
+    local = study_path(path, "--storage-path")
+    # Tune writes here after the first trial: a path under a file or without write permission is refused now.
+    check_output_folder(local, "--storage-path", reusable=lambda _: True)  # other studies' results may be there
+    return local
+
+
+def check_analysis_dir(path: str | None) -> None:
+    """Refuse, before the study, an ``--analysis-dir`` the analysis could not write at its end (under a file, not
+    writable, or holding something other than an earlier report, which a re-run replaces)."""
+    if path is not None:
+        check_output_folder(path, "--analysis-dir", fix="or empty it",
+                            reusable=lambda p: (p / "analysis.json").is_file() and (p / "report.html").is_file())
 
 def data_files(plan: Plan) -> list[str]:
     """The files of ``plan.train.data_dir`` the study reads (paths relative to it); a missing one is an error now,
