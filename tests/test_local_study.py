@@ -169,3 +169,60 @@ def test_a_local_study_with_conditions_names_and_tags_each_prompt(tiny_model_dir
                                                                            "high": 1.0}}, num_samples=2),
                   tmp_path / "search", progress=False)
     assert not (tmp_path / "search").exists()
+
+
+@pytest.mark.slow  # a Ray study, a local study, and the analysis of each
+def test_ray_and_local_studies_give_the_same_experiment_and_report(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """The same small study run by Ray and run locally then published: the same runs, tags, params and metrics in
+    MLflow, and the analysis turns both into the same files and columns (equal numbers: CPU runs are exact)."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    import analysis
+    from ptray.study.driver import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--tasks", "cb,copa", "--seeds", "0,1",
+              "--max-epochs", "2", "--max-train-examples", "8", "--max-eval-examples", "8", "--max-length", "128",
+              "--study", "same"]
+    uri_ray, uri_local = f"sqlite:///{tmp_path / 'ray.db'}", f"sqlite:///{tmp_path / 'local.db'}"
+    assert main([*common, "--tracking-uri", uri_ray, "--analysis-dir", str(tmp_path / "a-ray")],
+                analyse=analysis.run) == 0
+    assert main([*common, "--tracking-uri", uri_local, "--local", "study", "--analysis-dir",
+                 str(tmp_path / "a-local")], analyse=analysis.run) == 0
+
+    def contents(uri):
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("ptray-same")
+        out = {}
+        for r in client.search_runs([exp.experiment_id]):
+            if r.data.tags.get("ptray.kind") == "analysis":
+                continue
+            tags = {k: v for k, v in r.data.tags.items() if k.startswith("ptray.") and k not in (
+                "ptray.node", "ptray.ray_node_id")}
+            params = {k: v for k, v in r.data.params.items() if k not in ("model_digest", "data_digest")}
+            out[r.info.run_name] = (r.info.status, tags, params, r.data.metrics)
+        return out
+
+    ray_runs, local_runs = contents(uri_ray), contents(uri_local)
+    ray_ids, local_ids = ({r.info.run_id: r.info.run_name for r in MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("ptray-same").experiment_id])} for uri in (uri_ray, uri_local))
+    assert sorted(ray_runs) == sorted(local_runs) and len(ray_runs) == 4 + 4 * 2 + 2
+    for name, (status, tags, params, metrics) in ray_runs.items():
+        l_status, l_tags, l_params, l_metrics = local_runs[name]
+        assert (status, tags) == (l_status, l_tags), name
+        assert sorted(params) == sorted(l_params), (name, set(params) ^ set(l_params))
+        ids = ("code_version", "source_run_id")  # run ids differ between two stores; checked by name below
+        assert {k: v for k, v in params.items() if k not in ids} == \
+            {k: v for k, v in l_params.items() if k not in ids}, name
+        if "source_run_id" in params:
+            source = f"{params['source']}-seed{params['source_seed']}"
+            assert local_ids[l_params["source_run_id"]] == source and ray_ids[params["source_run_id"]] == source
+        timing = ("train_tokens_per_s", "epoch_seconds")
+        assert {k: v for k, v in metrics.items() if k not in timing} == \
+            pytest.approx({k: v for k, v in l_metrics.items() if k not in timing}), name
+    ray_files = sorted(p.name for p in (tmp_path / "a-ray").iterdir())
+    assert ray_files == sorted(p.name for p in (tmp_path / "a-local").iterdir())
+    for name in ("transfer.csv", "table1_norms.csv", "distances.csv"):
+        a, b = pd.read_csv(tmp_path / "a-ray" / name), pd.read_csv(tmp_path / "a-local" / name)
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5, atol=1e-5)  # sqrt of ~0: noise

@@ -50,11 +50,22 @@ def publish(study_dir: str | Path, tracking_uri: str | None = None, experiment: 
         raise PtrayError(f"experiment {experiment!r} at {uri} already holds a study {plan.study!r} with another "
                          f"plan; publish into another --experiment")
     published = skipped = 0
-    for name, info in finished_runs(study_dir).items():
-        if tracking.replace_unfinished(client, exp_id, plan.study, name) is not None:
+    run_ids: dict[str, str] = {}  # train run name -> its MLflow run id, which a transfer run names as its source
+    runs = finished_runs(study_dir)
+    for name, info in sorted(runs.items(), key=lambda kv: kv[1]["kind"] != layout.TRAIN):  # train runs first
+        existing = tracking.replace_unfinished(client, exp_id, plan.study, name)
+        if existing is not None:
+            run_ids[name] = existing.info.run_id
             skipped += 1
             continue
+        params = dict(info["params"])
+        if info["kind"] == layout.TRANSFER:  # as the Ray study's transfer run names the train run it evaluated
+            tags = info["tags"]
+            source = layout.train_run_name(tags[layout.TAG_SOURCE], int(tags[layout.TAG_SEED]),
+                                           tags.get(layout.TAG_CONDITION))
+            params["source_run_id"] = run_ids.get(source, "")
         run_id = tracking.create_run(client, exp_id, name, info["tags"]).info.run_id
+        run_ids[name] = run_id
         folder = run_dir(study_dir, name)
         metrics = json.loads((folder / layout.METRICS_FILE).read_text())
         if info["kind"] == layout.TRAIN:  # the per-epoch history at its epochs, as the trial logs it while training
@@ -63,8 +74,7 @@ def publish(study_dir: str | Path, tracking_uri: str | None = None, experiment: 
         with tempfile.TemporaryDirectory(prefix="ptray-publish-") as tmp:  # the artifacts: the folder less run.json
             artifacts = Path(tmp) / name
             shutil.copytree(folder, artifacts, ignore=shutil.ignore_patterns(RUN_FILE))
-            tracking.log_finished_run(client, run_id, info["params"], layout.logged_metrics(info["kind"], metrics),
-                                      artifacts)
+            tracking.log_finished_run(client, run_id, params, layout.logged_metrics(info["kind"], metrics), artifacts)
         published += 1
     return {"experiment": experiment, "experiment_id": exp_id, "tracking_uri": uri, "published": published,
             "skipped": skipped}
