@@ -130,6 +130,9 @@ def test_ptray_study_local_runs_publishes_and_resumes(tiny_model_dir, data_dir, 
     assert main(["--resume", "--local", "study", "--study", "cli", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "0 train runs and 0 evaluations written" in out and "published 0 runs" in out
+    assert main(["--resume", "--local", "study", "--tracking-uri", uri]) == 0  # the study id from the folder
+    out = capsys.readouterr().out
+    assert "published 0 runs into MLflow experiment 'ptray-cli'" in out
 
 
 def test_the_local_study_needs_neither_ray_nor_mlflow(tiny_model_dir, data_dir, tmp_path):

@@ -131,6 +131,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     if opts.local is not None:  # one process, one device, run folders: no Ray, MLflow only to publish
         if opts.resume:
             plan = plan_from_args(args, local_plan_json(opts.local))
+            experiment = opts.experiment or f"ptray-{plan.study}"  # the stored study's, not the flags' default
         preflight.data_files(plan)
         if opts.dry_run:
             print(describe(plan, opts, uri, storage, experiment, new=not opts.resume))
