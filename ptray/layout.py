@@ -122,6 +122,17 @@ def run_tags(study: str, kind: str, task: str | None = None, seed: int | None = 
     return tags
 
 
+def eval_run(study: str, source: str | None, seed: int | None, target: str,
+             condition: str | None = None) -> tuple[str, str, dict[str, str]]:
+    """``(kind, run name, tags)`` of an evaluation on ``target``: a baseline (``source`` None) or a transfer run of
+    ``source``'s prompt (``seed``, ``condition``): one spelling for the Ray study's transfer grid and the local
+    study."""
+    if source is None:
+        return BASELINE, baseline_run_name(target), run_tags(study, BASELINE, target=target)
+    return TRANSFER, transfer_run_name(source, seed, target, condition), run_tags(
+        study, TRANSFER, seed=seed, source=source, target=target, condition=condition)
+
+
 def run_key(tags: dict[str, str]) -> tuple[str | None, ...]:
     """What identifies a run within a study, from its tags: (kind, task, seed, source, target, condition)."""
     return tuple(tags.get(t) for t in (TAG_KIND, TAG_TASK, TAG_SEED, TAG_SOURCE, TAG_TARGET, TAG_CONDITION))

@@ -290,12 +290,7 @@ def _write_eval(out: Path, plan: Plan, source: str | None, seed: int | None, tar
                 no_prompt: dict[str, float], params: dict[str, Any], condition: str | None = None) -> None:
     """One evaluation's run folder: ``metrics.json``, ``predictions.json`` and its ``run.json`` (as the Ray study's
     ``transfer.log_evaluation`` logs it)."""
-    if source is None:
-        kind, name = layout.BASELINE, layout.baseline_run_name(target)
-        tags = layout.run_tags(plan.study, kind, target=target)
-    else:
-        kind, name = layout.TRANSFER, layout.transfer_run_name(source, seed, target, condition)
-        tags = layout.run_tags(plan.study, kind, seed=seed, source=source, target=target, condition=condition)
+    kind, name, tags = layout.eval_run(plan.study, source, seed, target, condition)
     metrics = layout.eval_metrics(source, seed, target, res, no_prompt)
     _write_run(out, name, {"name": name, "kind": kind, "tags": tags, "params": params},
                files={layout.METRICS_FILE: metrics, layout.PREDICTIONS_FILE: layout.predictions(idx, res)})

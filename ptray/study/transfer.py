@@ -148,12 +148,7 @@ def log_evaluation(client, ctx: StudyContext, source: str | None, seed: int | No
     ``res`` is the ``EvalResult`` on ``target`` and ``idx`` its examples' ids; ``no_prompt`` the target's no-prompt
     ``exact_match`` and ``rank_accuracy``. Returns ``{"run_id", "name", "kind", **metrics.json}``.
     """
-    if source is None:
-        kind, name = layout.BASELINE, layout.baseline_run_name(target)
-        tags = layout.run_tags(ctx.study, kind, target=target)
-    else:
-        kind, name = layout.TRANSFER, layout.transfer_run_name(source, seed, target, condition)
-        tags = layout.run_tags(ctx.study, kind, seed=seed, source=source, target=target, condition=condition)
+    kind, name, tags = layout.eval_run(ctx.study, source, seed, target, condition)
     metrics = layout.eval_metrics(source, seed, target, res, no_prompt)
     run_id = tracking.create_run(client, ctx.experiment_id, name, tags).info.run_id
     with tempfile.TemporaryDirectory(prefix="ptray-eval-") as tmp:
