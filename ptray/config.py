@@ -156,7 +156,8 @@ class TrainConfig:
     num_tokens: int | None = config_field(None, "prompt rows (unset: the init text's token count, the paper's choice)",
                                           type=positive_int)
     precision: str = config_field("auto", "mixed precision: auto is bf16 on GPUs that support it, else fp16; "
-                                          "fp32 (no) on CPU", choices=PRECISIONS)
+                                          "on CPU bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else fp32 "
+                                          "(no); the prompt and its optimizer state stay fp32", choices=PRECISIONS)
     device: str = config_field("auto", "where to run", choices=DEVICES)
     eval_split: str = config_field("val", "split for evaluation and early stopping", choices=("train", "val"))
     max_train_examples: int | None = config_field(None, "keep the first N training examples (unset: all)",

@@ -155,7 +155,7 @@ def test_run_config_records_the_special_tokens(llama3, data_dir):
     path, _, _, _, _ = llama3
     cfg = TrainConfig(task="cb", seed=0, model=str(path), data_dir=str(data_dir), max_epochs=1, batch_size=4,
                       lr=0.05, max_length=96, eval_split="train", max_train_examples=4, max_eval_examples=4,
-                      device="cpu", baselines=False)
+                      device="cpu", baselines=False, precision="no")
     resolved = train(cfg).resolved
     assert resolved["eos_token_id"] == 0 and resolved["end_token_ids"] == [0, 2]
     assert resolved["bos_token_ids"] == [1] and resolved["pad_token_id"] == 3
@@ -173,7 +173,7 @@ def test_gemma_init_text_baseline_is_the_init_text_as_plain_tokens(tmp_path, dat
     path = _save(tmp_path / "gemma2", "gemma2", bos_tokenizer())
     cfg = TrainConfig(task="cb", seed=0, model=str(path), data_dir=str(data_dir), max_epochs=1, batch_size=4,
                       lr=0.05, max_length=96, eval_split="train", max_train_examples=4, max_eval_examples=6,
-                      device="cpu")
+                      device="cpu", precision="no")
     baseline = train(cfg).evals["init_text"]
     model, tok = load_model(str(path))
     data = encode_all(TASKS["cb"], load_split(TASKS["cb"], "train", str(data_dir))[:6], tok, 96)

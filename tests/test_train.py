@@ -17,7 +17,7 @@ from ptray.training.train import train
 
 def _cfg(tiny_model_dir, data_dir, **kw):
     base = dict(task="cb", seed=0, model=str(tiny_model_dir), data_dir=str(data_dir), max_epochs=3,
-                max_train_examples=48, max_eval_examples=24, batch_size=8)
+                max_train_examples=48, max_eval_examples=24, batch_size=8, precision="no")
     return TrainConfig(**{**base, **kw})
 
 

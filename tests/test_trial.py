@@ -39,7 +39,7 @@ def store(tmp_path_factory):
 def make_ctx(store, study, tiny_model_dir, data_dir, **train) -> StudyContext:
     uri, exp = store
     fields = dict(model=str(tiny_model_dir), data_dir=str(data_dir), max_epochs=EPOCHS, patience=10, batch_size=8,
-                  max_train_examples=16, max_eval_examples=16, max_length=64)
+                  max_train_examples=16, max_eval_examples=16, max_length=64, precision="no")
     fields.update(train)
     return StudyContext(study=study, experiment_id=exp, tracking_uri=uri, train=TrainConfig(**fields),
                         model_label=str(tiny_model_dir), data_label=str(data_dir), params={"study": study})

@@ -34,19 +34,69 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def cpu_bf16_unit() -> str | None:
+    """The native bf16 matmul unit of this CPU, as torch's CPU capability checks report it: ``"amx"`` (Intel AMX
+    tiles, Sapphire Rapids and later), ``"avx512_bf16"`` (AVX512-BF16 dot products: Cooper Lake, AMD Zen 4 and
+    later), or None (bf16 would be emulated in fp32 arithmetic, slower than fp32: on such a CPU ptray runs fp32).
+
+    Source: ``torch.cpu._is_amx_tile_supported`` / ``torch.cpu._is_avx512_bf16_supported`` (cpuinfo, the checks
+    oneDNN's bf16 kernels dispatch on). ARM's bf16 extensions are not reported by torch: fp32 there.
+    """
+    for unit, check in (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        supported = getattr(torch.cpu, check, None)
+        if supported is not None and supported():
+            return unit
+    return None
+
+
+_said: set[tuple[str, str, str]] = set()
+
+
+def _say_once(device: str, asked: str, precision: str, why: str) -> None:
+    """Log the precision that runs, once per process and (device, asked, resolved)."""
+    key = (device, asked, precision)
+    if key not in _said:
+        _said.add(key)
+        log.info("precision %s on %s (asked: %s; %s)", precision, device, asked, why)
+
+
 def resolve_device_precision(device: str = "auto", precision: str = "auto") -> tuple[str, str]:
-    """(device, precision) actually used: a GPU when asked or available, bf16 where supported, fp32 on CPU."""
+    """``(device, precision)`` that actually run, from the ``--device`` and ``--precision`` asked for.
+
+    Device: CUDA when asked or (auto) available. Precision (the mixed-precision convention on both: frozen weights
+    in bf16, the soft prompt and its optimizer state in fp32, saved prompts fp32):
+
+    - GPU: auto is bf16 where the GPU supports it, else fp16; bf16/fp16/no as asked.
+    - CPU: auto is bf16 where the CPU has a native bf16 unit (``cpu_bf16_unit``: ~4x the fp32 matmul rate on
+      AVX512-BF16, measured in BENCHMARKS.md), else exact fp32 ("no"); bf16 is honoured (with a warning where the
+      unit is missing: emulated bf16 is slower than fp32); fp16 runs fp32 (no CPU fp16 path), said; no is exact
+      fp32.
+
+    The resolved pair is what a run records (config.json's ``precision``, MLflow params) and is logged once.
+    Raises PtrayError for ``--device cuda`` without a GPU.
+    """
+    asked = precision
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
         raise PtrayError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
     device = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
-    if device == "cpu":
-        if precision in ("bf16", "fp16"):  # asked for explicitly: say that it is not what runs
-            log.warning("--precision %s is for GPUs: on CPU ptray runs fp32 (precision no, recorded so in the run's "
-                        "config); autocast on CPU is slower here and changes results", precision)
-        precision = "no"  # autocast on CPU is slower here and changes results; keep CPU runs exact
+    if device == "cuda":
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        _say_once(device, asked, precision, "GPU")
+        return device, precision
+    unit = cpu_bf16_unit()
+    if precision == "bf16" and unit is None:  # honoured, as asked; said, as it is slow
+        log.warning("--precision bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX, as torch reports it): "
+                    "bf16 is emulated there and slower than fp32; --precision auto picks fp32 on this CPU")
+    if precision == "fp16":
+        log.warning("--precision fp16 is for GPUs: on CPU ptray runs fp32 (precision no, recorded so in the run's "
+                    "config); --precision bf16 is the CPU's half precision where the CPU has it")
+        precision = "no"
     elif precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        precision = "bf16" if unit is not None else "no"
+    why = f"this CPU's bf16 unit: {unit}" if unit else "this CPU has no native bf16 unit"
+    _say_once(device, asked, precision, why)
     return device, precision
 
 
@@ -125,6 +175,23 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=True)
 
 
+def accelerator_for(device: str, precision: str):
+    """An ``accelerate.Accelerator`` for a resolved ``(device, precision)``.
+
+    accelerate keeps one process-wide ``AcceleratorState`` and refuses a second Accelerator with another mixed
+    precision ("AcceleratorState has already been initialized and cannot be changed"). One process may run several
+    precisions in turn (a reused Ray worker, a benchmark comparing fp32 and bf16, the tests): the mixed-precision
+    part of the state is reset first when it differs (``AcceleratorState._reset_state``, which accelerate's own
+    tests use; the process/device part, ``PartialState``, is kept). Runs never overlap inside one process.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=device == "cpu")
+
+
 def setup_model(name_or_path: str, device: str, precision: str, compile: bool = False, attention: str = "eager",
                 fold_alibi: bool = False, loaded=None):
     """The frozen model on its device, for training and evaluation alike: ``(model, tokenizer, accelerator)``.
@@ -137,9 +204,7 @@ def setup_model(name_or_path: str, device: str, precision: str, compile: bool = 
     ``load_model`` checks them). Raises ``PtrayError`` when the model cannot be loaded or a special id the run uses
     is outside its embeddings.
     """
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+    accelerator = accelerator_for(device, precision)
     if loaded is None:
         model, tokenizer = load_model(name_or_path, dtype=model_dtype(precision))
         model.to(accelerator.device)
