@@ -5,7 +5,8 @@ PEFT; TEXT init against PEFT's; a saved prompt reloaded into PEFT; exact match a
 shared-source evaluation against one pass per label; the effective prompt against the model's own modules written
 out by hand; answer ids as tokenized in context; a BOS-adding tokenizer (Llama, Gemma) against PEFT on text
 tokenised the usual way. Then the two cases from issue 10 with their right values (Gemma2's
-final logit soft-capping, a Llama-2-style legacy SentencePiece tokenizer), and the load-time check of a family
+final logit soft-capping, a Llama-2-style legacy SentencePiece tokenizer), Gemma 3's sliding window (sources
+longer than it, and why the shared source pass must not be used there), and the load-time check of a family
 outside the tested set.
 """
 
@@ -22,7 +23,7 @@ from ptray.data.tokens import answer_ids_in_context, token_ids
 from ptray.errors import PtrayError
 from ptray.lm import families
 from ptray.lm.check import check_model
-from ptray.lm.evaluate import evaluate
+from ptray.lm.evaluate import evaluate, shares_source
 from ptray.lm.forward import answer_logprobs
 from ptray.lm.load import load_model
 from ptray.lm.prompt import init_prompt, save_adapter
@@ -51,10 +52,20 @@ def _config(name: str, vocab: int):
     if name == "gemma2":  # a small soft cap, so capping changes the numbers clearly; window larger than any input
         return tf.Gemma2Config(pad_token_id=3, head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
                                final_logit_softcapping=2.0, **SMALL, **ids)
+    if name == "gemma3_text":  # as gemma-3-270m: a tied head, local layers with a window, global ones without,
+        # each kind with its own RoPE base (small bases here, so positions change the numbers clearly); the window
+        # is shorter than most test sequences, so every check below runs across it
+        return tf.Gemma3TextConfig(
+            pad_token_id=3, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                             "full_attention": {"rope_type": "default", "rope_theta": 1000.0}},
+            **{**SMALL, "tie_word_embeddings": True}, **ids)
     raise ValueError(name)
 
 
-NAMES = ["bloom", "gpt2", "opt", "llama", "qwen2", "gemma2"]
+WINDOW = 12  # Gemma 3's sliding window in its tiny config
+NAMES = ["bloom", "gpt2", "opt", "llama", "qwen2", "gemma2", "gemma3_text"]
 
 
 def _build(path, name, tokenizer=None):
@@ -65,6 +76,11 @@ def _build(path, name, tokenizer=None):
         tok.pad_token = None
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_config(name, len(tok)))
+    if name == "gemma3_text":
+        # random tied weights scaled by sqrt(hidden) swamp the blocks: the head reads the input token back and
+        # greedy decoding repeats it. Rows 1/sqrt(hidden) as large (as a trained Gemma's are small) let the blocks
+        # decide, so the greedy checks see varied continuations
+        model.get_input_embeddings().weight.data.mul_(model.config.hidden_size ** -0.5)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -158,7 +174,7 @@ def test_loss_and_gradient_equal_peft(fam):
     assert prompt.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3_text"])
 def test_bos_tokenizer_loss_and_gradient_equal_peft_on_usual_tokens(tmp_path, name):
     """A tokenizer that starts each text with BOS (as Llama's and Gemma's): ptray's encoded sources carry it, and
     its loss and prompt gradient equal PEFT's on ``tokenizer(text + answer)`` + EOS (prompt rows, BOS, text)."""
@@ -208,14 +224,15 @@ def test_text_init_equals_peft(fam):
         torch.testing.assert_close(ours, peft_rows.embedding.weight.detach(), atol=0, rtol=0)
     raw = init_prompt(model.get_input_embeddings().weight, tok, PromptInit.TEXT, INIT)
     ours = init_prompt(model.get_input_embeddings(), tok, PromptInit.TEXT, INIT)
-    if _scaled_embedding_module(model):  # Gemma2 on transformers 5: the module scales by sqrt(hidden) = 8
+    if _scaled_embedding_module(model):  # Gemma2 on transformers 5, Gemma 3: the module scales by sqrt(hidden) = 8
         torch.testing.assert_close(ours, raw * 64 ** 0.5)
     else:
         assert torch.equal(ours, raw)
 
 
 def _scaled_embedding_module(model) -> bool:
-    """Gemma2's sqrt(hidden) normaliser is inside the embedding module in transformers 5, in the forward in 4.x."""
+    """The Gemmas' sqrt(hidden) normaliser is inside the embedding module (Gemma2: in transformers 5; in the forward
+    in 4.x)."""
     return hasattr(model.get_input_embeddings(), "embed_scale")
 
 
@@ -261,7 +278,8 @@ def test_exact_match_equals_greedy_generate(fam):
             continue
         examples = [(src, [g[0], g[1]]), (src, [g[0], (g[1] + 1) % vocab or 5]), (src, [g[0]])]
         data = [Encoded(i, s, (a,), 0) for i, (s, a) in enumerate(examples)]
-        for share in (True, False):
+        # None: the path ptray picks; True only where it is exact (Gemma 3: sequences within its window)
+        for share in (None, False) + ((True,) if shares_source(model, data, 3) else ()):
             res = evaluate(model, data, prompt, batch_size=2, pad_id=pad, eos_id=eos, share_source=share)
             for (s, a), em in zip(examples, res.em_correct):
                 assert em == int(_greedy(model, s, prompt, len(a) + 1, eos, pad)[:len(a) + 1] == a + [eos])
@@ -270,15 +288,21 @@ def test_exact_match_equals_greedy_generate(fam):
 
 
 def test_shared_source_equals_one_pass_per_label(fam):
+    """Padded sources of several lengths; with Gemma 3, the shared pass only on sequences that fit its window (the
+    rule: ``test_gemma3_sliding_window_rule``)."""
     name, _, model, tok, pad = fam
     g = torch.Generator().manual_seed(5)
+    windowed = name == "gemma3_text"
+    longest = WINDOW - 4 - 3 if windowed else 29  # prompt 4 + source + answer up to 3 within the window
     data = []
     for i in range(9):
-        src = torch.randint(4, len(tok), (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        src = torch.randint(4, len(tok), (int(torch.randint(1, longest + 1, (1,), generator=g)),),
+                            generator=g).tolist()
         answers = tuple(torch.randint(4, len(tok), (int(torch.randint(1, 4, (1,), generator=g)),),
                                       generator=g).tolist() for _ in range(2 + i % 2))
         data.append(Encoded(i, src, answers, i % 2))
-    assert families.shares_source_up_to(model, 64)
+    assert families.shares_source_up_to(model, 64) != windowed
+    assert shares_source(model, data, 4)
     for prompt in (_prompt(model, 4, 5), None):
         kw = dict(batch_size=5, pad_id=pad, eos_id=tok.eos_token_id)
         ref = evaluate(model, data, prompt, share_source=False, **kw)
@@ -307,8 +331,9 @@ def test_effective_prompt_is_what_the_first_attention_reads(fam):
     else:
         norm = base.layers[0].input_layernorm
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-        scale = (1 + norm.weight) if name == "gemma2" else norm.weight  # Gemma's RMSNorm multiplies by 1 + weight
-        if name == "gemma2" and not _scaled_embedding_module(model):
+        gemma = name in ("gemma2", "gemma3_text")
+        scale = (1 + norm.weight) if gemma else norm.weight  # Gemma's RMSNorm multiplies by 1 + weight
+        if gemma and not _scaled_embedding_module(model):
             w = w * 64 ** 0.5  # transformers 4.x: the normaliser is applied in the forward, to the prompt rows too
         want = w * torch.rsqrt(w.pow(2).mean(-1, keepdim=True) + eps) * scale
     assert got.shape == (5, 64)
@@ -397,6 +422,45 @@ def test_gemma2_final_logit_softcapping(tmp_path):
     assert own.abs().max() <= cap
 
 
+def test_gemma3_sliding_window_rule(tmp_path, monkeypatch):
+    """Gemma 3 as gemma-3-270m is built (tied head, sqrt(hidden) input scale, a window on its local layers, a RoPE
+    base per layer kind). On sources longer than the window ptray scores every label as the model's own forward
+    does (one unpadded sequence at a time), and it does not share the source pass there: the window counts the
+    padding holes between a short source and its answers, so forced, that pass gives other numbers."""
+    path = _build(tmp_path / "gemma3", "gemma3_text")
+    model, tok = load_model(str(path))
+    cfg = model.config
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert set(cfg.layer_types) == {"sliding_attention", "full_attention"} and cfg.sliding_window == WINDOW
+    bases = {kind: cfg.rope_parameters[kind]["rope_theta"] for kind in ("sliding_attention", "full_attention")}
+    assert bases == {"sliding_attention": 10.0, "full_attention": 1000.0}
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(families.embed(model, ids), model.get_input_embeddings().weight[ids] * 64 ** 0.5)
+
+    g = torch.Generator().manual_seed(8)
+
+    def rand(lo, hi):
+        return torch.randint(4, len(tok), (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
+    data = [Encoded(i, rand(2, 4 * WINDOW), (rand(1, 3), rand(1, 4), rand(1, 3)), i % 3) for i in range(8)]
+    assert sum(len(d.source) > WINDOW for d in data) >= 4 and len({len(d.source) for d in data}) >= 4
+    prompt, eos = _prompt(model, 4, 8), tok.eos_token_id
+    kw = dict(batch_size=6, pad_id=tok.pad_token_id, eos_id=eos)
+    assert not shares_source(model, data, 4)
+    with pytest.raises(ValueError, match="share_source=True is not exact"):
+        evaluate(model, data, prompt, share_source=True, **kw)
+    with torch.no_grad():
+        got = evaluate(model, data, prompt, **kw)  # the path ptray picks: one pass per label
+        own = [[_own_logprobs(model, [(d.source, a)], prompt, eos) for a in d.answers] for d in data]
+    gold = torch.cat([own[i][d.label] for i, d in enumerate(data)])
+    assert got.loss == pytest.approx(-gold.mean().item(), rel=1e-5)
+    assert got.rank_pred == [max(range(3), key=lambda k: lp[k].sum().item()) for lp in own]
+
+    monkeypatch.setattr(families, "shares_source_up_to", lambda model, length=None: True)
+    forced = evaluate(model, data, prompt, share_source=True, **kw)
+    assert abs(forced.loss - got.loss) > 1e-3
+
+
 def _legacy_sentencepiece_tokenizer():
     """A Llama-2-style SentencePiece BPE tokenizer: "▁" prepended to the text, so a word tokenized alone after a
     space gets a bare '▁' piece (Llama-2's legacy behaviour), built with ``tokenizers`` offline."""
@@ -446,9 +510,9 @@ def test_sentencepiece_legacy_answer_ids(tmp_path):
     assert res.em_correct == [1]
 
 
-@pytest.mark.parametrize("kind", ["mistral", "gemma3_text"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen3"])
 def test_untested_family_passes_the_load_time_checks(tmp_path, kind):
-    """Mistral (RoPE, like Llama) and Gemma3 (scaled embeddings, soft-capped logits) pass the checks at load time."""
+    """Mistral (RoPE, like Llama) and Qwen3 (RMSNorm on queries and keys) pass the checks at load time."""
     import transformers as tf
 
     tok = build_tokenizer()
@@ -456,8 +520,7 @@ def test_untested_family_passes_the_load_time_checks(tmp_path, kind):
     if kind == "mistral":
         cfg = tf.MistralConfig(sliding_window=None, **ids, **SMALL)
     else:
-        cfg = tf.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
-                                  final_logit_softcapping=2.0, **ids, **SMALL)
+        cfg = tf.Qwen3Config(head_dim=16, **ids, **SMALL)
     torch.manual_seed(0)
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")

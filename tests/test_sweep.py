@@ -125,6 +125,30 @@ def test_dry_run_prints_the_plan(workdir, capsys, data_dir):
                          "[cb-seed0 cb-seed1] [cb-seed2 rte-seed0] [rte-seed1 rte-seed2]" in out
 
 
+def test_plan_prints_answer_ids_and_init_token_counts(workdir, capsys, data_dir, tiny_model_dir):
+    """The plan shows, per task, the model's tokenizer's answer ids after the cue and the init text's length."""
+    from transformers import AutoTokenizer
+
+    from ptray.data.tasks import TASKS
+    from ptray.data.tokens import answer_ids_in_context, token_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    code, out, _ = run_main(capsys, "--dry-run", "--tasks", "cb,copa", "--targets", "rte", "--seeds", "0",
+                            "--model", str(tiny_model_dir), "--data-dir", str(data_dir))
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith(("  tokens", "             "))][-3:]
+    for line, name in zip(lines, ("cb", "copa", "rte")):
+        task = TASKS[name]
+        ids = answer_ids_in_context(tok, task.answer_cue, task.answers)
+        assert f" {name}: answers " + ", ".join(f"{a.strip()!r} {i}" for a, i in zip(task.answers, ids)) in line
+        assert line.endswith(f"init text {len(token_ids(tok, task.init_text))} tokens" if name != "rte" else
+                             "(transfer only)")
+    assert lines[0].startswith("  tokens     cb: answers 'yes' [")
+    code, out, _ = run_main(capsys, "--dry-run", "--tasks", "cb", "--seeds", "0", "--model", "no/such-model",
+                            "--data-dir", str(data_dir))
+    assert "  tokens     the tokenizer is not on this machine: each trial checks its answers and lengths" in out
+
+
 def test_resume_refuses_a_changed_plan(workdir, capsys, data_dir):
     mc = store.client(store.resolve_tracking_uri())
     exp = tracking.get_or_create_experiment(mc, "ptray-smoke")

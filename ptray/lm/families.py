@@ -11,7 +11,8 @@ Per family (``FAMILIES``):
 
 - input vectors: ``embed(model, ids)`` calls the model's input-embedding module, which is also what PEFT prepends
   the prompt to. Gemma2's sqrt(hidden) normaliser lives in that module in transformers 5 (in the model's forward
-  in 4.x: then it scales the prompt rows too); either way the soft prompt lives in the space of ``embed``'s output.
+  in 4.x: then it scales the prompt rows too); Gemma 3's (``gemma3_text``) is in the module in every release.
+  Either way the soft prompt lives in the space of ``embed``'s output.
   OPT's embeddings are ``word_embed_proj_dim`` wide and ``project_in`` maps them to the hidden size, so a prompt row
   is as wide as the embedding module, not ``hidden_size``.
 - logits: the base model's ``last_hidden_state`` already has the final norm (and OPT's ``project_out``); then the LM
@@ -19,18 +20,20 @@ Per family (``FAMILIES``):
 - positions, for the shared-source evaluation (prompt + source once, its KV cache repeated per label, answers
   appended after the padded source): BLOOM's ALiBi comes from the attention mask's cumulative sum, so padding
   holes are skipped; GPT-2 (absolute), OPT (learned, offset 2; its default is the mask's cumulative sum too) and
-  RoPE models (Llama, Qwen2, Gemma2) get ``position_ids`` that skip pads, passed explicitly. Sliding-window
-  attention counts cache slots, holes included, so a model with a window shares the source only when the whole
-  padded sequence fits in it.
+  RoPE models (Llama, Qwen2, Gemma2, Gemma 3: the same positions rotate its local layers with one base and its
+  global layers with another) get ``position_ids`` that skip pads, passed explicitly. Sliding-window attention
+  counts cache slots, holes included, so a model with a window (Gemma2; Gemma 3 on its ``sliding_attention``
+  layers, 5 of every 6) shares the source only when the whole padded sequence fits in it; the per-label path has
+  no holes (right padding) and is exact at any length.
 - effective prompt (what the analysis calls "effective"): the prompt rows as the first attention reads them, i.e.
   the output of the first normalisation the rows go through, computed by the model itself (a forward hook), so
   every input transform before it is included:
-  BLOOM: ``word_embeddings_layernorm``; Llama, Qwen2, Gemma2: the first block's ``input_layernorm`` (RMSNorm, weight
-  included; after Gemma2's normaliser); GPT-2: the first block's ``ln_1`` of token + position embedding, and OPT
-  (pre-norm configs): the first block's ``self_attn_layer_norm`` after ``project_in`` + learned positions. For GPT-2
-  and OPT the rows depend on their positions 0..n-1, which a prepended prompt always occupies: that is what the
-  model sees, and dropping the positions would describe rows the model never reads. OPT post-norm configs
-  (``do_layer_norm_before=False``, e.g. opt-350m) and families outside the tested set: None (report "n/a").
+  BLOOM: ``word_embeddings_layernorm``; Llama, Qwen2, Gemma2, Gemma 3: the first block's ``input_layernorm``
+  (RMSNorm, weight included; after the Gemmas' normaliser); GPT-2: the first block's ``ln_1`` of token + position
+  embedding, and OPT (pre-norm configs): the first block's ``self_attn_layer_norm`` after ``project_in`` + learned
+  positions. For GPT-2 and OPT the rows depend on their positions 0..n-1, which a prepended prompt always occupies:
+  that is what the model sees, and dropping the positions would describe rows the model never reads. OPT post-norm
+  configs (``do_layer_norm_before=False``, e.g. opt-350m) and families outside the tested set: None (report "n/a").
   ``effective_rows`` maps other rows (the vocabulary) the same way where that is position-free (not GPT-2/OPT).
 
 A model of another ``model_type`` is checked once, at load time, with the same equality checks on a few random
@@ -73,6 +76,7 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "ids", "layers.0.input_layernorm"),
     "qwen2": Family("qwen2", "ids", "layers.0.input_layernorm"),
     "gemma2": Family("gemma2", "ids", "layers.0.input_layernorm"),
+    "gemma3_text": Family("gemma3_text", "ids", "layers.0.input_layernorm"),
 }
 
 CHECKED = "_ptray_family"  # the Family ptray.lm.check found for an untested model, kept on the model object
@@ -179,8 +183,13 @@ def shares_source_up_to(model, length: int | None = None) -> bool:
     with a window shares only sequences that fit in it."""
     if not family(model).shares_source:
         return False
-    window = getattr(model.config, "sliding_window", None)
-    if window and getattr(model.config, "use_sliding_window", True) is not False:
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    # Gemma 3 names each layer's attention; a window no layer uses changes nothing
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return True
+    if window and getattr(config, "use_sliding_window", True) is not False:
         return length is not None and length <= window
     return True
 
@@ -230,6 +239,7 @@ _EFFECTIVE_DEFINITIONS = {
     "llama": "after the first block's input RMSNorm (weight included)",
     "qwen2": "after the first block's input RMSNorm (weight included)",
     "gemma2": "after the sqrt(hidden) normaliser and the first block's input RMSNorm (weight included)",
+    "gemma3_text": "after the sqrt(hidden) normaliser and the first block's input RMSNorm (weight included)",
 }
 
 

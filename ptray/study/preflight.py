@@ -64,13 +64,25 @@ def check_plan_lengths(plan: Plan, model: str) -> None:
     --max-length, prompt + --max-length within the model's positions), for every task of the plan, here: a length
     that cannot serve is refused before any trial starts. Skipped when ``model``'s tokenizer and config cannot be
     read here without the network (the trials' model loading then says why)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from ptray.data.batching import check_fits
 
+    tokenizer = local_tokenizer(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
         config = AutoConfig.from_pretrained(model, local_files_only=True)
     except Exception:  # not on this machine, or not a model: load_model in the trials reports it in one line
         return
-    check_fits(plan.transfer_targets, tokenizer, config, plan.train)
+    if tokenizer is not None:
+        check_fits(plan.transfer_targets, tokenizer, config, plan.train)
+
+
+def local_tokenizer(model: str):
+    """``model``'s tokenizer (a folder, or a Hub name already in the cache), read without the network; None where
+    it cannot be read here (the trials' model loading then says why)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except Exception:
+        return None

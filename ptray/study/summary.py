@@ -8,8 +8,11 @@ from typing import Any
 
 from ptray import layout
 from ptray.config import DEFAULT_GPU_GROUP_SIZE, DEFAULT_GPUS_PER_TRIAL, optimizer_settings
+from ptray.data.tasks import get_task
+from ptray.data.tokens import answer_ids_in_context, token_ids
+from ptray.errors import PtrayError
 from ptray.plan import Options, Plan
-from ptray.study import store, tracking
+from ptray.study import preflight, store, tracking
 from ptray.study.paths import study_path, tune_path
 
 
@@ -46,10 +49,35 @@ def describe(plan: Plan, opts: Options, uri: str, storage: str, experiment: str,
         f"prompts x {len(plan.transfer_targets)} "
         f"tasks + {len(plan.transfer_targets)} no-prompt baselines), one Ray task per target task, same resources"
         + (f"; transfer only (not trained): {', '.join(plan.targets)}" if plan.targets else ""),
+        *token_lines(plan),
         f"  MLflow     experiment {experiment!r} at {uri}",
         f"  Tune       {tune_path(storage, plan.study)} (checkpoint every epoch)",
         f"  analysis   {'python -m analysis --experiment ' + experiment if opts.analysis else 'off'}",
     ])
+
+
+def token_lines(plan: Plan, tokenizer=None) -> list[str]:
+    """The plan's lines on tokens, per task: each answer's ids as the model's tokenizer gives them after the answer
+    cue (what exact match and rank accuracy score) and the init text's token count (the soft prompt's length under
+    text init). ``tokenizer``: None reads the plan's model's tokenizer from disk (nothing is downloaded); where it
+    cannot be read here, or the model is the smoke study's tiny one built later, one line says so."""
+    if tokenizer is None and not plan.tiny_model:
+        tokenizer = preflight.local_tokenizer(plan.train.model)
+    if tokenizer is None:
+        why = "built with the tiny model" if plan.tiny_model else "not on this machine"
+        return [f"  tokens     the tokenizer is {why}: each trial checks its answers and lengths"]
+    lines = []
+    for name in plan.transfer_targets:
+        task = get_task(name)
+        try:
+            ids = answer_ids_in_context(tokenizer, task.answer_cue, task.answers)
+            answers = ", ".join(f"{a.strip()!r} {i}" for a, i in zip(task.answers, ids))
+        except PtrayError as err:  # the run refuses this task in one line; the plan shows why
+            answers = str(err)
+        init = plan.train.init_text if plan.train.init_text is not None else task.init_text
+        text = f"; init text {len(token_ids(tokenizer, init))} tokens" if name in plan.tasks else " (transfer only)"
+        lines.append(f"  {'tokens' if not lines else '':<10} {name}: answers {answers}{text}")
+    return lines
 
 
 def _grid_suffix(plan: Plan) -> str:
