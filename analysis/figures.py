@@ -18,6 +18,7 @@ from matplotlib.patches import Rectangle
 from analysis.fonts import FontSet, font_set
 
 INIT_COLOUR = "#c0392b"  # the paper marks tokens of the init text in red
+SCRIPT_COLOUR = "#1f5fbf"  # the script of a neighbour in another script than the init text
 MAX_LABEL = 14  # characters of a token shown in a cell; the CSV has the whole token
 
 
@@ -66,7 +67,8 @@ def nearest_figure(table: pd.DataFrame, task: str, title: str, fonts: FontSet | 
     top = 1.05
     ax.text(0.1, 0.3, title, fontsize=12, fontweight="bold", va="center")
     ax.text(0.1, 0.62, f"{k} nearest vocabulary tokens by cosine similarity; most similar left; red = token of "
-            "the init text; grey number = cosine", fontsize=8.5, color="#444", va="center")
+            "the init text; grey number = cosine; blue = a script the init text does not use", fontsize=8.5,
+            color="#444", va="center")
     ax.text(row_w / 2, top - 0.15, "row", ha="center", fontsize=8.5, fontweight="bold")
     ax.text(row_w + init_w / 2, top - 0.15, "init token", ha="center", fontsize=8.5, fontweight="bold")
     by = {(r.seed, r.row, r.rank): r for r in table.itertuples()}
@@ -90,6 +92,9 @@ def nearest_figure(table: pd.DataFrame, task: str, title: str, fonts: FontSet | 
                             fontweight="bold" if r.in_init_text else "normal")
                 ax.text(x + cell_w - 0.05, y + cell_h - 0.04, f"{r.cosine:.2f}", ha="right", va="bottom",
                         fontsize=5.5, color="#888")
+                if getattr(r, "other_script", False):  # a script the init text does not use: name it
+                    ax.text(x + 0.05, y + cell_h - 0.04, _shorten(str(r.script)), ha="left", va="bottom",
+                            fontsize=5.5, color=SCRIPT_COLOUR)
     first = table[table["seed"] == seeds[0]]
     init_by_row = dict(zip(first["row"], first["init_token"]))
     for row in range(n_rows):

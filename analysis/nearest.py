@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 import unicodedata
 from collections.abc import Callable
@@ -117,6 +118,49 @@ def escaped(text: str) -> str:
     return ascii(text)[1:-1]
 
 
+# ----------------------------------------------------------------------------------------------- scripts
+COMMON = "Common"  # a token without letters (punctuation, digits, spaces, symbols, byte pieces): any script's
+SPECIAL = "Special"  # a special token (<bos>, </s>, <pad>): no script
+
+
+def letter_script(ch: str) -> str | None:
+    """The Unicode script of a letter or combining mark, from its Unicode name (``analysis.fonts.script_of``:
+    "Latin", "Cyrillic", "Arabic", "CJK", "Hiragana", "Devanagari", "Gurmukhi", "Kannada"...); None for anything
+    else (digits, punctuation, spaces, symbols: shared by every script). Fullwidth and halfwidth forms count as
+    the script they are a form of (FULLWIDTH LATIN SMALL LETTER A is Latin)."""
+    if unicodedata.category(ch)[0] not in "LM":
+        return None
+    words = unicodedata.name(ch, "").split()
+    if len(words) > 1 and words[0] in ("FULLWIDTH", "HALFWIDTH"):
+        words = words[1:]
+    if not words:
+        return f"U+{ord(ch):04X}"
+    return "CJK" if words[0] == "CJK" else words[0].title()
+
+
+def text_scripts(text: str) -> frozenset[str]:
+    """The scripts of the letters in ``text`` (empty: no letters)."""
+    return frozenset(filter(None, map(letter_script, text)))
+
+
+def token_script(text: str, special: bool = False) -> str:
+    """One label for a token's script: its letters' script ("Latin", "Arabic", "CJK"), several joined by "+"
+    ("CJK+Hiragana"), ``COMMON`` without letters, ``SPECIAL`` for a special token."""
+    if special:
+        return SPECIAL
+    scripts = text_scripts(text)
+    return "+".join(sorted(scripts)) if scripts else COMMON
+
+
+def in_other_script(script: str, init_scripts: frozenset[str]) -> bool:
+    """Whether a token labelled ``script`` (``token_script``) has letters of a script the init text does not use.
+    Tokens without letters and special tokens never do. Languages that share the init text's script (French or
+    German words next to an English init text) are not told apart: for them this is a lower bound."""
+    if script in (COMMON, SPECIAL) or not init_scripts:
+        return False
+    return bool(set(script.split("+")) - init_scripts)
+
+
 # ----------------------------------------------------------------------------------------------- report section
 def init_token_ids(p: PromptRun, tokenizer) -> list[int]:
     """The token ids prompt ``p``'s rows started from ([n], the init text repeated / cut to n), [] without one."""
@@ -129,30 +173,68 @@ def init_token_ids(p: PromptRun, tokenizer) -> list[int]:
     return repeat_to(token_ids(tokenizer, text), p.num_tokens)
 
 
+def _is_special(tokenizer, token_id: int) -> bool:
+    return int(token_id) in set(getattr(tokenizer, "all_special_ids", ()))
+
+
+def script_shares(ids: torch.Tensor, init_ids: list[int], init_scripts: frozenset[str],
+                  script_of_id: Callable[[int], str]) -> dict[str, float]:
+    """For one prompt's rows' top-k token ids [n, k] (most similar first): ``top1_is_init_token``, the share of
+    rows whose nearest token is the row's init token; ``rows_other_script``, the share of rows with at least one of
+    their k neighbours in a script the init text does not use (``in_other_script``); ``neighbours_other_script``,
+    the share of all n x k neighbours that are. NaN where the prompt has no init text."""
+    if not init_ids:
+        return {"top1_is_init_token": float("nan"), "rows_other_script": float("nan"),
+                "neighbours_other_script": float("nan")}
+    other = torch.tensor([[in_other_script(script_of_id(int(t)), init_scripts) for t in row] for row in ids.tolist()],
+                         dtype=torch.bool).reshape(ids.shape)
+    return {"top1_is_init_token": float((ids[:, 0] == torch.tensor(init_ids)).float().mean()),
+            "rows_other_script": float(other.any(1).float().mean()),
+            "neighbours_other_script": float(other.float().mean())}
+
+
 def nearest_section(*, inputs: Inputs, tokenizer, top_k: int, chunk: int
                     ) -> tuple[Section, dict[str, list[torch.Tensor]]]:
-    """Nearest tokens of every prompt row, raw and (when defined) effective: the paper's Figures 2-5.
+    """Nearest tokens of every prompt row, raw and (when defined) effective: the paper's Figures 2-5, with the
+    Unicode script of every neighbour, and per prompt how many rows keep their init token and how many have
+    neighbours in another script than the init text, at init and at the best epoch (the stored prompt).
 
     Returns ``(section, top1)``: an ``analysis.results.Section`` (one token figure per task and space, the
-    summary table) and ``top1[space]``, per prompt the [n_i] top-1 token ids (the faithfulness check's hard
+    summary tables) and ``top1[space]``, per prompt the [n_i] top-1 token ids (the faithfulness check's hard
     prompts).
     """
     prompts = inputs.prompts
     rows = torch.cat(inputs.raw)
     spaces = {"raw": None} if inputs.transform is None else {"raw": None, "effective": inputs.transform}
     offsets = np.cumsum([0] + [p.num_tokens for p in prompts])
+    init_ids = [init_token_ids(p, tokenizer) for p in prompts]
+    init_scripts = [text_scripts(p.config.get("init_text") or "") for p in prompts]
+    scripts: dict[int, str] = {}
+
+    def script_of_id(tid: int) -> str:
+        if tid not in scripts:
+            scripts[tid] = token_script(token_text(tokenizer, tid), _is_special(tokenizer, tid))
+        return scripts[tid]
+
+    # the rows a text-initialised prompt started from: its init tokens' input vectors (what training starts from,
+    # ``ptray.lm.prompt.init_prompt``); runs store the best epoch's prompt only, so init -> best is the movement
+    # (each distinct init token searched once: the seeds of a task share their init rows)
+    distinct = sorted({t for ids in init_ids for t in ids})
+    where = {t: j for j, t in enumerate(distinct)}
     top1: dict[str, list[torch.Tensor]] = {}
-    records, timing = [], {}
+    records, shares, timing = [], [], {}
     for space, transform in spaces.items():
         t0 = time.perf_counter()
-        sims, ids = nearest_tokens(rows, inputs.embedding, top_k, chunk, transform)
+        # one pass over the vocabulary for the trained rows and the init rows together
+        starts = inputs.embedding[torch.tensor(distinct, dtype=torch.long)]
+        sims, ids = nearest_tokens(torch.cat([rows, starts]), inputs.embedding, top_k, chunk, transform)
+        sims, ids, start_ids = sims[:len(rows)], ids[:len(rows)], ids[len(rows):]
         timing[space] = round(time.perf_counter() - t0, 3)
         top1[space] = [ids[offsets[i]:offsets[i + 1], 0].clone() for i in range(len(prompts))]
         for i, p in enumerate(prompts):
-            init_ids = init_token_ids(p, tokenizer)
-            init_set = set(init_ids)
+            init_set = set(init_ids[i])
             for row in range(p.num_tokens):
-                init_id = init_ids[row] if init_ids else None
+                init_id = init_ids[i][row] if init_ids[i] else None
                 for rank in range(ids.shape[1]):
                     tid = int(ids[offsets[i] + row, rank])
                     text = token_text(tokenizer, tid)
@@ -160,19 +242,37 @@ def nearest_section(*, inputs: Inputs, tokenizer, top_k: int, chunk: int
                         "space": space, "task": p.task, "seed": p.seed, "row": row, "rank": rank,
                         "token_id": tid, "token": text, "token_visible": visible(text),
                         "token_escaped": escaped(text), "cosine": float(sims[offsets[i] + row, rank]),
+                        "script": script_of_id(tid), "other_script": in_other_script(script_of_id(tid),
+                                                                                     init_scripts[i]),
                         "in_init_text": tid in init_set, "init_token_id": init_id,
                         "init_token": visible(token_text(tokenizer, init_id)) if init_id is not None else "",
                     })
+            best = script_shares(ids[offsets[i]:offsets[i + 1]], init_ids[i], init_scripts[i], script_of_id)
+            start = script_shares(start_ids[[where[t] for t in init_ids[i]]], init_ids[i], init_scripts[i],
+                                  script_of_id) if init_ids[i] else best
+            others = collections.Counter(script_of_id(int(t)) for t in ids[offsets[i]:offsets[i + 1]].flatten()
+                                         if in_other_script(script_of_id(int(t)), init_scripts[i]))
+            shares.append({"space": space, "task": p.task, "seed": p.seed, "prompt": p.label,
+                           "init_scripts": "+".join(sorted(init_scripts[i])), "best_epoch": p.metrics.get("best_epoch"),
+                           **{f"{k}_{stage}": v for k in best for stage, v in (("init", start[k]), ("best", best[k]))},
+                           "other_scripts_best": ", ".join(f"{k} {n}" for k, n in others.most_common())})
     table = pd.DataFrame(records)
+    moves = pd.DataFrame(shares)
     stats = []
     for (space, task), g in table.groupby(["space", "task"], sort=False):
         first = g[g["rank"] == 0]
+        m = moves[(moves["space"] == space) & (moves["task"] == task)]
         stats.append({"space": space, "task": task,
                       "top1_is_init_token": float((first["token_id"] == first["init_token_id"]).mean()),
                       "topk_in_init_text": float(g["in_init_text"].mean()),
-                      "mean_top1_cosine": float(first["cosine"].mean())})
+                      "mean_top1_cosine": float(first["cosine"].mean()),
+                      "rows_other_script_init": float(m["rows_other_script_init"].mean()),
+                      "rows_other_script": float(m["rows_other_script_best"].mean()),
+                      "neighbours_other_script": float(g["other_script"].mean())})
     stats = pd.DataFrame(stats)
-    out = Section(summary={"nearest": stats.to_dict(orient="records")}, meta={"nearest_seconds": timing})
+    out = Section(summary={"nearest": stats.to_dict(orient="records"),
+                           "nearest_scripts": moves.to_dict(orient="records")},
+                  meta={"nearest_seconds": timing})
     if inputs.transform is None:
         out.notes.append("effective nearest tokens: n/a for this model (" + (
             "no effective prompt defined" if inputs.effective is None else
@@ -189,12 +289,28 @@ def nearest_section(*, inputs: Inputs, tokenizer, top_k: int, chunk: int
                 f"{task.upper()}: nearest tokens, {space}",
                 f"Top-{top_k} vocabulary tokens by cosine similarity for every row of every {task.upper()} "
                 f"prompt, on {where}. Rows top to bottom, most similar left, one block per seed; the first "
-                f"column is the init-text token the row started from; red tokens occur in the init text.",
+                f"column is the init-text token the row started from; red tokens occur in the init text; a "
+                f"token in another script than the init text's has its script in blue under it (the CSV's "
+                f"script column has every token's).",
                 sub, figures.nearest_figure(sub, task, f"{task.upper()} prompt, {space}: \"{init_text}\""),
                 show_table=False))
     out.outputs.append(Output(
         "nearest_summary", "nearest", "How much of the init text survives",
-        "Per task and space: top1_is_init_token = share of rows whose top-1 token is the row's init token; "
-        "topk_in_init_text = share of the top-k tokens that occur anywhere in the init text; mean_top1_cosine = "
-        "mean cosine of the top-1 token over rows and seeds.", stats))
+        "Per task and space, means over seeds: top1_is_init_token = share of rows whose top-1 token is the row's "
+        "init token; topk_in_init_text = share of the top-k tokens that occur anywhere in the init text; "
+        "mean_top1_cosine = mean cosine of the top-1 token over rows and seeds; rows_other_script = share of rows "
+        "with at least one top-k token in a script the init text does not use (rows_other_script_init: the same "
+        "for the init prompt, before training); neighbours_other_script = share of all top-k tokens in such a "
+        "script.", stats))
+    out.outputs.append(Output(
+        "nearest_scripts", "nearest", "Other scripts among the neighbours, init -> best epoch",
+        "Per prompt (task, seed) and space, at init (the init text's input vectors, where training starts) and "
+        "at the best epoch (the stored prompt; runs keep no other epoch's prompt): top1_is_init_token_* = share "
+        "of rows whose nearest token is still the row's init token; rows_other_script_* = share of rows with at "
+        "least one of the top-k neighbours in a script the init text does not use; neighbours_other_script_* = "
+        "share of all top-k neighbours in such a script; other_scripts_best counts those neighbours by script. "
+        "Scripts come from the Unicode names of a token's letters (digits, punctuation and spaces belong to no "
+        "script); languages are not told apart, so a French or German neighbour of an English init text counts "
+        "as the same script: the shares are lower bounds of 'another language'. NaN: a prompt without an init "
+        "text.", moves))
     return out, top1

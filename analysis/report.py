@@ -82,8 +82,10 @@ def _nearest_html(table: pd.DataFrame) -> str:
         cells = []
         for r in g.itertuples():
             cls = " class='init'" if r.in_init_text else ""
-            cells.append(f"<td{cls} title='id {r.token_id}, {html.escape(r.token_escaped)}'>"
-                         f"{html.escape(r.token_visible)} <small>{r.cosine:.2f}</small></td>")
+            script = html.escape(str(getattr(r, "script", "")))
+            other = f" <small class='script'>{script}</small>" if getattr(r, "other_script", False) else ""
+            cells.append(f"<td{cls} title='id {r.token_id}, {html.escape(r.token_escaped)}, {script}'>"
+                         f"{html.escape(r.token_visible)} <small>{r.cosine:.2f}</small>{other}</td>")
         cells += ["<td></td>"] * (k - len(cells))
         rows.append(f"<tr><td>{seed}</td><td>{row}</td><td>{html.escape(str(g.iloc[0].init_token))}</td>"
                     + "".join(cells) + "</tr>")
@@ -100,7 +102,7 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-to
 img{max-width:100%;border:1px solid #eee}img.wide{max-width:none}.scroll{overflow-x:auto}
 table.t{border-collapse:collapse;font-size:.82em;margin:.5em 0}
 table.t td,table.t th{border:1px solid #ddd;padding:2px 6px;text-align:right}table.t th{background:#f4f4f4}
-table.tokens td{text-align:left}td.init{color:#c0392b;font-weight:bold}small{color:#888}
+table.tokens td{text-align:left}td.init{color:#c0392b;font-weight:bold}small{color:#888}small.script{color:#1f5fbf}
 .note{color:#555;font-size:.9em}code{background:#f4f4f4;padding:0 3px}
 """
 
@@ -203,6 +205,9 @@ def write_markdown(results: Results, out: Path) -> Path:
              ["task", "num_tokens", "num_seeds", "frobenius_raw_mean", "frobenius_raw_var_ddof0",
               "rms_row_norm_raw_mean", "frobenius_effective_mean", "rms_row_norm_effective_mean", "drift_raw_mean"]),
             ("nearest_summary", "Nearest tokens", None),
+            ("nearest_scripts", "Nearest tokens in other scripts, init -> best epoch",
+             ["space", "task", "seed", "init_scripts", "best_epoch", "top1_is_init_token_init",
+              "top1_is_init_token_best", "rows_other_script_init", "rows_other_script_best", "other_scripts_best"]),
             ("within_task", "Within-task distances", None),
             ("correlation_stats", "Distance vs transfer: Mantel test over task labels (dependence-aware)",
              ["predictor", "gain", "n_pairs", "spearman_rho", "spearman_p_mantel", "mantel_permutations",
@@ -215,7 +220,7 @@ def write_markdown(results: Results, out: Path) -> Path:
             continue
         df = o.data[columns] if columns else o.data
         lines += [f"## {heading}", ""]
-        if name in ("table1_norms", "correlation_stats"):  # these captions define the columns and lead the section
+        if name in ("table1_norms", "correlation_stats", "nearest_scripts"):  # captions that define the columns
             lines += [o.text, ""]
         lines += [_md_table(df), ""]
     if "transfer" in by_name:

@@ -62,6 +62,80 @@ def test_tokens_are_shown_as_their_exact_text(tiny):
     assert nearest.visible("准确 دقیق") == "准确␣دقیق"  # other scripts are kept as they are
 
 
+# the paper's languages (French, Arabic, Farsi, Punjabi, Chinese, Kannada) and Gemma 3's neighbours in issue 31
+SCRIPTS = {"oder": "Latin", "ou": "Latin", "adalah": "Latin", "تناقض": "Arabic", "درست": "Arabic",
+           "ਸਹੀ": "Gurmukhi", "正确": "CJK", "ಸರಿ": "Kannada", "нейтра": "Cyrillic", "，": nearest.COMMON,
+           "▁": nearest.COMMON, "123": nearest.COMMON, "ｏｄｅｒ": "Latin", "ひら正": "CJK+Hiragana",
+           "नहीं": "Devanagari"}
+
+
+def test_every_token_has_the_script_of_its_letters():
+    for text, script in SCRIPTS.items():
+        assert nearest.token_script(text) == script, text
+    assert nearest.token_script("<bos>", special=True) == nearest.SPECIAL
+    latin = nearest.text_scripts("Does the hypothesis entail, contradict or is neutral about the premise?")
+    assert latin == {"Latin"}
+    assert not nearest.in_other_script("Latin", latin) and not nearest.in_other_script(nearest.COMMON, latin)
+    assert nearest.in_other_script("Arabic", latin) and nearest.in_other_script("CJK+Hiragana", latin)
+    assert not nearest.in_other_script(nearest.SPECIAL, latin)
+    assert not nearest.in_other_script("Arabic", frozenset())  # no init text: nothing to differ from
+
+
+def _word_tokenizer(words):
+    """A tokenizer whose tokens are whole words (any script), split on spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>")
+
+
+def test_nearest_scripts_from_init_to_the_best_epoch(tmp_path):
+    """A constructed 8-dimensional vocabulary whose neighbours are known by hand: at init every row's nearest token
+    is its init token and two rows have a neighbour in another script (нейтра, تناقض); the trained prompt moved
+    row 1 to нейтра and row 3 to 正确. The shares, the per-token scripts and a figure that draws every glyph."""
+    from analysis.inputs import Inputs
+
+    words = ["[UNK]", "<pad>", "is", "neutral", "or", "contradiction", "adalah", "нейтра", "oder", "تناقض", "正确",
+             "ਸਹੀ", "ಸರಿ", "，"]
+    tok = _word_tokenizer(words)
+    e = torch.eye(8)
+    far = -(e[0] + e[1] + e[2] + e[3])  # never near any row below
+    vec = {"is": e[0], "adalah": e[0] + 0.5 * e[5], "neutral": e[1], "нейтра": e[1] + 0.5 * e[6], "or": e[2],
+           "oder": e[2] + 0.5 * e[7], "contradiction": e[3], "تناقض": e[3] + 0.5 * e[4], "正确": e[4]}
+    emb = torch.stack([vec.get(w, far + 0.1 * i * e[5]) for i, w in enumerate(words)])
+    trained = torch.stack([e[0], e[1] + 0.6 * e[6], e[2], e[4] + 0.2 * e[3]])
+    p = PromptRun("r0", "cb", 0, trained, config={"init": "text", "init_text": "is neutral or contradiction"},
+                  metrics={"best_epoch": 7})
+    section, top1 = nearest.nearest_section(inputs=Inputs([p], ["cb"], emb, {"cb": None}), tokenizer=tok,
+                                            top_k=2, chunk=5)
+    by = {o.name: o for o in section.outputs}
+    table = by["nearest_cb"].data
+    got = table.sort_values(["row", "rank"])[["token", "script", "other_script"]].values.tolist()
+    assert got == [["is", "Latin", False], ["adalah", "Latin", False],
+                   ["нейтра", "Cyrillic", True], ["neutral", "Latin", False],
+                   ["or", "Latin", False], ["oder", "Latin", False],
+                   ["正确", "CJK", True], ["تناقض", "Arabic", True]]
+    assert top1["raw"][0].tolist() == [words.index(w) for w in ("is", "нейтра", "or", "正确")]
+    move = by["nearest_scripts"].data.iloc[0].to_dict()
+    assert move == {"space": "raw", "task": "cb", "seed": 0, "prompt": "cb-seed0", "init_scripts": "Latin",
+                    "best_epoch": 7,
+                    "top1_is_init_token_init": 1.0, "top1_is_init_token_best": 0.5,
+                    "rows_other_script_init": 0.5, "rows_other_script_best": 0.5,
+                    "neighbours_other_script_init": 0.25, "neighbours_other_script_best": 0.375,
+                    "other_scripts_best": "Cyrillic 1, CJK 1, Arabic 1"}
+    summary = by["nearest_summary"].data.iloc[0]
+    assert summary["rows_other_script"] == 0.5 and summary["rows_other_script_init"] == 0.5
+    assert summary["neighbours_other_script"] == 0.375 and summary["top1_is_init_token"] == 0.5
+    if fonts.font_set().missing("".join(words)):
+        pytest.skip("the Noto fonts are not installed (make system-deps): glyphs would fall back to [Script×n]")
+    labels = [t.get_text() for t in by["nearest_cb"].figure.axes[0].texts]
+    assert {"нейтра", "正确", "تناقض", "Cyrillic", "CJK", "Arabic"} <= set(labels)
+    assert not any("×" in label for label in labels)  # every glyph drawn, no [Script×n] fallback
+    by["nearest_cb"].figure.savefig(tmp_path / "cb.png")
+
+
 def test_font_fallback_never_leaves_an_uncovered_character():
     latin = frozenset(range(32, 0x250)) | {0x2423}
     fs = fonts.FontSet(["Base"], {"Base": latin})

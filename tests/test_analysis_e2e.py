@@ -67,7 +67,8 @@ def test_every_figure_is_a_png_beside_its_numbers(report):
         with Image.open(png) as im:
             assert im.format == "PNG" and min(im.size) > 300
     for name in ("report.html", "report.md", "analysis.json", "table1_norms.csv", "within_task.csv",
-                 "transfer_per_seed.csv", "distance_pairs.csv", "correlation_stats.csv", "nearest_summary.csv"):
+                 "transfer_per_seed.csv", "distance_pairs.csv", "correlation_stats.csv", "nearest_summary.csv",
+                 "nearest_scripts.csv"):
         assert (report / name).is_file(), name
     assert not list(report.parent.glob(".*partial*"))
 
@@ -161,6 +162,26 @@ def test_nearest_tokens_equal_a_brute_force_search(report, runs, tiny):
     init_ids = tokenizer(json.loads((report / "analysis.json").read_text())["meta"]["init_text"]["wsc"],
                          add_special_tokens=False)["input_ids"]
     assert got["in_init_text"].astype(str).eq("True").tolist() == [i in init_ids for i in top.flatten().tolist()]
+
+
+def test_nearest_scripts_agree_with_the_token_tables_and_the_runs(report, runs):
+    """Each prompt's init -> best-epoch shares (nearest_scripts.csv) recomputed from the per-token tables, its best
+    epoch from the run's metrics.json; at init every row's nearest token is its own init token."""
+    moves = pd.read_csv(report / "nearest_scripts.csv", keep_default_na=False)
+    assert len(moves) == 2 * 4 * 2  # spaces x tasks x seeds
+    best_epoch = {(r["tags"]["ptray.task"], int(r["tags"]["ptray.seed"])): r["metrics"]["best_epoch"]
+                  for r in runs["train"]}
+    for m in moves.itertuples():
+        t = pd.read_csv(report / f"nearest_{m.task}{'' if m.space == 'raw' else '_effective'}.csv",
+                        keep_default_na=False)
+        t = t[t.seed == m.seed]
+        first = t[t["rank"] == 0]
+        other = t["other_script"].astype(str).eq("True")
+        assert m.top1_is_init_token_best == pytest.approx((first.token_id == first.init_token_id).mean())
+        assert m.rows_other_script_best == pytest.approx(other.groupby(t["row"]).any().mean())
+        assert m.neighbours_other_script_best == pytest.approx(other.mean())
+        assert m.top1_is_init_token_init == 1.0 and m.init_scripts == "Latin"
+        assert m.best_epoch == best_epoch[(m.task, m.seed)]
 
 
 def test_correlations_equal_scipy_on_the_plotted_points(report):
