@@ -15,13 +15,11 @@ time and their share (the table BENCHMARKS.md quotes).
 
 Command (BENCHMARKS.md's table; about 10 minutes on 2 cores)::
 
-    make bench-cpu            # = python benchmarks/cpu_real.py --out benchmarks/results/cpu-real.json --md BENCHMARKS.md
+    make bench-cpu   # python benchmarks/cpu_real.py --out benchmarks/results/cpu-real.json --md BENCHMARKS.md
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import os
 import statistics
@@ -96,10 +94,10 @@ def profile(a, loaded, steps: int) -> list[dict]:
     from torch.profiler import profile as torch_profile
 
     from ptray.data.batching import stage, train_batches
-    from ptray.lm.evaluate import encoded_split
-    from ptray.lm.forward import group_answer_logprobs
     from ptray.data.tasks import get_task
     from ptray.data.tokens import pad_token_id
+    from ptray.lm.evaluate import encoded_split
+    from ptray.lm.forward import group_answer_logprobs
     from ptray.lm.prompt import init_prompt
 
     model, tok = loaded

@@ -105,7 +105,8 @@ ATTENTIONS = ("auto", "eager", "fused")
 
 def resolve_attention(attention: str, device: str) -> str:
     """``TrainConfig.attention`` on a resolved ``device``: auto is fused on CUDA (where SDPA's kernels pay), eager
-    on CPU (PyTorch's reference SDPA there is no faster than Hugging Face's eager BLOOM)."""
+    on CPU (Hugging Face's eager attention, every family: faster there than SDPA's CPU kernels for short
+    sequences, BENCHMARKS.md)."""
     if attention == "auto":
         return "fused" if device == "cuda" else "eager"
     return attention
@@ -167,9 +168,11 @@ class TrainConfig:
     baselines: bool = config_field(True, "also evaluate no prompt and the init text as a hard prompt",
                                    off_help="skip the no-prompt and init-text baselines")
     compile: bool = config_field(False, "torch.compile each transformer block (regional; see BENCHMARKS.md)")
-    attention: str = config_field("auto", "BLOOM's attention: fused (ALiBi as a scaled_dot_product_attention bias, "
-                                          "ptray.attention, tested equal to eager) or Hugging Face's eager; auto is "
-                                          "fused on CUDA, eager on CPU (other families pick SDPA themselves)",
+    attention: str = config_field("auto", "attention: fused (BLOOM: ALiBi as a scaled_dot_product_attention bias, "
+                                          "ptray.attention, tested equal to eager; other families: the attention "
+                                          "Hugging Face picks, SDPA where it can) or eager (Hugging Face's eager "
+                                          "attention, every family); auto is fused on CUDA, eager on CPU (faster "
+                                          "there for short sequences, BENCHMARKS.md)",
                                   choices=ATTENTIONS)
     max_tokens_per_forward: int = config_field(
         0, "padded tokens (rows x width) per forward pass of a training step: the step's rows, by length, in passes "
@@ -211,7 +214,7 @@ class EvalConfig:
     precision: str = config_field("auto", "mixed precision, as TrainConfig.precision", choices=PRECISIONS)
     device: str = config_field("auto", "where to run", choices=DEVICES)
     compile: bool = config_field(False, "torch.compile each transformer block")
-    attention: str = config_field("auto", "BLOOM's attention, as TrainConfig.attention", choices=ATTENTIONS)
+    attention: str = config_field("auto", "attention, as TrainConfig.attention", choices=ATTENTIONS)
 
     def __post_init__(self):
         check_config(self)

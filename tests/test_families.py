@@ -132,6 +132,31 @@ def test_answer_logprobs_equal_the_models_forward(fam):
     assert ok.shape == fast.shape and fast.std() > 0.05  # the model is sensitive to its input
 
 
+def test_eager_attention_equals_the_models_own_attention(fam):
+    """ptray's CPU attention (``use_eager_attention``: Hugging Face's eager, for speed on CPU) gives the answer
+    log-probabilities and the prompt gradient of the attention the model loaded with (SDPA where the family has it),
+    with padding in the batch."""
+    import copy
+
+    from ptray.lm.load import use_eager_attention
+
+    name, _, model, tok, pad = fam
+    eager = copy.deepcopy(model)
+    switched = use_eager_attention(eager)
+    assert eager.config._attn_implementation == "eager" or name == "bloom"  # BLOOM's own attention is eager
+    assert switched == (model.config._attn_implementation not in (None, "eager"))
+    seqs = _seqs(torch.Generator().manual_seed(2), len(tok), 6)
+    batch = collate(seqs, pad, tok.eos_token_id)
+    grads = []
+    for m in (model, eager):
+        prompt = _prompt(model, 5, 2).requires_grad_()
+        lp, _ = answer_logprobs(m, batch, prompt)
+        lp.sum().backward()
+        grads.append((lp.detach(), prompt.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-4)
+
+
 def _peft(path, n, init=None, token_dim=None):
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM

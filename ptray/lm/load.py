@@ -192,13 +192,32 @@ def accelerator_for(device: str, precision: str):
     return Accelerator(mixed_precision=precision, cpu=device == "cpu")
 
 
+def use_eager_attention(model) -> bool:
+    """Run ``model``'s attention as Hugging Face's eager implementation (matmuls and a softmax) where it runs
+    another (SDPA). On CPU this is faster for prompt tuning's short sequences: a bf16 training step of SmolLM2-135M
+    spent ~25% of its time in SDPA's CPU flash kernel (its backward alone ~20%), and eager attention trained ~1.15x
+    faster (BENCHMARKS.md, "CPU: mixed precision and the real model"). BLOOM is eager already. Returns whether
+    the model was switched; a family that cannot switch is left as it is (its attention is then the reference)."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current in (None, "eager"):
+        return False
+    try:
+        model.set_attn_implementation("eager")
+    except (ValueError, AttributeError, NotImplementedError) as err:
+        log.debug("%s keeps %s attention (%s)", type(model).__name__, current, err)
+        return False
+    return True
+
+
 def setup_model(name_or_path: str, device: str, precision: str, compile: bool = False, attention: str = "eager",
                 fold_alibi: bool = False, loaded=None):
     """The frozen model on its device, for training and evaluation alike: ``(model, tokenizer, accelerator)``.
 
     ``device`` and ``precision`` are resolved values (``resolve_device_precision``); weights load in
     ``model_dtype(precision)``; ``attention`` (resolved: eager or fused) "fused" runs BLOOM's attention through
-    ``ptray.lm.attention.use_fused_attention`` (``fold_alibi`` passed to it; other families are left as loaded);
+    ``ptray.lm.attention.use_fused_attention`` (``fold_alibi`` passed to it; other families are left as loaded,
+    with the attention Hugging Face picked, SDPA where it can); "eager" runs every family's Hugging Face eager
+    attention (``use_eager_attention``);
     ``compile`` compiles each block (``compile_blocks``) after that. ``loaded``: a ``(model, tokenizer)`` already
     loaded (a benchmark's), used instead of loading ``name_or_path`` again (its special ids checked as
     ``load_model`` checks them). Raises ``PtrayError`` when the model cannot be loaded or a special id the run uses
@@ -215,6 +234,8 @@ def setup_model(name_or_path: str, device: str, precision: str, compile: bool = 
         from ptray.lm.attention import use_fused_attention
 
         use_fused_attention(model, fold_alibi=fold_alibi)
+    else:
+        use_eager_attention(model)
     if compile:
         compile_blocks(model)
     return model, tokenizer, accelerator
