@@ -88,6 +88,39 @@ def run_peft(a, model, tok, data, init_text, n_prompt, precision: str) -> dict:
     return {"tokens_per_s": r.tokens_per_s}
 
 
+QUALITY_TASKS = ("cb", "rte", "copa", "wsc")
+
+
+def quality(a, loaded) -> dict:
+    """bf16 against fp32 on each task at a small fixed budget: the first ``--quality-examples`` training examples,
+    ``--quality-epochs`` epochs (no early stop), batch ``--batch-size``, every validation example; the no-prompt
+    baseline (the same prompt-free model in both precisions) and the trained prompt's final eval loss, rank
+    accuracy and exact match, side by side."""
+    from ptray.config import TrainConfig
+    from ptray.training.loop import train_group
+
+    out = {}
+    for task in QUALITY_TASKS:
+        row = {}
+        for prec in ("fp32", "bf16"):
+            cfg = TrainConfig(task=task, model=a.model, data_dir=a.data_dir, batch_size=a.batch_size,
+                              max_epochs=a.quality_epochs, patience=a.quality_epochs + 1,
+                              max_train_examples=a.quality_examples, precision="bf16" if prec == "bf16" else "no",
+                              device="cpu", max_eval_examples=a.max_eval_examples)
+            t0 = time.perf_counter()
+            res = train_group([cfg], model_and_tokenizer=loaded[prec])[0]
+            last = res.history[-1]
+            row[prec] = {"eval_loss": last["eval_loss"], "rank_accuracy": last["rank_accuracy"],
+                         "exact_match": last["exact_match"], "no_prompt_eval_loss": res.metrics["no_prompt_eval_loss"],
+                         "no_prompt_rank_accuracy": res.metrics["no_prompt_rank_accuracy"],
+                         "num_eval_examples": res.metrics["num_eval_examples"],
+                         "seconds": time.perf_counter() - t0}
+            print(f"[quality] {task} {prec}: eval loss {last['eval_loss']:.4f} rank accuracy "
+                  f"{last['rank_accuracy']:.3f} ({row[prec]['seconds']:.0f} s)", flush=True)
+        out[task] = row
+    return out
+
+
 def profile(a, loaded, steps: int) -> list[dict]:
     """Self CPU time of the top ops over ``steps`` bf16 training steps (after one untimed step)."""
     from torch.profiler import ProfilerActivity
@@ -98,9 +131,11 @@ def profile(a, loaded, steps: int) -> list[dict]:
     from ptray.data.tokens import pad_token_id
     from ptray.lm.evaluate import encoded_split
     from ptray.lm.forward import group_answer_logprobs
+    from ptray.lm.load import use_eager_attention
     from ptray.lm.prompt import init_prompt
 
     model, tok = loaded
+    use_eager_attention(model)  # as ptray trains on CPU (attention auto)
     task = get_task(a.task)
     data = encoded_split(task, "train", tok, 512, a.data_dir, None, a.examples)
     batches = stage(train_batches(data, a.batch_size, 0, 1, pad_token_id(tok), tok.eos_token_id), "cpu")
@@ -138,6 +173,12 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {','.join(VARIANTS)}")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N bf16 ptray steps and stop")
+    p.add_argument("--sections", default="speed,quality", help="any of speed,quality")
+    p.add_argument("--quality-examples", type=positive_int, default=64, help="quality: first N training examples")
+    p.add_argument("--quality-epochs", type=positive_int, default=2, help="quality: epochs of each training")
+    p.add_argument("--max-eval-examples", type=positive_int, default=None, help="quality: first N validation "
+                                                                                  "examples (default: all)")
+    p.add_argument("--smoke", action="store_true", help="a few examples, one round: checks that everything runs")
     p.add_argument("--out", default=None, help="results JSON")
     p.add_argument("--md", default=None, help="markdown file whose '<!-- bench:cpu-real -->' section to replace")
     a = p.parse_args(argv)
@@ -145,11 +186,16 @@ def parse_args(argv=None):
     if not (Path(a.model) / "config.json").is_file():
         p.error(f"--model {a.model!r} is not a prepared model folder; run `make real-model` first")
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    if a.smoke:
+        a.examples, a.repeats, a.quality_examples, a.quality_epochs, a.max_eval_examples = 16, 1, 8, 1, 16
+    a.sections = [x.strip() for x in a.sections.split(",") if x.strip()]
+    if not a.sections or set(a.sections) - {"speed", "quality"}:
+        p.error(f"--sections: any of speed,quality (got {','.join(a.sections)!r})")
     bad = [v for v in a.variants if v not in VARIANTS]
     if bad:
         p.error(f"--variants: unknown {bad[0]!r}; valid: {', '.join(VARIANTS)}")
     a.device, a.precision, a.model_shape, a.eval_batch_size = "cpu", "both", a.model, None
-    a.warmup, a.steps, a.ablation_repeats, a.smoke = 1, None, None, False
+    a.warmup, a.steps, a.ablation_repeats = 1, None, None
     return a
 
 
@@ -162,7 +208,10 @@ def main(argv=None) -> int:
     from ptray.lm.evaluate import encoded_split
     from ptray.lm.load import load_model
 
+    # ptray switches its model's attention to eager on CPU (``setup_model``); PEFT + Trainer get their own copies
+    # with the attention Hugging Face picks, as a user would run them
     loaded = {"fp32": load_model(a.model, torch.float32), "bf16": load_model(a.model, torch.bfloat16)}
+    reference = {"fp32": load_model(a.model, torch.float32), "bf16": load_model(a.model, torch.bfloat16)}
     if a.profile:
         rows = profile(a, loaded["bf16"], a.profile)
         for r in rows:
@@ -177,15 +226,15 @@ def main(argv=None) -> int:
     n = non_embedding_params(model)
     peaks = [{d: matmul_peak("cpu", t, sizes=(1024, 2048))["flops"] for d, t in
               (("fp32", torch.float32), ("bf16", torch.bfloat16))}]
-    runs: dict[str, list[dict]] = {v: [] for v in a.variants}
-    for r in range(a.repeats):
-        for v in a.variants:
+    runs: dict[str, list[dict]] = {v: [] for v in a.variants} if "speed" in a.sections else {}
+    for r in range(a.repeats if runs else 0):
+        for v in runs:
             kind, prec = v.split()
             t0 = time.perf_counter()
             if kind == "ptray":
                 out = run_ptray(a, loaded[prec], "bf16" if prec == "bf16" else "no")
             else:
-                out = run_peft(a, *loaded[prec], data, task.init_text, n_prompt, prec)
+                out = run_peft(a, *reference[prec], data, task.init_text, n_prompt, prec)
             runs[v].append(out)
             print(f"[{r + 1}/{a.repeats}] {v:11s} {out['tokens_per_s']:7.1f} real tok/s "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -206,15 +255,21 @@ def main(argv=None) -> int:
                          len(d.source) + len(d.answers[d.label]) for d in data)},
            "peak_flops": peak, "peaks_before_after": peaks, "variants": table}
     res["ratios"] = ratios(table)
+    if "quality" in a.sections:
+        res["quality"] = quality(a, loaded)
+        res["setup"].update(quality_examples=a.quality_examples, quality_epochs=a.quality_epochs)
     print(render(res))
     if a.out:
         write_json(a.out, res)
     if a.md:
-        update_markdown(a.md, "cpu-real", render(res))
+        update_markdown(a.md, "cpu-real", render(res) + "\n")
     return 0
 
 
 def ratios(table: dict) -> dict:
+    if not table:
+        return {}
+
     def r(x, y):
         return table[x]["tokens_per_s"] / table[y]["tokens_per_s"] if x in table and y in table else None
 
@@ -236,7 +291,22 @@ def render(res: dict) -> str:
     for v, row in res["variants"].items():
         lines.append(f"| {v} | {row['tokens_per_s']:.0f} | {', '.join(f'{x:.0f}' for x in row['runs'])} | "
                      f"{row['pct_of_peak']:.0%} | {row['pct_of_bf16_peak']:.0%} |")
-    lines += ["", "Ratios: " + "; ".join(f"{k} {v:.2f}x" for k, v in res["ratios"].items() if v is not None) + "."]
+    if res["ratios"]:
+        lines += ["", "Ratios: " + "; ".join(f"{k} {v:.2f}x" for k, v in res["ratios"].items() if v is not None)
+                  + "."]
+    if "quality" in res:
+        lines += ["", f"Quality at a small fixed budget (first {s['quality_examples']} training examples, "
+                      f"{s['quality_epochs']} epochs, batch {s['batch_size']}, every validation example; the same "
+                      f"init and data order in both precisions):", "",
+                  "| task | eval examples | no prompt loss fp32 / bf16 | eval loss fp32 / bf16 (rel. diff) | "
+                  "rank accuracy fp32 / bf16 (no prompt) | exact match fp32 / bf16 |", "|---|---:|---|---|---|---|"]
+        for task, row in res["quality"].items():
+            f, b = row["fp32"], row["bf16"]
+            lines.append(f"| {task} | {f['num_eval_examples']} | {f['no_prompt_eval_loss']:.4f} / "
+                         f"{b['no_prompt_eval_loss']:.4f} | {f['eval_loss']:.4f} / {b['eval_loss']:.4f} "
+                         f"({(b['eval_loss'] - f['eval_loss']) / f['eval_loss']:+.1%}) | {f['rank_accuracy']:.3f} / "
+                         f"{b['rank_accuracy']:.3f} ({f['no_prompt_rank_accuracy']:.3f}) | {f['exact_match']:.3f} / "
+                         f"{b['exact_match']:.3f} |")
     return "\n".join(lines)
 
 

@@ -201,3 +201,33 @@ def test_gpu_bad_arguments_get_one_line(args, message, data_dir):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_cpu_real_model_side_by_side_smoke(tmp_path, data_dir, tiny_model_dir):
+    """benchmarks/cpu_real.py end to end on the tiny model: the four variants timed, % of the measured peak,
+    the bf16/fp32 quality table on the four tasks, its markdown section rendered."""
+    out, md = tmp_path / "cpu.json", tmp_path / "BENCH.md"
+    md.write_text("# Benchmarks\n\n<!-- bench:cpu-real -->\nold\n<!-- /bench:cpu-real -->\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_real.py"), "--smoke", "--model", str(tiny_model_dir),
+         "--data-dir", str(data_dir), "--out", str(out), "--md", str(md)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["variants"]) == {"ptray fp32", "ptray bf16", "peft fp32", "peft bf16"}
+    n = res["setup"]["non_embedding_params"]
+    for name, row in res["variants"].items():
+        assert positive(row["tokens_per_s"]) and len(row["runs"]) == 1
+        peak = res["peak_flops"][name.split()[1]]
+        assert row["pct_of_peak"] == pytest.approx(4 * n * row["tokens_per_s"] / peak)
+    assert res["ratios"]["ptray bf16 / ptray fp32"] == pytest.approx(
+        res["variants"]["ptray bf16"]["tokens_per_s"] / res["variants"]["ptray fp32"]["tokens_per_s"])
+    assert set(res["quality"]) == {"cb", "rte", "copa", "wsc"}
+    for row in res["quality"].values():
+        for prec in ("fp32", "bf16"):
+            assert positive(row[prec]["eval_loss"]) and 0 <= row[prec]["rank_accuracy"] <= 1
+        # the prompt-free baseline is the same model in two precisions: bf16 rounding only
+        assert row["bf16"]["no_prompt_eval_loss"] == pytest.approx(row["fp32"]["no_prompt_eval_loss"], rel=0.02)
+    text = md.read_text()
+    assert "old" not in text and "| ptray bf16 |" in text and "| cb |" in text
