@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DATA_DIR ?= ../shared/data/superglue
 
-.PHONY: install smoke test test-min system-deps real-model real-study
+.PHONY: install smoke test test-min system-deps real-model real-study bench-cpu
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -37,15 +37,26 @@ REAL_MODEL_DIR ?= outputs/models/$(REAL_MODEL)
 real-model: install
 	@test -f $(REAL_MODEL_DIR)/config.json || $(VENV)/bin/ptray model prepare $(REAL_MODEL) $(REAL_MODEL_DIR)
 
-# The whole study on the real model on CPU within an hour on 2 shared cores: 4 tasks x 4 seeds with the caps below
-# (measured first: one RTE training of 2 epochs x 64 train examples with 32 eval examples took 8 min on the 2 busy
-# cores, too slow for 16 trials; 1 epoch of 64 examples at batch 2 gives 32 Adam steps, an RTE or CB trial ~2.3 min
-# with 2 trials sharing the cores). Study + analysis took 44 min on 2 cores shared with other jobs: RESULTS.md.
-REAL_STUDY_CAPS ?= --max-epochs 1 --batch-size 2 --max-train-examples 64 --max-eval-examples 32 --max-length 160
-# the study id: smollm2-cpu for SmolLM2 (as RESULTS.md names it), <REAL_MODEL>-cpu for another model
-REAL_STUDY ?= $(if $(filter smollm2-135m-instruct,$(REAL_MODEL)),smollm2-cpu,$(REAL_MODEL)-cpu)
+# The paper's study on the real model at a budget where prompts learn (RESULTS.md has the arithmetic): 4 tasks x
+# 4 seeds, the full CB/COPA/WSC training sets and RTE's first 1,000, every validation example, Adam (lr 0.03) with
+# early stopping (patience 5), at most 10 epochs, batch 8, bf16 where the CPU has it (--precision auto). It runs in
+# this process (--local) into results/<study>/, whose small run folders and per-epoch checkpoints are committed, and
+# resumes where it stopped when run again (hours on 2 cores: it spans sessions). Then published into MLflow and
+# analysed (the report beside the runs).
+REAL_STUDY_BUDGET ?= --max-epochs 10 --patience 5 --batch-size 8 --max-train-examples 1000
+REAL_STUDY ?= $(if $(filter smollm2-135m-instruct,$(REAL_MODEL)),smollm2-paper,$(REAL_MODEL)-paper)
+REAL_STUDY_DIR ?= results/$(REAL_STUDY)
 real-study: real-model
-	$(PY) sweeps/all.py --study $(REAL_STUDY) --model $(abspath $(REAL_MODEL_DIR)) --data-dir $(DATA_DIR) $(REAL_STUDY_CAPS)
+	@if [ -f $(REAL_STUDY_DIR)/plan.json ]; then \
+	  nice -n 19 $(VENV)/bin/ptray study --resume --local $(REAL_STUDY_DIR); else \
+	  nice -n 19 $(VENV)/bin/ptray study --local $(REAL_STUDY_DIR) --model $(REAL_MODEL_DIR) --data-dir $(DATA_DIR) \
+	    $(REAL_STUDY_BUDGET) --experiment ptray-$(REAL_STUDY); fi
+
+# The CPU real-model side-by-side (ptray fp32/bf16 vs PEFT + Trainer fp32/bf16, % of the measured matmul peak, the
+# bf16/fp32 quality table): BENCHMARKS.md's "CPU: mixed precision and the real model"; ~15 minutes on 2 quiet cores.
+bench-cpu: real-model
+	PTRAY_DATA_DIR=$(DATA_DIR) $(PY) benchmarks/cpu_real.py --model $(REAL_MODEL_DIR) \
+	  --out benchmarks/results/cpu-real.json --md BENCHMARKS.md
 
 # SmolLM2 always (the slow tests of tests/test_pretrained.py need it; prepared here unless REAL_MODEL names it)
 SMOLLM2_DIR := $(if $(filter smollm2-135m-instruct,$(REAL_MODEL)),$(REAL_MODEL_DIR),outputs/models/smollm2-135m-instruct)

@@ -39,7 +39,7 @@ from benchmarks.markdown import update_markdown  # noqa: E402
 from benchmarks.measure import Shape, matmul_peak  # noqa: E402
 from ptray.cli import OneLineParser, positive_int  # noqa: E402
 
-VARIANTS = ("ptray fp32", "ptray bf16", "peft fp32", "peft bf16")
+VARIANTS = ("ptray fp32", "ptray bf16", "ptray bf16 compile", "peft fp32", "peft bf16")
 
 
 def non_embedding_params(model) -> int:
@@ -61,19 +61,20 @@ def shape_of(model) -> Shape:
                  vocab=model.get_output_embeddings().weight.shape[0])
 
 
-def ptray_config(a, precision: str, epochs: int = 2):
+def ptray_config(a, precision: str, epochs: int = 2, compile: bool = False):
     from ptray.config import TrainConfig
 
     return TrainConfig(task=a.task, model=a.model, data_dir=a.data_dir, batch_size=a.batch_size,
                        max_epochs=epochs, patience=epochs + 1, max_train_examples=a.examples, max_eval_examples=8,
-                       baselines=False, precision=precision, device="cpu")
+                       baselines=False, precision=precision, device="cpu", compile=compile)
 
 
-def run_ptray(a, loaded, precision: str) -> dict:
-    """Two epochs through ``train_group``; the second's real tokens over its training seconds."""
+def run_ptray(a, loaded, precision: str, compile: bool = False) -> dict:
+    """Two epochs through ``train_group``; the second's real tokens over its training seconds (the first is the
+    warm-up: oneDNN's kernels, and with ``compile`` the compilation of the blocks)."""
     from ptray.training.loop import train_group
 
-    res = train_group([ptray_config(a, precision)], model_and_tokenizer=loaded)[0]
+    res = train_group([ptray_config(a, precision, compile=compile)], model_and_tokenizer=loaded)[0]
     epoch = res.history[-1]
     return {"tokens_per_s": epoch["train_tokens_per_s"], "train_loss": epoch["train_loss"],
             "eval_loss": epoch["eval_loss"]}
@@ -212,6 +213,8 @@ def main(argv=None) -> int:
     # with the attention Hugging Face picks, as a user would run them
     loaded = {"fp32": load_model(a.model, torch.float32), "bf16": load_model(a.model, torch.bfloat16)}
     reference = {"fp32": load_model(a.model, torch.float32), "bf16": load_model(a.model, torch.bfloat16)}
+    if "ptray bf16 compile" in a.variants:  # compiled in place: a copy of its own
+        loaded["bf16 compile"] = load_model(a.model, torch.bfloat16)
     if a.profile:
         rows = profile(a, loaded["bf16"], a.profile)
         for r in rows:
@@ -229,10 +232,11 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {v: [] for v in a.variants} if "speed" in a.sections else {}
     for r in range(a.repeats if runs else 0):
         for v in runs:
-            kind, prec = v.split()
+            kind, prec, *extra = v.split()
             t0 = time.perf_counter()
             if kind == "ptray":
-                out = run_ptray(a, loaded[prec], "bf16" if prec == "bf16" else "no")
+                out = run_ptray(a, loaded[" ".join([prec, *extra])], "bf16" if prec == "bf16" else "no",
+                                compile=bool(extra))
             else:
                 out = run_peft(a, *reference[prec], data, task.init_text, n_prompt, prec)
             runs[v].append(out)
@@ -274,6 +278,7 @@ def ratios(table: dict) -> dict:
         return table[x]["tokens_per_s"] / table[y]["tokens_per_s"] if x in table and y in table else None
 
     return {"ptray bf16 / ptray fp32": r("ptray bf16", "ptray fp32"),
+            "ptray bf16 compile / ptray bf16": r("ptray bf16 compile", "ptray bf16"),
             "ptray bf16 / peft bf16": r("ptray bf16", "peft bf16"),
             "ptray fp32 / peft fp32": r("ptray fp32", "peft fp32"),
             "peft bf16 / peft fp32": r("peft bf16", "peft fp32")}

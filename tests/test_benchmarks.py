@@ -215,7 +215,7 @@ def test_cpu_real_model_side_by_side_smoke(tmp_path, data_dir, tiny_model_dir):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert set(res["variants"]) == {"ptray fp32", "ptray bf16", "peft fp32", "peft bf16"}
+    assert set(res["variants"]) == {"ptray fp32", "ptray bf16", "ptray bf16 compile", "peft fp32", "peft bf16"}
     n = res["setup"]["non_embedding_params"]
     for name, row in res["variants"].items():
         assert positive(row["tokens_per_s"]) and len(row["runs"]) == 1
