@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Debian packages: Chromium for the MLflow UI test (never a downloaded browser); Noto fonts so the
-# nearest-token figures render every script (Kannada, CJK, ...) instead of a [Script] fallback.
-SYSTEM_PACKAGES := chromium fonts-noto-core fonts-noto-cjk
+# nearest-token figures render every script (Kannada, CJK, ...) instead of a [Script] fallback; g++ for
+# torch.compile on CPU (--compile: inductor builds its kernels with it).
+SYSTEM_PACKAGES := chromium fonts-noto-core fonts-noto-cjk g++
 system-deps:
 	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null)
 
@@ -39,11 +40,12 @@ real-model: install
 
 # The paper's study on the real model at a budget where prompts learn (RESULTS.md has the arithmetic): 4 tasks x
 # 4 seeds, the full CB/COPA/WSC training sets and RTE's first 1,000, every validation example, Adam (lr 0.03) with
-# early stopping (patience 5), at most 10 epochs, batch 8, bf16 where the CPU has it (--precision auto). It runs in
+# early stopping (patience 5), at most 10 epochs, batch 8, bf16 where the CPU has it (--precision auto), the blocks
+# compiled (--compile: 1.26x on CPU, BENCHMARKS.md; needs the C++ compiler of system-deps). It runs in
 # this process (--local) into results/<study>/, whose small run folders and per-epoch checkpoints are committed, and
 # resumes where it stopped when run again (hours on 2 cores: it spans sessions). Then published into MLflow and
 # analysed (the report beside the runs).
-REAL_STUDY_BUDGET ?= --max-epochs 10 --patience 5 --batch-size 8 --max-train-examples 1000
+REAL_STUDY_BUDGET ?= --max-epochs 10 --patience 5 --batch-size 8 --max-train-examples 1000 --compile
 REAL_STUDY ?= $(if $(filter smollm2-135m-instruct,$(REAL_MODEL)),smollm2-paper,$(REAL_MODEL)-paper)
 REAL_STUDY_DIR ?= results/$(REAL_STUDY)
 real-study: real-model

@@ -115,6 +115,7 @@ def quality(a, loaded) -> dict:
                          "exact_match": last["exact_match"], "no_prompt_eval_loss": res.metrics["no_prompt_eval_loss"],
                          "no_prompt_rank_accuracy": res.metrics["no_prompt_rank_accuracy"],
                          "num_eval_examples": res.metrics["num_eval_examples"],
+                         "train_tokens_per_s": last["train_tokens_per_s"],  # the second epoch's, when 2
                          "seconds": time.perf_counter() - t0}
             print(f"[quality] {task} {prec}: eval loss {last['eval_loss']:.4f} rank accuracy "
                   f"{last['rank_accuracy']:.3f} ({row[prec]['seconds']:.0f} s)", flush=True)

@@ -184,6 +184,13 @@ def _autocast(autocast):
     return autocast() if autocast is not None else contextlib.nullcontext()
 
 
+def _uncompiled():
+    """Passes with a KV cache run blocks compiled by ``--compile`` (``ptray.lm.load.compile_blocks``) eagerly: a
+    compiled block specialises on each layer's cache state (one graph per layer and state, 60 for a 30-layer model),
+    past dynamo's recompile limit, for the forward-only evaluation that is a small share of a study's time."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def _score_per_label(model, data, prompt, batch_size, pad_id, ends, device, autocast):
     """Yields ``(keys, logp, wrong)``: per (example, label) sequence its summed log-probability and its count of
     non-greedy answer tokens (0: exact match), one teacher-forced pass per sequence. ``ends``: the ids that end an
@@ -250,7 +257,7 @@ def _score_shared_many(model, data, prompts, batch_size, pad_id, ends, device, a
         for p in sorted({p for p, _ in part if lengths[p]}):  # each prompt's rows over its rows' first positions
             sel = torch.tensor([r for r, (q, _) in enumerate(part) if q == p], device=device)
             embeds[sel, :lengths[p]] = prompts[p].to(device=device, dtype=embeds.dtype)
-        with _autocast(autocast):
+        with _autocast(autocast), _uncompiled():
             with right_padded_rows():  # each row: its prompt, its source, then padding
                 out = families.base_forward(model, embeds, src_mask,
                                             position_ids=families.position_ids(model, src_mask), use_cache=True)
