@@ -183,6 +183,9 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="a few examples, one round: checks that everything runs")
     p.add_argument("--out", default=None, help="results JSON")
     p.add_argument("--md", default=None, help="markdown file whose '<!-- bench:cpu-real -->' section to replace")
+    p.add_argument("--render-only", nargs="*", metavar="RESULTS", default=None,
+                   help="measure nothing: merge these results files (e.g. a speed run and a quality run, later "
+                        "files' sections win) into --out and redo --md from it")
     a = p.parse_args(argv)
     check_data_dir(p, a.data_dir)
     if not (Path(a.model) / "config.json").is_file():
@@ -201,8 +204,30 @@ def parse_args(argv=None):
     return a
 
 
+def render_only(a) -> int:
+    import json
+
+    res: dict = {}
+    for path in a.render_only:  # the first file's speed table and peaks; a later file's quality table
+        part = json.loads(Path(path).read_text())
+        setup = {**res.get("setup", {}), **part.get("setup", {})}
+        if not res:
+            res = part
+        elif "quality" in part:
+            res["quality"], res["quality_meta"] = part["quality"], part["meta"]
+        res["setup"] = setup
+    if a.out:
+        write_json(a.out, res)
+    if a.md:
+        update_markdown(a.md, "cpu-real", render(res) + "\n")
+    print(render(res))
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.render_only:
+        return render_only(a)
     logging.basicConfig(level=logging.WARNING)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -301,7 +326,9 @@ def render(res: dict) -> str:
         lines += ["", "Ratios: " + "; ".join(f"{k} {v:.2f}x" for k, v in res["ratios"].items() if v is not None)
                   + "."]
     if "quality" in res:
-        lines += ["", f"Quality at a small fixed budget (first {s['quality_examples']} training examples, "
+        qm = res.get("quality_meta", m)
+        lines += ["", f"Quality ({qm['date']}, `{qm['command']}`) at a small fixed budget (first "
+                      f"{s['quality_examples']} training examples, "
                       f"{s['quality_epochs']} epochs, batch {s['batch_size']}, every validation example; the same "
                       f"init and data order in both precisions):", "",
                   "| task | eval examples | no prompt loss fp32 / bf16 | eval loss fp32 / bf16 (rel. diff) | "

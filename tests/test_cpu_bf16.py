@@ -189,15 +189,16 @@ def test_bf16_resume_equals_uninterrupted_bit_for_bit(bf16_run, tiny_model_dir, 
 def test_bf16_trains_as_fp32_within_the_stated_tolerance(bf16_run, tiny_model_dir, data_dir):
     """The tolerance held between bf16 and fp32 (README and BENCHMARKS.md state it). The same prompt evaluated:
     within 1% (the baselines; bf16 keeps 8 mantissa bits, ~0.4% per rounding, and the loss is an fp32
-    log-softmax of bf16 logits). Training: each epoch's eval loss within 10% of fp32's. Not closer, and not the
-    same prompt: Adam divides each step by the gradient's running RMS, so bf16's rounding of the gradient turns
-    into a different, equally good trajectory (on this tiny model at lr 0.1 the two prompts end at cosine ~0.7
-    with eval losses 4.54 vs 4.61); the learning itself must match, so both must fall by a like amount."""
+    log-softmax of bf16 logits). Training: each epoch's eval loss within 20% of fp32's, and learning by a like
+    amount. Not closer, and not the same prompt: Adam divides each step by the gradient's running RMS, so bf16's
+    rounding of the gradient turns into a different trajectory (on this tiny model at lr 0.1 the two prompts end at
+    cosine ~0.7, eval losses 4.54 vs 4.61; on SmolLM2 after 2 epochs of 64 examples the four tasks differ by
+    -17% to +16%, in both directions: BENCHMARKS.md's quality table)."""
     bf16, _ = bf16_run
     fp32 = train(_cfg(tiny_model_dir, data_dir, precision="no"))
     for name in ("no_prompt_eval_loss", "init_text_eval_loss"):
         assert bf16.metrics[name] == pytest.approx(fp32.metrics[name], rel=0.01)
     for a, b in zip(bf16.history, fp32.history, strict=True):
-        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=0.10)
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=0.20)
     drop = [r.metrics["init_text_eval_loss"] - r.history[-1]["eval_loss"] for r in (bf16, fp32)]
     assert min(drop) > 0.5 * max(drop) > 0
