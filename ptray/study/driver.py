@@ -132,13 +132,13 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
         if opts.resume:
             plan = plan_from_args(args, local_plan_json(opts.local))
             experiment = opts.experiment or f"ptray-{plan.study}"  # the stored study's, not the flags' default
-        preflight.data_files(plan)
+        preflight.check_data(plan)
         if opts.dry_run:
             print(describe(plan, opts, uri, storage, experiment, new=not opts.resume))
             return 0
         return run_local_study(plan, opts, experiment, analyse)
     if not opts.resume:  # a resumed study's files are checked against its stored plan, once read (below)
-        preflight.data_files(plan)
+        preflight.check_data(plan)
     if opts.dry_run and not opts.resume:
         print(describe(plan, opts, uri, storage, experiment, new=True))
         return 0
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
             raise PtrayError(f"there is no study {plan.study!r} to resume in MLflow experiment {experiment!r} at "
                              f"{uri}; check --study, --experiment and --tracking-uri, or start it without --resume")
         plan = plan_from_args(args, stored)
-        preflight.data_files(plan)
+        preflight.check_data(plan)
     else:
         if stored is not None:
             raise PtrayError(f"study {plan.study!r} already exists in MLflow experiment {experiment!r} at {uri}; "
@@ -176,12 +176,11 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
                                  fingerprint.model_fingerprint(plan.train.model))
     if opts.resume:
         fingerprint.check_same_model(plan, model_digest, model_files)
-    for what, digest, stored_digest in (("data", data_bundle and data_bundle.digest, plan.data_digest),):
-        if opts.resume and stored_digest and digest != stored_digest:
-            raise PtrayError(f"the {what} files differ from those study {plan.study!r} started with "
-                             f"({digest} != {stored_digest}); resume with the same files or start a new --study")
+    data_digest, data_files = (data_bundle.digest, data_bundle.file_digests()) if data_bundle else (None, None)
+    # accepted new data files (--accept-new-data) are stored with the plan, so that a later --resume compares them
+    new_data = opts.resume and fingerprint.check_same_data(plan, data_digest, data_files, opts.accept_new_data)
     plan.model_digest, plan.model_files = model_digest, model_files
-    plan.data_digest = data_bundle.digest if data_bundle else None
+    plan.data_digest, plan.data_files = data_digest, data_files
     preflight.check_plan_lengths(plan, str(model_bundle.materialize()) if model_bundle else plan.train.model)
 
     import ray
@@ -198,7 +197,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
         trial_gpus = group_gpus(gpus, plan.group_size, opts)
         cluster.check_cluster_resources(opts, trial_gpus, gpus)  # a request no node can hold would wait forever
         exp_id = tracking.get_or_create_experiment(mc, experiment)
-        if not opts.resume:
+        if not opts.resume or new_data:
             tracking.write_plan(mc, exp_id, plan.study, plan.to_json())
         ctx = study_context(plan, exp_id, uri, model_bundle, data_bundle, compile=opts.compile)
         print(describe(plan, opts, uri, storage, experiment, new=not opts.resume, gpus=trial_gpus), flush=True)
