@@ -3,8 +3,11 @@ runs, two studies on one tracking store."""
 
 from __future__ import annotations
 
+import errno
+import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -104,3 +107,110 @@ def test_a_resume_refused_for_changed_data_names_the_file_and_the_ways_forward(w
     with pytest.raises(PtrayError, match=r"differ from those the study started with \(\w+ != \w+\)"):
         plan.data_files = None  # a plan stored before each file's digest was recorded
         fingerprint.check_same_data(plan, new.digest, new.file_digests(), accept=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. a full disk: one line naming the folder and the free space, nothing half-written, a resume that works
+
+
+def _full(monkeypatch, free: int = 12_345) -> str:
+    """The disk reports ``free`` bytes; returns how the message spells them."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - free, free=free))
+    return "12.3 KB free"
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _no_space(folder, free: str) -> str:
+    return (f"no space left on the disk of {folder} ({free}); nothing was left half-written: free some space (or "
+            f"choose another folder) and run the command again (a study: with --resume)")
+
+
+def test_a_full_disk_in_a_whole_folder_keeps_the_old_one_and_says_so_in_one_line(tmp_path, monkeypatch):
+    from ptray.files import atomic_folder, write_json
+
+    free = _full(monkeypatch)
+    out = tmp_path / "ckpt"
+    with atomic_folder(out) as tmp:
+        (tmp / "state.pt").write_text("epoch 1")
+    with pytest.raises(PtrayError) as err, atomic_folder(out) as tmp:
+        (tmp / "state.pt").write_text("epoch 2, cut")
+        _enospc()
+    assert str(err.value) == _no_space(out, free)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no partial sibling left
+    assert (out / "state.pt").read_text() == "epoch 1"  # the last whole checkpoint stays
+    write_json(tmp_path / "plan.json", {"a": 1})
+    real = Path.write_text
+
+    def cut(self, text, *args, **kwargs):  # writes half, then the disk is full
+        real(self, text[: len(text) // 2])
+        _enospc()
+
+    monkeypatch.setattr(Path, "write_text", cut)
+    with pytest.raises(PtrayError) as err:
+        write_json(tmp_path / "plan.json", {"a": 2})
+    assert str(err.value) == _no_space(tmp_path, free)
+    monkeypatch.setattr(Path, "write_text", real)
+    assert json.loads((tmp_path / "plan.json").read_text()) == {"a": 1}  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "plan.json"]
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_not_torchs_and_the_study_resumes(tiny_model_dir, data_dir,
+                                                                                  tmp_path, monkeypatch):
+    from ptray.config import TrainConfig
+    from ptray.plan import Plan
+    from ptray.study.local import finished_runs, run_dir, run_local
+
+    plan = Plan(study="full", tasks=("cb",), seeds=(0,),
+                train=TrainConfig(model=str(tiny_model_dir), data_dir=str(data_dir), max_epochs=3,
+                                  max_train_examples=8, max_eval_examples=8, max_length=128, batch_size=4))
+    free = _full(monkeypatch)
+    real, calls = Path.write_bytes, []
+
+    def second_checkpoint_fails(self, data):
+        if self.name == "state.pt":
+            calls.append(self)
+            if len(calls) == 2:
+                real(self, data[:64])
+                _enospc()
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", second_checkpoint_fails)
+    with pytest.raises(PtrayError) as err:
+        run_local(plan, tmp_path / "s", progress=False)
+    ckpt = tmp_path / "s" / "checkpoints" / "cb-seed0"
+    assert str(err.value) == _no_space(ckpt, free)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["cb-seed0"]  # epoch 1's, whole; no partial copy
+    assert json.loads((ckpt / "run.json").read_text())["epoch"] == 1
+    monkeypatch.setattr(Path, "write_bytes", real)  # space freed
+    assert run_local(plan, tmp_path / "s", resume=True, progress=False)["train"] == 1
+    history = json.loads((run_dir(tmp_path / "s", "cb-seed0") / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]  # every epoch once
+    assert "cb-seed0" in finished_runs(tmp_path / "s")
+
+
+def test_a_full_disk_while_the_smoke_model_is_written_leaves_no_half_model(workdir, data_dir, capsys,
+                                                                           monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    free = _full(monkeypatch)
+    real = PreTrainedTokenizerFast.save_pretrained
+
+    def half_tokenizer(self, folder, *args, **kwargs):  # the weights are written, the tokenizer's first file cut
+        Path(folder, "tokenizer.json").write_text('{"version": ')
+        _enospc()
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", half_tokenizer)
+    argv = ["--tasks", "cb", "--seeds", "0", "--max-epochs", "1", "--max-train-examples", "8",
+            "--max-eval-examples", "8", "--data-dir", str(data_dir), "--no-analysis"]
+    code, _, err = _study(capsys, "--smoke", "--study", "full", "--local", "s", *argv)
+    study = (workdir / "s").resolve()
+    # (after transformers' progress bar, when no earlier test has turned it off)
+    assert (code, err.splitlines()[-1]) == (2, f"error: {_no_space(study / 'tiny-model', free)}")
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert sorted(p.name for p in study.iterdir()) == ["plan.json"]  # no half model, no partial copy
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", real)  # space freed
+    code, out, _ = _study(capsys, "--resume", "--local", "s", "--no-analysis")
+    assert code == 0 and f"local study full: 1 train runs and 2 evaluations written to {study}" in out

@@ -28,6 +28,7 @@ from typing import Any
 
 from ptray.config import DEFAULT_GPU_GROUP_SIZE
 from ptray.errors import PtrayError
+from ptray.files import disk_full_from, is_disk_full
 from ptray.plan import Options, Plan
 from ptray.study import cluster, fingerprint, preflight, store, tracking
 from ptray.study.bundle import Bundle, tiny_model_bundle
@@ -53,6 +54,11 @@ def main(argv: list[str] | None = None, analyse: Analyse | None = None, prog: st
         return run(args, analyse)
     except PtrayError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk where no writer of ours said which folder (MLflow's artifact copy, ...)
+        if not is_disk_full(err):
+            raise
+        print(f"error: {disk_full_from(err)}", file=sys.stderr)
         return 2
 
 

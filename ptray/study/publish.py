@@ -24,6 +24,7 @@ from typing import Any
 from ptray import layout
 from ptray.cli import OneLineParser
 from ptray.errors import PtrayError
+from ptray.files import disk_full_from, is_disk_full
 from ptray.plan import Plan
 from ptray.study import store, tracking
 from ptray.study.local import RUN_FILE, finished_runs, read_plan, run_dir
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None, prog: str = "ptray publish") -> int:
         out = publish(args.study_dir, args.tracking_uri, args.experiment)
     except PtrayError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk under MLflow's artifact copy: one line, not its traceback
+        if not is_disk_full(err):
+            raise
+        print(f"error: {disk_full_from(err)}", file=sys.stderr)
         return 2
     print(f"published {out['published']} runs ({out['skipped']} already there) into experiment "
           f"{out['experiment']!r} at {out['tracking_uri']}; {store.ui_command(out['tracking_uri'])}")

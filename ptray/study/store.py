@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 from ptray.errors import PtrayError
+from ptray.files import disk_full_error
 
 
 def default_tracking_uri() -> str:
@@ -164,6 +165,8 @@ def store_error(uri: str, err: BaseException) -> PtrayError:
     if "not a database" in text or "malformed" in text:
         return PtrayError(f"the tracking store {uri} is not a usable SQLite database ({text.split(' [SQL')[0]}); "
                           f"pass the study's mlflow.db, or a new file name to start a new store")
+    if "database or disk is full" in text and local_path(uri) is not None:  # SQLite's words for ENOSPC
+        return disk_full_error(local_path(uri).parent)
     if "mlflow db upgrade" in text or "out-of-date database schema" in text:
         return PtrayError(f"the MLflow database {uri} was written by another MLflow version; back it up, then run "
                           f"`mlflow db upgrade {uri}`")
