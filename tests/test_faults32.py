@@ -214,3 +214,38 @@ def test_a_full_disk_while_the_smoke_model_is_written_leaves_no_half_model(workd
     monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", real)  # space freed
     code, out, _ = _study(capsys, "--resume", "--local", "s", "--no-analysis")
     assert code == 0 and f"local study full: 1 train runs and 2 evaluations written to {study}" in out
+    exp = store.client(store.resolve_tracking_uri()).get_experiment_by_name("ptray-full").experiment_id
+    assert f"published 3 runs into MLflow experiment 'ptray-full' at sqlite:///{workdir / 'mlflow.db'} (artifacts " \
+           f"in {workdir / 'mlflow-artifacts' / exp})" in out  # item 8: beside the store, said where
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. artifacts beside the SQLite store, not in ./mlruns of whatever folder the experiment was created from
+
+
+def test_a_sqlite_stores_artifacts_live_beside_it_whatever_the_working_directory(workdir, capsys):
+    from ptray import layout
+    from ptray.config import TrainConfig
+    from ptray.plan import Plan
+    from ptray.study.summary import render_summary
+
+    uri = store.resolve_tracking_uri(f"sqlite:///{workdir.parent / 'db' / 'm.db'}")
+    mc = store.open_store(uri)
+    exp = tracking.get_or_create_experiment(mc, "e")
+    assert tracking.get_or_create_experiment(mc, "e") == exp  # found again, not created twice
+    where = workdir.parent / "db" / "m-artifacts" / exp
+    assert tracking.artifact_location(mc, exp) == str(where)
+    run = tracking.create_run(mc, exp, "cb-seed0", layout.run_tags("s", layout.TRAIN, "cb", 0))
+    (workdir / "out").mkdir()
+    (workdir / "out" / "metrics.json").write_text("{}")
+    tracking.log_finished_run(mc, run.info.run_id, {}, {}, workdir / "out")
+    assert (where / run.info.run_id / "artifacts" / "metrics.json").is_file()
+    assert not (workdir / "mlruns").exists()  # nothing in the working directory, which the user may delete
+    plan = Plan(study="s", tasks=("cb",), seeds=(0,), train=TrainConfig())
+    summary = {"train_done": 1, "train_stopped": [], "train_failed": [], "eval_done": 2, "eval_expected": 2,
+               "best": {}, "searched": {}}
+    lines = render_summary(summary, plan, "e", exp, uri, "t", "off", [], 1.0, artifacts=str(where)).splitlines()
+    assert lines[lines.index(f"  MLflow     experiment 'e' (id {exp}) at {uri}") + 1] == \
+        f"             artifacts in {where}"
+    server = store.client("http://127.0.0.1:9")  # a server chooses its own artifact root: nothing derived here
+    assert store.artifact_root(store.client_uri(server)) is None

@@ -88,7 +88,8 @@ def run_local_study(plan: Plan, opts: Options, experiment: str, analyse: Analyse
     except PtrayError as err:
         print(f"not published ({err}); publish it later with\n  {publish_later}", file=sys.stderr)
         return 1
-    print(f"published {out['published']} runs into MLflow experiment {experiment!r} at {out['tracking_uri']}")
+    print(f"published {out['published']} runs into MLflow experiment {experiment!r} at {out['tracking_uri']} "
+          f"(artifacts in {out['artifacts']})")
     note = analysis_phase(experiment, out["tracking_uri"], opts, True, analyse)
     print(f"analysis: {note}")
     return 0 if not note.startswith("failed") else 1
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
         if started_ray:
             ray.shutdown()
     print(render_summary(summary, plan, experiment, exp_id, uri, tune_folder, analysis_note, transfer_failures,
-                         time.perf_counter() - t0))
+                         time.perf_counter() - t0, artifacts=tracking.artifact_location(mc, exp_id)))
     if not complete:
         print(f"finish the missing runs with:\n  {resume_command(plan, opts)}", file=sys.stderr)
     return 0 if complete and not analysis_note.startswith("failed") else 1

@@ -74,6 +74,26 @@ def local_path(uri: str) -> Path | None:
     return None
 
 
+ARTIFACTS_SUFFIX = "-artifacts"  # mlflow.db -> mlflow-artifacts/, beside it
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where the experiments ptray creates in a SQLite store keep their artifacts: the folder ``<name>-artifacts``
+    beside the database file (``mlflow-artifacts/`` beside ``mlflow.db``), one subfolder per experiment id, as a
+    server's ``--default-artifact-root``. MLflow's own default, ``./mlruns`` of whatever folder an experiment was
+    created from, would part the runs from their files when that folder is deleted. None for other stores: a
+    server decides where its artifacts go, a file store keeps them in its folder."""
+    if urlparse(uri).scheme != "sqlite":
+        return None
+    path = local_path(uri)
+    return path.with_name(path.stem + ARTIFACTS_SUFFIX) if path is not None else None
+
+
+def artifact_place(location: str) -> str:
+    """An experiment's ``artifact_location`` as a user reads it: a local folder as its path, else the URI."""
+    return str(local_path(location)) if urlparse(location).scheme == "file" else location
+
+
 def store_exists(uri: str) -> bool:
     """False only for a local store whose file or folder is missing (a server or database is assumed to exist)."""
     path = local_path(uri)
