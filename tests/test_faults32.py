@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -249,3 +250,159 @@ def test_a_sqlite_stores_artifacts_live_beside_it_whatever_the_working_directory
         f"             artifacts in {where}"
     server = store.client("http://127.0.0.1:9")  # a server chooses its own artifact root: nothing derived here
     assert store.artifact_root(store.client_uri(server)) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. two studies on one tracking store: its first creation serialised, one driver per study
+
+
+OPEN_WHEN_TOLD = """
+import sys, time
+from pathlib import Path
+from ptray.study import store
+folder = Path(sys.argv[2])
+(folder / f"ready-{sys.argv[3]}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.01)
+try:
+    store.open_store(sys.argv[1])
+    print("ok")
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+
+
+def test_studies_started_together_on_a_new_sqlite_file_all_open_it(tmp_path):
+    """Without the lock, two or three processes creating MLflow's tables at once fail ("table latest_metrics already
+    exists", "duplicate column name: step")."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_WHEN_TOLD, uri, str(tmp_path), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for i in range(3)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()  # all three imported: they open the new store together
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert outs == ["ok", "ok", "ok"]
+
+
+@pytest.fixture
+def quick_lease(monkeypatch):
+    from ptray.study import lease
+
+    monkeypatch.setattr(lease, "SETTLE_S", 0.05)
+    return lease
+
+
+def _exp(tmp_path):
+    mc = store.client(f"sqlite:///{tmp_path / 'm.db'}")
+    return mc, tracking.get_or_create_experiment(mc, "e")
+
+
+def test_a_studys_lease_refuses_a_second_driver_until_released_or_stale(tmp_path, quick_lease, monkeypatch):
+    import socket
+    import subprocess
+    import time
+
+    from ptray import layout
+
+    mc, exp = _exp(tmp_path)
+    first = quick_lease.StudyLease(mc, exp, "S").acquire()
+    second = quick_lease.StudyLease(mc, exp, "S")
+    with pytest.raises(PtrayError) as err:
+        second.acquire()
+    assert str(err.value) == (
+        f"study 'S' is running: its driver (pid {first.me['pid']} on {socket.gethostname()}) renewed its lease 0 s "
+        f"ago; wait for it to finish, or stop it; a driver stopped without ending (kill -9, a lost machine) frees the "
+        f"study 120 s after its last renewal, then --resume continues it")
+    assert quick_lease.StudyLease(mc, exp, "other-study").acquire()  # another study of the experiment: its own
+    first.release()
+    assert layout.LEASE_TAG_PREFIX + "S" not in mc.get_experiment(exp).tags
+    second.acquire().release()
+
+    def held(host, pid, age, study="S"):
+        mc.set_experiment_tag(exp, layout.LEASE_TAG_PREFIX + study, json.dumps(
+            {"owner": "x", "host": host, "pid": pid, "heartbeat": time.time() - age}))
+
+    held("elsewhere", 1, 30)  # another machine's driver, renewed 30 s ago: running
+    with pytest.raises(PtrayError, match=r"pid 1 on elsewhere\) renewed its lease 30 s ago"):
+        quick_lease.StudyLease(mc, exp, "S").acquire()
+    held("elsewhere", 1, 121)  # no renewal for longer than STALE_S: its driver is gone
+    quick_lease.StudyLease(mc, exp, "S").acquire().release()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    held(socket.gethostname(), gone.pid, 1)  # a driver of this host that no longer runs (kill -9): free at once
+    lease = quick_lease.StudyLease(mc, exp, "S").acquire()
+    # two drivers that both wrote the lease: the one overwritten while it settled gives way
+    monkeypatch.setattr(quick_lease.StudyLease, "_write", lambda self: held("elsewhere", 7, 0, "T"))
+    with pytest.raises(PtrayError, match=r"pid 7 on elsewhere"):
+        quick_lease.StudyLease(mc, exp, "T").acquire()
+    lease.release()
+
+
+def test_a_second_driver_of_a_running_study_is_refused_before_it_starts_anything(workdir, data_dir, capsys,
+                                                                                  quick_lease):
+    import time
+
+    from ptray import layout
+
+    data = _copy_data(data_dir, workdir / "data")
+    _stored_plan_with_data(workdir, data)
+    mc = store.client(store.resolve_tracking_uri())
+    exp = mc.get_experiment_by_name("ptray-S").experiment_id
+    running = json.dumps({"owner": "x", "host": "elsewhere", "pid": 4242, "heartbeat": time.time() - 5})
+    mc.set_experiment_tag(exp, layout.LEASE_TAG_PREFIX + "S", running)
+    code, _, err = _study(capsys, "--resume", "--study", "S")
+    assert code == 2 and re.fullmatch(r"error: study 'S' is running: its driver \(pid 4242 on elsewhere\) renewed "
+                                      r"its lease \d+ s ago; wait for it to finish, or stop it; .*", err.strip())
+    assert mc.get_experiment(exp).tags[layout.LEASE_TAG_PREFIX + "S"] == running  # untouched
+    import ray
+
+    assert not ray.is_initialized()  # nothing started
+
+
+@pytest.mark.slow
+def test_two_drivers_of_one_study_the_second_refused_and_nothing_logged_twice(workdir, data_dir, capsys):
+    import os
+    import subprocess
+    import sys
+    import time
+    from collections import Counter
+
+    from ptray import layout
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    uri = store.resolve_tracking_uri()
+    argv = ["--study", "twice", "--tasks", "cb", "--seeds", "0", "--max-epochs", "1", "--max-train-examples", "8",
+            "--max-eval-examples", "8", "--data-dir", str(data_dir), "--no-analysis"]
+    with open(workdir / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, str(root / "sweeps" / "all.py"), "--smoke", *argv], cwd=workdir,
+                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, exp = time.monotonic() + 300, None
+        while exp is None or layout.PLAN_TAG_PREFIX + "twice" not in exp.tags:  # running: its plan is stored
+            assert first.poll() is None, (workdir / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first driver did not store its plan in 5 minutes"
+            time.sleep(0.5)
+            exp = store.client(uri).get_experiment_by_name("ptray-twice") if (workdir / "mlflow.db").exists() \
+                else None
+        code, _, err = _study(capsys, "--resume", *argv)
+        assert code == 2 and err.startswith("error: study 'twice' is running: its driver (pid "), err
+        assert first.wait(timeout=600) == 0, (workdir / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    mc = store.client(uri)
+    exp = mc.get_experiment_by_name("ptray-twice")
+    assert layout.LEASE_TAG_PREFIX + "twice" not in exp.tags  # released at the end
+    runs = tracking.search_study_runs(mc, exp.experiment_id, "twice")
+    assert Counter(r.data.tags[layout.TAG_KIND] for r in runs) == {"train": 1, "transfer": 1, "baseline": 1}
+    train = next(r for r in runs if r.data.tags[layout.TAG_KIND] == "train")
+    assert [m.step for m in mc.get_metric_history(train.info.run_id, "eval_loss")] == [1]  # every epoch once

@@ -34,6 +34,7 @@ from ptray.study import cluster, fingerprint, preflight, store, tracking
 from ptray.study.bundle import Bundle, tiny_model_bundle
 from ptray.study.context import StudyContext, quiet
 from ptray.study.flags import build_parser, options_from_args, plan_from_args
+from ptray.study.lease import StudyLease
 from ptray.study.paths import tune_path
 from ptray.study.summary import describe, render_summary, resume_command, summarize
 from ptray.study.transfer import transfer_phase
@@ -192,18 +193,25 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
 
     import ray
 
-    if opts.resume and not opts.address:  # a killed driver's embedded Ray leaves its agents running
-        cluster.clear_leftover_ray()
-    started_ray = cluster.start_ray(opts.address)
-    watch = store.ServerWatch(uri).__enter__()  # says once when the tracking server stops answering, and after
+    exp_id = tracking.get_or_create_experiment(mc, experiment)
+    # One driver per study, in the store itself (another machine's driver included): a second one is refused here,
+    # before it starts anything (or kills the running one's Ray below).
+    lease = StudyLease(mc, exp_id, plan.study).acquire()
+    started_ray, watch = False, store.ServerWatch(uri)  # says once when a tracking server stops answering, and after
     try:
+        if not opts.resume and tracking.read_plan(mc, experiment, plan.study) is not None:  # started meanwhile
+            raise PtrayError(f"study {plan.study!r} already exists in MLflow experiment {experiment!r} at {uri}; "
+                             f"pass --resume to finish it, or choose another --study")
+        if opts.resume and not opts.address:  # a killed driver's embedded Ray leaves its agents running
+            cluster.clear_leftover_ray()
+        started_ray = cluster.start_ray(opts.address)
+        watch.__enter__()
         uri = cluster.check_cluster(opts, uri, storage)
         gpus = cluster.gpus_per_trial(opts)
         # stored resolved: --resume keeps it; a searched trial is a group of one (its scheduler stops trials)
         plan.group_size = 1 if plan.search else resolve_group_size(plan.group_size, gpus)
         trial_gpus = group_gpus(gpus, plan.group_size, opts)
         cluster.check_cluster_resources(opts, trial_gpus, gpus)  # a request no node can hold would wait forever
-        exp_id = tracking.get_or_create_experiment(mc, experiment)
         if not opts.resume or new_data:
             tracking.write_plan(mc, exp_id, plan.study, plan.to_json())
         ctx = study_context(plan, exp_id, uri, model_bundle, data_bundle, compile=opts.compile)
@@ -224,6 +232,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
         watch.__exit__(None, None, None)
         if started_ray:
             ray.shutdown()
+        lease.release()
     print(render_summary(summary, plan, experiment, exp_id, uri, tune_folder, analysis_note, transfer_failures,
                          time.perf_counter() - t0, artifacts=tracking.artifact_location(mc, exp_id)))
     if not complete:

@@ -9,6 +9,7 @@ stale run. What is logged into the store is ``ptray.study.tracking``'s.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
@@ -22,6 +23,11 @@ from urllib.request import url2pathname
 
 from ptray.errors import PtrayError
 from ptray.files import disk_full_error
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows: the first creation is not serialised there
+    fcntl = None
 
 
 def default_tracking_uri() -> str:
@@ -168,12 +174,27 @@ def open_store(uri: str):
     a damaged database, a database of another schema, a server that refuses us) is one ``PtrayError`` line that
     says what to do, not MLflow's traceback. ``check_tracking`` runs first."""
     check_tracking(uri)
-    mlflow_client = client(uri)
-    try:
-        mlflow_client.search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 - MlflowException, SQLAlchemy's errors, requests' errors...
-        raise store_error(uri, err) from None
+    with _first_creation(uri):
+        try:
+            mlflow_client = client(uri)  # MLflow opens (and creates) a SQLite store here
+            mlflow_client.search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001 - MlflowException, SQLAlchemy's errors, requests' errors...
+            raise store_error(uri, err) from None
     return mlflow_client
+
+
+@contextlib.contextmanager
+def _first_creation(uri: str):
+    """Around the first use of a SQLite store: while its database is new (missing or empty), one process at a time
+    (an exclusive lock on a file beside it, ``.NAME.lock``), so that two studies started together on a new file do
+    not both create MLflow's tables ("table ... already exists"). A database that holds tables needs no lock."""
+    path = local_path(uri) if urlparse(uri).scheme == "sqlite" else None
+    if path is None or (path.is_file() and path.stat().st_size > 0) or fcntl is None:
+        yield
+        return
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def store_error(uri: str, err: BaseException) -> PtrayError:
