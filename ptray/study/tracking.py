@@ -52,7 +52,7 @@ def _create_experiment(mlflow_client, name: str) -> str:
     # --default-artifact-root`` gives one: the experiment's folder is then named by its id, known only once created.
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    return str(SqlAlchemyStore(uri, root.as_uri()).create_experiment(name))
+    return str(SqlAlchemyStore(uri, root.absolute().as_uri()).create_experiment(name))
 
 
 def artifact_location(mlflow_client, experiment_id: str) -> str:
