@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,16 +41,86 @@ def strict_json(obj: Any, where: str = "") -> tuple[Any, list[str]]:
     return obj, []
 
 
+# A write that failed for want of space: the disk is full, or the user's quota is.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+DISK_FULL_WORDS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))  # "No space left on device", ...
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is a write refused for want of space: an ``OSError`` ENOSPC or EDQUOT, or a library's own
+    exception that carries the OS's words (safetensors: "I/O error: No space left on device (os error 28)")."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno in DISK_FULL_ERRNOS
+    return any(words in str(err) for words in DISK_FULL_WORDS)
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover - the loop returns
+
+
+PARTIAL = ".partial-"  # in the name of ``atomic_folder``'s temporary sibling: ``.NAME.partial-XXXX``
+
+
+def disk_full_error(folder: str | Path) -> PtrayError:
+    """The one line for a write into ``folder`` that ran out of space: the folder (an ``atomic_folder``'s
+    temporary sibling named by the folder it would have become: it is gone by then), the space left on its disk
+    (``shutil.disk_usage``, in decimal units) and what to do."""
+    folder = Path(*[re.sub(rf"^\.(.+){re.escape(PARTIAL)}[^/]*$", r"\1", part) for part in Path(folder).parts])
+    existing = folder.expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = f"{_size(shutil.disk_usage(existing).free)} free"
+    except OSError:  # gone meanwhile: the message still names the folder
+        free = "free space unknown"
+    return PtrayError(f"no space left on the disk of {folder} ({free}); nothing was left half-written: free some "
+                      f"space (or choose another folder) and run the command again (a study: with --resume)")
+
+
+def disk_full_from(err: OSError) -> PtrayError:
+    """``disk_full_error`` for a disk-full ``err`` caught where no folder is known (an entry point's last resort):
+    the folder of the file it names, else the working directory."""
+    return disk_full_error(Path(err.filename).parent if err.filename else Path.cwd())
+
+
+@contextlib.contextmanager
+def disk_space(folder: str | Path) -> Iterator[None]:
+    """Inside the block, a write refused for want of space (``is_disk_full``) becomes ``disk_full_error(folder)``
+    (a ``PtrayError``: one line, not a library's or the OS's traceback); any other error passes unchanged."""
+    try:
+        yield
+    except PtrayError:
+        raise
+    except Exception as err:  # noqa: BLE001 - OSError, or a library's error that says the disk is full
+        if is_disk_full(err):
+            raise disk_full_error(folder) from None
+        raise
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented strict JSON (keys in insertion order) with a final newline; return the path.
 
-    Non-finite floats become null, with one warning naming the file and each value replaced (strict JSON has no
-    NaN or Infinity, and readers such as ``jq`` or JavaScript refuse them)."""
+    The file appears whole or not at all (written beside it, then renamed over it); a full disk is
+    ``disk_full_error`` (``PtrayError``). Non-finite floats become null, with one warning naming the file and each
+    value replaced (strict JSON has no NaN or Infinity, and readers such as ``jq`` or JavaScript refuse them)."""
     path = Path(path)
     clean, notes = strict_json(obj)
     if notes:
         log.warning("%s: non-finite values written as null: %s", path.name, "; ".join(notes))
-    path.write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with disk_space(path.parent):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -56,24 +128,26 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def atomic_folder(out: str | Path, replace: bool = True) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``out`` to fill; on success it is renamed to ``out``.
 
-    A failure inside the block removes the temporary folder, so ``out`` is never half-written. ``replace``: an
-    existing ``out`` is removed first; otherwise an ``out`` that appears meanwhile (another process on this node
-    won the race with an identical copy) is kept and ours discarded.
+    A failure inside the block removes the temporary folder, so ``out`` is never half-written; a full disk, there
+    or in the block, is ``disk_full_error`` naming ``out`` (``PtrayError``), said after the partial copy is gone.
+    ``replace``: an existing ``out`` is removed first; otherwise an ``out`` that appears meanwhile (another process
+    on this node won the race with an identical copy) is kept and ours discarded.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if replace and out.exists():
-            shutil.rmtree(out)
+    with disk_space(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}", dir=out.parent))
         try:
-            os.rename(tmp, out)
-        except OSError:
-            if replace:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            yield tmp
+            if replace and out.exists():
+                shutil.rmtree(out)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if replace:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def looks_like_path(name: str) -> bool:

@@ -31,6 +31,8 @@ TAG_STOPPED_BY = TAG_PREFIX + "stopped_by"
 TAG_INIT_FROM = TAG_PREFIX + "init_from"
 # Experiment tag holding a study's plan (JSON), so ``--resume`` continues exactly the study that was started.
 PLAN_TAG_PREFIX = TAG_PREFIX + "plan."
+# Experiment tag held while a driver runs the study (``ptray.study.lease``): who runs it and when it last said so.
+LEASE_TAG_PREFIX = TAG_PREFIX + "running."
 
 # ------------------------------------------------------------------------------------------------------ kinds
 TRAIN = "train"

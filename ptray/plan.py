@@ -69,6 +69,8 @@ class Plan:
     model_files: dict[str, str] | None = config_field(None, "a local model folder's files, each with its fingerprint "
                                                             "(ptray.study.fingerprint.model_fingerprint)", cli=False)
     data_digest: str | None = config_field(None, "of the data files read from data_dir", cli=False)
+    data_files: dict[str, str] | None = config_field(None, "each data file read from data_dir with its digest "
+                                                           "(ptray.study.bundle.Bundle.file_digests)", cli=False)
     # The declarations of the plan's user tasks (``ptray.data.tasks.user_declarations``: tasks and targets read
     # from --task-file): every worker registers them before it looks a task up, and --resume without the files.
     task_declarations: tuple[dict[str, Any], ...] = config_field((), "user task declarations", cli=False)
@@ -82,7 +84,8 @@ class Plan:
 
     # Fields that are not part of what --resume compares with the command line (the digests are checked
     # against the files themselves; a user task's declaration by its digest).
-    NOT_COMPARED = ("study", "train", "model_digest", "model_files", "data_digest", "task_declarations", "declaration")
+    NOT_COMPARED = ("study", "train", "model_digest", "model_files", "data_digest", "data_files",
+                    "task_declarations", "declaration")
 
     def __post_init__(self):
         for seed in self.seeds:  # here, not in each trial: also a stored plan, before --resume starts anything
@@ -218,6 +221,8 @@ class Options:
     max_failures: int = config_field(3, "retries of a failed trial, a lost node included", type=non_negative_int)
     compile: bool = config_field(False, "torch.compile each transformer block in the trials (see BENCHMARKS.md)")
     resume: bool = config_field(False, "finish the study named by --study; rerun nothing done")
+    accept_new_data: bool = config_field(False, "with --resume: finish the study on data files that changed since "
+                                                "it started (its finished runs keep what the old files gave)")
     dry_run: bool = config_field(False, "print the plan and exit")
     analysis: bool = config_field(True, "run the analysis at the end", off_help="skip the analysis step")
     analysis_dir: str | None = config_field(None, "where the analysis writes its report (unset: its own)")

@@ -97,7 +97,9 @@ def read_jsonl(task: Task, split: str, data_dir: str | os.PathLike) -> list[Exam
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise PtrayError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+                # json's messages for a cut line end in "at" ("Unterminated string starting at"): one "at" here
+                msg = err.msg.removesuffix(" at")
+                raise PtrayError(f"{where}: not valid JSON ({msg} at column {err.colno})") from None
             examples.append(_normalise(task, record, split, where))
     if not examples:
         raise PtrayError(f"split file {str(path)!r} holds no records")

@@ -16,6 +16,7 @@ from pathlib import Path
 from ptray.cli import seed_int
 from ptray.data.tasks import TASKS
 from ptray.errors import PtrayError
+from ptray.files import atomic_folder
 
 # BLOOM's special tokens, at BLOOM's ids.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -68,7 +69,11 @@ def build_tokenizer(vocab_size: int = 1000):
 
 def build(out_dir: str | Path, shape: str = "tiny", seed: int = 0, hidden_size: int = 64, n_layer: int = 2,
           n_head: int = 4) -> Path:
-    """Write a random-weight BLOOM and its tokenizer to ``out_dir``; returns the path."""
+    """Write a random-weight BLOOM and its tokenizer to ``out_dir`` (whole or not at all); returns the path.
+
+    Raises:
+        PtrayError: ``out_dir`` is not empty, an unknown ``shape``, or the disk is full (nothing left behind).
+    """
     import torch
     from transformers import BloomConfig, BloomForCausalLM
 
@@ -90,9 +95,10 @@ def build(out_dir: str | Path, shape: str = "tiny", seed: int = 0, hidden_size: 
         raise PtrayError(f"unknown shape {shape!r}; valid shapes: tiny, bloomz-560m")
     torch.manual_seed(seed)
     model = BloomForCausalLM(config)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    # whole or not at all: a model folder without its tokenizer (a full disk) would fail every later load
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -49,6 +49,11 @@ class Bundle:
             sha.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
         return cls(files, sha.hexdigest()[:16])
 
+    def file_digests(self) -> dict[str, str]:
+        """Each file's 16 hex digits of SHA-256 over its bytes, by relative path: what ``--resume`` names when the
+        bundle's ``digest`` differs from the one a study started with."""
+        return {rel: hashlib.sha256(data).hexdigest()[:16] for rel, data in sorted(self.files.items())}
+
     def materialize(self, base: str | Path | None = None) -> Path:
         """Write the files under a node-local folder named by their digest; concurrent trials share one copy."""
         out = Path(base or cache_dir()) / self.digest

@@ -12,13 +12,14 @@ study started then and resumed now still continues from them (``load_trial_check
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ptray.errors import PtrayError
-from ptray.files import write_json
+from ptray.files import disk_space, write_json
 
 STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
@@ -28,11 +29,20 @@ States = dict[str, tuple[dict[str, Any], str]]
 
 
 def save_checkpoint(folder: str | Path, state: dict[str, Any], run_id: str) -> None:
-    """Write one prompt's epoch ``state`` (``train``'s ``on_epoch_end``) and its MLflow run id into ``folder``."""
+    """Write one prompt's epoch ``state`` (``train``'s ``on_epoch_end``) and its MLflow run id into ``folder``.
+
+    Raises:
+        PtrayError: the disk is full (``ptray.files.disk_full_error``, naming ``folder``).
+    """
     import torch
 
     folder = Path(folder)
-    torch.save(state, folder / STATE_FILE)
+    # Serialised in memory (a prompt and its optimizer state: small), then written by Python: on a full disk
+    # torch's own file writer fails with "unexpected pos 64 vs 0", which never says the disk is full.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with disk_space(folder):
+        (folder / STATE_FILE).write_bytes(buffer.getvalue())
     write_json(folder / RUN_FILE, {"run_id": run_id, "epoch": state["epoch"]})
 
 

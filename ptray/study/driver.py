@@ -28,11 +28,13 @@ from typing import Any
 
 from ptray.config import DEFAULT_GPU_GROUP_SIZE
 from ptray.errors import PtrayError
+from ptray.files import disk_full_from, is_disk_full
 from ptray.plan import Options, Plan
 from ptray.study import cluster, fingerprint, preflight, store, tracking
 from ptray.study.bundle import Bundle, tiny_model_bundle
 from ptray.study.context import StudyContext, quiet
 from ptray.study.flags import build_parser, options_from_args, plan_from_args
+from ptray.study.lease import StudyLease
 from ptray.study.paths import tune_path
 from ptray.study.summary import describe, render_summary, resume_command, summarize
 from ptray.study.transfer import transfer_phase
@@ -53,6 +55,11 @@ def main(argv: list[str] | None = None, analyse: Analyse | None = None, prog: st
         return run(args, analyse)
     except PtrayError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk where no writer of ours said which folder (MLflow's artifact copy, ...)
+        if not is_disk_full(err):
+            raise
+        print(f"error: {disk_full_from(err)}", file=sys.stderr)
         return 2
 
 
@@ -82,7 +89,8 @@ def run_local_study(plan: Plan, opts: Options, experiment: str, analyse: Analyse
     except PtrayError as err:
         print(f"not published ({err}); publish it later with\n  {publish_later}", file=sys.stderr)
         return 1
-    print(f"published {out['published']} runs into MLflow experiment {experiment!r} at {out['tracking_uri']}")
+    print(f"published {out['published']} runs into MLflow experiment {experiment!r} at {out['tracking_uri']} "
+          f"(artifacts in {out['artifacts']})")
     note = analysis_phase(experiment, out["tracking_uri"], opts, True, analyse)
     print(f"analysis: {note}")
     return 0 if not note.startswith("failed") else 1
@@ -132,13 +140,13 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
         if opts.resume:
             plan = plan_from_args(args, local_plan_json(opts.local))
             experiment = opts.experiment or f"ptray-{plan.study}"  # the stored study's, not the flags' default
-        preflight.data_files(plan)
+        preflight.check_data(plan)
         if opts.dry_run:
             print(describe(plan, opts, uri, storage, experiment, new=not opts.resume))
             return 0
         return run_local_study(plan, opts, experiment, analyse)
     if not opts.resume:  # a resumed study's files are checked against its stored plan, once read (below)
-        preflight.data_files(plan)
+        preflight.check_data(plan)
     if opts.dry_run and not opts.resume:
         print(describe(plan, opts, uri, storage, experiment, new=True))
         return 0
@@ -157,7 +165,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
             raise PtrayError(f"there is no study {plan.study!r} to resume in MLflow experiment {experiment!r} at "
                              f"{uri}; check --study, --experiment and --tracking-uri, or start it without --resume")
         plan = plan_from_args(args, stored)
-        preflight.data_files(plan)
+        preflight.check_data(plan)
     else:
         if stored is not None:
             raise PtrayError(f"study {plan.study!r} already exists in MLflow experiment {experiment!r} at {uri}; "
@@ -176,29 +184,35 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
                                  fingerprint.model_fingerprint(plan.train.model))
     if opts.resume:
         fingerprint.check_same_model(plan, model_digest, model_files)
-    for what, digest, stored_digest in (("data", data_bundle and data_bundle.digest, plan.data_digest),):
-        if opts.resume and stored_digest and digest != stored_digest:
-            raise PtrayError(f"the {what} files differ from those study {plan.study!r} started with "
-                             f"({digest} != {stored_digest}); resume with the same files or start a new --study")
+    data_digest, data_files = (data_bundle.digest, data_bundle.file_digests()) if data_bundle else (None, None)
+    # accepted new data files (--accept-new-data) are stored with the plan, so that a later --resume compares them
+    new_data = opts.resume and fingerprint.check_same_data(plan, data_digest, data_files, opts.accept_new_data)
     plan.model_digest, plan.model_files = model_digest, model_files
-    plan.data_digest = data_bundle.digest if data_bundle else None
+    plan.data_digest, plan.data_files = data_digest, data_files
     preflight.check_plan_lengths(plan, str(model_bundle.materialize()) if model_bundle else plan.train.model)
 
     import ray
 
-    if opts.resume and not opts.address:  # a killed driver's embedded Ray leaves its agents running
-        cluster.clear_leftover_ray()
-    started_ray = cluster.start_ray(opts.address)
-    watch = store.ServerWatch(uri).__enter__()  # says once when the tracking server stops answering, and after
+    exp_id = tracking.get_or_create_experiment(mc, experiment)
+    # One driver per study, in the store itself (another machine's driver included): a second one is refused here,
+    # before it starts anything (or kills the running one's Ray below).
+    lease = StudyLease(mc, exp_id, plan.study).acquire()
+    started_ray, watch = False, store.ServerWatch(uri)  # says once when a tracking server stops answering, and after
     try:
+        if not opts.resume and tracking.read_plan(mc, experiment, plan.study) is not None:  # started meanwhile
+            raise PtrayError(f"study {plan.study!r} already exists in MLflow experiment {experiment!r} at {uri}; "
+                             f"pass --resume to finish it, or choose another --study")
+        if opts.resume and not opts.address:  # a killed driver's embedded Ray leaves its agents running
+            cluster.clear_leftover_ray()
+        started_ray = cluster.start_ray(opts.address)
+        watch.__enter__()
         uri = cluster.check_cluster(opts, uri, storage)
         gpus = cluster.gpus_per_trial(opts)
         # stored resolved: --resume keeps it; a searched trial is a group of one (its scheduler stops trials)
         plan.group_size = 1 if plan.search else resolve_group_size(plan.group_size, gpus)
         trial_gpus = group_gpus(gpus, plan.group_size, opts)
         cluster.check_cluster_resources(opts, trial_gpus, gpus)  # a request no node can hold would wait forever
-        exp_id = tracking.get_or_create_experiment(mc, experiment)
-        if not opts.resume:
+        if not opts.resume or new_data:
             tracking.write_plan(mc, exp_id, plan.study, plan.to_json())
         ctx = study_context(plan, exp_id, uri, model_bundle, data_bundle, compile=opts.compile)
         print(describe(plan, opts, uri, storage, experiment, new=not opts.resume, gpus=trial_gpus), flush=True)
@@ -218,8 +232,9 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
         watch.__exit__(None, None, None)
         if started_ray:
             ray.shutdown()
+        lease.release()
     print(render_summary(summary, plan, experiment, exp_id, uri, tune_folder, analysis_note, transfer_failures,
-                         time.perf_counter() - t0))
+                         time.perf_counter() - t0, artifacts=tracking.artifact_location(mc, exp_id)))
     if not complete:
         print(f"finish the missing runs with:\n  {resume_command(plan, opts)}", file=sys.stderr)
     return 0 if complete and not analysis_note.startswith("failed") else 1

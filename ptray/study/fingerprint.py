@@ -101,3 +101,33 @@ def check_same_model(plan: Plan, digest: str | None, files: dict[str, str] | Non
     if change:
         raise PtrayError(f"--resume of study {plan.study!r}: {change}; its trials trained on the old model and its "
                          f"transfer would evaluate on the new one: restore the model, or start a new --study")
+
+
+def check_same_data(plan: Plan, digest: str | None, files: dict[str, str] | None, accept: bool) -> bool:
+    """On ``--resume``: the data files (``digest``, ``files``: ``Bundle.digest`` and ``Bundle.file_digests`` of the
+    files the plan reads now) must be those the study started with (``plan``, as stored), unless ``accept``
+    (``--accept-new-data``). Returns whether they differ (and were accepted: the caller stores the new digests).
+
+    Raises:
+        PtrayError: they differ and ``accept`` is False: which files changed (when the plan recorded them), and the
+            three ways forward: restore them, start a new study, or accept them.
+    """
+    stored = plan.data_digest
+    if not stored or not digest or stored == digest:
+        return False
+    old = plan.data_files
+    if old is None or files is None:  # a plan stored before each file's digest was recorded
+        what = f"differ from those the study started with ({digest} != {stored})"
+    else:
+        changed = [f"{rel} changed" for rel in sorted(set(files) & set(old)) if files[rel] != old[rel]]
+        changed += [f"{rel} added" for rel in sorted(set(files) - set(old))]
+        changed += [f"{rel} removed" for rel in sorted(set(old) - set(files))]
+        what = f"changed since the study started: {', '.join(changed)}"
+    if accept:
+        print(f"--accept-new-data: study {plan.study!r} goes on with the data files in {plan.train.data_dir}, "
+              f"which {what}; its finished runs keep what the old files gave", flush=True)
+        return True
+    raise PtrayError(f"--resume of study {plan.study!r}: the data files in {plan.train.data_dir} {what}; restore "
+                     f"them, start anew with another --study (the same flags without --resume), or pass "
+                     f"--accept-new-data to finish this study on the new files (its finished runs keep what the old "
+                     f"files gave)")

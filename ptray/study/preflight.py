@@ -59,6 +59,27 @@ def data_files(plan: Plan) -> list[str]:
                          f"layout <TASK>/train.jsonl, <TASK>/val.jsonl)")
     return rel
 
+def check_data(plan: Plan) -> list[str]:
+    """``data_files``, then every one of them read as the trials will read it (``ptray.data.superglue.read_jsonl``):
+    a file cut mid-line, a record without a field or a label, a repeated idx is the reader's one line, naming the
+    user's file, here, before anything is scheduled (in a trial it would fail every retry, naming a node's cached
+    copy). Returns ``data_files``'s paths.
+
+    Raises:
+        PtrayError: a missing file, or the first problem of the first unreadable file (``path:line: what``).
+    """
+    from ptray.data.superglue import read_jsonl
+
+    rel = data_files(plan)
+    if plan.train.data_dir is not None:
+        for name in plan.tasks:
+            for split in ("train", "val"):
+                read_jsonl(get_task(name), split, plan.train.data_dir)
+        for name in plan.targets:
+            read_jsonl(get_task(name), "val", plan.train.data_dir)
+    return rel
+
+
 def check_plan_lengths(plan: Plan, model: str) -> None:
     """The length checks every trial makes first (``ptray.data.batching.check_fits``: the answer cue and answer within
     --max-length, prompt + --max-length within the model's positions), for every task of the plan, here: a length

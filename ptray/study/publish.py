@@ -24,6 +24,7 @@ from typing import Any
 from ptray import layout
 from ptray.cli import OneLineParser
 from ptray.errors import PtrayError
+from ptray.files import disk_full_from, is_disk_full
 from ptray.plan import Plan
 from ptray.study import store, tracking
 from ptray.study.local import RUN_FILE, finished_runs, read_plan, run_dir
@@ -33,7 +34,8 @@ log = logging.getLogger("ptray")
 
 def publish(study_dir: str | Path, tracking_uri: str | None = None, experiment: str | None = None) -> dict[str, Any]:
     """Log the finished runs of the local study in ``study_dir`` into MLflow; return ``{"experiment",
-    "experiment_id", "tracking_uri", "published", "skipped"}``.
+    "experiment_id", "tracking_uri", "published", "artifacts", "skipped"}`` (``artifacts``: where the runs' files
+    are, ``tracking.artifact_location``).
 
     ``experiment`` defaults to ``ptray-<study>``, as the Ray study names it. Raises PtrayError (one line): not a
     study folder, an unreachable store, or an experiment that holds another plan under the same study id.
@@ -77,6 +79,7 @@ def publish(study_dir: str | Path, tracking_uri: str | None = None, experiment: 
             tracking.log_finished_run(client, run_id, params, layout.logged_metrics(info["kind"], metrics), artifacts)
         published += 1
     return {"experiment": experiment, "experiment_id": exp_id, "tracking_uri": uri, "published": published,
+            "artifacts": tracking.artifact_location(client, exp_id),
             "skipped": skipped}
 
 
@@ -99,6 +102,12 @@ def main(argv: list[str] | None = None, prog: str = "ptray publish") -> int:
     except PtrayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk under MLflow's artifact copy: one line, not its traceback
+        if not is_disk_full(err):
+            raise
+        print(f"error: {disk_full_from(err)}", file=sys.stderr)
+        return 2
     print(f"published {out['published']} runs ({out['skipped']} already there) into experiment "
-          f"{out['experiment']!r} at {out['tracking_uri']}; {store.ui_command(out['tracking_uri'])}")
+          f"{out['experiment']!r} at {out['tracking_uri']} (artifacts in {out['artifacts']}); "
+          f"{store.ui_command(out['tracking_uri'])}")
     return 0

@@ -9,6 +9,7 @@ stale run. What is logged into the store is ``ptray.study.tracking``'s.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
@@ -21,6 +22,12 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 from ptray.errors import PtrayError
+from ptray.files import disk_full_error
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows: the first creation is not serialised there
+    fcntl = None
 
 
 def default_tracking_uri() -> str:
@@ -71,6 +78,26 @@ def local_path(uri: str) -> Path | None:
     if parsed.scheme == "file":
         return Path(url2pathname(parsed.path))
     return None
+
+
+ARTIFACTS_SUFFIX = "-artifacts"  # mlflow.db -> mlflow-artifacts/, beside it
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where the experiments ptray creates in a SQLite store keep their artifacts: the folder ``<name>-artifacts``
+    beside the database file (``mlflow-artifacts/`` beside ``mlflow.db``), one subfolder per experiment id, as a
+    server's ``--default-artifact-root``. MLflow's own default, ``./mlruns`` of whatever folder an experiment was
+    created from, would part the runs from their files when that folder is deleted. None for other stores: a
+    server decides where its artifacts go, a file store keeps them in its folder."""
+    if urlparse(uri).scheme != "sqlite":
+        return None
+    path = local_path(uri)
+    return path.with_name(path.stem + ARTIFACTS_SUFFIX) if path is not None else None
+
+
+def artifact_place(location: str) -> str:
+    """An experiment's ``artifact_location`` as a user reads it: a local folder as its path, else the URI."""
+    return str(local_path(location)) if urlparse(location).scheme == "file" else location
 
 
 def store_exists(uri: str) -> bool:
@@ -147,12 +174,27 @@ def open_store(uri: str):
     a damaged database, a database of another schema, a server that refuses us) is one ``PtrayError`` line that
     says what to do, not MLflow's traceback. ``check_tracking`` runs first."""
     check_tracking(uri)
-    mlflow_client = client(uri)
-    try:
-        mlflow_client.search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 - MlflowException, SQLAlchemy's errors, requests' errors...
-        raise store_error(uri, err) from None
+    with _first_creation(uri):
+        try:
+            mlflow_client = client(uri)  # MLflow opens (and creates) a SQLite store here
+            mlflow_client.search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001 - MlflowException, SQLAlchemy's errors, requests' errors...
+            raise store_error(uri, err) from None
     return mlflow_client
+
+
+@contextlib.contextmanager
+def _first_creation(uri: str):
+    """Around the first use of a SQLite store: while its database is new (missing or empty), one process at a time
+    (an exclusive lock on a file beside it, ``.NAME.lock``), so that two studies started together on a new file do
+    not both create MLflow's tables ("table ... already exists"). A database that holds tables needs no lock."""
+    path = local_path(uri) if urlparse(uri).scheme == "sqlite" else None
+    if path is None or (path.is_file() and path.stat().st_size > 0) or fcntl is None:
+        yield
+        return
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def store_error(uri: str, err: BaseException) -> PtrayError:
@@ -164,6 +206,8 @@ def store_error(uri: str, err: BaseException) -> PtrayError:
     if "not a database" in text or "malformed" in text:
         return PtrayError(f"the tracking store {uri} is not a usable SQLite database ({text.split(' [SQL')[0]}); "
                           f"pass the study's mlflow.db, or a new file name to start a new store")
+    if "database or disk is full" in text and local_path(uri) is not None:  # SQLite's words for ENOSPC
+        return disk_full_error(local_path(uri).parent)
     if "mlflow db upgrade" in text or "out-of-date database schema" in text:
         return PtrayError(f"the MLflow database {uri} was written by another MLflow version; back it up, then run "
                           f"`mlflow db upgrade {uri}`")

@@ -185,8 +185,10 @@ def summarize(mc, exp_id: str, plan: Plan) -> dict[str, Any]:
 
 
 def render_summary(summary: dict[str, Any], plan: Plan, experiment: str, exp_id: str, uri: str, tune_path: str,
-                   analysis_note: str, transfer_failures: list[str], seconds: float) -> str:
-    """The lines printed at the end of a study: counts, best results per task, where everything is."""
+                   analysis_note: str, transfer_failures: list[str], seconds: float,
+                   artifacts: str | None = None) -> str:
+    """The lines printed at the end of a study: counts, best results per task, where everything is (``artifacts``:
+    where the experiment's runs keep their files, ``tracking.artifact_location``)."""
     lines = [
         "",
         f"study {plan.study!r} in {seconds:.0f} s:",
@@ -216,6 +218,7 @@ def render_summary(summary: dict[str, Any], plan: Plan, experiment: str, exp_id:
                                               + f"  ({plan.search['metric']} {s['value']:.4f}, {s['run']})"))
     lines += [
         f"  MLflow     experiment {experiment!r} (id {exp_id}) at {uri}",
+        *([f"             artifacts in {artifacts}"] if artifacts else []),
         f"             {store.ui_command(uri)}",
         f"  Tune       {tune_path}",
         f"  analysis   {analysis_note}",

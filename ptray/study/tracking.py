@@ -19,7 +19,7 @@ from typing import Any
 
 from ptray import layout
 from ptray.errors import PtrayError
-from ptray.study.store import client_uri, is_server
+from ptray.study.store import artifact_place, artifact_root, client_uri, is_server
 
 log = logging.getLogger("ptray")
 
@@ -31,7 +31,7 @@ def get_or_create_experiment(mlflow_client, name: str) -> str:
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return mlflow_client.create_experiment(name)
+            return _create_experiment(mlflow_client, name)
         except MlflowException:  # created meanwhile by another process
             exp = mlflow_client.get_experiment_by_name(name)
             if exp is None:
@@ -39,6 +39,25 @@ def get_or_create_experiment(mlflow_client, name: str) -> str:
     if exp.lifecycle_stage != "active":
         raise deleted_experiment_error(exp, client_uri(mlflow_client))
     return exp.experiment_id
+
+
+def _create_experiment(mlflow_client, name: str) -> str:
+    """Create the experiment ``name``; in a SQLite store with its artifacts under ``store.artifact_root`` (beside
+    the database), ``<root>/<experiment id>``. Returns its id."""
+    uri = client_uri(mlflow_client)
+    root = artifact_root(uri)
+    if root is None:
+        return mlflow_client.create_experiment(name)
+    # The store MLflow's client opens for this URI, given an artifact root, as ``mlflow server
+    # --default-artifact-root`` gives one: the experiment's folder is then named by its id, known only once created.
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    return str(SqlAlchemyStore(uri, root.absolute().as_uri()).create_experiment(name))
+
+
+def artifact_location(mlflow_client, experiment_id: str) -> str:
+    """Where the experiment's runs keep their artifacts: a local folder's path, else its URI (a server's)."""
+    return artifact_place(mlflow_client.get_experiment(experiment_id).artifact_location)
 
 
 def deleted_experiment_error(exp, uri: str, study: str | None = None) -> PtrayError:

@@ -18,6 +18,7 @@ from ptray.cli import OneLineParser, add_config_arguments, config_from_args
 from ptray.config import TrainConfig
 from ptray.data.tasks import add_task_file_argument, register_task_files
 from ptray.errors import PtrayError
+from ptray.files import disk_full_from, is_disk_full
 from ptray.training.loop import TrainResult, train_group
 from ptray.training.run_folder import check_output_dir, save_run
 
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m ptray.train") -> 
         out = save_run(result, args.output_dir, overwrite=args.overwrite)
     except PtrayError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk where no writer of ours said which folder
+        if not is_disk_full(err):
+            raise
+        print(f"error: {disk_full_from(err)}", file=sys.stderr)
         return 2
     m = result.metrics
     print(f"done: {m['task']} seed {m['seed']}: exact_match {m['exact_match']:.4f} rank_accuracy "
