@@ -28,6 +28,7 @@ from typing import Any
 
 from ptray.config import DEFAULT_GPU_GROUP_SIZE
 from ptray.errors import PtrayError
+from ptray.files import EXPERIMENT_MAX, check_name
 from ptray.plan import Options, Plan
 from ptray.study import cluster, fingerprint, preflight, store, tracking
 from ptray.study.bundle import Bundle, tiny_model_bundle
@@ -132,11 +133,13 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
         if opts.resume:
             plan = plan_from_args(args, local_plan_json(opts.local))
             experiment = opts.experiment or f"ptray-{plan.study}"  # the stored study's, not the flags' default
+        check_experiment_name(experiment, opts)
         preflight.data_files(plan)
         if opts.dry_run:
             print(describe(plan, opts, uri, storage, experiment, new=not opts.resume))
             return 0
         return run_local_study(plan, opts, experiment, analyse)
+    check_experiment_name(experiment, opts)
     if not opts.resume:  # a resumed study's files are checked against its stored plan, once read (below)
         preflight.data_files(plan)
     if opts.dry_run and not opts.resume:
@@ -223,6 +226,14 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     if not complete:
         print(f"finish the missing runs with:\n  {resume_command(plan, opts)}", file=sys.stderr)
     return 0 if complete and not analysis_note.startswith("failed") else 1
+
+
+def check_experiment_name(experiment: str, opts: Options) -> None:
+    """Refuse, before anything starts, an experiment name that would become the analysis's report folder (no
+    ``--analysis-dir``) and is no folder name (``ptray.files.check_name``: ``a/b``, ``../x``, ``/abs``, ``é``)."""
+    if opts.analysis and opts.analysis_dir is None:
+        check_name(experiment, "--experiment", "the analysis writes its report into a folder of that name under "
+                   "outputs/analysis; or pass --analysis-dir DIR", max_length=EXPERIMENT_MAX)
 
 
 def resolve_group_size(group_size: int | None, gpus: float) -> int:

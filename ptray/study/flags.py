@@ -27,6 +27,7 @@ from ptray.data.tasks import (
     user_declarations,
 )
 from ptray.errors import PtrayError
+from ptray.files import check_name
 from ptray.plan import PER_TRIAL_FIELDS, SMOKE_TRAIN, Options, Plan
 from ptray.seeds import MAX_SEED
 from ptray.study import preflight
@@ -122,9 +123,7 @@ def study_id(args: argparse.Namespace, decl: StudyDeclaration | None) -> str:
         study = f"{decl.name}-smoke-{stamp}" if args.smoke else decl.name
     else:  # each smoke run is a new study, so that `make smoke` works again and again; the paper's study is one
         study = args.study or (f"smoke-{stamp}" if args.smoke else "paper")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", study):
-        raise PtrayError(f"--study {study!r}: use letters, digits, '.', '_' and '-' (it names MLflow and Tune folders)")
-    return study
+    return check_name(study, "--study", "it names the study's runs and its Tune folder")
 
 
 def declared_plan(decl: StudyDeclaration) -> dict[str, Any]:
