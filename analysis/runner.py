@@ -108,6 +108,9 @@ def run(experiment: str, tracking_uri: str | None = None, out_dir: str | os.Path
     lm.to(dev)
     seconds["load_model"] = round(time.perf_counter() - t0, 3)
     results = compute(study, lm, tokenizer, options, notes)
+    coverage = results.summary.get("coverage")
+    if coverage and not coverage["complete"]:  # said where the user looks, not only in the report
+        log.warning("warning: %s; the report's first section names the missing runs", coverage["headline"])
     results.meta["model"] = model
     results.meta["inputs"]["model"].update(name=model, source=model_source, trained_on=models, device=str(dev))
     results.meta["seconds"] = {**seconds, **results.meta["seconds"]}
