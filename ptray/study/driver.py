@@ -43,15 +43,18 @@ from ptray.study.tuner import train_phase, tune_state_exists
 Analyse = Callable[..., Any]
 
 
-def main(argv: list[str] | None = None, analyse: Analyse | None = None, prog: str = "python sweeps/all.py") -> int:
+def main(argv: list[str] | None = None, analyse: Analyse | None = None, prog: str = "python sweeps/all.py",
+         study: str | None = None) -> int:
     """Run the study the flags describe; returns the exit code (2 with one line on bad input).
 
-    ``analyse``: the analysis step (``analysis.run``), passed in by the entry script.
+    ``analyse``: the analysis step (``analysis.run``), passed in by the entry script. ``study``: the study id, for
+    a script that names its studies itself (``sweeps/spot.py``: a smoke run's two phases share one stamp, and the
+    second names the first's runs), instead of the one ``--study`` and ``--smoke`` give.
     """
     args = build_parser(prog).parse_args(argv)
     _quiet_mlflow()
     try:
-        return run(args, analyse)
+        return run(args, analyse, study=study)
     except PtrayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -115,8 +118,9 @@ def _quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..." etc.
 
 
-def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
+def run(args: argparse.Namespace, analyse: Analyse | None = None, study: str | None = None) -> int:
     """Check everything that can be checked, then train, transfer, analyse (``analyse``, when given) and summarise.
+    ``study``: the study id, when the caller chose it (``main``).
 
     Returns the exit code: 0 when every run and the analysis finished, 1 when some did not, 130 when interrupted.
     Raises ``PtrayError`` (one line) for anything the user must change, before anything has started.
@@ -125,13 +129,13 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     opts = options_from_args(args)
     uri = store.resolve_tracking_uri(opts.tracking_uri)
     storage = preflight.resolve_storage(opts.storage_path, cluster=opts.address is not None)
-    plan = plan_from_args(args)
+    plan = plan_from_args(args, study=study)
     if plan.num_samples is not None and not plan.search:  # here: plan_from_args takes every flag it is given
         raise PtrayError("--num-samples: the study declares no search; it trains each (task, seed) once")
     experiment = opts.experiment or f"ptray-{plan.study}"
     if opts.local is not None:  # one process, one device, run folders: no Ray, MLflow only to publish
         if opts.resume:
-            plan = plan_from_args(args, local_plan_json(opts.local))
+            plan = plan_from_args(args, local_plan_json(opts.local), study=study)
             experiment = opts.experiment or f"ptray-{plan.study}"  # the stored study's, not the flags' default
         check_experiment_name(experiment, opts)
         preflight.data_files(plan)
@@ -159,7 +163,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
         if stored is None:
             raise PtrayError(f"there is no study {plan.study!r} to resume in MLflow experiment {experiment!r} at "
                              f"{uri}; check --study, --experiment and --tracking-uri, or start it without --resume")
-        plan = plan_from_args(args, stored)
+        plan = plan_from_args(args, stored, study=study)
         preflight.data_files(plan)
     else:
         if stored is not None:
