@@ -71,7 +71,7 @@ def recorded_inputs(opt: AnalysisOptions, model, num_prompts: int) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     from ptray.lm.families import effective_definition
-    from ptray.versions import code_version, library_versions
+    from ptray.versions import code_version, compute_settings, library_versions
 
     libs = library_versions()
     for name in ("numpy", "scipy", "scikit-learn", "pandas"):
@@ -93,6 +93,7 @@ def recorded_inputs(opt: AnalysisOptions, model, num_prompts: int) -> dict:
                       "torch."), "num_parameters": sum(p.numel() for p in model.parameters()),
                   "effective_prompt": effective_definition(model)},
         "versions": {"code": code_version(), **libs},
+        "compute": compute_settings(),
     }
 
 

@@ -69,7 +69,7 @@ def run_local_study(plan: Plan, opts: Options, experiment: str, analyse: Analyse
     study_dir = str(Path(opts.local).expanduser().resolve())
     resume = f"ptray study --resume --local {study_dir}"
     try:
-        counts = run_local(plan, study_dir, resume=opts.resume)
+        counts = run_local(plan, study_dir, resume=opts.resume, threads=opts.torch_threads)
     except KeyboardInterrupt:
         print(f"\ninterrupted. Finish the study with:\n  {resume}", file=sys.stderr)
         return 130
@@ -207,7 +207,8 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None, study: str | N
         exp_id = tracking.get_or_create_experiment(mc, experiment)
         if not opts.resume:
             tracking.write_plan(mc, exp_id, plan.study, plan.to_json())
-        ctx = study_context(plan, exp_id, uri, model_bundle, data_bundle, compile=opts.compile)
+        ctx = study_context(plan, exp_id, uri, model_bundle, data_bundle, compile=opts.compile,
+                            threads=opts.torch_threads)
         print(describe(plan, opts, uri, storage, experiment, new=not opts.resume, gpus=trial_gpus), flush=True)
         outcome = train_phase(plan, opts, ctx, storage, trial_gpus)
         if outcome["interrupted"]:
@@ -266,15 +267,16 @@ def _bundles(plan: Plan) -> tuple[Bundle | None, Bundle | None]:
 
 
 def study_context(plan: Plan, exp_id: str, uri: str, model_bundle: Bundle | None, data_bundle: Bundle | None,
-                  compile: bool = False) -> StudyContext:
-    """What every trial and evaluation of the study shares (``--compile`` is a run option, not part of the plan)."""
+                  compile: bool = False, threads: int = 0) -> StudyContext:
+    """What every trial and evaluation of the study shares (``--compile`` and ``threads``, torch's CPU threads in
+    each, are run options, not part of the plan)."""
     # The smoke model is logged by its path in the node-local cache, which is the same path on every node (and
     # on the driver, where the analysis loads it).
     model_label = str(model_bundle.materialize()) if model_bundle is not None else plan.train.model
     return StudyContext(study=plan.study, experiment_id=exp_id, tracking_uri=uri,
                         train=dataclasses.replace(plan.train, compile=compile), model_label=model_label,
                         data_label=plan.train.data_dir, model_bundle=model_bundle, data_bundle=data_bundle,
-                        task_declarations=plan.task_declarations,
+                        task_declarations=plan.task_declarations, threads=threads,
                         params={"study": plan.study,  # the model's digest: what the runs were computed on
                                 **({"model_digest": plan.model_digest} if plan.model_digest else {})})
 

@@ -27,7 +27,7 @@ from ptray.errors import PtrayError
 from ptray.files import name_problem, write_json
 from ptray.study import tracking
 from ptray.study.checkpoints import States, load_trial_checkpoint, save_trial_checkpoint
-from ptray.study.context import StudyContext, quiet
+from ptray.study.context import StudyContext, quiet, torch_threads
 
 log = logging.getLogger("ptray")
 
@@ -129,8 +129,15 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
     already FINISHED (the trial completed but Tune never heard of it, e.g. the driver was killed) is not trained
     again. The runs of a ``{"group": ...}`` config also get the params ``group_size`` and ``group_index``.
     A prompt with a condition (``(task, seed, condition)``) trains with ``conditions[condition]``'s overrides and a
-    searched trial with its sampled values (``sampled(config)``); its run is tagged with the condition.
+    searched trial with its sampled values (``sampled(config)``); its run is tagged with the condition. It runs on
+    ``ctx.threads`` torch CPU threads (``torch_threads``), the count every run records.
     """
+    with torch_threads(ctx.threads):
+        return _run_group(config, ctx, resume, report, conditions)
+
+
+def _run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[str, Any]] | None,
+               report: GroupReport, conditions: Conditions | None = None) -> dict[str, dict[str, Any]]:
     from ptray.training.loop import train_group
 
     ctx.register_tasks()  # the study's user tasks, before any task is looked up
