@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     code = driver.main(["--study", str(paths[0]), *_resumable(common, ids[0], experiment), "--no-analysis"],
                        prog="python sweeps/spot.py", study=ids[0])
     if code != 0:
-        print(f"finish both phases with:\n  {again}", file=sys.stderr)
+        if code != 2:  # 2: refused before anything started (one line said why): nothing to finish
+            print(f"finish both phases with:\n  {again}", file=sys.stderr)
         return code
     print(f"\nSPoT phase 2: every target from every source and from its init text, study {ids[1]} ({paths[1]})",
           flush=True)

@@ -141,7 +141,7 @@ def test_spot_run_twice_smoke_runs_are_their_own_studies_and_experiments(tmp_pat
     calls = []
     monkeypatch.setattr(spot.driver, "main", lambda argv, analyse=None, prog=None, study=None: calls.append(
         (argv, study)) or 0)
-    stamps = iter(["20260101-120000", "20260101-120500"])
+    stamps = iter(["20260101-120000", "20260101-120500", "20260101-121000"])
     monkeypatch.setattr(spot.time, "strftime", lambda fmt: next(stamps))
     monkeypatch.chdir(tmp_path)
     for _ in range(2):
@@ -164,6 +164,13 @@ def test_spot_run_twice_smoke_runs_are_their_own_studies_and_experiments(tmp_pat
     assert spot.main(["--smoke", "--resume", "--study", "spot-smoke-20260101-120000", "--tasks", "cb,rte",
                       "--seeds", "0"]) == 0
     assert [study for _, study in calls] == ["spot-sources-smoke-20260101-120000", "spot-smoke-20260101-120000"]
+    # a phase that did not finish: the command that finishes both, with the run's id and flags
+    monkeypatch.setattr(spot.driver, "main", lambda argv, analyse=None, prog=None, study=None: 1)
+    capsys.readouterr()
+    assert spot.main(["--smoke", "--tasks", "cb,rte", "--seeds", "0", "--data-dir", "d"]) == 1
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "finish both phases with:", "  python sweeps/spot.py --resume --study spot-smoke-20260101-121000 --tasks "
+                                    "cb,rte --seeds 0 --smoke --data-dir d"]
     assert spot.main(["--smoke", "--resume"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --resume --smoke needs --study with the smoke run's id, NAME-smoke-<date>-<time> (each smoke run is "
