@@ -14,7 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from analysis.records import EvalRun, PromptRun, Study, Trial
+from analysis.records import DELETED, EvalRun, PromptRun, RunStatus, Study, Trial
 from ptray import layout
 from ptray.errors import PtrayError
 from ptray.study import store, tracking
@@ -58,6 +58,27 @@ def _all_runs(client, experiment_id: str) -> list:
     return tracking.search_runs(client, experiment_id, order_by=["attributes.start_time ASC"])
 
 
+def _deleted_runs(client, experiment_id: str) -> list:
+    """The experiment's deleted runs (still in the store until ``mlflow gc``), all pages: a plan's run that was
+    deleted is named as such, not as one that never ran."""
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], "", run_view_type=ViewType.DELETED_ONLY, max_results=1000,
+                                  page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _status(run, status: str | None = None) -> RunStatus:
+    t = run.data.tags
+    return RunStatus(t.get(layout.TAG_STUDY, ""), t.get(layout.TAG_KIND, ""), run.info.run_name or run.info.run_id,
+                     status or run.info.status, t.get(layout.TAG_STOPPED_BY) or None)
+
+
 def _key(run) -> tuple:
     """What identifies a run here: ``layout.run_key``, and for a train run also the prompt it started from
     (``ptray.init_from``: a SPoT study trains one target run per source) and its ``lr`` param (the trials of a
@@ -94,6 +115,19 @@ def register_study_tasks(exp) -> None:
         if key.startswith(layout.PLAN_TAG_PREFIX):
             declarations = json.loads(value).get("task_declarations") or ()
             register_declarations(declarations, f"the stored plan {key!r}")
+
+
+def stored_plans(exp) -> dict[str, dict]:
+    """Every study's plan stored in the experiment (``ptray.plan.<study>`` tags), by study id; one that is not
+    valid JSON is left out (the coverage section then says the study has no readable plan)."""
+    plans = {}
+    for key, value in (exp.tags or {}).items():
+        if key.startswith(layout.PLAN_TAG_PREFIX):
+            try:
+                plans[key.removeprefix(layout.PLAN_TAG_PREFIX)] = json.loads(value)
+            except ValueError:
+                continue
+    return plans
 
 
 def _plan(exp) -> dict:
@@ -176,10 +210,13 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
     exp = find_experiment(client, experiment)
     register_study_tasks(exp)
     prompts, evals, trials, notes, studies, runs = [], [], [], [], set(), []
+    statuses = [_status(r, DELETED) for r in _deleted_runs(client, exp.experiment_id)
+                if r.data.tags.get(layout.TAG_KIND) in (layout.TRAIN, *layout.EVAL_KINDS)]
     for run in _all_runs(client, exp.experiment_id):
         kind = run.data.tags.get(layout.TAG_KIND)
         if kind not in (layout.TRAIN, *layout.EVAL_KINDS):
             continue
+        statuses.append(_status(run))
         if run.info.status != layout.FINISHED and not (kind == layout.TRAIN and _stopped(run)):
             notes.append(f"skipped {kind} run {run.info.run_name or run.info.run_id} ({run.info.status})")
             continue
@@ -240,7 +277,8 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
                     condition=condition, trial=trial))
     study_tag = min(studies) if len(studies) == 1 else ",".join(sorted(s for s in studies if s))
     return Study(experiment, study_tag, prompts, evals, experiment_id=exp.experiment_id, trials=trials,
-                 search=dict(plan.get("search") or ({"stopped": True} if search else {}))), notes
+                 search=dict(plan.get("search") or ({"stopped": True} if search else {})),
+                 plans=stored_plans(exp), runs=statuses), notes
 
 
 def _last_eval_loss(run, metrics: dict) -> float | None:

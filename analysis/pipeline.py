@@ -5,6 +5,7 @@ passes aside) that returns a ``Section``: figures with the numbers they draw, ta
 
 | section | file |
 |---|---|
+| the plan and what was found (first: planned, found, missing runs) | ``analysis/coverage.py`` |
 | nearest tokens (Figures 2-5) | ``analysis/nearest.py`` |
 | stochasticity: Table 1, norms, Figure 6 | ``analysis/stochasticity.py`` |
 | distances (Figure 7) | ``analysis/distances.py`` |
@@ -32,6 +33,7 @@ from contextlib import contextmanager
 from analysis import (
     conditions,
     correlation,
+    coverage,
     distances,
     geometry,
     nearest,
@@ -69,7 +71,7 @@ def recorded_inputs(opt: AnalysisOptions, model, num_prompts: int) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     from ptray.lm.families import effective_definition
-    from ptray.versions import code_version, library_versions
+    from ptray.versions import code_version, compute_settings, library_versions
 
     libs = library_versions()
     for name in ("numpy", "scipy", "scikit-learn", "pandas"):
@@ -91,13 +93,15 @@ def recorded_inputs(opt: AnalysisOptions, model, num_prompts: int) -> dict:
                       "torch."), "num_parameters": sum(p.numel() for p in model.parameters()),
                   "effective_prompt": effective_definition(model)},
         "versions": {"code": code_version(), **libs},
+        "compute": compute_settings(),
     }
 
 
 def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = None, notes: list[str] | None = None
             ) -> Results:
-    """Every analysis, in report order: nearest tokens, norms and maps, distances, transfer, distance vs
-    transfer, predictors, faithfulness. ``notes`` (from loading the study) start the report's notes.
+    """Every analysis, in report order: the plan against the runs found (``analysis.coverage``), nearest tokens,
+    norms and maps, distances, transfer, distance vs transfer, predictors, faithfulness. ``notes`` (from loading
+    the study) start the report's notes.
 
     Any number of tasks and seeds is analysed, one prompt included: what needs more (a spread across seeds, a
     distance between prompts, a map, a test over task pairs) is n/a with a note saying why.
@@ -110,6 +114,7 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
     opt = options or AnalysisOptions()
     seconds: dict[str, float] = {}
     full = study
+    planned = coverage.coverage_section(full)  # of the whole experiment, before any view narrows it
     study, view_notes, view_meta = views.paper_view(full, opt.condition)
     with _timed(seconds, "prepare"):
         inputs = prepare(study, model, tokenizer)
@@ -130,6 +135,7 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
         "seconds": seconds,
         "notes": list(notes or []) + view_notes,
     })
+    res.add(planned)
     if view_meta["conditions"]:
         res.meta.update(condition=view_meta["condition"], conditions=view_meta["conditions"])
     res.meta["inputs"]["model"]["name"] = res.meta["model"]

@@ -86,6 +86,21 @@ class Trial:
     trial: str | None = None  # its ``ptray.condition`` tag in a search (``sample3``)
 
 
+@dataclass(frozen=True)
+class RunStatus:
+    """One train or evaluation run of the experiment as MLflow lists it, whatever its status, deleted runs too:
+    what the coverage section (``analysis.coverage``) holds against the stored plans."""
+
+    study: str  # its ``ptray.study`` tag
+    kind: str  # layout.TRAIN, layout.TRANSFER or layout.BASELINE
+    name: str  # its run name (``ptray.layout``'s spelling)
+    status: str  # FINISHED, FAILED, KILLED, RUNNING, SCHEDULED, or DELETED (a deleted run, still in the store)
+    stopped_by: str | None = None  # a KILLED train run a Tune scheduler stopped (``ptray.stopped_by``)
+
+
+DELETED = "DELETED"  # the status ``RunStatus`` gives a deleted run
+
+
 @dataclass
 class Study:
     """Everything one experiment holds that the analysis uses."""
@@ -98,6 +113,8 @@ class Study:
     trials: list[Trial] = field(default_factory=list)  # every train run, stopped ones too (the search section)
     declared_conditions: list[str] = field(default_factory=list)  # the plan's conditions, in declared order
     search: dict[str, Any] = field(default_factory=dict)  # the plan's Tune search (space, metric, mode, scheduler)
+    plans: dict[str, dict[str, Any]] = field(default_factory=dict)  # study id -> its stored plan (``Plan.to_json``)
+    runs: list[RunStatus] = field(default_factory=list)  # every train/evaluation run, any status (coverage)
 
     @property
     def tasks(self) -> list[str]:

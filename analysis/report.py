@@ -135,23 +135,33 @@ def write_html(results: Results, files: dict[str, list[str]], out: Path) -> Path
     meta = results.meta
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Prompt analysis: "
              f"{html.escape(meta['experiment'])}</title><style>{CSS}</style></head><body>",
-             f"<h1>Prompt-tuning analysis: experiment <code>{html.escape(meta['experiment'])}</code></h1>",
-             f"<p>{html.escape(INTRO)}</p>", _meta_rows(meta)]
+             f"<h1>Prompt-tuning analysis: experiment <code>{html.escape(meta['experiment'])}</code></h1>"]
+    if meta.get("coverage_headline"):  # before anything else: whether the numbers below cover the whole plan
+        parts.append(f"<p><strong>{html.escape(meta['coverage_headline'])}.</strong></p>")
+    parts += _sections_html(results, files, out, ("coverage",))
+    parts += [f"<p>{html.escape(INTRO)}</p>", _meta_rows(meta)]
     if meta.get("notes"):
         parts.append("<h3>Notes</h3><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in meta["notes"]) + "</ul>")
-    for key, title in SECTIONS.items():
-        outs = [o for o in results.outputs if o.section == key]
-        if not outs:
-            continue
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        for o in outs:
-            parts.append(_output_html(o, files.get(o.name, []), out))
+    parts += _sections_html(results, files, out, tuple(k for k in SECTIONS if k != "coverage"))
     parts.append("<h2>Files</h2><ul>" + "".join(
         f"<li>{html.escape(o)}: {', '.join(html.escape(f) for f in fs)}</li>" for o, fs in files.items())
         + "<li>analysis.json: every summary number</li></ul></body></html>")
     path = out / "report.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _sections_html(results: Results, files: dict[str, list[str]], out: Path, keys: tuple[str, ...]) -> list[str]:
+    """The HTML of the sections ``keys`` (keys of ``SECTIONS``, in that order) that have outputs."""
+    parts = []
+    for key in keys:
+        outs = [o for o in results.outputs if o.section == key]
+        if not outs:
+            continue
+        parts.append(f"<h2>{html.escape(SECTIONS[key])}</h2>")
+        for o in outs:
+            parts.append(_output_html(o, files.get(o.name, []), out))
+    return parts
 
 
 def _output_html(o: Output, files: list[str], out: Path) -> str:
@@ -197,9 +207,12 @@ def write_markdown(results: Results, out: Path) -> Path:
              f"of different lengths: {meta.get('distance_definition', meta['distance_method'])}. "
              "The full report with every figure is `report.html`; every number is in `analysis.json` and the CSVs.",
              ""]
+    by_name = {o.name: o for o in results.outputs}
+    if "coverage" in by_name:  # first: whether the numbers below cover the whole plan
+        lines[2:2] = [f"**{meta['coverage_headline']}.**", "", f"## {SECTIONS['coverage']}", "",
+                      _md_table(by_name["coverage"].data), ""]
     if meta.get("notes"):
         lines += ["**Notes:**", *[f"- {n}" for n in meta["notes"]], ""]
-    by_name = {o.name: o for o in results.outputs}
     for name, heading, columns in (
             ("table1_norms", "Table 1: norms per task",
              ["task", "num_tokens", "num_seeds", "frobenius_raw_mean", "frobenius_raw_var_ddof0",

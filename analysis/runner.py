@@ -16,7 +16,7 @@ from ptray.errors import PtrayError
 
 log = logging.getLogger("ptray.analysis")
 
-__all__ = ["DEFAULT_OUT", "check_out", "earlier_report", "run"]
+__all__ = ["DEFAULT_OUT", "check_out", "default_out", "earlier_report", "run"]
 
 DEFAULT_OUT = Path("outputs") / "analysis"
 
@@ -25,6 +25,19 @@ def earlier_report(folder: Path) -> bool:
     """Whether ``folder`` holds an earlier analysis report (``analysis.json`` and ``report.html``), which a re-run
     replaces."""
     return (folder / "analysis.json").is_file() and (folder / "report.html").is_file()
+
+
+def default_out(experiment: str) -> Path:
+    """The report folder of ``experiment`` when no ``--out`` is given: ``outputs/analysis/<experiment>``.
+
+    Raises:
+        PtrayError: ``experiment`` is no folder name (``ptray.files.check_name``: ``a/b`` would nest folders, ``../x``
+            or an absolute name would put the report outside ``outputs/analysis``).
+    """
+    from ptray.files import EXPERIMENT_MAX, check_name
+
+    why = f"it names the report folder {DEFAULT_OUT}/<experiment>; or pass --out DIR"
+    return DEFAULT_OUT / check_name(experiment, "--experiment", why, max_length=EXPERIMENT_MAX)
 
 
 def check_out(out: Path, overwrite: bool) -> Path:
@@ -75,7 +88,7 @@ def run(experiment: str, tracking_uri: str | None = None, out_dir: str | os.Path
         options = AnalysisOptions(**options)
     except ValueError as err:
         raise PtrayError(str(err)) from None
-    out = check_out(Path(out_dir) if out_dir is not None else DEFAULT_OUT / experiment, overwrite)
+    out = check_out(Path(out_dir) if out_dir is not None else default_out(experiment), overwrite)
     seconds = {}
     t0 = time.perf_counter()
     study, notes = mlflow_io.load_study(experiment, tracking_uri)
@@ -95,6 +108,9 @@ def run(experiment: str, tracking_uri: str | None = None, out_dir: str | os.Path
     lm.to(dev)
     seconds["load_model"] = round(time.perf_counter() - t0, 3)
     results = compute(study, lm, tokenizer, options, notes)
+    coverage = results.summary.get("coverage")
+    if coverage and not coverage["complete"]:  # said where the user looks, not only in the report
+        log.warning("warning: %s; the report's first section names the missing runs", coverage["headline"])
     results.meta["model"] = model
     results.meta["inputs"]["model"].update(name=model, source=model_source, trained_on=models, device=str(dev))
     results.meta["seconds"] = {**seconds, **results.meta["seconds"]}

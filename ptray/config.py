@@ -152,8 +152,9 @@ class TrainConfig:
     init_text: str | None = config_field(None, "init text (unset: the task's init text from the paper)")
     init_source: str | None = config_field(
         None, "init=prompt: the prompt to start from: a run folder or PEFT adapter folder, or in a study a train run "
-              "of the same study (e.g. rte-seed0; {seed} stands for the trial's seed); the prompt takes the source's "
-              "rows and length (num_tokens set: its first rows, cycled when longer)")
+              "of the same study (e.g. rte-seed0; {seed} stands for the trial's seed) or of another study of its "
+              "experiment (STUDY/RUN, e.g. spot-sources/rte-seed0); the prompt takes the source's rows and length "
+              "(num_tokens set: its first rows, cycled when longer)")
     num_tokens: int | None = config_field(None, "prompt rows (unset: the init text's token count, the paper's choice)",
                                           type=positive_int)
     precision: str = config_field("auto", "mixed precision: auto is bf16 on GPUs that support it, else fp16; "

@@ -150,6 +150,51 @@ def atomic_folder(out: str | Path, replace: bool = True) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# A name that becomes a folder (a study id, an experiment's report folder, a task or condition in run-folder names):
+# ASCII only, so that it is one folder with the same spelling on every filesystem and in every shell; no '/', no
+# '..' and no leading '.' (a hidden folder, or the way out of the folder it is meant to live in).
+NAME_RULE = "ASCII letters (a-z, A-Z), digits, '-', '_' and '.', starting with a letter or digit"
+NAME_MAX = 64
+EXPERIMENT_MAX = 100  # an experiment's name: ptray-<study> and room to spare
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def name_problem(name: str, max_length: int = NAME_MAX) -> str | None:
+    """What makes ``name`` unfit to be a folder name, as words a user reads (None: it is fit).
+
+    Fit: ``NAME_RULE`` (``[A-Za-z0-9][A-Za-z0-9_.-]*``, so never ``/``, ``..``, a leading ``.``, a space or a
+    non-ASCII letter such as ``é``), 1 to ``max_length`` characters.
+
+    >>> name_problem("cb-seed0.v2") is None
+    True
+    >>> name_problem("../x")
+    "use only ASCII letters (a-z, A-Z), digits, '-', '_' and '.', starting with a letter or digit"
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        return f"use only {NAME_RULE}"
+    if len(name) > max_length:
+        return f"at most {max_length} characters (it has {len(name)})"
+    return None
+
+
+def check_name(name: str, what: str, why: str, max_length: int = NAME_MAX) -> str:
+    """``name`` unchanged when it may become a folder name (``name_problem``); otherwise one line.
+
+    Args:
+        name: the name as the user gave it.
+        what: how the user gave it (``--study``, ``--experiment``), first in the message.
+        why: which folder it becomes, and any way around the rule (``or pass --out``).
+        max_length: the most characters allowed.
+
+    Raises:
+        PtrayError: ``"{what} {name!r}: use only ASCII letters ... ({why})"``.
+    """
+    problem = name_problem(name, max_length)
+    if problem:
+        raise PtrayError(f"{what} {name!r}: {problem} ({why})")
+    return name
+
+
 def looks_like_path(name: str) -> bool:
     """Whether ``name`` (a ``--model`` value that is not an existing folder) reads as a path rather than a Hub id.
 

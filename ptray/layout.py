@@ -27,7 +27,8 @@ TAG_REPLACES = TAG_PREFIX + "replaces"  # id of the run this one replaced (see t
 TAG_CONDITION = TAG_PREFIX + "condition"
 # A train run stopped early by a Tune scheduler (ASHA, median stopping): the scheduler's name; the run is KILLED.
 TAG_STOPPED_BY = TAG_PREFIX + "stopped_by"
-# A train run whose prompt started from another trained prompt (SPoT): that prompt's train run name.
+# A train run whose prompt started from another trained prompt (SPoT): that prompt's train run name (STUDY/RUN for a
+# run of another study of the experiment).
 TAG_INIT_FROM = TAG_PREFIX + "init_from"
 # Experiment tag holding a study's plan (JSON), so ``--resume`` continues exactly the study that was started.
 PLAN_TAG_PREFIX = TAG_PREFIX + "plan."

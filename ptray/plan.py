@@ -218,6 +218,10 @@ class Options:
                                                       f"GPUs, else 0; a group's trial: that times its prompts, at "
                                                       f"most 1)", type=non_negative_float)
     cpus_per_trial: float = config_field(1.0, "CPUs per trial and evaluation task", type=positive_float)
+    threads: int | None = config_field(
+        None, "torch CPU threads of each trial and evaluation, and of --local (unset: a trial's --cpus-per-trial "
+              "rounded down, at least 1; --local: torch's own, every core); give the same N to both to reproduce a "
+              "Ray trial's numbers locally (more threads sum in another order)", type=positive_int)
     max_failures: int = config_field(3, "retries of a failed trial, a lost node included", type=non_negative_int)
     compile: bool = config_field(False, "torch.compile each transformer block in the trials (see BENCHMARKS.md)")
     resume: bool = config_field(False, "finish the study named by --study; rerun nothing done")
@@ -232,3 +236,9 @@ class Options:
 
     def __post_init__(self):
         check_config(self)
+
+    @property
+    def torch_threads(self) -> int:
+        """torch's intra-op threads in every trial, evaluation and ``--local`` run: ``threads``, else the trial's
+        CPUs rounded down (at least 1), which is what Ray gives a trial (it sets ``OMP_NUM_THREADS`` to its CPUs)."""
+        return self.threads or max(1, int(self.cpus_per_trial))

@@ -30,3 +30,25 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[f"{name}_version"] = "not installed"
     return out
+
+
+def compute_settings() -> dict[str, object]:
+    """How this process computes on the CPU, as run params: what makes the same plan give other numbers on another
+    machine or under another scheduler (a sum split over more threads is added in another order).
+
+    Returns ``torch_threads`` (``torch.get_num_threads()``, intra-op), ``torch_interop_threads``, ``blas`` (torch's
+    build: ``mkl``, ``openblas``, ...), ``onednn`` (oneDNN's version, ``off`` when unavailable or disabled) and
+    ``cpu_capability`` (the vector instructions torch's kernels use: ``AVX512``, ``AVX2``, ``DEFAULT``, ...).
+    """
+    import re
+
+    import torch
+
+    shown = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=([^,\s]+)", shown)
+    onednn = re.search(r"(?:MKL-DNN|oneDNN)\D*v?(\d+(?:\.\d+)+)", shown)
+    use_onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "blas": blas.group(1) if blas else "unknown",
+            "onednn": (onednn.group(1) if onednn else "on") if use_onednn else "off",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}

@@ -402,6 +402,21 @@ def test_missing_store_and_unknown_experiment_are_one_line_errors(tmp_path, caps
     assert [r.info.run_name for r in client.search_runs([exp])] == ["baseline-none-on-cb"]  # no analysis run
 
 
+@pytest.mark.parametrize("experiment", ["a/b", "../../x", "/tmp/x", "étude", ".x"])
+def test_an_experiment_that_names_no_folder_needs_out(tmp_path, monkeypatch, capsys, experiment):
+    """The default report folder is outputs/analysis/<experiment>: a name that is no folder name (nesting, leaving
+    outputs/analysis, absolute, non-ASCII, hidden) is refused before the store is read (issue 32)."""
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(["--experiment", experiment, "--tracking-uri", f"sqlite:///{tmp_path}/none.db"], capsys)
+    assert code == 2 and err == [
+        f"error: --experiment {experiment!r}: use only ASCII letters (a-z, A-Z), digits, '-', '_' and '.', starting "
+        f"with a letter or digit (it names the report folder outputs/analysis/<experiment>; or pass --out DIR)"]
+    assert list(tmp_path.iterdir()) == []  # nothing written, no store created
+    code, err = _cli(["--experiment", experiment, "--tracking-uri", f"sqlite:///{tmp_path}/none.db", "--out",
+                      str(tmp_path / "o")], capsys)  # with --out the name is only a name: the store is read
+    assert code == 2 and "no MLflow database" in err[0]
+
+
 def test_bad_arguments_are_one_line_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         _cli(["--experiment", "x", "--top-k", "0"], capsys)

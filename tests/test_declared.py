@@ -85,7 +85,11 @@ BAD = [
     (BASE + "task = 'cb'\n", "unknown field 'task' (did you mean 'tasks'?); known: name, description, tasks, seeds, "
                              "train, conditions, search, num_samples, scheduler, metric, mode"),
     ('description = "d"\n', "missing field 'name' (required: name, description)"),
-    ('name = "a b"\ndescription = "d"\n', "field 'name': 'a b' is not a study id"),
+    ('name = "a b"\ndescription = "d"\n', "field 'name': 'a b' is not a study id: use only ASCII letters"),
+    ('name = "étude"\ndescription = "d"\n', "field 'name': 'étude' is not a study id: use only ASCII letters"),
+    (BASE + '[conditions."../x"]\ninit = "random"\n', "field 'conditions.../x': condition name '../x': use only "
+                                                      "ASCII letters (a-z, A-Z), digits, '-', '_' and '.', starting "
+                                                      "with a letter or digit (it names runs and their folders)"),
     (BASE + "tasks = ['cb', 'boolq']\n", "field 'tasks': unknown task 'boolq'"),
     (BASE + "tasks = 'cb'\n", "field 'tasks': must be a non-empty list of task names, got 'cb'"),
     (BASE + "seeds = [0, -1]\n", "field 'seeds': "),

@@ -4,6 +4,7 @@ to end with a user task trained and a held-out user task and WiC as transfer-onl
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -109,6 +110,71 @@ def test_a_study_run_starts_from_a_train_run_of_the_study(tiny_model_dir, data_d
     assert run.data.params["init_source_tokens"] == run.data.params["num_tokens"] == str(rows.shape[0])
     started = load_adapter(mc.download_artifacts(run.info.run_id, layout.PROMPT_DIR, str(tmp_path / "rte")))
     assert torch.allclose(started, rows, atol=1e-6)
+    # a second study of the experiment trains its own cb-seed0 (SPoT run twice): a bare run name is ambiguous,
+    # STUDY/RUN names one (issue 32)
+    other = StudyContext(**{**ctx(num_tokens=3).__dict__, "study": "spot-unit-3"})
+    run_training({"task": "cb", "seed": 0}, other, None, report)
+    third = StudyContext(**{**spot.__dict__, "study": "spot-unit-4"})
+    with pytest.raises(PtrayError, match=r"init source 'cb-seed0' names finished train runs of several studies of "
+                                         r"the experiment \(spot-unit, spot-unit-3\); name one as STUDY/RUN \(e.g. "
+                                         r"spot-unit-3/cb-seed0\), or give an adapter folder"):
+        run_training({"task": "rte", "seed": 0}, third, None, report)
+    named = StudyContext(**{**spot.__dict__, "study": "spot-unit-5",
+                            "train": TrainConfig(**{**fields, "init": "prompt", "lr": 1e-12,
+                                                    "init_source": "spot-unit/cb-seed{seed}"})})
+    run_training({"task": "rte", "seed": 0}, named, None, report)
+    run = tracking.find_run(mc, exp, "spot-unit-5", "rte-seed0")
+    assert run.info.status == "FINISHED" and run.data.tags[layout.TAG_INIT_FROM] == "spot-unit/cb-seed0"
+    started = load_adapter(mc.download_artifacts(run.info.run_id, layout.PROMPT_DIR, str(tmp_path / "rte5")))
+    assert torch.allclose(started, rows, atol=1e-6)  # spot-unit's prompt, not spot-unit-3's (3 rows)
+    missing = StudyContext(**{**named.__dict__, "study": "spot-unit-6",
+                              "train": dataclasses.replace(named.train, init_source="nope/cb-seed{seed}")})
+    with pytest.raises(PtrayError, match="init source 'nope/cb-seed0' of rte seed 0 is neither a folder nor a "
+                                         "finished train run of study 'nope' of the experiment"):
+        run_training({"task": "rte", "seed": 0}, missing, None, report)
+
+
+def test_spot_run_twice_smoke_runs_are_their_own_studies_and_experiments(tmp_path, monkeypatch, capsys):
+    """Two smoke runs (and the real study) never share an experiment, and phase 2 names its sources by its own
+    phase 1's study id (issue 32: the second smoke run's phase 2 found two cb-seed0 and failed every trial)."""
+    spot = _spot_script()
+    calls = []
+    monkeypatch.setattr(spot.driver, "main", lambda argv, analyse=None, prog=None, study=None: calls.append(
+        (argv, study)) or 0)
+    stamps = iter(["20260101-120000", "20260101-120500", "20260101-121000"])
+    monkeypatch.setattr(spot.time, "strftime", lambda fmt: next(stamps))
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert spot.main(["--smoke", "--tasks", "cb,rte", "--seeds", "0", "--data-dir", "d"]) == 0
+    assert spot.main(["--tasks", "cb", "--seeds", "0"]) == 0  # the real study
+    studies = [study for _, study in calls]
+    assert studies == ["spot-sources-smoke-20260101-120000", "spot-smoke-20260101-120000",
+                       "spot-sources-smoke-20260101-120500", "spot-smoke-20260101-120500", "spot-sources", "spot"]
+    experiments = [argv[argv.index("--experiment") + 1] for argv, _ in calls]
+    assert experiments == ["ptray-spot-smoke-20260101-120000"] * 2 + ["ptray-spot-smoke-20260101-120500"] * 2 + [
+        "ptray-spot"] * 2
+    second = load_study(calls[3][0][1])  # the second smoke run's phase 2, as written
+    assert second.name == "spot-smoke-20260101-120500"
+    assert second.conditions["from-cb"]["init_source"] == "spot-sources-smoke-20260101-120500/cb-seed{seed}"
+    assert load_study(calls[2][0][1]).name == "spot-sources-smoke-20260101-120500"
+    out = capsys.readouterr().out
+    assert "SPoT smoke run spot-smoke-20260101-120500 in MLflow experiment 'ptray-spot-smoke-20260101-120500'" in out
+    # a smoke run resumes by its id, with its own stamp
+    calls.clear()
+    assert spot.main(["--smoke", "--resume", "--study", "spot-smoke-20260101-120000", "--tasks", "cb,rte",
+                      "--seeds", "0"]) == 0
+    assert [study for _, study in calls] == ["spot-sources-smoke-20260101-120000", "spot-smoke-20260101-120000"]
+    # a phase that did not finish: the command that finishes both, with the run's id and flags
+    monkeypatch.setattr(spot.driver, "main", lambda argv, analyse=None, prog=None, study=None: 1)
+    capsys.readouterr()
+    assert spot.main(["--smoke", "--tasks", "cb,rte", "--seeds", "0", "--data-dir", "d"]) == 1
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "finish both phases with:", "  python sweeps/spot.py --resume --study spot-smoke-20260101-121000 --tasks "
+                                    "cb,rte --seeds 0 --smoke --data-dir d"]
+    assert spot.main(["--smoke", "--resume"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --resume --smoke needs --study with the smoke run's id, NAME-smoke-<date>-<time> (each smoke run is "
+        "its own pair of studies; it printed its id when it started), not 'spot'")
 
 
 def test_spot_phases_from_the_declaration():
@@ -119,7 +185,9 @@ def test_spot_phases_from_the_declaration():
     first, second = parse_study(sources), parse_study(targets)
     assert first.name == "spot-sources" and not first.conditions and first.size == 4 and first.train == decl.train
     assert second.name == "spot" and list(second.conditions) == ["text", "from-cb", "from-rte"]
-    assert second.conditions["from-rte"] == {"init": "prompt", "init_source": "rte-seed{seed}", "max_epochs": 5}
+    # the source run named in phase 1's study: unambiguous in an experiment holding other studies (issue 32)
+    assert second.conditions["from-rte"] == {"init": "prompt", "init_source": "spot-sources/rte-seed{seed}",
+                                             "max_epochs": 5}
     assert second.conditions["text"] == {"max_epochs": 5} and second.size == 3 * 2 * 2
     _, short = spot.phase_texts(decl, ("cb",), (0,), spot_epochs=1)
     assert {c: o["max_epochs"] for c, o in parse_study(short).conditions.items()} == {"text": 1, "from-cb": 1}
@@ -166,7 +234,9 @@ def test_spot_smoke_study_end_to_end(tmp_path, data_dir):
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     mc = store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = mc.get_experiment_by_name("ptray-spot").experiment_id
+    (experiment,) = [e.name for e in mc.search_experiments() if e.name.startswith("ptray-spot")]
+    assert experiment.startswith("ptray-spot-smoke-")  # its own experiment, never the real study's ptray-spot
+    exp = mc.get_experiment_by_name(experiment).experiment_id
     runs = tracking.search_runs(mc, exp)
     assert all(r.info.status == "FINISHED" for r in runs)
     studies = Counter(r.data.tags[layout.TAG_STUDY] for r in runs)
@@ -182,15 +252,16 @@ def test_spot_smoke_study_end_to_end(tmp_path, data_dir):
              and r.data.tags[layout.TAG_STUDY] == targets}
     assert sorted(train) == sorted(f"{t}-seed0-{c}" for t in ("cb", "my_rte") for c in ("text", "from-cb",
                                                                                          "from-my_rte"))
-    assert train["cb-seed0-from-my_rte"].data.tags[layout.TAG_INIT_FROM] == "my_rte-seed0"
-    assert train["my_rte-seed0-from-cb"].data.params["init_source"] == "cb-seed0"
+    assert sources == "spot-sources-" + targets.removeprefix("spot-")  # one stamp for both phases
+    assert train["cb-seed0-from-my_rte"].data.tags[layout.TAG_INIT_FROM] == f"{sources}/my_rte-seed0"
+    assert train["my_rte-seed0-from-cb"].data.params["init_source"] == f"{sources}/cb-seed0"
     assert layout.TAG_INIT_FROM not in train["cb-seed0-text"].data.tags
     assert all(r.data.params["max_epochs"] == "1" for r in train.values())
     # the held-out targets: evaluated, never trained
     trained = {r.data.tags[layout.TAG_TASK] for r in runs if r.data.tags[layout.TAG_KIND] == "train"}
     targets_seen = {r.data.tags[layout.TAG_TARGET] for r in runs if r.data.tags[layout.TAG_KIND] != "train"}
     assert trained == {"cb", "my_rte"} and targets_seen == {"cb", "my_rte", "wic", "held_rte"}
-    plan = tracking.read_plan(mc, "ptray-spot", targets)
+    plan = tracking.read_plan(mc, experiment, targets)
     assert plan["targets"] == ["wic", "held_rte"]
     assert [d["name"] for d in plan["task_declarations"]] == ["my_rte", "held_rte"]
 

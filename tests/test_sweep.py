@@ -78,14 +78,30 @@ def test_seed_and_task_lists():
                                     "<TASK>/{train,val}.jsonl (e.g. ../shared/data/superglue)"),
     (["--address", "127.0.0.1:1"], "error: --address 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1; is it "
                                    "running? (`ray status` on the head tells)"),
-    (["--study", "a b"], "error: --study 'a b': use letters, digits, '.', '_' and '-' (it names MLflow and Tune "
-                         "folders)"),
+    (["--study", "a b"], "error: --study 'a b': use only ASCII letters (a-z, A-Z), digits, '-', '_' and '.', "
+                         "starting with a letter or digit (it names the study's runs and its Tune folder)"),
+    # é is a letter, but not an ASCII one: the rule says so (issue 32)
+    (["--study", "étude"], "error: --study 'étude': use only ASCII letters (a-z, A-Z), digits, '-', '_' and '.', "
+                           "starting with a letter or digit (it names the study's runs and its Tune folder)"),
+    (["--study", "x" * 65], "error: --study '" + "x" * 65 + "': at most 64 characters (it has 65) (it names the "
+                            "study's runs and its Tune folder)"),
+    # the experiment names the analysis's report folder: no nesting, no way out of outputs/analysis
+    *[(["--experiment", bad], f"error: --experiment {bad!r}: use only ASCII letters (a-z, A-Z), digits, '-', '_' "
+                              f"and '.', starting with a letter or digit (the analysis writes its report into a "
+                              f"folder of that name under outputs/analysis; or pass --analysis-dir DIR)")
+      for bad in ("a/b", "../../x", "/tmp/x", ".hidden")],
 ])
 def test_bad_input_is_one_line_and_exit_2(workdir, capsys, argv, message):
     code, _, err = run_main(capsys, *argv, "--smoke")
     assert code == 2
     assert err.strip() == message
     assert not (workdir / "mlflow.db").exists() and not (workdir / "outputs").exists()  # nothing half-done
+
+
+def test_an_experiment_that_names_no_folder_is_fine_with_analysis_dir_or_without_analysis(workdir, capsys):
+    for extra in (["--analysis-dir", "report"], ["--no-analysis"]):
+        code, out, err = run_main(capsys, "--dry-run", "--smoke", "--experiment", "team/a b", *extra)
+        assert code == 0 and err == "" and "experiment 'team/a b'" in out
 
 
 def test_resume_of_a_missing_study_fails(workdir, capsys):

@@ -113,7 +113,10 @@ BAD = {
                      r"integer 0"),
     "version float": (_edit("version = 2", "version = 1.5"), r"field 'version' must be an integer >= 1, got a "
                       r"number 1.5"),
-    "bad name": (_edit('name = "nli3"', 'name = "My Task"'), r"field 'name' must be lower case letters"),
+    "bad name": (_edit('name = "nli3"', 'name = "My Task"'), r"field 'name' must be ASCII lower case letters"),
+    "non-ASCII name": (_edit('name = "nli3"', 'name = "tâche"'), r"field 'name' must be ASCII lower case letters "
+                       r"\(a-z\), digits, '-' or '_', starting with a letter, at most 64 characters; got 'tâche'"),
+    "long name": (_edit('name = "nli3"', f'name = "{"t" * 65}"'), r"field 'name' must be ASCII lower case letters"),
     "undeclared placeholder": (_edit("{hypothesis}", "{hypothesys}"), r"field 'template': placeholder {hypothesys} "
                                r"names no declared field \(declared: premise, hypothesis, genre, pair_id\); did you "
                                r"mean {hypothesis}\?"),

@@ -4,7 +4,7 @@ A task is data: one TOML file declares where its examples are, which fields a re
 model text, the answer words of each label and the init text. ptray ships the paper's four tasks and WiC this way
 (``ptray/data/task_files/*.toml``); a user's file has the same schema. The CB file, annotated::
 
-    name = "cb"             # lower case letters, digits, '-', '_'; starts with a letter
+    name = "cb"             # ASCII lower case letters, digits, '-', '_'; starts with a letter
     version = 1             # template version (an integer >= 1), logged with every run; bump it on any change
     labels = ["entailment", "contradiction", "neutral"]  # the record's 'label' values, as strings; order = index
     init_text = "Does the hypothesis entail, contradict or is neutral about the premise?"
@@ -70,6 +70,7 @@ from ptray.data.task import (
     parse_template,
 )
 from ptray.errors import PtrayError
+from ptray.files import NAME_MAX, name_problem
 
 FIELD_TYPES = ("text", "string", "int")
 RESERVED_FIELDS = ("idx", "label")  # every record has them; a task does not declare them
@@ -187,9 +188,11 @@ def task_from_declaration(declaration: Mapping[str, Any], source: str = "<declar
     check.required(decl, _REQUIRED)
 
     name = check.string(decl["name"], "name")
-    if not _NAME.match(name):
-        check.fail(f"field 'name' must be lower case letters, digits, '-' or '_', starting with a letter; got "
-                   f"{name!r}")
+    # a task names runs and their folders (name_problem: folder-safe, at most 64 characters); lower case on top, so
+    # that --tasks CB and cb are one task
+    if not _NAME.match(name) or name_problem(name):
+        check.fail(f"field 'name' must be ASCII lower case letters (a-z), digits, '-' or '_', starting with a letter, "
+                   f"at most {NAME_MAX} characters; got {name!r}")
     version = decl["version"]
     if type(version) is not int or version < 1:
         check.fail(f"field 'version' must be an integer >= 1, got {_show(version)}")

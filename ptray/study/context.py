@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,8 @@ class StudyContext:
     params: dict[str, Any] = field(default_factory=dict)  # study-level params logged with every run
     # the plan's user tasks (``Plan.task_declarations``): registered in every worker before a task is looked up
     task_declarations: tuple[dict[str, Any], ...] = ()
+    # torch's CPU threads in each trial and evaluation (``Options.torch_threads``); 0: leave the process's own
+    threads: int = 0
 
     def register_tasks(self) -> None:
         """Register the study's user tasks in this process (a worker never read their files); idempotent."""
@@ -69,6 +73,24 @@ class StudyContext:
         if self.model_bundle is not None:
             out["model_digest"] = self.model_bundle.digest
         return {**self.params, **out}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op CPU threads set to ``n`` (None or 0: as they are), then restore them.
+
+    Set explicitly rather than left to the environment: a Ray worker gets ``OMP_NUM_THREADS`` = its CPUs, a plain
+    process every core, and the same config sums in another order, with other last digits, under another count.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def quiet() -> None:

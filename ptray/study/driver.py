@@ -28,7 +28,7 @@ from typing import Any
 
 from ptray.config import DEFAULT_GPU_GROUP_SIZE
 from ptray.errors import PtrayError
-from ptray.files import disk_full_from, is_disk_full
+from ptray.files import EXPERIMENT_MAX, check_name, disk_full_from, is_disk_full
 from ptray.plan import Options, Plan
 from ptray.study import cluster, fingerprint, preflight, store, tracking
 from ptray.study.bundle import Bundle, tiny_model_bundle
@@ -44,15 +44,18 @@ from ptray.study.tuner import train_phase, tune_state_exists
 Analyse = Callable[..., Any]
 
 
-def main(argv: list[str] | None = None, analyse: Analyse | None = None, prog: str = "python sweeps/all.py") -> int:
+def main(argv: list[str] | None = None, analyse: Analyse | None = None, prog: str = "python sweeps/all.py",
+         study: str | None = None) -> int:
     """Run the study the flags describe; returns the exit code (2 with one line on bad input).
 
-    ``analyse``: the analysis step (``analysis.run``), passed in by the entry script.
+    ``analyse``: the analysis step (``analysis.run``), passed in by the entry script. ``study``: the study id, for
+    a script that names its studies itself (``sweeps/spot.py``: a smoke run's two phases share one stamp, and the
+    second names the first's runs), instead of the one ``--study`` and ``--smoke`` give.
     """
     args = build_parser(prog).parse_args(argv)
     _quiet_mlflow()
     try:
-        return run(args, analyse)
+        return run(args, analyse, study=study)
     except PtrayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -72,7 +75,8 @@ def run_local_study(plan: Plan, opts: Options, experiment: str, analyse: Analyse
     study_dir = str(Path(opts.local).expanduser().resolve())
     resume = f"ptray study --resume --local {study_dir}"
     try:
-        counts = run_local(plan, study_dir, resume=opts.resume)
+        # one process on one device: torch's own thread count (every core) unless --threads asks for a trial's
+        counts = run_local(plan, study_dir, resume=opts.resume, threads=opts.threads)
     except KeyboardInterrupt:
         print(f"\ninterrupted. Finish the study with:\n  {resume}", file=sys.stderr)
         return 130
@@ -122,8 +126,9 @@ def _quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..." etc.
 
 
-def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
+def run(args: argparse.Namespace, analyse: Analyse | None = None, study: str | None = None) -> int:
     """Check everything that can be checked, then train, transfer, analyse (``analyse``, when given) and summarise.
+    ``study``: the study id, when the caller chose it (``main``).
 
     Returns the exit code: 0 when every run and the analysis finished, 1 when some did not, 130 when interrupted.
     Raises ``PtrayError`` (one line) for anything the user must change, before anything has started.
@@ -132,19 +137,21 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     opts = options_from_args(args)
     uri = store.resolve_tracking_uri(opts.tracking_uri)
     storage = preflight.resolve_storage(opts.storage_path, cluster=opts.address is not None)
-    plan = plan_from_args(args)
+    plan = plan_from_args(args, study=study)
     if plan.num_samples is not None and not plan.search:  # here: plan_from_args takes every flag it is given
         raise PtrayError("--num-samples: the study declares no search; it trains each (task, seed) once")
     experiment = opts.experiment or f"ptray-{plan.study}"
     if opts.local is not None:  # one process, one device, run folders: no Ray, MLflow only to publish
         if opts.resume:
-            plan = plan_from_args(args, local_plan_json(opts.local))
+            plan = plan_from_args(args, local_plan_json(opts.local), study=study)
             experiment = opts.experiment or f"ptray-{plan.study}"  # the stored study's, not the flags' default
+        check_experiment_name(experiment, opts)
         preflight.check_data(plan)
         if opts.dry_run:
             print(describe(plan, opts, uri, storage, experiment, new=not opts.resume))
             return 0
         return run_local_study(plan, opts, experiment, analyse)
+    check_experiment_name(experiment, opts)
     if not opts.resume:  # a resumed study's files are checked against its stored plan, once read (below)
         preflight.check_data(plan)
     if opts.dry_run and not opts.resume:
@@ -164,7 +171,7 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
         if stored is None:
             raise PtrayError(f"there is no study {plan.study!r} to resume in MLflow experiment {experiment!r} at "
                              f"{uri}; check --study, --experiment and --tracking-uri, or start it without --resume")
-        plan = plan_from_args(args, stored)
+        plan = plan_from_args(args, stored, study=study)
         preflight.check_data(plan)
     else:
         if stored is not None:
@@ -214,7 +221,8 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
         cluster.check_cluster_resources(opts, trial_gpus, gpus)  # a request no node can hold would wait forever
         if not opts.resume or new_data:
             tracking.write_plan(mc, exp_id, plan.study, plan.to_json())
-        ctx = study_context(plan, exp_id, uri, model_bundle, data_bundle, compile=opts.compile)
+        ctx = study_context(plan, exp_id, uri, model_bundle, data_bundle, compile=opts.compile,
+                            threads=opts.torch_threads)
         print(describe(plan, opts, uri, storage, experiment, new=not opts.resume, gpus=trial_gpus), flush=True)
         outcome = train_phase(plan, opts, ctx, storage, trial_gpus)
         if outcome["interrupted"]:
@@ -238,6 +246,14 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None) -> int:
     if not complete:
         print(f"finish the missing runs with:\n  {resume_command(plan, opts)}", file=sys.stderr)
     return 0 if complete and not analysis_note.startswith("failed") else 1
+
+
+def check_experiment_name(experiment: str, opts: Options) -> None:
+    """Refuse, before anything starts, an experiment name that would become the analysis's report folder (no
+    ``--analysis-dir``) and is no folder name (``ptray.files.check_name``: ``a/b``, ``../x``, ``/abs``, ``é``)."""
+    if opts.analysis and opts.analysis_dir is None:
+        check_name(experiment, "--experiment", "the analysis writes its report into a folder of that name under "
+                   "outputs/analysis; or pass --analysis-dir DIR", max_length=EXPERIMENT_MAX)
 
 
 def resolve_group_size(group_size: int | None, gpus: float) -> int:
@@ -266,15 +282,16 @@ def _bundles(plan: Plan) -> tuple[Bundle | None, Bundle | None]:
 
 
 def study_context(plan: Plan, exp_id: str, uri: str, model_bundle: Bundle | None, data_bundle: Bundle | None,
-                  compile: bool = False) -> StudyContext:
-    """What every trial and evaluation of the study shares (``--compile`` is a run option, not part of the plan)."""
+                  compile: bool = False, threads: int = 0) -> StudyContext:
+    """What every trial and evaluation of the study shares (``--compile`` and ``threads``, torch's CPU threads in
+    each, are run options, not part of the plan)."""
     # The smoke model is logged by its path in the node-local cache, which is the same path on every node (and
     # on the driver, where the analysis loads it).
     model_label = str(model_bundle.materialize()) if model_bundle is not None else plan.train.model
     return StudyContext(study=plan.study, experiment_id=exp_id, tracking_uri=uri,
                         train=dataclasses.replace(plan.train, compile=compile), model_label=model_label,
                         data_label=plan.train.data_dir, model_bundle=model_bundle, data_bundle=data_bundle,
-                        task_declarations=plan.task_declarations,
+                        task_declarations=plan.task_declarations, threads=threads,
                         params={"study": plan.study,  # the model's digest: what the runs were computed on
                                 **({"model_digest": plan.model_digest} if plan.model_digest else {})})
 

@@ -27,6 +27,7 @@ from ptray.data.tasks import (
     user_declarations,
 )
 from ptray.errors import PtrayError
+from ptray.files import check_name
 from ptray.plan import PER_TRIAL_FIELDS, SMOKE_TRAIN, Options, Plan
 from ptray.seeds import MAX_SEED
 from ptray.study import preflight
@@ -111,8 +112,11 @@ def study_declaration(study: str | None) -> StudyDeclaration | None:
     return None
 
 
-def study_id(args: argparse.Namespace, decl: StudyDeclaration | None) -> str:
-    """The study id: a declaration's name, else ``--study``; each smoke run a new study (``[NAME-]smoke-<time>``)."""
+def study_id(args: argparse.Namespace, decl: StudyDeclaration | None, given: str | None = None) -> str:
+    """The study id: ``given`` (a script that names its studies itself: ``sweeps/spot.py``'s phases), else a
+    declaration's name, else ``--study``; each smoke run a new study (``[NAME-]smoke-<time>``)."""
+    if given is not None:
+        return check_name(given, "--study", "it names the study's runs and its Tune folder")
     if args.smoke and args.resume and (args.study is None or decl is not None):
         raise PtrayError("--resume --smoke needs --study: each smoke run is its own study, named smoke-<date>-<time> "
                          "(NAME-smoke-<date>-<time> for a declared study NAME: give that id; the interrupted run "
@@ -122,9 +126,7 @@ def study_id(args: argparse.Namespace, decl: StudyDeclaration | None) -> str:
         study = f"{decl.name}-smoke-{stamp}" if args.smoke else decl.name
     else:  # each smoke run is a new study, so that `make smoke` works again and again; the paper's study is one
         study = args.study or (f"smoke-{stamp}" if args.smoke else "paper")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", study):
-        raise PtrayError(f"--study {study!r}: use letters, digits, '.', '_' and '-' (it names MLflow and Tune folders)")
-    return study
+    return check_name(study, "--study", "it names the study's runs and its Tune folder")
 
 
 def declared_plan(decl: StudyDeclaration) -> dict[str, Any]:
@@ -160,9 +162,10 @@ def _check_declared(plan: Plan, given_train: dict[str, Any]) -> None:
             raise PtrayError(f"condition {name!r} of study {plan.study!r}: {err}") from None
 
 
-def plan_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> Plan:
+def plan_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = None, study: str | None = None) -> Plan:
     """The study's plan: the stored one on --resume (the command line must agree with it), else from the flags
-    and the declaration ``--study`` names (the flags win over its tasks, seeds and ``[train]``).
+    and the declaration ``--study`` names (the flags win over its tasks, seeds and ``[train]``). ``study``: the
+    study id, when the caller chose it (``study_id``).
 
     Raises ``PtrayError`` naming every flag that differs from the stored plan, or a declaration that changed.
     ``--task-file`` tasks are registered first; a stored plan's user tasks are registered from the plan (a task
@@ -181,7 +184,7 @@ def plan_from_args(args: argparse.Namespace, stored: dict[str, Any] | None = Non
         given_train["data_dir"] = preflight.resolve_data_dir(given_train["data_dir"])
     if "model" in given_train:  # absolute: each trial runs in its own working directory
         given_train["model"] = study_path(given_train["model"], "--model", hub_name=True)
-    study = study_id(args, decl)
+    study = study_id(args, decl, study)
     if stored is not None:
         plan = Plan.from_json(stored)
         have = plan.compared()

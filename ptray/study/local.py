@@ -106,13 +106,23 @@ def _write_run(study_dir: Path, name: str, info: dict[str, Any], files: dict[str
 
 
 def run_local(plan: Plan, study_dir: str | Path, resume: bool = False, device: str | None = None,
-              progress: bool | None = None) -> dict[str, int]:
+              progress: bool | None = None, threads: int | None = None) -> dict[str, int]:
     """Run ``plan`` in this process into the study folder ``study_dir``; return counts of the runs written.
 
     ``device``: the plan's train device when None (auto: the GPU if there is one). ``progress``: one overall bar
     (prompts x epochs, with an ETA) on stderr; None shows it only when stderr is a terminal. Each finished epoch is
-    also one log line. Raises PtrayError for anything the user must change, before any work where possible.
+    also one log line. ``threads``: torch's CPU threads meanwhile (None: as they are; ``ptray study --local`` passes
+    ``Options.torch_threads``, a Ray trial's count). Raises PtrayError for anything the user must change, before
+    any work where possible.
     """
+    from ptray.study.context import torch_threads
+
+    with torch_threads(threads):
+        return _run_local(plan, study_dir, resume, device, progress)
+
+
+def _run_local(plan: Plan, study_dir: str | Path, resume: bool, device: str | None,
+               progress: bool | None) -> dict[str, int]:
     from ptray.lm.load import resolve_device_precision
 
     if plan.search:  # before anything is written
@@ -234,7 +244,7 @@ def _transfer(plan: Plan, train, out: Path) -> int:
     from ptray.lm.evaluate import evaluate_prompts
     from ptray.lm.load import resolve_device_precision, setup_model
     from ptray.lm.prompt import load_adapter
-    from ptray.versions import code_version, library_versions
+    from ptray.versions import code_version, compute_settings, library_versions
 
     done = finished_runs(out)
     sources = [m for m in plan.trials if layout.train_run_name(*m) in done]
@@ -267,7 +277,7 @@ def _transfer(plan: Plan, train, out: Path) -> int:
                   "data_dir": plan.train.data_dir, "target": target, "template_version": task.version,
                   "eval_split": cfg.split, "max_eval_examples": cfg.max_examples, "max_length": cfg.max_length,
                   "device": device, "precision": precision, "attention": attention, "code_version": code_version(),
-                  **library_versions()}
+                  **library_versions(), **compute_settings()}
         if baseline not in done:
             _write_eval(out, plan, None, None, target, base, idx, no_prompt, {**params, "source": layout.NO_SOURCE})
             written += 1

@@ -5,7 +5,7 @@ The studies ptray ships are ``sweeps/studies/<name>.toml`` (``paper``, ``init``,
 a user's file anywhere has the same schema. ``load_study("init")`` reads a shipped one by name,
 ``load_study("my/study.toml")`` a file. The ``init`` study, annotated::
 
-    name = "init"                      # required: the study id (letters, digits, '.', '_', '-'; the --study id)
+    name = "init"                      # required: the study id (ASCII letters, digits, '.', '_', '-'; the --study id)
     description = "How the prompt starts"  # required: one line for the plan and the report
     tasks = ["cb", "rte", "copa", "wsc"]  # optional (default: the paper's four); registered task names
     seeds = [0, 1, 2, 3]               # optional (default: the paper's, Plan's seeds)
@@ -43,7 +43,6 @@ import dataclasses
 import difflib
 import enum
 import math
-import re
 import types
 import typing
 from collections.abc import Mapping
@@ -53,6 +52,7 @@ from typing import Any
 from ptray.config import TrainConfig
 from ptray.data.tasks import get_task
 from ptray.errors import PtrayError
+from ptray.files import name_problem
 from ptray.plan import PER_TRIAL_FIELDS, Plan
 from ptray.seeds import check_seed
 from ptray.study.declared import Search, StudyDeclaration
@@ -76,8 +76,6 @@ SCHEDULERS = ("fifo", "asha")
 # per-epoch metrics a trial reports (ptray.training.loop) and the direction that is better
 METRICS = {"eval_loss": "min", "train_loss": "min", "best_eval_loss": "min", "exact_match": "max",
            "rank_accuracy": "max"}
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a study id (the driver's --study rule)
-_CONDITION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a condition name (part of run names and tags)
 _PLAN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Plan)}
 
 
@@ -160,9 +158,9 @@ class _Check:
     def declaration(self, decl: Mapping[str, Any]) -> StudyDeclaration:
         self.unknown(decl, _FIELDS)
         name = self.string(decl, "name")
-        if not _NAME.fullmatch(name):
-            self.fail("name", f"{name!r} is not a study id: letters, digits, '.', '_' and '-', at most 64, starting "
-                              f"with a letter or digit (it names MLflow and Tune folders)")
+        if name_problem(name):  # the driver's --study rule
+            self.fail("name", f"{name!r} is not a study id: {name_problem(name)} (it names the study's runs and its "
+                              f"Tune folder)")
         description = self.string(decl, "description")
         tasks = self.tasks(decl.get("tasks", _PLAN_DEFAULTS["tasks"]))
         seeds = self.seeds(decl.get("seeds", _PLAN_DEFAULTS["seeds"]))
@@ -174,9 +172,9 @@ class _Check:
         if "conditions" in decl and not raw_conditions:
             self.fail("conditions", "is empty; declare at least one [conditions.NAME], or leave it out")
         for cname, over in raw_conditions.items():
-            if not _CONDITION.fullmatch(cname):
-                self.fail(f"conditions.{cname}", "a condition name uses letters, digits, '.', '_' and '-' (it names "
-                                                 "runs)")
+            if name_problem(cname):
+                self.fail(f"conditions.{cname}", f"condition name {cname!r}: {name_problem(cname)} (it names "
+                                                 f"runs and their folders)")
             if not isinstance(over, Mapping):
                 self.fail(f"conditions.{cname}", f"must be a table of TrainConfig fields, got {over!r}")
             conditions[cname] = self.overrides(over, f"conditions.{cname}")

@@ -22,7 +22,7 @@ from ptray import layout
 from ptray.files import write_json
 from ptray.plan import Options, Plan
 from ptray.study import tracking
-from ptray.study.context import StudyContext, quiet
+from ptray.study.context import StudyContext, quiet, torch_threads
 
 log = logging.getLogger("ptray")
 
@@ -69,8 +69,14 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     ``sources``: ``{"task", "seed", "run_id"}`` of finished train runs. The model and data load once for all of
     them, and every prompt still to evaluate (and no prompt) is scored in the same passes (``evaluate_prompts``,
     equal to one evaluation per prompt). Evaluations already FINISHED in MLflow are skipped. Returns one summary
-    dict per new evaluation run (``run_id``, ``name``, ``kind`` and its ``metrics.json``), the baseline first.
+    dict per new evaluation run (``run_id``, ``name``, ``kind`` and its ``metrics.json``), the baseline first. It
+    runs on ``ctx.threads`` torch CPU threads, as the trials do.
     """
+    with torch_threads(ctx.threads):
+        return _transfer_target(target, sources, ctx)
+
+
+def _transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContext) -> list[dict[str, Any]]:
     import torch
     from mlflow.artifacts import download_artifacts
 
@@ -82,7 +88,7 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
     from ptray.lm.evaluate import evaluate_prompts
     from ptray.lm.load import resolve_device_precision, setup_model
     from ptray.lm.prompt import load_adapter
-    from ptray.versions import code_version, library_versions
+    from ptray.versions import code_version, compute_settings, library_versions
 
     quiet()
     ctx.register_tasks()  # the study's user tasks (a target may be one), before any task is looked up
@@ -97,6 +103,7 @@ def transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyContex
         "max_length": cfg.max_length, "device": device, "precision": precision, "attention": attention,
         "code_version": code_version(),
         **library_versions(),  # torch_version, transformers_version, peft_version, accelerate_version
+        **compute_settings(),  # torch threads, BLAS, oneDNN, CPU capability: what else changes the numbers
     }
     baseline_run = tracking.replace_unfinished(client, ctx.experiment_id, ctx.study, layout.baseline_run_name(target))
     todo = []

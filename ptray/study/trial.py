@@ -24,10 +24,10 @@ from typing import Any
 from ptray import layout
 from ptray.config import TrainConfig, expand_init_source
 from ptray.errors import PtrayError
-from ptray.files import write_json
+from ptray.files import name_problem, write_json
 from ptray.study import tracking
 from ptray.study.checkpoints import States, load_trial_checkpoint, save_trial_checkpoint
-from ptray.study.context import StudyContext, quiet
+from ptray.study.context import StudyContext, quiet, torch_threads
 
 log = logging.getLogger("ptray")
 
@@ -129,8 +129,15 @@ def run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[
     already FINISHED (the trial completed but Tune never heard of it, e.g. the driver was killed) is not trained
     again. The runs of a ``{"group": ...}`` config also get the params ``group_size`` and ``group_index``.
     A prompt with a condition (``(task, seed, condition)``) trains with ``conditions[condition]``'s overrides and a
-    searched trial with its sampled values (``sampled(config)``); its run is tagged with the condition.
+    searched trial with its sampled values (``sampled(config)``); its run is tagged with the condition. It runs on
+    ``ctx.threads`` torch CPU threads (``torch_threads``), the count every run records.
     """
+    with torch_threads(ctx.threads):
+        return _run_group(config, ctx, resume, report, conditions)
+
+
+def _run_group(config: dict[str, Any], ctx: StudyContext, resume: dict[str, dict[str, Any]] | None,
+               report: GroupReport, conditions: Conditions | None = None) -> dict[str, dict[str, Any]]:
     from ptray.training.loop import train_group
 
     ctx.register_tasks()  # the study's user tasks, before any task is looked up
@@ -270,33 +277,47 @@ def _train_run(client, ctx: StudyContext, name: str, task: str, seed: int, resum
     return run
 
 
+def source_run_name(init_source: str) -> tuple[str | None, str]:
+    """``(study, run name)`` of an init_source that names a train run: ``STUDY/RUN`` (``spot-sources/rte-seed0``, a
+    run of another study of the experiment) or ``RUN`` (study None: the trial's own study, else the one other study
+    of the experiment that has it). A study id and a run name hold no ``/`` (``ptray.files.name_problem``), so the
+    last ``/`` splits them."""
+    study, sep, name = init_source.rpartition("/")
+    return (study, name) if sep and not name_problem(study) and not name_problem(name) else (None, init_source)
+
+
 def resolve_init_source(client, ctx: StudyContext, cfg, folder: Path):
-    """``cfg`` ready to train on this node: an init_source that names a train run of the study (init 'prompt',
-    SPoT: ``rte-seed0``), else of one other study of its experiment, replaced by that run's prompt adapter,
-    downloaded into ``folder``; a folder as it is.
+    """``cfg`` ready to train on this node: an init_source that names a train run (init 'prompt', SPoT), replaced by
+    that run's prompt adapter, downloaded into ``folder``; a folder as it is.
+
+    A train run is named ``STUDY/RUN`` (a run of that study of the experiment: what ``sweeps/spot.py``'s second
+    phase gives, its own first phase's study id) or ``RUN`` (``rte-seed0``: of the trial's study, else of the one
+    other study of the experiment that has it).
 
     Raises:
-        PtrayError: the source is neither a folder nor a FINISHED train run of the study.
+        PtrayError: the source is neither a folder nor a FINISHED train run of the study named; or a bare ``RUN``
+            that several other studies of the experiment hold (name one as ``STUDY/RUN``).
     """
     import dataclasses
 
     if cfg.init_source is None or Path(cfg.init_source).expanduser().is_dir():
         return cfg
-    run = tracking.find_run(client, ctx.experiment_id, ctx.study, cfg.init_source)
-    if run is None:  # another study of the experiment (SPoT's sources: sweeps/spot.py), when only one has it
-        others = [r for r in tracking.search_runs(client, ctx.experiment_id,
-                                                  f"attributes.run_name = '{cfg.init_source}'")
+    study, name = source_run_name(cfg.init_source)
+    run = tracking.find_run(client, ctx.experiment_id, study or ctx.study, name)
+    if run is None and study is None:  # another study of the experiment, when only one has it
+        others = [r for r in tracking.search_runs(client, ctx.experiment_id, f"attributes.run_name = '{name}'")
                   if r.data.tags.get(layout.TAG_KIND) == layout.TRAIN and r.info.status == layout.FINISHED]
         studies = sorted({r.data.tags.get(layout.TAG_STUDY) for r in others})
         if len(studies) > 1:
             raise PtrayError(f"init source {cfg.init_source!r} names finished train runs of several studies of the "
-                             f"experiment ({', '.join(studies)}); give an adapter folder instead")
+                             f"experiment ({', '.join(studies)}); name one as STUDY/RUN (e.g. {studies[-1]}/{name}), "
+                             f"or give an adapter folder")
         run = others[0] if others else None
     if run is None or run.info.status != layout.FINISHED or run.data.tags.get(layout.TAG_KIND) != layout.TRAIN:
         state = "not a train run" if run is None else f"a {run.data.tags.get(layout.TAG_KIND)} run, {run.info.status}"
+        where = f"study {study!r} of the experiment" if study else f"study {ctx.study!r} or its experiment"
         raise PtrayError(f"init source {cfg.init_source!r} of {cfg.task} seed {cfg.seed} is neither a folder nor a "
-                         f"finished train run of study {ctx.study!r} or its experiment ({state}); train the source "
-                         f"prompt first")
+                         f"finished train run of {where} ({state}); train the source prompt first")
     from mlflow.artifacts import download_artifacts
 
     folder.mkdir(parents=True, exist_ok=True)

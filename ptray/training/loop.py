@@ -51,7 +51,7 @@ from ptray.training.optimizers import (
     prompt_optimizer,
     step_all,
 )
-from ptray.versions import code_version, library_versions
+from ptray.versions import code_version, compute_settings, library_versions
 
 log = logging.getLogger("ptray")
 
@@ -232,6 +232,7 @@ def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group
         "device": run.device,
         "precision": run.precision, "attention": run.attention,
         "code_version": code_version(), **library_versions(),
+        **compute_settings(),  # threads, BLAS, oneDNN: the same config computes other last digits under others
         "num_train_examples": len(train_data),
         "num_eval_examples": len(eval_data), "num_truncated": sum(d.truncated for d in train_data + eval_data),
         "group_size": group_size, "group_index": i,
