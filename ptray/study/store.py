@@ -178,6 +178,8 @@ def open_store(uri: str):
         try:
             mlflow_client = client(uri)  # MLflow opens (and creates) a SQLite store here
             mlflow_client.search_experiments(max_results=1)
+        except ImportError:  # MLflow not installed: the caller's case (a local study publishes later), not the store's
+            raise
         except Exception as err:  # noqa: BLE001 - MlflowException, SQLAlchemy's errors, requests' errors...
             raise store_error(uri, err) from None
     return mlflow_client
