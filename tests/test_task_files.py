@@ -171,6 +171,18 @@ def test_missing_file(tmp_path):
         load_task_file(tmp_path / "nope.toml")
 
 
+def test_a_byte_order_mark_is_read_not_refused(tmp_path):
+    """Windows editors save UTF-8 with a byte-order mark; TOML forbids it at line 1, column 1, but it is no part of
+    the content: the file reads as the same task (CRLF line ends too)."""
+    path = tmp_path / "nli3.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.replace("\n", "\r\n").encode())
+    task = load_task_file(path)
+    plain = load_task_file(_file(tmp_path, name="plain.toml"))
+    assert task.declaration == plain.declaration and task.format({"premise": "a", "hypothesis": "b", "genre": "news",
+                                                                  "pair_id": 1}) == plain.format(
+        {"premise": "a", "hypothesis": "b", "genre": "news", "pair_id": 1})
+
+
 def test_template_syntax():
     assert parse_template("{a}{{x}}{b}") == (("", "a"), ("{x}", "b"))
     assert parse_template("no placeholders") == (("no placeholders", None),)

@@ -74,6 +74,7 @@ from ptray.errors import PtrayError
 FIELD_TYPES = ("text", "string", "int")
 RESERVED_FIELDS = ("idx", "label")  # every record has them; a task does not declare them
 _NAME = re.compile(r"[a-z][a-z0-9_-]*\Z")
+BOM = "\ufeff"  # the UTF-8 byte-order mark as text: what "utf-8" decoding keeps and "utf-8-sig" drops
 
 # --- validation ---------------------------------------------------------------------------------------------------
 
@@ -294,13 +295,14 @@ def task_from_declaration(declaration: Mapping[str, Any], source: str = "<declar
 
 
 def parse_task_toml(text: str, source: str = "<task file>") -> dict[str, Any]:
-    """TOML text -> the declaration dict (not validated; ``task_from_declaration`` does that).
+    """TOML text -> the declaration dict (not validated; ``task_from_declaration`` does that). A leading UTF-8
+    byte-order mark (Windows editors write one) is dropped: TOML forbids it, but it is no part of the content.
 
     Raises:
         PtrayError: the text is not valid TOML (the message names ``source``, the line and the column).
     """
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(text.removeprefix(BOM))
     except tomllib.TOMLDecodeError as err:
         raise PtrayError(f"{source}: not valid TOML ({' '.join(str(err).split())})") from None
 
@@ -315,7 +317,7 @@ def read_task_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise PtrayError(f"task file {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is read, not kept
     except UnicodeDecodeError:
         raise PtrayError(f"{path}: not UTF-8 text (a task file is TOML)") from None
     return parse_task_toml(text, str(path))
