@@ -2,14 +2,16 @@
 (and again from their declaration, as a worker does), a user task from file to token ids, and the built-in files
 equal to the former Python declarations."""
 
+import ast
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from ptray.data import tasks
+from ptray.data import task_schema, tasks
 from ptray.data.batching import encode_all
 from ptray.data.superglue import load_split
 from ptray.data.task import FORMATTERS, parse_template, register_formatter
@@ -164,6 +166,17 @@ def test_bad_file_gives_one_line_naming_file_and_field(tmp_path, case):
     assert str(info.value).startswith(f"{path}: "), str(info.value)
     assert "\n" not in str(info.value)
     assert re.search(message, str(info.value)), str(info.value)
+
+
+def test_each_part_of_a_task_file_has_its_own_check():
+    """The checks are split by the part of the file they judge (as a study file's are), none of them a long
+    function; the messages above pin what they say."""
+    source = Path(task_schema.__file__).read_text()
+    functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    lines = {n.name: n.end_lineno - n.lineno + 1 for n in functions}
+    assert max(lines.values()) <= 45, lines
+    parts = {"name", "version", "fields", "labels", "verbalizer", "formatter", "template", "answer_cue", "data"}
+    assert parts <= set(vars(task_schema._Check))
 
 
 def test_missing_file(tmp_path):
