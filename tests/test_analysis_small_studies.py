@@ -5,7 +5,9 @@ report folder's handling."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,7 @@ import pytest
 import torch
 from analysis_store import build_store
 
-from analysis import report
+from analysis import geometry, report, stochasticity
 from analysis.pipeline import AnalysisOptions, compute
 from analysis.records import EvalRun, PromptRun, Study
 from ptray import layout
@@ -86,6 +88,65 @@ def test_every_section_handles_one_task_or_one_seed(shape, tiny, tmp_path):
         stats = pd.read_csv(tmp_path / "correlation_stats.csv")
         assert (stats["mantel_permutations"] == 6).all()
         assert "within-task distances (the diagonal of Figure 7): n/a for cb, rte, copa (one seed)" in notes
+
+
+def _identical(study: Study, task: str) -> Study:
+    """``study`` with every seed of ``task`` holding the same prompt (its first seed's), as when a tiny learning
+    rate leaves each seed at the init text."""
+    first = next(p.prompt for p in study.prompts if p.task == task)
+    prompts = [dataclasses.replace(p, prompt=first.clone()) if p.task == task else p for p in study.prompts]
+    return dataclasses.replace(study, prompts=prompts)
+
+
+@pytest.mark.parametrize("tasks", [["cb"], ["cb", "rte", "copa"]], ids=["all coincide", "one task's seeds"])
+def test_coinciding_prompts_coincide_in_every_map(tasks, tiny, tmp_path):
+    """Four seeds with one prompt: one point in t-SNE and PCA (t-SNE used to spread them ~200 units apart), no NaN
+    and no warning (PCA's explained variance was 0/0), and the figure and the report say what is shown."""
+    model, tokenizer = tiny
+    study = _identical(_study(tasks, [0, 1, 2, 3]), "cb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        results = compute(study, model, tokenizer, AnalysisOptions(faithfulness=False, n_boot=20))
+        report.write_all(results, tmp_path)
+    maps = pd.read_csv(tmp_path / "prompt_maps.csv")
+    cb = maps[maps.task == "cb"]
+    columns = [c for c in maps if c.startswith(("tsne_", "pca_"))]
+    assert len(columns) == 8 and maps[columns].notna().all().all()
+    assert (cb[columns].nunique() == 1).all()  # every map draws the four cb prompts as one point
+    notes = "\n".join(results.meta["notes"])
+    figure = next(o.figure for o in results.outputs if o.name == "prompt_maps")
+    axis_notes = [ax.get_xlabel() for ax in figure.axes if ax.get_title()]
+    within = pd.read_csv(tmp_path / "within_task.csv")
+    cb_within = within[within.task == "cb"]
+    assert (cb_within["mean"] == 0).all() and (cb_within["sd_ddof1"] == 0).all()
+    assert cb_within["cv_ddof1"].isna().all()  # 0 / 0: no spread to compare with its mean
+    if len(tasks) == 1:
+        assert (cb[columns] == 0).all().all()
+        assert "the maps (Figure 6) have zero spread: all 4 prompts coincide" in notes
+        assert axis_notes == [stochasticity.ZERO_SPREAD, f"first 3 rows flattened; {stochasticity.ZERO_SPREAD}"] * 2
+        assert results.meta["inputs"]["tsne"]["perplexity"] is None  # no t-SNE ran
+        t1 = pd.read_csv(tmp_path / "table1_norms.csv")
+        assert t1["frobenius_raw_var_ddof0"].tolist() == [0.0]  # no spread across seeds: a variance of 0, not n/a
+    else:
+        assert "4 of the 12 prompts coincide with another (distance 0) and share one point in every map: cb seed 0, " \
+               "cb seed 1, cb seed 2, cb seed 3" in notes
+        assert "zero spread" not in notes and not any(ZERO in a for a in axis_notes for ZERO in ["zero spread"])
+        assert results.meta["inputs"]["tsne"]["perplexity"] == geometry.tsne_perplexity(9)  # 9 distinct points
+        assert axis_notes[0].startswith(f"perplexity {geometry.tsne_perplexity(9):g}, ")
+        assert maps.loc[maps.task != "cb", columns].nunique().min() == 8  # the other prompts stay apart
+
+
+def test_a_map_with_no_spread_is_zero_not_nan():
+    prompts = [torch.ones(3, 4)] * 4
+    d = geometry.distance_matrix(prompts)
+    assert (geometry.coinciding(d) == 0).all() and (geometry.tsne_map(d) == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        coords, ratio = geometry.pca_map(geometry.common_length_features(prompts)[0])
+    assert (coords == 0).all() and ratio.tolist() == [0.0, 0.0]
+    # truncated distances: A = B[:2] is at distance 0 from B without being B (C tells them apart)
+    a, b, c = torch.zeros(2, 4), torch.zeros(3, 4), torch.ones(3, 4)
+    assert geometry.coinciding(geometry.distance_matrix([a, b, c, b])).tolist() == [0, 1, 2, 1]
 
 
 # ----------------------------------------------------------------------------------------------- through run()
