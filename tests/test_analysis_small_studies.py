@@ -202,3 +202,57 @@ def test_a_one_prompt_study_is_analysed_and_records_what_it_used(one_prompt_stor
         run(one_prompt_store.experiment, tracking_uri=one_prompt_store.tracking_uri, out_dir=other,
             log_to_mlflow=False)
     assert [p.name for p in other.iterdir()] == ["mine.txt"]
+
+
+def test_a_store_lost_while_logging_says_where_the_report_is_and_how_to_log_it(one_prompt_store, tmp_path,
+                                                                               monkeypatch, capsys):
+    """The tracking server stops once the report is written: one line says that it was written, where, and the
+    command that logs it later; that command (``--log-only``) then logs the same files and metrics, computing
+    nothing."""
+    import requests
+    from mlflow.tracking import MlflowClient
+
+    from analysis.__main__ import main
+
+    def server_gone(self, run_id, local_dir, artifact_path=None):
+        raise requests.exceptions.ConnectionError("Connection refused")
+
+    out = tmp_path / "report"
+    argv = ["--experiment", one_prompt_store.experiment, "--tracking-uri", one_prompt_store.tracking_uri, "--out",
+            str(out), "--bootstrap", "20"]  # with the faithfulness check: it gives metrics
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "log_artifacts", server_gone)
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    again = f"ptray analyse --experiment {one_prompt_store.experiment} --tracking-uri " \
+            f"{one_prompt_store.tracking_uri} --out {out} --log-only"
+    assert "\n" not in err and err.startswith(f"error: the MLflow store {one_prompt_store.tracking_uri} cannot be "
+                                              f"used: ConnectionError: Connection refused"), err
+    assert err.endswith(f" -- the report was written to {out / 'report.html'} but not logged to MLflow; to log it "
+                        f"once the store answers (computing nothing again): {again}"), err
+    assert (out / "report.html").is_file()
+    client = MlflowClient(tracking_uri=one_prompt_store.tracking_uri)
+    exp = client.get_experiment_by_name(one_prompt_store.experiment)
+    kind = f"tags.`{layout.TAG_KIND}` = '{layout.ANALYSIS}'"
+    assert [r.info.status for r in client.search_runs([exp.experiment_id], kind)] == [layout.FAILED]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    assert main(again.split()[2:]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"logged the report {out}/report.html to MLflow")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing computed or rewritten
+    runs = client.search_runs([exp.experiment_id], kind + " and attributes.status = 'FINISHED'")
+    assert len(runs) == 1
+    assert {f.path for f in client.list_artifacts(runs[0].info.run_id)} == set(before)
+    metrics = json.loads((out / "analysis.json").read_text())["mlflow_metrics"]
+    assert metrics and runs[0].data.metrics == metrics
+
+
+def test_log_only_without_a_report_is_one_line(one_prompt_store, tmp_path, capsys):
+    from analysis.__main__ import main
+
+    argv = ["--experiment", one_prompt_store.experiment, "--tracking-uri", one_prompt_store.tracking_uri, "--out",
+            str(tmp_path / "none"), "--log-only"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'none'} holds no report (analysis.json and "
+                                               f"report.html) to log; run ptray analyse without --log-only to "
+                                               f"write one")
