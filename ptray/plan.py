@@ -218,7 +218,8 @@ class Options:
     max_failures: int = config_field(3, "retries of a failed trial, a lost node included", type=non_negative_int)
     compile: bool = config_field(False, "torch.compile each transformer block in the trials (see BENCHMARKS.md)")
     resume: bool = config_field(False, "finish the study named by --study; rerun nothing done")
-    dry_run: bool = config_field(False, "print the plan and exit")
+    dry_run: bool = config_field(False, "make the run's checks, print the plan (with --resume: what is left) and "
+                                        "exit; creates nothing")
     analysis: bool = config_field(True, "run the analysis at the end", off_help="skip the analysis step")
     analysis_dir: str | None = config_field(None, "where the analysis writes its report (unset: its own)")
     local: str | None = config_field(None, "run the whole study in this process on one device (no Ray) into this "

@@ -7,6 +7,7 @@ and what the driver counts.
 from __future__ import annotations
 
 import logging
+import os
 
 from ptray import layout
 from ptray.plan import Options, Plan
@@ -144,6 +145,8 @@ def trial_statuses(path: str) -> dict[str, str]:
 
 def tune_state_exists(path: str) -> bool:
     """Whether ``path`` holds a Tune experiment that can be restored."""
+    if "://" not in path and not os.path.exists(path):  # a local folder that is not there: no need to load Ray
+        return False
     from ray import tune
 
     try:
