@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,9 @@ def quiet() -> None:
     """No download/loading progress bars in workers: with many trials they bury Tune's progress table."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Tune's worker-side "Checkpoint successfully created at ..." after every epoch (the plan says each trial
+    # checkpoints every epoch)
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
 
