@@ -23,6 +23,8 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     add_config_arguments(p, AnalysisOptions)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
     p.add_argument("--no-log", action="store_true", help="write the folder only; log no analysis run")
+    p.add_argument("--log-only", action="store_true", help="compute nothing: log the report already in --out as "
+                                                           "the analysis run (after its logging failed)")
     return p
 
 
@@ -35,11 +37,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m analysis") -> int
         options = config_from_args(AnalysisOptions, args)
         out = run(args.experiment, tracking_uri=args.tracking_uri, out_dir=args.out, model=args.model,
                   device=args.device, overwrite=args.overwrite, log_to_mlflow=not args.no_log,
-                  **dataclasses.asdict(options))
+                  log_only=args.log_only, **dataclasses.asdict(options))
     except PtrayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote the report to {out}/report.html")
+    print(f"logged the report {out}/report.html to MLflow" if args.log_only else
+          f"wrote the report to {out}/report.html")
     return 0
 
 

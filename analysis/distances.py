@@ -40,7 +40,8 @@ def rows_compared_matrix(inputs: Inputs, distance: str) -> pd.DataFrame:
 def within_task(pairs: pd.DataFrame, tasks: list[str], measures: list[str]) -> pd.DataFrame:
     """Per task and measure, over the distances between its distinct seed pairs: num_pairs, mean, min, max,
     sd_ddof1 (sample standard deviation) and cv_ddof1 = sd_ddof1 / mean (small: the seeds are nearly
-    equidistant, the paper's claim). NaN where a task has fewer than 2 (mean) or 3 (sd) seed pairs."""
+    equidistant, the paper's claim). NaN where a task has fewer than 2 (mean) or 3 (sd) seed pairs, and cv_ddof1
+    NaN where the mean is 0 (the task's prompts coincide: no spread to set against a mean)."""
     rows = []
     for task in tasks:
         sub = pairs[(pairs.task_a == task) & (pairs.task_b == task)] if len(pairs) else pairs

@@ -126,26 +126,65 @@ def tsne_perplexity(n_points: int) -> float:
     return float(min(30.0, max(1.0, min((n_points - 1) / 3, n_points - 1.5))))
 
 
+def coinciding(distances: np.ndarray) -> np.ndarray:
+    """[P, P] distance matrix -> [P] integer group of each prompt, numbered 0, 1, ... in order of first appearance:
+    prompts i and j share a group when they are at distance 0 and at equal distances from every prompt (points no
+    map can tell apart; the second condition matters for truncated distances between prompts of different
+    lengths, where A = B[:m] is at distance 0 from B without being B)."""
+    d = np.asarray(distances, dtype=np.float64)
+    groups = np.full(d.shape[0], -1)
+    firsts: list[int] = []
+    for i in range(d.shape[0]):
+        same = next((g for g, j in enumerate(firsts) if d[i, j] == 0 and np.array_equal(d[i], d[j])), None)
+        if same is None:
+            same = len(firsts)
+            firsts.append(i)
+        groups[i] = same
+    return groups
+
+
 def tsne_map(distances: np.ndarray, seed: int = 0, perplexity: float | None = None) -> np.ndarray:
     """t-SNE of a [P, P] distance matrix -> [P, 2] coordinates (exact method, random init: precomputed
-    distances allow no PCA init). Raises ValueError for fewer than 3 prompts."""
+    distances allow no PCA init). Coinciding prompts (``coinciding``) are mapped once and share that point: t-SNE
+    of identical inputs pushes them apart, drawing one prompt as several. Every prompt the same: all at (0, 0),
+    a map of zero spread. ``perplexity`` defaults to ``tsne_perplexity`` of the number of distinct prompts.
+
+    Raises:
+        ValueError: fewer than 3 prompts, or 2 distinct ones among 3 or more (t-SNE needs 3 distinct points).
+    """
     from sklearn.manifold import TSNE
 
     n = distances.shape[0]
     if n < 3:
         raise ValueError(f"t-SNE needs at least 3 prompts, got {n}")
+    groups = coinciding(distances)
+    k = int(groups.max()) + 1
+    if k == 1:
+        return np.zeros((n, 2))
+    if k < 3:
+        raise ValueError(f"t-SNE needs at least 3 distinct prompts, got {k} among {n}")
+    firsts = [int(np.flatnonzero(groups == g)[0]) for g in range(k)]
     tsne = TSNE(n_components=2, metric="precomputed", init="random", random_state=seed, method="exact",
-                perplexity=perplexity or tsne_perplexity(n))
+                perplexity=perplexity or tsne_perplexity(k))
     # a copy: scikit-learn squares a precomputed distance matrix in place
-    return tsne.fit_transform(np.array(distances, dtype=np.float64, copy=True))
+    xy = tsne.fit_transform(np.array(np.asarray(distances)[np.ix_(firsts, firsts)], dtype=np.float64, copy=True))
+    return xy[groups]
 
 
 def pca_map(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """PCA of [P, d] features -> ([P, 2] coordinates, [2] explained variance ratio)."""
+    """PCA of [P, d] features -> ([P, 2] coordinates, [2] explained variance ratio); equal rows get equal
+    coordinates, bit for bit. Features without variance
+    (every prompt the same) give a map of zero spread: every point at (0, 0) and ratios (0, 0), where scikit-learn
+    would divide 0 by 0."""
     from sklearn.decomposition import PCA
 
-    pca = PCA(n_components=min(2, *features.shape))
-    coords = pca.fit_transform(np.asarray(features, dtype=np.float64))
+    features = np.asarray(features, dtype=np.float64)
+    if not np.any(features != features[:1]):
+        return np.zeros((features.shape[0], 2)), np.zeros(2)
+    pca = PCA(n_components=min(2, *features.shape)).fit(features)
+    # each distinct row projected once: fit_transform's U * S can differ in the last bits between equal rows
+    distinct, inverse = np.unique(features, axis=0, return_inverse=True)
+    coords = pca.transform(distinct)[inverse.reshape(-1)]
     if coords.shape[1] < 2:  # fewer than 2 prompts or features: pad so callers always get [P, 2]
         coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
     ratio = np.pad(pca.explained_variance_ratio_, (0, 2 - len(pca.explained_variance_ratio_)))

@@ -306,11 +306,18 @@ def _stopped_trial(client, run, condition: str | None, trial: str | None) -> Tri
                   "exact_match": None, "rank_accuracy": None}, trial=trial)
 
 
-def log_analysis(study: Study, out_dir: Path, tracking_uri: str | None, metrics: dict[str, float]) -> str:
-    """Create the experiment's ``analysis`` run holding every file of ``out_dir`` as artifacts; returns its id."""
+def log_analysis(experiment_id: str, study_name: str, out_dir: Path, tracking_uri: str | None,
+                 metrics: dict[str, float]) -> str:
+    """Create the experiment's ``analysis`` run holding every file of ``out_dir`` as artifacts and ``metrics``
+    (NaN ones left out); returns its id. A failure part way marks the run FAILED where the store still answers.
+
+    Raises:
+        PtrayError: the store cannot be reached or used before the run exists (``connect``).
+        Exception: MLflow's own error when the store fails while the run is logged.
+    """
     client, _ = connect(tracking_uri)
-    run = tracking.create_run(client, study.experiment_id, layout.ANALYSIS_RUN_NAME,
-                              layout.run_tags(study.study, layout.ANALYSIS))
+    run = tracking.create_run(client, experiment_id, layout.ANALYSIS_RUN_NAME,
+                              layout.run_tags(study_name, layout.ANALYSIS))
     run_id = run.info.run_id
     try:
         client.log_artifacts(run_id, str(out_dir))
@@ -318,7 +325,10 @@ def log_analysis(study: Study, out_dir: Path, tracking_uri: str | None, metrics:
             if value is not None and not math.isnan(value):  # NaN is not a metric
                 client.log_metric(run_id, key, float(value))
     except Exception:
-        client.set_terminated(run_id, layout.FAILED)
+        try:
+            client.set_terminated(run_id, layout.FAILED)
+        except Exception:  # noqa: BLE001 - the store that failed the upload may be gone: the first error counts
+            pass
         raise
     client.set_terminated(run_id, layout.FINISHED)
     return run_id

@@ -64,9 +64,10 @@ def _timed(seconds: dict[str, float], name: str):
         log.info("%s: %.1f s", name, seconds[name])
 
 
-def recorded_inputs(opt: AnalysisOptions, model, num_prompts: int) -> dict:
+def recorded_inputs(opt: AnalysisOptions, model, num_points: int) -> dict:
     """Every input that changes a number of the report, for ``analysis.json`` (``meta.inputs``): the options, the
-    seed of each random step (bootstraps, t-SNE, Mantel relabellings) with its sizes, the model (class, type,
+    seed of each random step (bootstraps, t-SNE of ``num_points`` distinct prompts: its perplexity, None where no
+    t-SNE runs, as below 3 distinct prompts or with all coinciding) with its sizes, the model (class, type,
     dtype, parameter count; ``analysis.runner.run`` adds its name and device) and the code and library versions."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -86,7 +87,7 @@ def recorded_inputs(opt: AnalysisOptions, model, num_prompts: int) -> dict:
         "bootstrap": {"seed": opt.seed, "n_boot": opt.n_boot, "level": 0.95},
         "mantel": {"seed": opt.seed, "max_exact": correlation.MANTEL_MAX_EXACT,
                    "n_random": correlation.MANTEL_RANDOM},
-        "tsne": {"seed": opt.seed, "perplexity": geometry.tsne_perplexity(num_prompts) if num_prompts >= 3 else None,
+        "tsne": {"seed": opt.seed, "perplexity": geometry.tsne_perplexity(num_points) if num_points >= 3 else None,
                  "method": "exact", "init": "random"},
         "model": {"name": None, "class": type(model).__name__,
                   "model_type": getattr(model.config, "model_type", None), "dtype": str(param.dtype).removeprefix(
@@ -118,6 +119,9 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
     study, view_notes, view_meta = views.paper_view(full, opt.condition)
     with _timed(seconds, "prepare"):
         inputs = prepare(study, model, tokenizer)
+    with _timed(seconds, "distance_matrices"):
+        mats = distances.distance_matrices(inputs, opt.distance)  # every [P, P] distance, computed once
+    distinct = int(geometry.coinciding(mats["frobenius_raw"]).max()) + 1  # the points t-SNE maps
     tasks = inputs.tasks
     first = inputs.prompts[0]
     res = Results(meta={
@@ -131,7 +135,7 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
         "distance_method": opt.distance, "top_k": opt.top_k, "n_boot": opt.n_boot, "seed": opt.seed,
         "num_transfer_runs": sum(e.kind == "transfer" for e in full.evals),
         "num_baseline_runs": sum(e.kind == "baseline" for e in full.evals),
-        "inputs": recorded_inputs(opt, model, len(inputs.prompts)),
+        "inputs": recorded_inputs(opt, model, distinct),
         "seconds": seconds,
         "notes": list(notes or []) + view_notes,
     })
@@ -147,8 +151,6 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
         section, top1 = nearest.nearest_section(inputs=inputs, tokenizer=tokenizer, top_k=opt.top_k,
                                                 chunk=opt.chunk)
         res.add(section)
-    with _timed(seconds, "distance_matrices"):
-        mats = distances.distance_matrices(inputs, opt.distance)  # every [P, P] distance, computed once
     with _timed(seconds, "stochasticity"):
         res.add(stochasticity.stochasticity_section(inputs=inputs, distances=mats, distance=opt.distance,
                                                     seed=opt.seed))

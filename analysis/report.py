@@ -60,7 +60,9 @@ def write_outputs(results: Results, out: Path) -> dict[str, list[str]]:
             (out / f"{o.name}.png").write_bytes(_png_bytes(o.figure))
             names.insert(0, f"{o.name}.png")
         files[o.name] = names
-    write_json(out / "analysis.json", {**results.summary, "files": files})
+    # the analysis run's MLflow metrics (NaN is not a metric), so `ptray analyse --log-only` can log them later
+    metrics = {k: v for k, v in results.metrics.items() if v is not None and math.isfinite(v)}
+    write_json(out / "analysis.json", {**results.summary, "files": files, "mlflow_metrics": metrics})
     return files
 
 

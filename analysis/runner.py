@@ -16,7 +16,7 @@ from ptray.errors import PtrayError
 
 log = logging.getLogger("ptray.analysis")
 
-__all__ = ["DEFAULT_OUT", "check_out", "default_out", "earlier_report", "run"]
+__all__ = ["DEFAULT_OUT", "check_out", "default_out", "earlier_report", "log_report", "run"]
 
 DEFAULT_OUT = Path("outputs") / "analysis"
 
@@ -54,7 +54,7 @@ def check_out(out: Path, overwrite: bool) -> Path:
 
 def run(experiment: str, tracking_uri: str | None = None, out_dir: str | os.PathLike | None = None,
         model: str | None = None, device: str = "auto", overwrite: bool = False, log_to_mlflow: bool = True,
-        **options) -> Path:
+        log_only: bool = False, **options) -> Path:
     """Analyse ``experiment``; returns the report folder (default ``outputs/analysis/<experiment>``; an earlier
     report there is replaced).
 
@@ -66,6 +66,7 @@ def run(experiment: str, tracking_uri: str | None = None, out_dir: str | os.Path
         device: ``auto``, ``cpu`` or ``cuda``: where the model runs (fp32 either way).
         overwrite: replace a folder that holds other files.
         log_to_mlflow: log the folder as the experiment's ``analysis`` run.
+        log_only: compute nothing: log the report already in the folder (one whose logging failed).
         **options: fields of ``analysis.results.AnalysisOptions`` (``n_boot=200``, ``faithfulness=False``, ...).
 
     Every input that changes a number (the options, the model, its dtype and device, the code and library
@@ -74,7 +75,8 @@ def run(experiment: str, tracking_uri: str | None = None, out_dir: str | os.Path
 
     Raises:
         PtrayError: an option out of range, or a store, experiment, model or output folder that is not usable;
-            nothing is written then.
+            nothing is written then. A store that fails once the report is written: the line says so, where the
+            report is, and the command that logs it later (``log_only``).
         TypeError: an unknown option.
     """
     import torch
@@ -88,7 +90,10 @@ def run(experiment: str, tracking_uri: str | None = None, out_dir: str | os.Path
         options = AnalysisOptions(**options)
     except ValueError as err:
         raise PtrayError(str(err)) from None
-    out = check_out(Path(out_dir) if out_dir is not None else default_out(experiment), overwrite)
+    out = Path(out_dir) if out_dir is not None else default_out(experiment)
+    if log_only:
+        return log_report(experiment, tracking_uri, out)
+    out = check_out(out, overwrite)
     seconds = {}
     t0 = time.perf_counter()
     study, notes = mlflow_io.load_study(experiment, tracking_uri)
@@ -119,6 +124,48 @@ def run(experiment: str, tracking_uri: str | None = None, out_dir: str | os.Path
         report.write_all(results, tmp)
     log.info("wrote the report in %.1f s", time.perf_counter() - t0)
     if log_to_mlflow:
-        run_id = mlflow_io.log_analysis(study, out, tracking_uri, results.metrics)
-        log.info("logged the report as run %s of experiment %s", run_id, experiment)
+        _log(experiment, study.experiment_id, study.study, out, tracking_uri, results.metrics)
     return out
+
+
+def log_report(experiment: str, tracking_uri: str | None, out: Path) -> Path:
+    """Log the report already in ``out`` (written by an earlier ``run`` whose logging failed) as ``experiment``'s
+    ``analysis`` run, with the metrics its ``analysis.json`` keeps; computes nothing. Returns ``out``.
+
+    Raises:
+        PtrayError: ``out`` holds no report, or the store cannot be reached or used.
+    """
+    import json
+
+    from analysis import mlflow_io
+
+    if not earlier_report(out):
+        raise PtrayError(f"{out} holds no report (analysis.json and report.html) to log; run ptray analyse without "
+                         f"--log-only to write one")
+    summary = json.loads((out / "analysis.json").read_text())
+    client, _ = mlflow_io.connect(tracking_uri)
+    exp = mlflow_io.find_experiment(client, experiment)
+    study_name = (summary.get("meta") or {}).get("study") or experiment
+    _log(experiment, exp.experiment_id, study_name, out, tracking_uri, summary.get("mlflow_metrics") or {})
+    return out
+
+
+def _log(experiment: str, experiment_id: str, study_name: str, out: Path, tracking_uri: str | None,
+         metrics: dict[str, float]) -> None:
+    """``mlflow_io.log_analysis``; a store that fails (a server stopped mid-analysis) is one line saying that the
+    report was written, where, and how to log it later."""
+    import shlex
+
+    from analysis import mlflow_io
+    from ptray.study import store
+
+    uri = store.resolve_tracking_uri(tracking_uri)
+    try:
+        run_id = mlflow_io.log_analysis(experiment_id, study_name, out, tracking_uri, metrics)
+    except Exception as err:  # noqa: BLE001 - PtrayError lines, MLflow's and its HTTP client's errors alike
+        reason = err if isinstance(err, PtrayError) else store.store_error(uri, err)
+        again = shlex.join(["ptray", "analyse", "--experiment", experiment, "--tracking-uri", uri, "--out", str(out),
+                            "--log-only"])
+        raise PtrayError(f"{reason} -- the report was written to {out / 'report.html'} but not logged to MLflow; "
+                         f"to log it once the store answers (computing nothing again): {again}") from None
+    log.info("logged the report as run %s of experiment %s", run_id, experiment)

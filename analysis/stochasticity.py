@@ -89,28 +89,55 @@ def _norms_figure(per_prompt: pd.DataFrame, tasks: list[str], effective: bool):
     return figures.bars_figure(panels)
 
 
+ZERO_SPREAD = "zero spread: every prompt at one point (all coincide)"
+
+
 def _maps(inputs: Inputs, distances: dict[str, np.ndarray], distance: str, seed: int
-          ) -> tuple[pd.DataFrame, list, float]:
-    """Figure 6's maps: t-SNE (3 or more prompts) and PCA (2 or more) per space; ``(coords, maps, perplexity)``,
-    ``maps`` empty for a single prompt."""
+          ) -> tuple[pd.DataFrame, list, float | None]:
+    """Figure 6's maps: t-SNE (3 or more distinct prompts) and PCA (2 or more prompts) per space;
+    ``(coords, maps, perplexity of the raw t-SNE map or None)``, ``maps`` empty for a single prompt. Coinciding
+    prompts share one point in every map; a map of zero spread says so in its axis note."""
     coords = pd.DataFrame({"task": inputs.labels, "seed": inputs.seeds})
     maps = []
     spaces = [("raw", inputs.raw)] + ([("effective", inputs.effective)] if inputs.effective is not None else [])
-    perplexity = geometry.tsne_perplexity(len(inputs.prompts))
+    perplexity = None
     if len(inputs.prompts) < 2:  # one point has no map (PCA of one sample divides by zero)
         return coords, maps, perplexity
     for space, mats in spaces:
-        if len(mats) >= 3:
-            xy = geometry.tsne_map(distances[f"frobenius_{space}"], seed=seed, perplexity=perplexity)
+        matrix = distances[f"frobenius_{space}"]
+        distinct = int(geometry.coinciding(matrix).max()) + 1
+        if len(mats) >= 3 and distinct != 2:
+            xy = geometry.tsne_map(matrix, seed=seed)
             coords[f"tsne_{space}_x"], coords[f"tsne_{space}_y"] = xy[:, 0], xy[:, 1]
-            maps.append((f"t-SNE, {space} prompts", xy, f"perplexity {perplexity:g}, Frobenius distances "
-                                                         f"({distance})"))
+            if distinct == 1:
+                note = ZERO_SPREAD
+            else:
+                used = geometry.tsne_perplexity(distinct)
+                perplexity = used if space == "raw" else perplexity
+                note = f"perplexity {used:g}, Frobenius distances ({distance})"
+            maps.append((f"t-SNE, {space} prompts", xy, note))
         feats, m = geometry.common_length_features(mats)
         xy, ratio = geometry.pca_map(feats)
         coords[f"pca_{space}_x"], coords[f"pca_{space}_y"] = xy[:, 0], xy[:, 1]
-        maps.append((f"PCA, {space} prompts", xy, f"first {m} rows flattened; PC1 {ratio[0]:.0%}, "
-                                                  f"PC2 {ratio[1]:.0%} of variance"))
+        maps.append((f"PCA, {space} prompts", xy, f"first {m} rows flattened; " + (
+            f"PC1 {ratio[0]:.0%}, PC2 {ratio[1]:.0%} of variance" if ratio.sum() > 0 else ZERO_SPREAD)))
     return coords, maps, perplexity
+
+
+def _coincidence_note(inputs: Inputs, distances: dict[str, np.ndarray]) -> str | None:
+    """One line for the report when prompts coincide (distance 0 and equal distances to every other prompt)."""
+    groups = geometry.coinciding(distances["frobenius_raw"])
+    n, distinct = len(groups), int(groups.max()) + 1 if len(groups) else 0
+    if distinct == n:
+        return None
+    if distinct == 1:
+        return (f"the maps (Figure 6) have zero spread: all {n} prompts coincide (every distance between them is 0; "
+                f"e.g. training left each at its init), so every map puts them on one point")
+    shared = [", ".join(f"{inputs.labels[i]} seed {inputs.seeds[i]}" for i in np.flatnonzero(groups == g))
+              for g in range(distinct) if (groups == g).sum() > 1]
+    return (f"{n - distinct + len(shared)} of the {n} prompts coincide with another (distance 0) and share one point "
+            f"in every map: {'; '.join(shared)}" + (f"; t-SNE not computed: it needs 3 distinct prompts, the study "
+                                                   f"has {distinct}" if distinct == 2 and n >= 3 else ""))
 
 
 def stochasticity_section(*, inputs: Inputs, distances: dict[str, np.ndarray], distance: str, seed: int) -> Section:
@@ -147,14 +174,23 @@ def stochasticity_section(*, inputs: Inputs, distances: dict[str, np.ndarray], d
     if n < 3:
         out.notes.append(f"t-SNE map (Figure 6) not computed: it needs 3 or more prompts, the study has {n}"
                          + ("; PCA map not computed either: it needs 2" if n < 2 else ""))
+    coincide = _coincidence_note(inputs, distances) if n >= 2 else None
+    if coincide:
+        out.notes.append(coincide)
     if not maps:
         return out
+    distinct = int(geometry.coinciding(distances["frobenius_raw"]).max()) + 1
+    if perplexity is not None:
+        tsne = (f"t-SNE (perplexity {perplexity:g}, valid for {distinct} distinct points, seed {seed}) runs on the "
+                f"prompt distance matrix, so prompts of different lengths are compared as in the distance section; ")
+    elif distinct == 1 and n >= 3:
+        tsne = "t-SNE and PCA: zero spread, every prompt at one point (all coincide). "
+    else:
+        tsne = f"t-SNE: n/a ({distinct} distinct prompts; it needs 3). "
     out.outputs.append(Output(
         "prompt_maps", "stochasticity", "Figure 6: every prompt in two dimensions",
-        "Each point is one prompt, coloured by task, the seeds of a task joined. " + (
-            f"t-SNE (perplexity {perplexity:g}, valid for {n} points, seed {seed}) runs on the prompt distance "
-            f"matrix, so prompts of different lengths are compared as in the distance section; " if n >= 3 else
-            f"t-SNE: n/a ({n} prompts; it needs 3). ") + "PCA needs equal-length vectors and uses "
+        "Each point is one prompt, coloured by task, the seeds of a task joined; coinciding prompts share a point. "
+        + tsne + "PCA needs equal-length vectors and uses "
         "the first rows common to all prompts. t-SNE distances between clusters are not meaningful; PCA's are. "
         "Top: raw rows (the paper)" + ("; bottom: effective rows." if eff else "."), coords,
         figures.prompt_maps_figure(maps, inputs.labels, inputs.seeds, inputs.tasks), show_table=False))

@@ -227,7 +227,10 @@ class Options:
     resume: bool = config_field(False, "finish the study named by --study; rerun nothing done")
     accept_new_data: bool = config_field(False, "with --resume: finish the study on data files that changed since "
                                                 "it started (its finished runs keep what the old files gave)")
-    dry_run: bool = config_field(False, "print the plan and exit")
+    dry_run: bool = config_field(False, "make the run's checks, print the plan (with --resume: what is left) and "
+                                        "exit; creates nothing")
+    verbose: bool = config_field(False, "Ray Tune's own output: its trial tables, each trial's config and results, "
+                                        "its INFO lines (default: a line per trial epoch and per failure)")
     analysis: bool = config_field(True, "run the analysis at the end", off_help="skip the analysis step")
     analysis_dir: str | None = config_field(None, "where the analysis writes its report (unset: its own)")
     local: str | None = config_field(None, "run the whole study in this process on one device (no Ray) into this "

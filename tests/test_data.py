@@ -71,6 +71,15 @@ def test_bad_json_names_file_and_line(tmp_path):
         load_split(get_task("cb"), "train", tmp_path)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    """A jsonl file saved by a Windows editor starts with a byte-order mark; it is read, not refused at line 1."""
+    rows = [{"premise": "p", "hypothesis": "h", "label": "neutral", "idx": i} for i in range(2)]
+    (tmp_path / "CB").mkdir()
+    (tmp_path / "CB" / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(map(json.dumps, rows)).encode())
+    examples = load_split(get_task("cb"), "train", tmp_path)
+    assert [(e.idx, e.fields["premise"], e.label) for e in examples] == [(0, "p", 2), (1, "p", 2)]  # neutral = 2
+
+
 def test_missing_field_names_file_line_and_field(tmp_path):
     good = json.dumps({"premise": "p", "hypothesis": "h", "label": "neutral", "idx": 0})
     _write(tmp_path, "CB", "train", [good, good, json.dumps({"premise": "p", "label": "neutral", "idx": 2})])

@@ -150,6 +150,16 @@ def test_each_mistake_is_one_line_naming_the_file_and_field(tmp_path, text, mess
     assert "\n" not in text and text.startswith("bad.toml: " + message), text
 
 
+def test_a_byte_order_mark_is_read_not_refused(tmp_path):
+    """A study file saved with a UTF-8 byte-order mark (Windows editors) is the same study."""
+    text = 'name = "mine"\r\ndescription = "d"\r\ntasks = ["rte"]\r\nseeds = [1]\r\n'
+    (tmp_path / "plain.toml").write_text(text)
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    bom, plain = load_study(tmp_path / "bom.toml"), load_study(tmp_path / "plain.toml")
+    assert (bom.name, bom.tasks, bom.seeds, bom.digest) == ("mine", ("rte",), (1,), plain.digest)
+    assert parse_study("\ufeff" + text).name == "mine"
+
+
 def test_unknown_names_and_missing_files(tmp_path):
     with pytest.raises(PtrayError, match=r"^unknown study 'inti'; shipped studies: init, length, lr, optimizer, "
                                          r"paper, spot\. Did you mean 'init'\? Or give the path of a study file "

@@ -220,6 +220,52 @@ def test_a_sqlite_uri_is_read_as_sqlalchemy_reads_it(workdir):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# a dry run says what the real run would do: refuse an existing or deleted study in the same words, or what a
+# resume has left
+
+
+def test_a_dry_run_refuses_what_the_run_refuses_in_the_same_words(workdir, capsys, data_dir):
+    from ptray.plan import Plan
+
+    uri = store.resolve_tracking_uri()
+    exp = _store_plan(uri, Plan(study="S", tasks=("cb",), seeds=(0, 1)))
+    argv = ("--study", "S", "--tasks", "cb", "--seeds", "0,1", "--smoke", "--data-dir", str(data_dir))
+    want = (f"error: study 'S' already exists in MLflow experiment 'ptray-S' at {uri}; pass --resume to finish it, "
+            f"or choose another --study\n")
+    assert _study(capsys, *argv)[::2] == (2, want)
+    assert _study(capsys, *argv, "--dry-run")[::2] == (2, want)  # was: the plan, "(new)"
+    # a resume's dry run says what is left: here cb-seed0 finished, cb-seed1 and every evaluation not
+    mc = store.open_store(uri)
+    run = tracking.create_run(mc, exp, layout.train_run_name("cb", 0), layout.run_tags("S", layout.TRAIN, "cb", 0))
+    mc.set_terminated(run.info.run_id, layout.FINISHED)
+    code, out, err = _study(capsys, "--resume", "--study", "S", "--dry-run")
+    assert code == 0, err
+    assert "study 'S' (resume)" in out
+    assert out.splitlines()[-1] == ("  left       1 of 2 trials to train (cb-seed1), 3 of 3 evaluations; 1 trials "
+                                    "finished")
+    # deleted: the dry run of a new study says how to restore or purge it, as the run does
+    store.client(uri).delete_experiment(exp)
+    deleted = _study(capsys, *argv)
+    assert deleted[0] == 2 and "was deleted; restore it with" in deleted[2]
+    assert _study(capsys, *argv, "--dry-run")[::2] == deleted[::2]
+    # a local study's folder that holds a study: the same line from the run and its dry run
+    folder = workdir / "local"
+    folder.mkdir()
+    (folder / "plan.json").write_text("{}")
+    local = (*argv, "--local", str(folder))
+    want = f"error: --local {str(folder)!r} already holds files; choose a new --local or resume it with --resume\n"
+    assert _study(capsys, *local)[::2] == (2, want)
+    assert _study(capsys, *local, "--dry-run")[::2] == (2, want)
+
+
+def test_a_dry_run_with_no_store_creates_none(workdir, capsys, data_dir):
+    code, out, err = _study(capsys, "--study", "S", "--tasks", "cb", "--seeds", "0", "--smoke", "--dry-run",
+                            "--data-dir", str(data_dir))
+    assert (code, err) == (0, "") and "study 'S' (new, smoke)" in out
+    assert not (workdir / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 14. a deleted experiment: say so, and how to restore or purge it
 
 

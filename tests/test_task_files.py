@@ -2,14 +2,16 @@
 (and again from their declaration, as a worker does), a user task from file to token ids, and the built-in files
 equal to the former Python declarations."""
 
+import ast
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from ptray.data import tasks
+from ptray.data import task_schema, tasks
 from ptray.data.batching import encode_all
 from ptray.data.superglue import load_split
 from ptray.data.task import FORMATTERS, parse_template, register_formatter
@@ -169,9 +171,32 @@ def test_bad_file_gives_one_line_naming_file_and_field(tmp_path, case):
     assert re.search(message, str(info.value)), str(info.value)
 
 
+def test_each_part_of_a_task_file_has_its_own_check():
+    """The checks are split by the part of the file they judge (as a study file's are), none of them a long
+    function; the messages above pin what they say."""
+    source = Path(task_schema.__file__).read_text()
+    functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    lines = {n.name: n.end_lineno - n.lineno + 1 for n in functions}
+    assert max(lines.values()) <= 45, lines
+    parts = {"name", "version", "fields", "labels", "verbalizer", "formatter", "template", "answer_cue", "data"}
+    assert parts <= set(vars(task_schema._Check))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(PtrayError, match=r"task file '.*nope.toml' does not exist"):
         load_task_file(tmp_path / "nope.toml")
+
+
+def test_a_byte_order_mark_is_read_not_refused(tmp_path):
+    """Windows editors save UTF-8 with a byte-order mark; TOML forbids it at line 1, column 1, but it is no part of
+    the content: the file reads as the same task (CRLF line ends too)."""
+    path = tmp_path / "nli3.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.replace("\n", "\r\n").encode())
+    task = load_task_file(path)
+    plain = load_task_file(_file(tmp_path, name="plain.toml"))
+    assert task.declaration == plain.declaration and task.format({"premise": "a", "hypothesis": "b", "genre": "news",
+                                                                  "pair_id": 1}) == plain.format(
+        {"premise": "a", "hypothesis": "b", "genre": "news", "pair_id": 1})
 
 
 def test_template_syntax():

@@ -89,7 +89,7 @@ def read_jsonl(task: Task, split: str, data_dir: str | os.PathLike) -> list[Exam
         raise PtrayError(f"split file {str(path)!r} is missing; expected {task.dir_name}/{split}.jsonl under "
                          f"{str(root)!r}")
     examples = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Windows editors) is not JSON
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue

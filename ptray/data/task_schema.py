@@ -75,6 +75,7 @@ from ptray.files import NAME_MAX, name_problem
 FIELD_TYPES = ("text", "string", "int")
 RESERVED_FIELDS = ("idx", "label")  # every record has them; a task does not declare them
 _NAME = re.compile(r"[a-z][a-z0-9_-]*\Z")
+BOM = "\ufeff"  # the UTF-8 byte-order mark as text: what "utf-8" decoding keeps and "utf-8-sig" drops
 
 # --- validation ---------------------------------------------------------------------------------------------------
 
@@ -86,10 +87,179 @@ _FIELD = ("type", "values")
 
 
 class _Check:
-    """Validation helpers that raise one-line PtrayErrors prefixed with the declaration's source."""
+    """The checks of one task declaration, one method per part of the file; each failure is one line
+    ``PtrayError`` prefixed with the declaration's source. ``declaration`` runs them in the file's reading order:
+    the top level, name and version, ``[fields]``, labels and ``[verbalizer]``, the formatter, the template and
+    answer cue, ``[data]``."""
 
     def __init__(self, source: str):
         self.source = source
+
+    # --- the parts of a task file -----------------------------------------------------------------------------
+
+    def declaration(self, declaration: Any) -> Task:
+        """The whole declaration -> its ``Task``."""
+        decl = self.table(declaration, "<top level>")
+        self.known(decl, _TOP)
+        self.required(decl, _REQUIRED)
+        name = self.name(decl["name"])
+        version = self.version(decl["version"])
+        init_text = self.string(decl["init_text"], "init_text")
+        types, allowed = self.fields(self.table(decl["fields"], "fields"))
+        labels = self.labels(decl["labels"])
+        verbalizer = self.verbalizer(self.table(decl["verbalizer"], "verbalizer"), labels)
+        formatter, provided = self.formatter(decl.get("formatter"), types)
+        template = self.template(decl["template"], (*types, *provided))
+        answer_cue = self.answer_cue(decl.get("answer_cue", ANSWER_CUE))
+        data = self.data(self.table(decl["data"], "data"), name)
+        return Task(
+            name=name,
+            fields=tuple(types),
+            text_fields=tuple(f for f, kind in types.items() if kind == "text"),
+            labels=labels,
+            verbalizer=verbalizer,
+            init_text=init_text,
+            template=template,
+            answer_cue=answer_cue,
+            formatter=formatter,
+            allowed_values=allowed,
+            int_fields=tuple(f for f, kind in types.items() if kind == "int"),
+            version=version,
+            source=self.source,
+            declaration=copy.deepcopy(dict(decl)),
+            **data,
+        )
+
+    def name(self, value: Any) -> str:
+        name = self.string(value, "name")
+        # a task names runs and their folders (name_problem: folder-safe, at most 64 characters); lower case on
+        # top, so that --tasks CB and cb are one task
+        if not _NAME.match(name) or name_problem(name):
+            self.fail(f"field 'name' must be ASCII lower case letters (a-z), digits, '-' or '_', starting with a "
+                      f"letter, at most {NAME_MAX} characters; got {name!r}")
+        return name
+
+    def version(self, value: Any) -> int:
+        if type(value) is not int or value < 1:
+            self.fail(f"field 'version' must be an integer >= 1, got {_show(value)}")
+        return value
+
+    def fields(self, table: Mapping) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+        """[fields] -> ({name: type}, {name: allowed values})."""
+        types: dict[str, str] = {}
+        allowed: dict[str, tuple[str, ...]] = {}
+        if not table:
+            self.fail("field 'fields' declares no field")
+        for name, spec in table.items():
+            path = f"fields.{name}"
+            if not IDENTIFIER.match(name):
+                self.fail(f"field {path!r}: a field name must be letters, digits and '_' (it is a placeholder)")
+            if name in RESERVED_FIELDS:
+                self.fail(f"field {path!r}: 'idx' and 'label' are read from every record; do not declare them")
+            if isinstance(spec, Mapping):
+                self.known(spec, _FIELD, prefix=path + ".")
+                self.required(spec, ("type",), prefix=path + ".")
+                kind = self.string(spec["type"], path + ".type")
+                if "values" in spec:
+                    if kind == "int":
+                        self.fail(f"field {path + '.values'!r}: only string fields can have a closed set of values")
+                    allowed[name] = self.strings(spec["values"], path + ".values")
+            else:
+                kind = self.string(spec, path)
+            if kind not in FIELD_TYPES:
+                self.fail(f"field {path!r}: unknown type {kind!r} (valid: {', '.join(FIELD_TYPES)})"
+                          f"{_did_you_mean(kind, FIELD_TYPES)}")
+            types[name] = kind
+        if "text" not in types.values():
+            self.fail("field 'fields' declares no field of type 'text' (the one truncation may shorten)")
+        return types, allowed
+
+    def labels(self, value: Any) -> tuple[str, ...]:
+        labels = self.strings(value, "labels")
+        if len(labels) < 2:
+            self.fail(f"field 'labels' needs at least two labels, got {list(labels)}")
+        return labels
+
+    def verbalizer(self, table: Mapping, labels: tuple[str, ...]) -> dict[str, str]:
+        """[verbalizer] -> {label: answer words}, in the labels' order: every label, distinct single-spaced words."""
+        for key in table:
+            if key not in labels:
+                self.fail(f"field 'verbalizer' names {key!r}, which is not a label (labels: {', '.join(labels)})")
+        seen: dict[str, str] = {}
+        for label in labels:
+            if label not in table:
+                self.fail(f"field 'verbalizer' has no answer words for label {label!r} (every label needs them)")
+            words = self.string(table[label], f"verbalizer.{label}")
+            if words != " ".join(words.split()):
+                self.fail(f"field 'verbalizer.{label}': answer words must be single-spaced, without surrounding or "
+                          f"inner newlines/tabs; got {words!r}")
+            if words in seen:
+                self.fail(f"field 'verbalizer': labels {seen[words]!r} and {label!r} share the answer {words!r} "
+                          f"(exact match could not tell them apart)")
+            seen[words] = label
+        return {label: table[label] for label in labels}
+
+    def formatter(self, formatter: Any, types: Mapping[str, str]) -> tuple[str | None, tuple[str, ...]]:
+        """The optional formatter -> (its name or None, the placeholders it provides)."""
+        if formatter is None:
+            return None, ()
+        self.string(formatter, "formatter")
+        if formatter not in FORMATTERS:
+            self.fail(f"field 'formatter': unknown formatter {formatter!r} (registered: "
+                      f"{', '.join(FORMATTERS) or 'none'}){_did_you_mean(formatter, list(FORMATTERS))}")
+        spec = FORMATTERS[formatter]
+        for read in spec.reads:
+            if read not in types:
+                self.fail(f"field 'formatter': {formatter!r} reads field {read!r}, which 'fields' does not declare")
+        for out in spec.provides:
+            if out in types:
+                self.fail(f"field 'formatter': {formatter!r} provides placeholder {out!r}, which is also a declared "
+                          f"field; rename the field")
+        return formatter, spec.provides
+
+    def template(self, value: Any, known: tuple[str, ...]) -> str:
+        """The template: valid brace syntax, every placeholder a declared field or a formatter's."""
+        template = self.string(value, "template")
+        try:
+            pieces = parse_template(template)
+        except ValueError as err:
+            self.fail(f"field 'template': {err}")
+        for _, placeholder in pieces:
+            if placeholder is not None and placeholder not in known:
+                hint = difflib.get_close_matches(placeholder, known, n=1)
+                did = f"; did you mean {{{hint[0]}}}?" if hint else ""
+                self.fail(f"field 'template': placeholder {{{placeholder}}} names no declared field (declared: "
+                          f"{', '.join(known)}){did}")
+        return template
+
+    def answer_cue(self, value: Any) -> str:
+        answer_cue = self.string(value, "answer_cue")
+        if answer_cue != answer_cue.rstrip():
+            self.fail(f"field 'answer_cue' must not end with whitespace (the answers start with a space); got "
+                      f"{answer_cue!r}")
+        return answer_cue
+
+    def data(self, table: Mapping, name: str) -> dict[str, Any]:
+        """[data] -> the ``Task`` fields it sets: dir_name, hub_config, hub_dataset, splits, hub_splits."""
+        self.known(table, _DATA, prefix="data.")
+        dir_name = self.string(table.get("dir_name", name), "data.dir_name")
+        if "/" in dir_name or "\\" in dir_name or dir_name in (".", ".."):
+            self.fail(f"field 'data.dir_name' must be one folder name, got {dir_name!r}")
+        hub_config = self.string(table["hub_config"], "data.hub_config") if "hub_config" in table else None
+        hub_dataset = self.string(table["hub_dataset"], "data.hub_dataset") if "hub_dataset" in table else None
+        splits = self.strings(table.get("splits", list(SPLITS)), "data.splits")
+        for split in splits:
+            if split not in SPLITS:
+                self.fail(f"field 'data.splits': unknown split {split!r} (valid: {', '.join(SPLITS)})")
+        hub_splits = dict(HUB_SPLITS)
+        if "hub_splits" in table:
+            names = self.table(table["hub_splits"], "data.hub_splits")
+            self.known(names, SPLITS, prefix="data.hub_splits.")
+            hub_splits.update({k: self.string(v, f"data.hub_splits.{k}") for k, v in names.items()})
+        return {"dir_name": dir_name, "hub_config": hub_config, "hub_dataset": hub_dataset,
+                "splits": tuple(s for s in SPLITS if s in splits), "hub_splits": hub_splits}
+
+    # --- the value checks the parts share ---------------------------------------------------------------------
 
     def fail(self, message: str):
         raise PtrayError(f"{self.source}: {message}")
@@ -129,43 +299,16 @@ class _Check:
         return tuple(value)
 
 
+def _did_you_mean(value: str, choices) -> str:
+    hint = difflib.get_close_matches(value, choices, n=1)
+    return f"; did you mean {hint[0]!r}?" if hint else ""
+
+
 def _show(value: Any) -> str:
     kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
             dict: "a table"}.get(type(value), type(value).__name__)
     text = repr(value)
     return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
-
-
-def _declared_fields(check: _Check, table: Mapping) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
-    """[fields] -> ({name: type}, {name: allowed values})."""
-    types: dict[str, str] = {}
-    allowed: dict[str, tuple[str, ...]] = {}
-    if not table:
-        check.fail("field 'fields' declares no field")
-    for name, spec in table.items():
-        path = f"fields.{name}"
-        if not IDENTIFIER.match(name):
-            check.fail(f"field {path!r}: a field name must be letters, digits and '_' (it is a placeholder)")
-        if name in RESERVED_FIELDS:
-            check.fail(f"field {path!r}: 'idx' and 'label' are read from every record; do not declare them")
-        if isinstance(spec, Mapping):
-            check.known(spec, _FIELD, prefix=path + ".")
-            check.required(spec, ("type",), prefix=path + ".")
-            kind = check.string(spec["type"], path + ".type")
-            if "values" in spec:
-                if kind == "int":
-                    check.fail(f"field {path + '.values'!r}: only string fields can have a closed set of values")
-                allowed[name] = check.strings(spec["values"], path + ".values")
-        else:
-            kind = check.string(spec, path)
-        if kind not in FIELD_TYPES:
-            hint = difflib.get_close_matches(kind, FIELD_TYPES, n=1)
-            did = f"; did you mean {hint[0]!r}?" if hint else ""
-            check.fail(f"field {path!r}: unknown type {kind!r} (valid: {', '.join(FIELD_TYPES)}){did}")
-        types[name] = kind
-    if "text" not in types.values():
-        check.fail("field 'fields' declares no field of type 'text' (the one truncation may shorten)")
-    return types, allowed
 
 
 def task_from_declaration(declaration: Mapping[str, Any], source: str = "<declaration>") -> Task:
@@ -182,128 +325,18 @@ def task_from_declaration(declaration: Mapping[str, Any], source: str = "<declar
         PtrayError: one line naming ``source`` and the field: unknown or missing field, wrong type, a placeholder
             naming no declared field, a verbalizer without every label, a version < 1, an unknown formatter...
     """
-    check = _Check(source)
-    decl = check.table(declaration, "<top level>")
-    check.known(decl, _TOP)
-    check.required(decl, _REQUIRED)
-
-    name = check.string(decl["name"], "name")
-    # a task names runs and their folders (name_problem: folder-safe, at most 64 characters); lower case on top, so
-    # that --tasks CB and cb are one task
-    if not _NAME.match(name) or name_problem(name):
-        check.fail(f"field 'name' must be ASCII lower case letters (a-z), digits, '-' or '_', starting with a letter, "
-                   f"at most {NAME_MAX} characters; got {name!r}")
-    version = decl["version"]
-    if type(version) is not int or version < 1:
-        check.fail(f"field 'version' must be an integer >= 1, got {_show(version)}")
-    init_text = check.string(decl["init_text"], "init_text")
-
-    types, allowed = _declared_fields(check, check.table(decl["fields"], "fields"))
-
-    labels = check.strings(decl["labels"], "labels")
-    if len(labels) < 2:
-        check.fail(f"field 'labels' needs at least two labels, got {list(labels)}")
-    verbalizer = check.table(decl["verbalizer"], "verbalizer")
-    for key in verbalizer:
-        if key not in labels:
-            check.fail(f"field 'verbalizer' names {key!r}, which is not a label (labels: {', '.join(labels)})")
-    seen: dict[str, str] = {}
-    for label in labels:
-        if label not in verbalizer:
-            check.fail(f"field 'verbalizer' has no answer words for label {label!r} (every label needs them)")
-        words = check.string(verbalizer[label], f"verbalizer.{label}")
-        if words != " ".join(words.split()):
-            check.fail(f"field 'verbalizer.{label}': answer words must be single-spaced, without surrounding or "
-                       f"inner newlines/tabs; got {words!r}")
-        if words in seen:
-            check.fail(f"field 'verbalizer': labels {seen[words]!r} and {label!r} share the answer {words!r} (exact "
-                       f"match could not tell them apart)")
-        seen[words] = label
-
-    formatter = decl.get("formatter")
-    provided: tuple[str, ...] = ()
-    if formatter is not None:
-        check.string(formatter, "formatter")
-        if formatter not in FORMATTERS:
-            hint = difflib.get_close_matches(formatter, list(FORMATTERS), n=1)
-            did = f"; did you mean {hint[0]!r}?" if hint else ""
-            check.fail(f"field 'formatter': unknown formatter {formatter!r} (registered: "
-                       f"{', '.join(FORMATTERS) or 'none'}){did}")
-        spec = FORMATTERS[formatter]
-        for read in spec.reads:
-            if read not in types:
-                check.fail(f"field 'formatter': {formatter!r} reads field {read!r}, which 'fields' does not declare")
-        for out in spec.provides:
-            if out in types:
-                check.fail(f"field 'formatter': {formatter!r} provides placeholder {out!r}, which is also a declared "
-                           f"field; rename the field")
-        provided = spec.provides
-
-    template = check.string(decl["template"], "template")
-    try:
-        pieces = parse_template(template)
-    except ValueError as err:
-        check.fail(f"field 'template': {err}")
-    known = (*types, *provided)
-    for _, placeholder in pieces:
-        if placeholder is not None and placeholder not in known:
-            hint = difflib.get_close_matches(placeholder, known, n=1)
-            did = f"; did you mean {{{hint[0]}}}?" if hint else ""
-            check.fail(f"field 'template': placeholder {{{placeholder}}} names no declared field (declared: "
-                       f"{', '.join(known)}){did}")
-    answer_cue = check.string(decl.get("answer_cue", ANSWER_CUE), "answer_cue")
-    if answer_cue != answer_cue.rstrip():
-        check.fail(f"field 'answer_cue' must not end with whitespace (the answers start with a space); got "
-                   f"{answer_cue!r}")
-
-    data = check.table(decl["data"], "data")
-    check.known(data, _DATA, prefix="data.")
-    dir_name = check.string(data.get("dir_name", name), "data.dir_name")
-    if "/" in dir_name or "\\" in dir_name or dir_name in (".", ".."):
-        check.fail(f"field 'data.dir_name' must be one folder name, got {dir_name!r}")
-    hub_config = check.string(data["hub_config"], "data.hub_config") if "hub_config" in data else None
-    hub_dataset = check.string(data["hub_dataset"], "data.hub_dataset") if "hub_dataset" in data else None
-    splits = check.strings(data.get("splits", list(SPLITS)), "data.splits")
-    for split in splits:
-        if split not in SPLITS:
-            check.fail(f"field 'data.splits': unknown split {split!r} (valid: {', '.join(SPLITS)})")
-    hub_splits = dict(HUB_SPLITS)
-    if "hub_splits" in data:
-        table = check.table(data["hub_splits"], "data.hub_splits")
-        check.known(table, SPLITS, prefix="data.hub_splits.")
-        hub_splits.update({k: check.string(v, f"data.hub_splits.{k}") for k, v in table.items()})
-
-    return Task(
-        name=name,
-        dir_name=dir_name,
-        hub_config=hub_config,
-        fields=tuple(types),
-        text_fields=tuple(f for f, kind in types.items() if kind == "text"),
-        labels=labels,
-        verbalizer={label: verbalizer[label] for label in labels},
-        init_text=init_text,
-        template=template,
-        answer_cue=answer_cue,
-        formatter=formatter,
-        allowed_values=allowed,
-        int_fields=tuple(f for f, kind in types.items() if kind == "int"),
-        splits=tuple(s for s in SPLITS if s in splits),
-        hub_dataset=hub_dataset,
-        hub_splits=hub_splits,
-        version=version,
-        source=source,
-        declaration=copy.deepcopy(dict(decl)),
-    )
+    return _Check(source).declaration(declaration)
 
 
 def parse_task_toml(text: str, source: str = "<task file>") -> dict[str, Any]:
-    """TOML text -> the declaration dict (not validated; ``task_from_declaration`` does that).
+    """TOML text -> the declaration dict (not validated; ``task_from_declaration`` does that). A leading UTF-8
+    byte-order mark (Windows editors write one) is dropped: TOML forbids it, but it is no part of the content.
 
     Raises:
         PtrayError: the text is not valid TOML (the message names ``source``, the line and the column).
     """
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(text.removeprefix(BOM))
     except tomllib.TOMLDecodeError as err:
         raise PtrayError(f"{source}: not valid TOML ({' '.join(str(err).split())})") from None
 
@@ -318,7 +351,7 @@ def read_task_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise PtrayError(f"task file {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is read, not kept
     except UnicodeDecodeError:
         raise PtrayError(f"{path}: not UTF-8 text (a task file is TOML)") from None
     return parse_task_toml(text, str(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -97,6 +98,9 @@ def quiet() -> None:
     """No download/loading progress bars in workers: with many trials they bury Tune's progress table."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Tune's worker-side "Checkpoint successfully created at ..." after every epoch (the plan says each trial
+    # checkpoints every epoch)
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
 

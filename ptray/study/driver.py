@@ -36,7 +36,7 @@ from ptray.study.context import StudyContext, quiet
 from ptray.study.flags import build_parser, options_from_args, plan_from_args
 from ptray.study.lease import StudyLease
 from ptray.study.paths import tune_path
-from ptray.study.summary import describe, render_summary, resume_command, summarize
+from ptray.study.summary import describe, describe_left, render_summary, resume_command, summarize
 from ptray.study.transfer import transfer_phase
 from ptray.study.tuner import train_phase, tune_state_exists
 
@@ -148,17 +148,25 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None, study: str | N
         check_experiment_name(experiment, opts)
         preflight.check_data(plan)
         if opts.dry_run:
+            if not opts.resume:  # what the real run refuses: a folder a study was started in
+                from ptray.study.local import check_new_folder
+
+                check_new_folder(opts.local)
             print(describe(plan, opts, uri, storage, experiment, new=not opts.resume))
             return 0
         return run_local_study(plan, opts, experiment, analyse)
     check_experiment_name(experiment, opts)
     if not opts.resume:  # a resumed study's files are checked against its stored plan, once read (below)
         preflight.check_data(plan)
-    if opts.dry_run and not opts.resume:
+    tune_folder = tune_path(storage, plan.study)
+    # A dry run makes the real run's checks of the store and Tune's folder (it refuses what the run would refuse,
+    # in the same words), but creates nothing: with no store yet, only Tune's folder can hold the study.
+    if opts.dry_run and not opts.resume and not store.store_exists(uri):
+        _check_new(plan, None, tune_folder, experiment, uri)
         print(describe(plan, opts, uri, storage, experiment, new=True))
         return 0
 
-    if opts.address:
+    if opts.address and not opts.dry_run:
         cluster.check_ray_address(opts.address)
     if opts.resume and not store.store_exists(uri):
         raise PtrayError(f"there is no study {plan.study!r} to resume: the tracking store {uri} does not exist; "
@@ -166,7 +174,6 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None, study: str | N
     mc = store.open_store(uri)  # seconds, before anything else starts; a store MLflow refuses is one line
     tracking.check_experiment(mc, experiment, uri, plan.study)  # deleted: how to restore or purge it
     stored = tracking.read_plan(mc, experiment, plan.study)
-    tune_folder = tune_path(storage, plan.study)
     if opts.resume:
         if stored is None:
             raise PtrayError(f"there is no study {plan.study!r} to resume in MLflow experiment {experiment!r} at "
@@ -174,14 +181,11 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None, study: str | N
         plan = plan_from_args(args, stored, study=study)
         preflight.check_data(plan)
     else:
-        if stored is not None:
-            raise PtrayError(f"study {plan.study!r} already exists in MLflow experiment {experiment!r} at {uri}; "
-                             f"pass --resume to finish it, or choose another --study")
-        if tune_state_exists(tune_folder):
-            raise PtrayError(f"{tune_folder} already holds Tune results of a study {plan.study!r}; pass --resume, "
-                             f"choose another --study, or another --storage-path")
+        _check_new(plan, stored, tune_folder, experiment, uri)
     if opts.dry_run:
-        print(describe(plan, opts, uri, storage, experiment, new=False))
+        print(describe(plan, opts, uri, storage, experiment, new=not opts.resume))
+        if opts.resume:
+            print(describe_left(summarize(mc, tracking.get_or_create_experiment(mc, experiment), plan), plan))
         return 0
 
     quiet()
@@ -254,6 +258,21 @@ def check_experiment_name(experiment: str, opts: Options) -> None:
     if opts.analysis and opts.analysis_dir is None:
         check_name(experiment, "--experiment", "the analysis writes its report into a folder of that name under "
                    "outputs/analysis; or pass --analysis-dir DIR", max_length=EXPERIMENT_MAX)
+
+
+def _check_new(plan: Plan, stored: dict | None, tune_folder: str, experiment: str, uri: str) -> None:
+    """Refuse to start study ``plan.study`` anew where MLflow (``stored``: its stored plan) or Tune's folder
+    already holds it; the real run and its dry run say the same line.
+
+    Raises:
+        PtrayError: the study exists (pass --resume, or choose another --study).
+    """
+    if stored is not None:
+        raise PtrayError(f"study {plan.study!r} already exists in MLflow experiment {experiment!r} at {uri}; "
+                         f"pass --resume to finish it, or choose another --study")
+    if tune_state_exists(tune_folder):
+        raise PtrayError(f"{tune_folder} already holds Tune results of a study {plan.study!r}; pass --resume, "
+                         f"choose another --study, or another --storage-path")
 
 
 def resolve_group_size(group_size: int | None, gpus: float) -> int:

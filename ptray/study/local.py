@@ -73,6 +73,16 @@ def read_plan(study_dir: str | Path) -> Plan:
         raise PtrayError(f"{str(path)!r} is not a plan ptray can read ({type(err).__name__}: {err})") from None
 
 
+def check_new_folder(study_dir: str | Path) -> Path:
+    """Refuse, creating nothing, a new local study's folder that cannot be written or already holds files (a
+    study started there: resume it); the run and its dry run say the same line. Returns it as a Path.
+
+    Raises:
+        PtrayError: one line naming the folder and what to do.
+    """
+    return check_output_folder(Path(study_dir), "--local", holds="files", fix="or resume it with --resume")
+
+
 def prepare(plan: Plan, study_dir: str | Path, resume: bool) -> Path:
     """Create the study folder with its plan, or check a stopped one against ``plan`` (``resume``).
 
@@ -86,7 +96,7 @@ def prepare(plan: Plan, study_dir: str | Path, resume: bool) -> Path:
             raise PtrayError(f"the local study in {str(out)!r} was started with another plan (differs in: "
                              f"{', '.join(changed) or 'study'}); resume with the same flags or start a new folder")
         return out
-    check_output_folder(out, "--local", holds="files", fix="or resume it with --resume")
+    check_new_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / PLAN_FILE, {"format": FORMAT, "study": plan.study, "plan": plan.to_json()})
     return out

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ptray.config import TrainConfig
+from ptray.data.task_schema import BOM
 from ptray.data.tasks import get_task
 from ptray.errors import PtrayError
 from ptray.files import name_problem
@@ -108,7 +109,7 @@ def load_study(name_or_path: str | Path) -> StudyDeclaration:
     if not path.is_file():
         raise PtrayError(f"study file {str(path)!r} not found")
     try:
-        content = path.read_text(encoding="utf-8")
+        content = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is read, not kept
     except (OSError, UnicodeDecodeError) as err:
         raise PtrayError(f"cannot read study file {str(path)!r}: {err}") from None
     decl = parse_study(content, path.name)
@@ -119,12 +120,13 @@ def load_study(name_or_path: str | Path) -> StudyDeclaration:
 
 def parse_study(text: str, source: str = "<study>") -> StudyDeclaration:
     """Validate a declaration's TOML text; ``source`` names it in messages (``load_study`` passes the file name).
+    A leading UTF-8 byte-order mark (Windows editors write one) is dropped, as for a task file.
 
     Raises:
         PtrayError: invalid TOML or a wrong field, in one line naming ``source`` and the field.
     """
     try:
-        decl = tomllib.loads(text)
+        decl = tomllib.loads(text.removeprefix(BOM))
     except tomllib.TOMLDecodeError as err:
         raise PtrayError(f"{source}: not valid TOML: {str(err).splitlines()[0]}") from None
     return _Check(source).declaration(decl)

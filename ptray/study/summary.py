@@ -80,6 +80,20 @@ def token_lines(plan: Plan, tokenizer=None) -> list[str]:
     return lines
 
 
+def describe_left(summary: dict[str, Any], plan: Plan) -> str:
+    """What a ``--resume`` of the study has left to do, from ``summarize``: one line for the dry run's plan."""
+    left = summary["train_failed"]  # every planned trial neither finished nor stopped by a scheduler
+    evals = max(summary["eval_expected"] - summary["eval_done"], 0)
+    if not left and not evals:
+        return "  left       nothing: every trial and evaluation is finished; a resume writes the summary and " \
+               "the analysis again"
+    shown = " ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+    return (f"  left       {len(left)} of {len(plan.trials)} trials to train" + (f" ({shown})" if left else "")
+            + f", {'up to ' if plan.search else ''}{evals} of {summary['eval_expected']} evaluations; "
+            f"{summary['train_done']} trials finished" + (f", {len(summary['train_stopped'])} stopped by the "
+                                                           f"scheduler" if summary["train_stopped"] else ""))
+
+
 def _grid_suffix(plan: Plan) -> str:
     conditions = f" x {len(plan.conditions)} conditions" if plan.conditions else ""
     return conditions + (f" x {plan.num_samples or 1} samples" if plan.search else "")

@@ -6,7 +6,9 @@ and what the driver counts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
 from ptray import layout
 from ptray.plan import Options, Plan
@@ -45,8 +47,13 @@ def train_phase(plan: Plan, opts: Options, ctx: StudyContext, storage: str, gpus
                                     {"cpu": opts.cpus_per_trial, "gpu": gpus})
     space = param_space(plan)
     path = tune_path(storage, plan.study)
+    verbose, callbacks = (2, []) if opts.verbose else (0, [progress_lines(plan, opts)])
     if opts.resume and tune_state_exists(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        # Tune restores the first run's RunConfig; what is printed is this run's choice (--verbose or not)
+        restored = getattr(tuner, "_local_tuner", None)
+        if restored is not None:
+            restored.get_run_config().verbose, restored.get_run_config().callbacks = verbose, callbacks
     else:
         # Trials with the same resources reuse their worker process: imports and the model cache stay warm.
         tuner = tune.Tuner(
@@ -55,14 +62,107 @@ def train_phase(plan: Plan, opts: Options, ctx: StudyContext, storage: str, gpus
             tune_config=tune.TuneConfig(reuse_actors=True, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_dirname, scheduler=scheduler(plan)),
             run_config=tune.RunConfig(
-                name=plan.study, storage_path=storage,
+                name=plan.study, storage_path=storage, verbose=verbose, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             ),
         )
-    tuner.fit()
+    with _quiet_tune(not opts.verbose):
+        tuner.fit()
     finish_stopped(plan, ctx, trial_statuses(path))
     return trial_counts(path)
+
+
+# Checkpoints Tune keeps per trial (one per epoch). Tune snapshots its experiment state every >= 10 s, and forces a
+# snapshot whenever a trial has checkpointed num_to_keep times since the last one, so that the state never names a
+# deleted checkpoint. Keeping 2, every second epoch forced one: with epochs of a second or two (the smoke study) many
+# per second, Ray's "Experiment state snapshotting has been triggered multiple times" warning. Keeping 10, a trial
+# forces one only when 10 of its epochs fit between two periodic snapshots; each checkpoint is a prompt and its
+# optimizer state (tens of KB to a few MB).
+KEEP_CHECKPOINTS = 10
+
+
+def progress_lines(plan: Plan, opts: Options, say=None):
+    """The training phase's default output, a Tune callback on the driver (Ray's own trial tables need
+    ``--verbose``): a line when a trial starts, one per prompt and epoch (``cb-seed0 epoch 1/50: eval_loss ...``),
+    one per failure (retried or final: the error's last line, not its traceback) and per finished trial with the
+    count of trials done."""
+    from ray import tune
+
+    say = say or (lambda line: print(line, flush=True))
+    total = len(plan.groups()) if (plan.group_size or 1) > 1 and not plan.search else len(plan.trials)
+    epochs = {layout.train_run_name(*m): plan.trial_config(m).max_epochs for m in plan.trials}
+
+    class ProgressLines(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            say(f"{_trial_name(trial)}: started")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            name = result.get("prompt")
+            if name is None or "epoch" not in result:  # a trial's last report: its final metrics
+                return
+            shown = ", ".join(f"{k} {result[k]:.4f}" for k in ("train_loss", "eval_loss", "exact_match",
+                                                               "rank_accuracy") if k in result)
+            say(f"{name} epoch {result['epoch']}/{epochs.get(name, '?')}: {shown}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            # counted from Tune's trials, so that a resumed study counts those finished before it too
+            done = {id(t) for t in trials if getattr(t, "status", None) == "TERMINATED"} | {id(trial)}
+            say(f"{_trial_name(trial)}: done ({len(done)}/{total} trials)")
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            say(f"{_trial_name(trial)}: failed ({_error_line(trial)}); retrying from its last checkpoint "
+                f"(up to {opts.max_failures} retries)")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            say(f"{_trial_name(trial)}: failed for good ({_error_line(trial)}); the error in full: "
+                f"{getattr(trial, 'error_file', None) or 'its trial folder'}")
+
+    return ProgressLines()
+
+
+def _error_line(trial) -> str:
+    """The last line of a failed trial's error (the exception itself, not the traceback above it)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = [line for line in open(path).read().splitlines() if line.strip()] if path else []  # noqa: SIM115
+    except OSError:
+        lines = []
+    return lines[-1].strip()[:300] if lines else "see its trial folder"
+
+
+class _DropTrialTracebacks(logging.Filter):
+    """Tune logs each failed trial's traceback; quiet, the callback's one line says it instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Trial task failed")
+
+
+@contextlib.contextmanager
+def _quiet_tune(quiet: bool):
+    """Without --verbose: Tune's INFO lines, trial tracebacks and experiment header off while it runs (its warnings
+    stay). The header ("Configuration for experiment", "View detailed results here") is printed by Tune's new
+    output engine even at verbose 0; its legacy engine, at verbose 0, prints nothing."""
+    if not quiet:
+        yield
+        return
+    tune_log, controller = logging.getLogger("ray.tune"), logging.getLogger("ray.tune.execution.tune_controller")
+    level, drop, engine = tune_log.level, _DropTrialTracebacks(), os.environ.get(_OUTPUT_ENGINE)
+    tune_log.setLevel(logging.WARNING)
+    controller.addFilter(drop)
+    os.environ[_OUTPUT_ENGINE] = "0"
+    try:
+        yield
+    finally:
+        tune_log.setLevel(level)
+        controller.removeFilter(drop)
+        if engine is None:
+            os.environ.pop(_OUTPUT_ENGINE, None)
+        else:
+            os.environ[_OUTPUT_ENGINE] = engine
+
+
+_OUTPUT_ENGINE = "RAY_AIR_NEW_OUTPUT"  # "0": Tune's legacy console output
 
 
 def trial_conditions(plan: Plan) -> dict[str, dict]:
@@ -144,6 +244,8 @@ def trial_statuses(path: str) -> dict[str, str]:
 
 def tune_state_exists(path: str) -> bool:
     """Whether ``path`` holds a Tune experiment that can be restored."""
+    if "://" not in path and not os.path.exists(path):  # a local folder that is not there: no need to load Ray
+        return False
     from ray import tune
 
     try:
