@@ -191,7 +191,7 @@ def _submit(workdir: Path, argv: list[str]) -> tuple[str, Path]:
                           "--ray-port", str(_free_port()), "--mlflow-port", str(_free_port()), "--submit", *argv],
                          cwd=workdir, env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    match = re.search(r"submitted job (\d+); its output: (\S+)", out.stdout)
+    match = re.search(r"submitted job (\d+); its output: (\S+);", out.stdout)
     return match.group(1), Path(match.group(2))
 
 
@@ -289,7 +289,7 @@ def test_a_job_warned_requeued_cancelled_and_resubmitted_finishes_the_study(tmp_
     assert len({r.info.run_name for r in runs}) == len(runs)
     assert all(r.info.status == "FINISHED" for r in runs)
     for run in (r for r in runs if r.data.tags["ptray.kind"] == "train"):
-        n = int(run.data.metrics["epochs_run"])
+        n = int(run.data.metrics["final_epochs_run"])
         assert tracking.logged_epochs(mc, run.info.run_id) == list(range(1, n + 1))
         assert [m.step for m in mc.get_metric_history(run.info.run_id, "eval_loss")] == list(range(1, n + 1))
     for j in (job, again):

@@ -259,6 +259,9 @@ cleanup() {
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
     rm -rf "$SCRATCH"
 }
+# Until the driver runs: a cancel or a warning stops what started so far (the warning also requeues the job).
+trap 'cleanup; exit 143' TERM
+trap 'cleanup; scontrol requeue "$SLURM_JOB_ID"; exit 0' USR1
 
 srun --nodes=1 --ntasks=1 -w "${NODES[0]}" bash -c 'mkdir -p "$TMPDIR" && exec "$@"' ray \
     "${RAY[@]}" start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --num-cpus="$CPUS" --num-gpus="$GPUS" \
