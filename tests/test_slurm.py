@@ -209,6 +209,11 @@ def _leftovers(*marks: str) -> list[str]:
     return found
 
 
+def _scratch(job: str) -> Path:
+    """The job's scratch folder (Ray's and MLflow's temporary files), which the job removes."""
+    return Path(os.environ.get("TMPDIR") or "/tmp") / f"ptray-{job}"
+
+
 def _runs(job_dir: Path, study: str):
     from ptray.study import store, tracking
 
@@ -235,6 +240,7 @@ def test_the_smoke_study_as_a_slurm_job(tmp_path, data_dir):
     report = tmp_path / "outputs" / "analysis" / "ptray-slurm-a"
     assert (report / "report.html").is_file() and (report / "table1_norms.csv").is_file()
     assert not _leftovers(str(log.parent), f"ptray-{job}")
+    assert not _scratch(job).exists()
 
 
 @pytest.mark.slurm
@@ -294,3 +300,4 @@ def test_a_job_warned_requeued_cancelled_and_resubmitted_finishes_the_study(tmp_
         assert [m.step for m in mc.get_metric_history(run.info.run_id, "eval_loss")] == list(range(1, n + 1))
     for j in (job, again):
         assert not _leftovers(str(job_dir), f"ptray-{j}")
+        assert not _scratch(j).exists()

@@ -254,10 +254,20 @@ export RAY_AUTH_TOKEN
 PIDS=()
 
 cleanup() {
-    local pid
+    local pid alive
     for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
+    # At most 20 s: a cancelled job is killed outright KillWait seconds (often 30) after its TERM.
+    for _ in $(seq 20); do
+        alive=""
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ -z "$alive" ] && break
+        sleep 1
+    done
     rm -rf "$SCRATCH"
+    if [ "${#NODES[@]}" -gt 1 ]; then  # the workers' scratch, once their Ray has stopped (not after a cancel)
+        timeout 60 srun --nodes=$((${#NODES[@]} - 1)) --ntasks-per-node=1 -w "$(IFS=,; echo "${NODES[*]:1}")" \
+            rm -rf "$SCRATCH" 2>/dev/null
+    fi
 }
 # Until the driver runs: a cancel or a warning stops what started so far (the warning also requeues the job).
 trap 'cleanup; exit 143' TERM
@@ -270,7 +280,7 @@ PIDS+=($!)
 "$PYTHON" -m ptray.study.slurm wait ray "$ADDRESS" 1 120 || { cleanup; exit 1; }
 for node in "${NODES[@]:1}"; do
     srun --nodes=1 --ntasks=1 -w "$node" bash -c 'mkdir -p "$TMPDIR" && exec "$@"' ray \
-        "${RAY[@]}" start --address="$ADDRESS" --num-cpus="$CPUS" --num-gpus="$GPUS" --block &
+        "${RAY[@]}" start --address="$ADDRESS" --num-cpus="$CPUS" --num-gpus="$GPUS" --temp-dir="$SCRATCH/ray" --block &
     PIDS+=($!)
 done
 "$PYTHON" -m ptray.study.slurm wait ray "$ADDRESS" "${#NODES[@]}" 300 || { cleanup; exit 1; }
