@@ -306,8 +306,9 @@ echo "ptray: study $STUDY ${RESUME[*]:-(new)} on Ray at $ADDRESS ($((${#NODES[@]
 "$PYTHON" -m ptray study "${STUDY_ARGS[@]}" "${RESUME[@]}" --address "$ADDRESS" --tracking-uri "$TRACKING_URI" &
 DRIVER=$!
 
-# SLURM's warning before the time limit (--signal=B:USR1) and a preemption's TERM: stop the driver as Ctrl-C does
-# (Tune stops the trials at their last checkpoint and saves its state), then requeue on the warning.
+# SLURM's warning before the time limit (--signal=B:USR1, to this shell only): stop the driver as Ctrl-C does (Tune
+# stops the trials, each checkpointed at its last epoch, and saves its state), then requeue. A cancel's or a
+# preemption's TERM reaches the driver from SLURM itself too, which ends it at once; the checkpoints stay.
 SIGNAL=""
 stop_driver() {
     SIGNAL="$1"
