@@ -218,8 +218,10 @@ def render(*, flags: list[str], study: str, experiment: str, job_dir: Path, work
     lines += [f"#SBATCH --chdir={workdir}", f"#SBATCH --output={job_dir}/slurm-%j.out", "#SBATCH --open-mode=append",
               f"#SBATCH --signal=B:USR1@{signal_lead}", "#SBATCH --requeue", *(f"#SBATCH {o}" for o in extra)]
     storage = storage_path or str(job_dir / "ray_results")
+    package_root = str(Path(__file__).resolve().parents[2])  # the ptray that writes the script is the one it runs
     head = f"""
 PYTHON={q(python)}
+export PYTHONPATH={q(package_root)}${{PYTHONPATH:+:$PYTHONPATH}}
 JOB_DIR={q(str(job_dir))}
 STUDY={q(study)}
 EXPERIMENT={q(experiment)}
