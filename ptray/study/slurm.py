@@ -258,10 +258,12 @@ PIDS=()
 cleanup() {
     local pid alive
     for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
-    # At most 20 s: a cancelled job is killed outright KillWait seconds (often 30) after its TERM.
-    for _ in $(seq 20); do
+    # Until Ray's processes on this node are gone too (srun may return first; they write into the scratch folder),
+    # at most 25 s: a cancelled job is killed outright KillWait seconds (often 30) after its TERM.
+    for _ in $(seq 25); do
         alive=""
         for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        pgrep -f -- "$SCRATCH/" >/dev/null && alive=1
         [ -z "$alive" ] && break
         sleep 1
     done
@@ -279,7 +281,7 @@ srun --nodes=1 --ntasks=1 -w "${NODES[0]}" bash -c 'mkdir -p "$TMPDIR" && exec "
     "${RAY[@]}" start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --num-cpus="$CPUS" --num-gpus="$GPUS" \
     --temp-dir="$SCRATCH/ray" --include-dashboard=false --block &
 PIDS+=($!)
-"$PYTHON" -m ptray.study.slurm wait ray "$ADDRESS" 1 120 || { cleanup; exit 1; }
+"$PYTHON" -m ptray.study.slurm wait ray "$ADDRESS" 1 300 || { cleanup; exit 1; }
 for node in "${NODES[@]:1}"; do
     srun --nodes=1 --ntasks=1 -w "$node" bash -c 'mkdir -p "$TMPDIR" && exec "$@"' ray \
         "${RAY[@]}" start --address="$ADDRESS" --num-cpus="$CPUS" --num-gpus="$GPUS" --temp-dir="$SCRATCH/ray" --block &
@@ -297,7 +299,7 @@ if [ -z "$TRACKING_URI" ]; then
         >>"$JOB_DIR/mlflow-server.log" 2>&1 &
     PIDS+=($!)
     TRACKING_URI="http://$HEAD_IP:$MLFLOW_PORT"
-    "$PYTHON" -m ptray.study.slurm wait mlflow "$TRACKING_URI" 1 180 || { cleanup; exit 1; }
+    "$PYTHON" -m ptray.study.slurm wait mlflow "$TRACKING_URI" 1 300 || { cleanup; exit 1; }
 fi
 
 RESUME=()
