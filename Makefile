@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DATA_DIR ?= ../shared/data/superglue
 
-.PHONY: install smoke test test-min system-deps real-model real-study bench-cpu
+.PHONY: install smoke test test-min test-slurm system-deps real-model real-study bench-cpu
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -84,3 +84,8 @@ $(VENV_MIN)/.installed: pyproject.toml
 test-min: $(VENV_MIN)/.installed
 	$(VENV_MIN)/bin/python -c 'import torch, transformers, peft, accelerate as a; print("lowest versions:", torch.__version__, transformers.__version__, peft.__version__, a.__version__)'
 	PTRAY_DATA_DIR=$(DATA_DIR) $(VENV_MIN)/bin/python -m pytest -q -m "not slow" $(CORE_TESTS)
+
+# The study as SLURM batch jobs (ptray slurm) on a real one-node SLURM that tests/slurm/with_slurm.sh installs
+# (Debian's slurm-wlm and munge, as root), starts under a temporary folder and stops by its pids afterwards.
+test-slurm: install
+	PTRAY_DATA_DIR=$(DATA_DIR) tests/slurm/with_slurm.sh $(PY) -m pytest -q -m slurm tests/test_slurm.py

@@ -5,6 +5,7 @@
     ptray analyse ...          the report of a study tracked in MLflow  (also: python -m analysis)
     ptray model prepare|ask|list|tiny ...   models offline
     ptray publish STUDY_DIR    a local study (ptray study --local DIR) into MLflow
+    ptray slurm ... -- ...     the study as a SLURM batch job (a script for sbatch; --submit submits it)
 
 Each subcommand's flags come from the config dataclasses (``ptray.config``); ``ptray SUBCOMMAND --help`` lists them.
 
@@ -25,6 +26,8 @@ BUILTIN = {
     "train": ("train and evaluate one soft prompt into a run folder", "ptray.training.train:main"),
     "study": ("the whole study: Ray Tune over task x seed, the transfer grid, MLflow, then the analysis",
               "ptray.study.driver:main"),
+    "slurm": ("the study as a SLURM batch job: Ray's head and workers across its nodes, resubmitted to resume",
+              "ptray.study.slurm:main"),
     "model": ("models offline: prepare a real small model, ask it a question, build a tiny random one",
               "ptray.lm.pretrained:main"),
     "publish": ("a local study's run folders (ptray study --local DIR) into MLflow, idempotent",
