@@ -135,6 +135,25 @@ def test_ptray_study_local_runs_publishes_and_resumes(tiny_model_dir, data_dir, 
     assert "published 0 runs into MLflow experiment 'ptray-cli'" in out
 
 
+def test_compile_reaches_a_local_studys_training_and_evaluation(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """``--compile`` is a run option (not in the plan): ``ptray study --local`` passed it nowhere, so a study asked
+    to compile ran uncompiled. Now its training and its transfer evaluations compile the blocks (counted here,
+    not compiled) and its train run records it; a resume without it runs uncompiled."""
+    import ptray.lm.load
+    from ptray.study.driver import main
+
+    compiled = []
+    monkeypatch.setattr(ptray.lm.load, "compile_blocks", lambda model: compiled.append(type(model).__name__))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--tasks", "copa", "--seeds", "0",
+            "--max-epochs", "1", "--max-train-examples", "8", "--max-eval-examples", "8", "--max-length", "128",
+            "--study", "comp", "--no-analysis", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert main([*argv, "--local", "study", "--compile"]) == 0
+    trained = json.loads((run_dir(tmp_path / "study", "copa-seed0") / layout.CONFIG_FILE).read_text())
+    assert trained["compile"] is True
+    assert len(compiled) == 2  # the training's model and the transfer grid's
+
+
 def test_the_local_study_needs_neither_ray_nor_mlflow(tiny_model_dir, data_dir, tmp_path):
     """As on a GPU machine with torch, transformers, peft and accelerate only: the study runs, and says how to
     publish it where MLflow is."""

@@ -76,7 +76,7 @@ def run_local_study(plan: Plan, opts: Options, experiment: str, analyse: Analyse
     resume = f"ptray study --resume --local {study_dir}"
     try:
         # one process on one device: torch's own thread count (every core) unless --threads asks for a trial's
-        counts = run_local(plan, study_dir, resume=opts.resume, threads=opts.threads)
+        counts = run_local(plan, study_dir, resume=opts.resume, threads=opts.threads, compile=opts.compile)
     except KeyboardInterrupt:
         print(f"\ninterrupted. Finish the study with:\n  {resume}", file=sys.stderr)
         return 130

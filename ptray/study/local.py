@@ -116,29 +116,32 @@ def _write_run(study_dir: Path, name: str, info: dict[str, Any], files: dict[str
 
 
 def run_local(plan: Plan, study_dir: str | Path, resume: bool = False, device: str | None = None,
-              progress: bool | None = None, threads: int | None = None) -> dict[str, int]:
+              progress: bool | None = None, threads: int | None = None, compile: bool = False) -> dict[str, int]:
     """Run ``plan`` in this process into the study folder ``study_dir``; return counts of the runs written.
 
     ``device``: the plan's train device when None (auto: the GPU if there is one). ``progress``: one overall bar
     (prompts x epochs, with an ETA) on stderr; None shows it only when stderr is a terminal. Each finished epoch is
     also one log line. ``threads``: torch's CPU threads meanwhile (None: as they are; ``ptray study --local`` passes
-    ``Options.torch_threads``, a Ray trial's count). Raises PtrayError for anything the user must change, before
-    any work where possible.
+    ``--threads``). ``compile``: ``--compile``, a run option (not in the plan, free on ``--resume``): each block
+    of the frozen model compiled, for training and evaluation. Raises PtrayError for anything the user must change,
+    before any work where possible.
     """
     from ptray.study.context import torch_threads
 
     with torch_threads(threads):
-        return _run_local(plan, study_dir, resume, device, progress)
+        return _run_local(plan, study_dir, resume, device, progress, compile)
 
 
 def _run_local(plan: Plan, study_dir: str | Path, resume: bool, device: str | None,
-               progress: bool | None) -> dict[str, int]:
+               progress: bool | None, compile: bool = False) -> dict[str, int]:
     from ptray.lm.load import resolve_device_precision
 
     if plan.search:  # before anything is written
         raise PtrayError("a search needs Ray Tune's scheduler: run this study without --local")
     out = prepare(plan, study_dir, resume)
     train = plan.train if device is None else dataclasses.replace(plan.train, device=device)
+    if compile:
+        train = dataclasses.replace(train, compile=True)
     if plan.tiny_model:  # the smoke model, built once into the study folder (so a resume uses the same weights)
         from ptray.lm.tiny_model import build
 
@@ -166,7 +169,8 @@ def _bar(total: int, progress: bool | None):
 def _member_config(plan: Plan, train, member: tuple, out: Path):
     """A trial's ``TrainConfig`` in the local study: the plan's (its condition's overrides, task, seed) on this
     study's model and device; a SPoT source named by its run (``init_source = "rte-seed0"``) is that run's folder."""
-    cfg = dataclasses.replace(plan.trial_config(member), model=train.model, device=train.device)
+    cfg = dataclasses.replace(plan.trial_config(member), model=train.model, device=train.device,
+                              compile=train.compile)
     source = cfg.init_source
     if source is not None and not Path(source).expanduser().exists():
         folder = run_dir(out, source.replace("{seed}", str(member[1])))
