@@ -391,7 +391,8 @@ def test_two_drivers_of_one_study_the_second_refused_and_nothing_logged_twice(wo
             assert first.poll() is None, (workdir / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the first driver did not store its plan in 10 minutes"
             time.sleep(0.5)
-            exp = store.client(uri).get_experiment_by_name("ptray-twice") if (workdir / "mlflow.db").exists() \
+            # open_store: through the lock the driver creates the store under (a bare client could race its tables)
+            exp = store.open_store(uri).get_experiment_by_name("ptray-twice") if (workdir / "mlflow.db").exists() \
                 else None
         code, _, err = _study(capsys, "--resume", *argv)
         assert code == 2 and err.startswith("error: study 'twice' is running: its driver (pid "), err

@@ -210,7 +210,8 @@ def test_ray_and_local_studies_give_the_same_experiment_and_report(tiny_model_di
     uri_ray, uri_local = f"sqlite:///{tmp_path / 'ray.db'}", f"sqlite:///{tmp_path / 'local.db'}"
     assert main([*common, "--tracking-uri", uri_ray, "--analysis-dir", str(tmp_path / "a-ray")],
                 analyse=analysis.run) == 0
-    assert main([*common, "--tracking-uri", uri_local, "--local", "study", "--analysis-dir",
+    # --threads 1: a Ray trial's count (1 CPU per trial), asked for to reproduce the Ray study's numbers
+    assert main([*common, "--tracking-uri", uri_local, "--local", "study", "--threads", "1", "--analysis-dir",
                  str(tmp_path / "a-local")], analyse=analysis.run) == 0
 
     def contents(uri):

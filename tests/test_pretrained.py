@@ -232,8 +232,9 @@ def test_short_training_beats_no_prompt_and_reloads(real_model_dir, data_dir, tm
     from ptray.training.run_folder import save_run
     from ptray.training.train import train
 
+    # fp32: the reloaded prompt is evaluated in fp32 below and must give the run's own numbers
     cfg = TrainConfig(task="copa", seed=0, model=str(real_model_dir), data_dir=str(data_dir), max_epochs=1,
-                      max_train_examples=32, max_eval_examples=32, max_length=128, device="cpu")
+                      max_train_examples=32, max_eval_examples=32, max_length=128, device="cpu", precision="no")
     result = train(cfg)
     m = result.metrics
     # The training task's own loss: the trained prompt must beat no prompt (measured 0.61 vs 2.25 on 64 examples).

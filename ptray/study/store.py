@@ -187,11 +187,14 @@ def open_store(uri: str):
 
 @contextlib.contextmanager
 def _first_creation(uri: str):
-    """Around the first use of a SQLite store: while its database is new (missing or empty), one process at a time
-    (an exclusive lock on a file beside it, ``.NAME.lock``), so that two studies started together on a new file do
-    not both create MLflow's tables ("table ... already exists"). A database that holds tables needs no lock."""
+    """Around opening a SQLite store (MLflow creates or upgrades its tables there): one process at a time, through an
+    exclusive lock on a file beside it (``.NAME.lock``), so that two studies started together on a new file do not
+    both create MLflow's tables ("table ... already exists", "duplicate column name: step"). Every open takes it,
+    not only a missing or empty file's: a file becomes non-empty while its first process is still creating tables,
+    and a second process arriving then would race it. The lock is held for the open and one query (milliseconds
+    once the tables exist)."""
     path = local_path(uri) if urlparse(uri).scheme == "sqlite" else None
-    if path is None or (path.is_file() and path.stat().st_size > 0) or fcntl is None:
+    if path is None or fcntl is None:
         yield
         return
     with open(path.with_name(f".{path.name}.lock"), "a") as lock:
