@@ -37,3 +37,14 @@ def tiny(tiny_model_dir):
     from ptray.lm.load import load_model
 
     return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working folder (tmp_path/here) with no tracking store, Ray address or file-store switch from the
+    environment: where a study's default store (./mlflow.db) and outputs land."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "here"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_study_faults import _study
 
 from ptray.data.batching import encode, encode_all
 from ptray.data.superglue import load_split
@@ -184,24 +185,6 @@ def test_other_clis_with_a_seed_check_its_range(module, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------------------
 # 3. a relative user path means the same in every process of a study (Tune runs each trial in its own folder)
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    (tmp_path / "here").mkdir()
-    monkeypatch.chdir(tmp_path / "here")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    return tmp_path / "here"
-
-
-def _study(capsys, *argv) -> tuple[int, str, str]:
-    from ptray.study.driver import main
-
-    capsys.readouterr()
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_every_study_path_reaches_the_workers_absolute(workdir, tiny_model_dir, data_dir, monkeypatch):

@@ -11,27 +11,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_study_faults import _study
 
 from ptray.errors import PtrayError
 from ptray.study import fingerprint, store, tracking
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    (tmp_path / "here").mkdir()
-    monkeypatch.chdir(tmp_path / "here")
-    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MLFLOW_ALLOW_FILE_STORE"):
-        monkeypatch.delenv(var, raising=False)
-    return tmp_path / "here"
-
-
-def _study(capsys, *argv) -> tuple[int, str, str]:
-    from ptray.study.driver import main
-
-    capsys.readouterr()
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _copy_data(data_dir: Path, to: Path, tasks=("CB",)) -> Path:

@@ -20,15 +20,6 @@ from ptray.errors import PtrayError
 from ptray.study import cluster, fingerprint, store, tracking
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    (tmp_path / "here").mkdir()
-    monkeypatch.chdir(tmp_path / "here")
-    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MLFLOW_ALLOW_FILE_STORE"):
-        monkeypatch.delenv(var, raising=False)
-    return tmp_path / "here"
-
-
 def _study(capsys, *argv) -> tuple[int, str, str]:
     from ptray.study.driver import main
 
