@@ -157,11 +157,18 @@ def test_eager_attention_equals_the_models_own_attention(fam):
     torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-4)
 
 
-def _peft(path, n, init=None, token_dim=None):
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+def _reference_model(path):
+    """The model as Hugging Face defines it, for PEFT to wrap: eager attention, which every family has and which
+    applies Gemma 2's attention soft cap (transformers < 5 loads Gemma 2 with SDPA, dropping it)."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(path))
+    return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager")
+
+
+def _peft(path, n, init=None, token_dim=None):
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    base = _reference_model(path)
     kw = dict(prompt_tuning_init=PromptTuningInit.RANDOM)
     if init:
         kw = dict(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=init,
@@ -263,12 +270,11 @@ def _scaled_embedding_module(model) -> bool:
 
 def test_saved_prompt_reloads_into_peft(fam, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     name, path, model, tok, pad = fam
     rows = _prompt(model, 4, 3)
     save_adapter(rows, tmp_path / "prompt", str(path), INIT)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(path)), str(tmp_path / "prompt"))
+    peft_model = PeftModel.from_pretrained(_reference_model(path), str(tmp_path / "prompt"))
     peft_model.eval()
     seqs = _seqs(torch.Generator().manual_seed(3), len(tok), 3)
     with torch.no_grad():
@@ -341,7 +347,7 @@ def test_effective_prompt_is_what_the_first_attention_reads(fam):
     name, _, model, _, _ = fam
     w = _prompt(model, 5, 6)
     got = families.effective_prompt(model, w)
-    base = model.base_model
+    base = getattr(model, "model", None) or model.base_model  # 4.56's Gemma3ForCausalLM: base_model is itself
     if name == "bloom":
         ln = base.word_embeddings_layernorm
         want = torch.nn.functional.layer_norm(w, (64,), ln.weight, ln.bias, ln.eps)
@@ -392,7 +398,6 @@ def test_train_save_and_reload_into_peft(fam, data_dir, tmp_path):
     """As a user would: ``train`` a CB prompt (a few examples, 2 epochs), ``save_run``, reload it into PEFT; the
     trained prompt lowers the loss it was trained on, and PEFT with the saved adapter scores what ptray reported."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from ptray.config import TrainConfig
     from ptray.training.run_folder import save_run
@@ -410,7 +415,7 @@ def test_train_save_and_reload_into_peft(fam, data_dir, tmp_path):
     from ptray.data.batching import encode_all
     from ptray.data.superglue import load_split
 
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(path)), str(out / "prompt"))
+    peft_model = PeftModel.from_pretrained(_reference_model(path), str(out / "prompt"))
     peft_model.eval()
     n = result.prompt.shape[0]
     nll = count = 0.0
@@ -445,6 +450,41 @@ def test_gemma2_final_logit_softcapping(tmp_path):
     torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
     assert (ours - uncapped).abs().max() > 0.5  # the cap matters here: skipping it is a different number
     assert own.abs().max() <= cap
+
+
+def test_gemma2_attention_softcap_is_kept(tmp_path):
+    """Gemma 2 soft-caps its attention logits (``attn_logit_softcapping``). A model that loaded another attention
+    (transformers < 5 loads it with SDPA, which drops the cap) runs eager after ``load_model``, on every transformers
+    version, and scores as the model's definition (Hugging Face's eager attention) does; with another cap it scores
+    differently, so the check can fail."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from ptray.lm.load import keep_attention_softcap
+
+    path = _build(tmp_path / "gemma2", "gemma2")
+    model, tok = load_model(str(path))
+    assert model.config._attn_implementation == "eager" and model.config.attn_logit_softcapping == 50.0
+    try:
+        sdpa = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa")  # what 4.x loads
+    except ValueError:  # transformers 5 refuses SDPA for Gemma 2; the same state, as 4.x leaves it
+        sdpa = AutoModelForCausalLM.from_pretrained(str(path))
+        sdpa.config._attn_implementation = "sdpa"
+    assert keep_attention_softcap(sdpa) and sdpa.config._attn_implementation == "eager"
+    assert not keep_attention_softcap(sdpa)  # eager already
+    low_cap = copy.deepcopy(model)  # a cap this low changes the scores: the cap is on ptray's path
+    low_cap.config.attn_logit_softcapping = 0.05
+    for layer in low_cap.model.layers:
+        layer.self_attn.attn_logit_softcapping = 0.05
+    seqs = _seqs(torch.Generator().manual_seed(4), len(tok), 4)
+    batch = collate(seqs, tok.pad_token_id, tok.eos_token_id)
+    with torch.no_grad():
+        ours, _ = answer_logprobs(model, batch, None)
+        ref, _ = answer_logprobs(_reference_model(path), batch, None)
+        other, _ = answer_logprobs(low_cap, batch, None)
+    torch.testing.assert_close(ours, ref, atol=3e-5, rtol=1e-5)
+    assert (ours - other).abs().max() > 1e-3
 
 
 def test_gemma3_sliding_window_rule(tmp_path, monkeypatch):

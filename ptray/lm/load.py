@@ -157,10 +157,25 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     if tokenizer.eos_token_id is None:
         raise PtrayError(f"the tokenizer of {name!r} has no EOS token; exact match needs one")
     check_special_ids(model, tokenizer)  # e.g. a pad token added to the tokenizer, the embeddings not resized
+    keep_attention_softcap(model)
     model.eval()
     model.requires_grad_(False)
     check_model(model)  # a family outside the tested set is checked now, or refused naming the failed check
     return model, tokenizer
+
+
+def keep_attention_softcap(model) -> bool:
+    """Run a model whose attention soft-caps its logits (``config.attn_logit_softcapping``: Gemma 2) with Hugging
+    Face's eager attention when it loaded another. transformers < 5 loads Gemma 2 with SDPA, which silently drops
+    the cap (its ``sdpa_attention_forward`` ignores ``softcap``), so the model computed would not be the model's
+    definition; transformers 5 picks eager itself (its SDPA refuses a soft cap). Returns whether it switched."""
+    config = getattr(model, "config", None)
+    if getattr(config, "attn_logit_softcapping", None) is None:
+        return False
+    if getattr(config, "_attn_implementation", None) in (None, "eager", "flex_attention"):
+        return False
+    log.info("%s: eager attention, as its attention soft cap needs it", type(model).__name__)
+    return use_eager_attention(model)
 
 
 def compile_blocks(model) -> None:
