@@ -14,6 +14,7 @@ from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from analysis.fonts import FontSet, font_set
 
@@ -350,4 +351,45 @@ def correlation_bars_figure(stats: pd.DataFrame, labels: dict[str, str], signs: 
     ax.tick_params(axis="x", labelsize=8)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(gains), frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def learning_curves_figure(curves: pd.DataFrame, floors: pd.DataFrame, tasks: list[str]) -> Figure:
+    """Per task (a column) eval loss (top row) and rank accuracy (bottom row) against the epoch, one line per seed
+    from ``curves`` (``analysis.learning.learning_table``), a dot on each run's kept epoch; the bottom row draws
+    ``floors`` (``analysis.learning.floors_table``): majority share, no prompt and init text as horizontal lines."""
+    tasks = [t for t in tasks if (curves["task"] == t).any()]
+    fig = Figure(figsize=(max(3.6 * len(tasks), 7.5), 6.2))  # room for the legend with one task
+    axes = fig.subplots(2, len(tasks), squeeze=False)
+    seeds = sorted(curves["seed"].unique())
+    cmap = colormaps["viridis"]
+    floor_lines = [("majority_share", "majority class", ":"), ("no_prompt_rank_accuracy", "no prompt", "--"),
+                   ("init_text_rank_accuracy", "init text", "-.")]
+    for col, task in enumerate(tasks):
+        rows = curves[curves["task"] == task]
+        for metric, ax in (("eval_loss", axes[0, col]), ("rank_accuracy", axes[1, col])):
+            for i, seed in enumerate(seeds):
+                run = rows[rows["seed"] == seed]
+                if run.empty:
+                    continue
+                colour = cmap(i / max(1, len(seeds) - 1) * 0.85)
+                ax.plot(run["epoch"], run[metric], marker=".", markersize=3, linewidth=1.1, color=colour,
+                        label=f"seed {seed}")
+                kept = run[run["best"]]
+                ax.scatter(kept["epoch"], kept[metric], s=28, color=colour, edgecolors="black", zorder=3)
+            ax.tick_params(labelsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch", fontsize=8)
+        axes[0, col].set_title(task.upper(), fontsize=10)
+        floor = floors[floors["task"] == task]
+        for key, name, style in floor_lines:
+            value = float(floor[key].iloc[0]) if not floor.empty else np.nan
+            if np.isfinite(value):
+                axes[1, col].axhline(value, color="grey", linestyle=style, linewidth=1, label=name)
+        axes[1, col].set_ylim(0, 1)
+    axes[0, 0].set_ylabel("eval loss (nats per answer token)", fontsize=8)
+    axes[1, 0].set_ylabel("rank accuracy", fontsize=8)
+    handles, labels = axes[1, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(7, len(labels)), fontsize=7.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig

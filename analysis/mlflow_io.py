@@ -184,7 +184,7 @@ def _download(run, path: str, dst: Path, required: bool, tracking_uri: str) -> P
     return Path(local)
 
 
-def _json(run, name: str, dst: Path, required: bool, tracking_uri: str) -> dict:
+def _json(run, name: str, dst: Path, required: bool, tracking_uri: str) -> dict | list:
     local = _download(run, name, dst, required, tracking_uri)
     if local is None:
         return {}
@@ -244,6 +244,10 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
                 config = _json(run, layout.CONFIG_FILE, dst, True, uri)
                 metrics = _json(run, layout.METRICS_FILE, dst, False, uri)
                 preds = _json(run, layout.PREDICTIONS_FILE, dst, False, uri)
+                history = _json(run, layout.HISTORY_FILE, dst, False, uri) or []
+                if not isinstance(history, list) or not all(isinstance(h, dict) and "epoch" in h for h in history):
+                    raise PtrayError(f"train run {run_id}: {layout.HISTORY_FILE} is not a list of epochs "
+                                     f"(one object with an \"epoch\" per epoch)")
                 task = tags.get(layout.TAG_TASK) or config.get("task")
                 seed = tags.get(layout.TAG_SEED, config.get("seed"))
                 if not task:
@@ -251,7 +255,7 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
                 lr = _float(run.data.params.get("lr", config.get("lr")))
                 prompt_run = PromptRun(run_id, str(task), _int(seed, "seed", run_id), prompt, config, metrics, preds,
                                        condition=condition, init_from=tags.get(layout.TAG_INIT_FROM) or None, lr=lr,
-                                       trial=trial)
+                                       trial=trial, history=history)
                 prompts.append(prompt_run)
                 trials.append(Trial(
                     run_id, prompt_run.task, prompt_run.seed, layout.FINISHED, lr, prompt_run.condition,

@@ -6,6 +6,7 @@ passes aside) that returns a ``Section``: figures with the numbers they draw, ta
 | section | file |
 |---|---|
 | the plan and what was found (first: planned, found, missing runs) | ``analysis/coverage.py`` |
+| learning curves and accuracy floors (majority class, no prompt, init text) | ``analysis/learning.py`` |
 | nearest tokens (Figures 2-5) | ``analysis/nearest.py`` |
 | stochasticity: Table 1, norms, Figure 6 | ``analysis/stochasticity.py`` |
 | distances (Figure 7) | ``analysis/distances.py`` |
@@ -36,6 +37,7 @@ from analysis import (
     coverage,
     distances,
     geometry,
+    learning,
     nearest,
     predictors,
     search,
@@ -100,7 +102,8 @@ def recorded_inputs(opt: AnalysisOptions, model, num_points: int) -> dict:
 
 def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = None, notes: list[str] | None = None
             ) -> Results:
-    """Every analysis, in report order: the plan against the runs found (``analysis.coverage``), nearest tokens,
+    """Every analysis, in report order: the plan against the runs found (``analysis.coverage``), the learning
+    curves and accuracy floors, nearest tokens,
     norms and maps, distances, transfer, distance vs transfer, predictors, faithfulness. ``notes`` (from loading
     the study) start the report's notes.
 
@@ -147,6 +150,8 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
         res.meta["notes"].append("the effective prompt is not defined for this model: every effective number is "
                                  "n/a")
 
+    with _timed(seconds, "learning"):
+        res.add(learning.learning_section(prompts=inputs.prompts, tasks=tasks, data_dir=opt.data_dir))
     with _timed(seconds, "nearest"):
         section, top1 = nearest.nearest_section(inputs=inputs, tokenizer=tokenizer, top_k=opt.top_k,
                                                 chunk=opt.chunk)

@@ -18,8 +18,9 @@ from ptray import layout
 class PromptRun:
     """One trained prompt (an MLflow ``train`` run).
 
-    ``prompt`` is [n, hidden] fp32; ``config`` / ``metrics`` / ``predictions`` are the run's JSON artifacts
-    (``predictions`` may be empty).
+    ``prompt`` is [n, hidden] fp32; ``config`` / ``metrics`` / ``predictions`` / ``history`` are the run's JSON
+    artifacts (``predictions`` and ``history`` may be empty; ``history``: per epoch ``epoch``, ``eval_loss``,
+    ``exact_match``, ``rank_accuracy``, ...).
     """
 
     run_id: str
@@ -33,6 +34,7 @@ class PromptRun:
     init_from: str | None = None  # ``ptray.init_from``: a SPoT run's source prompt (its train run name)
     lr: float | None = None  # the learning rate it trained with (the run's ``lr`` param / config.json)
     trial: str | None = None  # a search's trial: its ``ptray.condition`` tag (``sample3``, ``random-sample3``)
+    history: list[dict[str, Any]] = field(default_factory=list)  # history.json: one dict per epoch run
 
     @property
     def label(self) -> str:

@@ -92,6 +92,7 @@ class Results:
 
 SECTIONS = {
     "coverage": "The plan and what was found",  # first: what every later section lacks (analysis/coverage.py)
+    "learning": "Learning curves and accuracy floors",
     "nearest": "Nearest tokens (paper 5.1, Figures 2-5)",
     "stochasticity": "Stochasticity (paper 5.2, Figure 6, Table 1)",
     "distances": "Distances between prompts (Figure 7)",

@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ from benchmarks.markdown import update_markdown  # noqa: E402
 from benchmarks.measure import Shape, matmul_peak  # noqa: E402
 from ptray.cli import OneLineParser, positive_int  # noqa: E402
 
-VARIANTS = ("ptray fp32", "ptray bf16", "ptray bf16 compile", "peft fp32", "peft bf16")
+VARIANTS = ("ptray fp32", "ptray bf16", "ptray bf16 compile", "ptray bf16 all-logits", "peft fp32", "peft bf16")
+DEFAULT_VARIANTS = ("ptray fp32", "ptray bf16", "ptray bf16 compile", "peft fp32", "peft bf16")
 
 
 def non_embedding_params(model) -> int:
@@ -67,6 +69,30 @@ def ptray_config(a, precision: str, epochs: int = 2, compile: bool = False):
     return TrainConfig(task=a.task, model=a.model, data_dir=a.data_dir, batch_size=a.batch_size,
                        max_epochs=epochs, patience=epochs + 1, max_train_examples=a.examples, max_eval_examples=8,
                        baselines=False, precision=precision, device="cpu", compile=compile)
+
+
+@contextmanager
+def all_position_logits():
+    """The ablation of ptray's answer-position LM head (``ptray.lm.forward.answer_logprobs`` runs the head at the
+    answer positions only): inside, every base-model forward also runs the LM head and log-softmax at every position
+    (what the model's own forward and PEFT compute), kept in the autograd graph (added times zero) so that their
+    backward runs too. The numbers are unchanged; only the cost is added."""
+    from ptray.lm import families
+
+    own = families.base_forward
+
+    def with_all_logits(model, embeds, attention_mask, *args, **kwargs):
+        out = own(model, embeds, attention_mask, *args, **kwargs)
+        hidden = out.last_hidden_state
+        every = torch.log_softmax(families.logits(model, hidden), dim=-1)  # [B, T, vocab] fp32
+        out.last_hidden_state = hidden + 0 * every[..., :1].to(hidden.dtype)
+        return out
+
+    families.base_forward = with_all_logits
+    try:
+        yield
+    finally:
+        families.base_forward = own
 
 
 def run_ptray(a, loaded, precision: str, compile: bool = False) -> dict:
@@ -172,7 +198,7 @@ def parse_args(argv=None):
     p.add_argument("--examples", type=positive_int, default=64, help="first N training examples (one epoch)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--repeats", type=positive_int, default=2, help="alternating rounds of the four (median)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"any of {','.join(VARIANTS)}")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N bf16 ptray steps and stop")
     p.add_argument("--sections", default="speed,quality", help="any of speed,quality")
@@ -182,7 +208,8 @@ def parse_args(argv=None):
                                                                                   "examples (default: all)")
     p.add_argument("--smoke", action="store_true", help="a few examples, one round: checks that everything runs")
     p.add_argument("--out", default=None, help="results JSON")
-    p.add_argument("--md", default=None, help="markdown file whose '<!-- bench:cpu-real -->' section to replace")
+    p.add_argument("--md", default=None, help="markdown file whose '<!-- bench:SECTION -->' section to replace")
+    p.add_argument("--md-section", default="cpu-real", help="SECTION: the marker's name (one section per model)")
     p.add_argument("--render-only", nargs="*", metavar="RESULTS", default=None,
                    help="measure nothing: merge these results files (e.g. a speed run and a quality run, later "
                         "files' sections win) into --out and redo --md from it")
@@ -219,7 +246,7 @@ def render_only(a) -> int:
     if a.out:
         write_json(a.out, res)
     if a.md:
-        update_markdown(a.md, "cpu-real", render(res) + "\n")
+        update_markdown(a.md, a.md_section, render(res) + "\n")
     print(render(res))
     return 0
 
@@ -260,7 +287,10 @@ def main(argv=None) -> int:
         for v in runs:
             kind, prec, *extra = v.split()
             t0 = time.perf_counter()
-            if kind == "ptray":
+            if v == "ptray bf16 all-logits":
+                with all_position_logits():
+                    out = run_ptray(a, loaded["bf16"], "bf16")
+            elif kind == "ptray":
                 out = run_ptray(a, loaded[" ".join([prec, *extra])], "bf16" if prec == "bf16" else "no",
                                 compile=bool(extra))
             else:
@@ -292,7 +322,7 @@ def main(argv=None) -> int:
     if a.out:
         write_json(a.out, res)
     if a.md:
-        update_markdown(a.md, "cpu-real", render(res) + "\n")
+        update_markdown(a.md, a.md_section, render(res) + "\n")
     return 0
 
 
@@ -305,6 +335,7 @@ def ratios(table: dict) -> dict:
 
     return {"ptray bf16 / ptray fp32": r("ptray bf16", "ptray fp32"),
             "ptray bf16 compile / ptray bf16": r("ptray bf16 compile", "ptray bf16"),
+            "ptray bf16 / ptray bf16 all-logits": r("ptray bf16", "ptray bf16 all-logits"),
             "ptray bf16 / peft bf16": r("ptray bf16", "peft bf16"),
             "ptray fp32 / peft fp32": r("ptray fp32", "peft fp32"),
             "peft bf16 / peft fp32": r("peft bf16", "peft fp32")}

@@ -44,6 +44,8 @@ def runs(store):
             folder = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, tracking_uri=store.tracking_uri)
             rec["prompt"] = load_file(f"{folder}/prompt/adapter_model.safetensors")["prompt_embeddings"]
             rec["metrics"] = json.loads(Path(folder, "metrics.json").read_text())
+            rec["history"] = json.loads(Path(folder, "history.json").read_text())
+            rec["predictions"] = json.loads(Path(folder, "predictions.json").read_text())
         elif kind in ("transfer", "baseline"):
             path = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="metrics.json",
                                                        tracking_uri=store.tracking_uri)
@@ -52,7 +54,7 @@ def runs(store):
     return out
 
 
-FIGURES = ["nearest_cb", "nearest_rte", "nearest_copa", "nearest_wsc", "nearest_cb_effective",
+FIGURES = ["learning_curves", "nearest_cb", "nearest_rte", "nearest_copa", "nearest_wsc", "nearest_cb_effective",
            "nearest_rte_effective", "nearest_copa_effective", "nearest_wsc_effective", "norms", "prompt_maps",
            "distances", "transfer", "correlation", "predictors", "predictor_scatter", "faithfulness"]
 
@@ -68,7 +70,7 @@ def test_every_figure_is_a_png_beside_its_numbers(report):
             assert im.format == "PNG" and min(im.size) > 300
     for name in ("report.html", "report.md", "analysis.json", "table1_norms.csv", "within_task.csv",
                  "transfer_per_seed.csv", "distance_pairs.csv", "correlation_stats.csv", "nearest_summary.csv",
-                 "nearest_scripts.csv"):
+                 "nearest_scripts.csv", "accuracy_floors.csv"):
         assert (report / name).is_file(), name
     assert not list(report.parent.glob(".*partial*"))
 
@@ -225,3 +227,40 @@ def test_faithfulness_soft_accuracy_reproduces_the_recorded_one(report):
     assert table["soft_rank_accuracy"].to_numpy() == pytest.approx(table["recorded_rank_accuracy"].to_numpy())
     for col in ("nearest_raw_exact_match", "nearest_effective_rank_accuracy"):
         assert table[col].between(0, 1).all()
+
+
+def test_learning_curves_are_each_runs_history(report, runs):
+    """learning_curves.csv holds every epoch of every train run's history.json (downloaded here), its kept epoch
+    marked."""
+    curves = pd.read_csv(report / "learning_curves.csv")
+    assert len(curves) == sum(len(r["history"]) for r in runs["train"]) > 0
+    for r in runs["train"]:
+        task, seed = r["tags"]["ptray.task"], int(r["tags"]["ptray.seed"])
+        got = curves[(curves.task == task) & (curves.seed == seed)].sort_values("epoch")
+        want = r["history"]
+        assert list(got.epoch) == [h["epoch"] for h in want]
+        np.testing.assert_allclose(got.eval_loss, [h["eval_loss"] for h in want], rtol=1e-12)
+        np.testing.assert_allclose(got.rank_accuracy, [h["rank_accuracy"] for h in want], rtol=1e-12)
+        assert list(got.epoch[got.best]) == [r["metrics"]["best_epoch"]]
+
+
+def test_accuracy_floors_count_the_labels_of_the_scored_examples(report, runs, data_dir):
+    """The majority class's share, counted here from the official jsonl at each run's scored example idx, and the
+    baselines and prompts' rank accuracy as the runs recorded them."""
+    floors = pd.read_csv(report / "accuracy_floors.csv").set_index("task")
+    names = {"cb": ["entailment", "contradiction", "neutral"], "rte": ["entailment", "not_entailment"],
+             "copa": [0, 1], "wsc": [False, True]}
+    for task in floors.index:
+        train = [r for r in runs["train"] if r["tags"]["ptray.task"] == task]
+        idx = train[0]["predictions"]["idx"]
+        rows = [json.loads(line) for line in (Path(data_dir) / task.upper() / "val.jsonl").read_text().splitlines()]
+        label = {row["idx"]: names[task].index(row["label"]) for row in rows}
+        counts = np.bincount([label[i] for i in idx], minlength=len(names[task]))
+        assert floors.loc[task, "num_examples"] == len(idx)
+        assert floors.loc[task, "majority_share"] == pytest.approx(counts.max() / len(idx))
+        assert str(floors.loc[task, "majority_label"]) == str(names[task][counts.argmax()])
+        acc = [r["metrics"]["rank_accuracy"] for r in train]
+        assert floors.loc[task, "prompt_rank_accuracy_mean"] == pytest.approx(np.mean(acc))
+        assert floors.loc[task, "prompt_rank_accuracy_min"] == pytest.approx(min(acc))
+        assert floors.loc[task, "no_prompt_rank_accuracy"] == pytest.approx(
+            np.mean([r["metrics"]["no_prompt_rank_accuracy"] for r in train]))

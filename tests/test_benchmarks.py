@@ -231,3 +231,39 @@ def test_cpu_real_model_side_by_side_smoke(tmp_path, data_dir, tiny_model_dir):
         assert row["bf16"]["no_prompt_eval_loss"] == pytest.approx(row["fp32"]["no_prompt_eval_loss"], rel=0.02)
     text = md.read_text()
     assert "old" not in text and "| ptray bf16 |" in text and "| cb |" in text
+
+
+def test_all_position_logits_ablation_adds_the_full_head_and_changes_no_number(tiny_model_dir):
+    """The ablation variant of benchmarks/cpu_real.py: inside ``all_position_logits`` the LM head runs at every
+    position (forward and backward), and the answer log-probabilities and the prompt gradient are the same."""
+    import torch
+
+    from benchmarks.cpu_real import all_position_logits
+    from ptray.data.batching import collate
+    from ptray.lm.forward import answer_logprobs
+    from ptray.lm.load import load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    seqs = [([5, 6, 7, 8], [9]), ([10, 11], [12, 13])]
+    batch = collate(seqs, tok.pad_token_id, tok.eos_token_id)
+    rows_seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[:-1].numel()))
+    outs = []
+    for ablate in (False, True):
+        prompt = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        rows_seen.clear()
+        if ablate:
+            with all_position_logits():
+                lp, _ = answer_logprobs(model, batch, prompt)
+        else:
+            lp, _ = answer_logprobs(model, batch, prompt)
+        lp.sum().backward()
+        outs.append((lp.detach(), prompt.grad, list(rows_seen)))
+    answers = sum(len(a) + 1 for _, a in seqs)  # answer tokens and EOS
+    assert outs[0][2] == [answers]
+    assert outs[1][2] == [batch.input_ids.numel() + 3 * len(seqs), answers]  # every position, prompt rows too
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1])
+    from ptray.lm import families
+
+    assert families.base_forward.__name__ == "base_forward"  # restored
