@@ -216,6 +216,7 @@ def write_markdown(results: Results, out: Path) -> Path:
     if meta.get("notes"):
         lines += ["**Notes:**", *[f"- {n}" for n in meta["notes"]], ""]
     for name, heading, columns in (
+            ("accuracy_floors", "Accuracy floors: the majority class, no prompt, the init text", None),
             ("table1_norms", "Table 1: norms per task",
              ["task", "num_tokens", "num_seeds", "frobenius_raw_mean", "frobenius_raw_var_ddof0",
               "rms_row_norm_raw_mean", "frobenius_effective_mean", "rms_row_norm_effective_mean", "drift_raw_mean"]),
@@ -235,7 +236,7 @@ def write_markdown(results: Results, out: Path) -> Path:
             continue
         df = o.data[columns] if columns else o.data
         lines += [f"## {heading}", ""]
-        if name in ("table1_norms", "correlation_stats", "nearest_scripts"):  # captions that define the columns
+        if name in ("accuracy_floors", "table1_norms", "correlation_stats", "nearest_scripts"):  # define columns
             lines += [o.text, ""]
         lines += [_md_table(df), ""]
     if "transfer" in by_name:

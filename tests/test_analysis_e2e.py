@@ -84,7 +84,7 @@ def test_html_report_is_self_contained_and_embeds_every_figure(report):
     for heading in ("Nearest tokens", "Table 1", "Figure 7", "Figure 8", "Faithfulness", "predictors"):
         assert heading in page
     md = (report / "report.md").read_text(encoding="utf-8")
-    assert "## Table 1" in md and "## Transfer" in md and "## Faithfulness" in md
+    assert "## Table 1" in md and "## Transfer" in md and "## Faithfulness" in md and "## Accuracy floors" in md
 
 
 def test_the_analysis_run_holds_the_report_in_mlflow(report, store):
