@@ -48,13 +48,16 @@ real-model: install
 REAL_STUDY_BUDGET ?= --max-epochs 10 --patience 5 --batch-size 8 --max-train-examples 1000
 REAL_STUDY ?= $(if $(filter smollm2-135m-instruct,$(REAL_MODEL)),smollm2-paper,$(REAL_MODEL)-paper)
 REAL_STUDY_DIR ?= results/$(REAL_STUDY)
+# what the new study is (stored in its plan; not given on resume), e.g. the init ablation on CB and COPA:
+#   make real-study REAL_STUDY=smollm2-init REAL_STUDY_PLAN="--study init --tasks cb,copa"
+REAL_STUDY_PLAN ?=
 # run options, not part of the stored plan: given again on every resume
 REAL_STUDY_RUN ?= --compile --experiment ptray-$(REAL_STUDY)
 real-study: real-model
 	@if [ -f $(REAL_STUDY_DIR)/plan.json ]; then \
 	  nice -n 19 $(VENV)/bin/ptray study --resume --local $(REAL_STUDY_DIR) $(REAL_STUDY_RUN); else \
 	  nice -n 19 $(VENV)/bin/ptray study --local $(REAL_STUDY_DIR) --model $(REAL_MODEL_DIR) --data-dir $(DATA_DIR) \
-	    $(REAL_STUDY_BUDGET) $(REAL_STUDY_RUN); fi
+	    $(REAL_STUDY_PLAN) $(REAL_STUDY_BUDGET) $(REAL_STUDY_RUN); fi
 
 # The CPU real-model side-by-side (ptray fp32/bf16 vs PEFT + Trainer fp32/bf16, % of the measured matmul peak, the
 # bf16/fp32 quality table): BENCHMARKS.md's "CPU: mixed precision and the real model"; ~15 minutes on 2 quiet cores.

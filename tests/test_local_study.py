@@ -249,3 +249,41 @@ def test_ray_and_local_studies_give_the_same_experiment_and_report(tiny_model_di
     for name in ("transfer.csv", "table1_norms.csv", "distances.csv"):
         a, b = pd.read_csv(tmp_path / "a-ray" / name), pd.read_csv(tmp_path / "a-local" / name)
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5, atol=1e-5)  # sqrt of ~0: noise
+
+
+def test_dry_run_of_a_local_study_describes_it_and_what_is_left(tiny_model_dir, data_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    """``--local DIR --dry-run`` describes this process's run (no Ray, no Tune folder, no retries); on ``--resume``
+    it says what is left from the folder: unfinished prompts with their checkpointed epoch, evaluations."""
+    import ptray.training.run_folder as run_folder
+    from ptray.study.driver import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--tasks", "cb,copa", "--seeds", "0",
+            "--max-epochs", "2", "--max-train-examples", "8", "--max-eval-examples", "8", "--max-length", "128",
+            "--study", "dry", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--local", "study"]
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "  local      this process, no Ray" in out and f"run folders in {tmp_path / 'study'}" in out
+    assert "  ray " not in out and "Tune" not in out and "retries" not in out and "  left" not in out
+    assert "2 prompts (cb, copa x seeds 0)" in out and "6 evaluations" in out
+    assert not (tmp_path / "study").exists()  # a dry run writes nothing
+
+    def stop(*args, **kwargs):  # stopped after cb-seed0's last epoch was checkpointed
+        raise KeyboardInterrupt
+
+    real = run_folder.save_run
+    monkeypatch.setattr(run_folder, "save_run", stop)
+    assert main(argv) == 130
+    monkeypatch.setattr(run_folder, "save_run", real)
+    capsys.readouterr()
+    resume = ["--resume", "--local", "study", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert main([*resume, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "study 'dry' (resume)" in out
+    assert ("  left       2 of 2 prompts to train: cb-seed0 (after epoch 2) copa-seed0; 6 of 6 evaluations; "
+            "0 prompts finished") in out
+    assert main(resume) == 0
+    capsys.readouterr()
+    assert main([*resume, "--dry-run"]) == 0
+    assert "  left       nothing: every prompt and evaluation is finished" in capsys.readouterr().out

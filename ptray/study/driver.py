@@ -36,7 +36,7 @@ from ptray.study.context import StudyContext, quiet
 from ptray.study.flags import build_parser, options_from_args, plan_from_args
 from ptray.study.lease import StudyLease
 from ptray.study.paths import tune_path
-from ptray.study.summary import describe, describe_left, render_summary, resume_command, summarize
+from ptray.study.summary import describe, describe_left, describe_local, render_summary, resume_command, summarize
 from ptray.study.transfer import transfer_phase
 from ptray.study.tuner import train_phase, tune_state_exists
 
@@ -152,7 +152,8 @@ def run(args: argparse.Namespace, analyse: Analyse | None = None, study: str | N
                 from ptray.study.local import check_new_folder
 
                 check_new_folder(opts.local)
-            print(describe(plan, opts, uri, storage, experiment, new=not opts.resume))
+            print(describe_local(plan, opts, str(Path(opts.local).expanduser().resolve()), uri, experiment,
+                                 new=not opts.resume))
             return 0
         return run_local_study(plan, opts, experiment, analyse)
     check_experiment_name(experiment, opts)

@@ -61,6 +61,22 @@ def finished_runs(study_dir: str | Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def study_progress(plan: Plan, study_dir: str | Path) -> dict[str, Any]:
+    """What a local study folder holds of ``plan``: ``train_planned`` (its train run names, in plan order),
+    ``train_done`` (those finished), ``checkpointed`` (unfinished prompt -> its last checkpointed epoch) and
+    ``evaluations_done`` (finished transfer and baseline runs)."""
+    done = finished_runs(study_dir)
+    planned = [layout.train_run_name(*m) for m in plan.trials]
+    checkpointed = {}
+    for name in planned:
+        info = Path(study_dir) / CHECKPOINTS / name / RUN_FILE
+        if name not in done and info.is_file():
+            checkpointed[name] = int(json.loads(info.read_text()).get("epoch", 0))
+    return {"train_planned": planned, "train_done": [n for n in planned if n in done],
+            "checkpointed": checkpointed,
+            "evaluations_done": sum(1 for i in done.values() if i.get("kind") in layout.EVAL_KINDS)}
+
+
 def read_plan(study_dir: str | Path) -> Plan:
     """The plan of a local study folder. Raises PtrayError (one line) for a folder that is not one."""
     path = Path(study_dir) / PLAN_FILE

@@ -56,6 +56,52 @@ def describe(plan: Plan, opts: Options, uri: str, storage: str, experiment: str,
     ])
 
 
+def describe_local(plan: Plan, opts: Options, study_dir: str, uri: str, experiment: str, new: bool) -> str:
+    """The plan of a local study (``--local DIR``: this process, no Ray, run folders in DIR) in a few lines; with
+    ``new`` False (a resume) also what is left, read from DIR's run folders and checkpoints."""
+    from ptray.study.local import study_progress
+
+    model = "a tiny random BLOOM built on the fly" if plan.tiny_model else plan.train.model
+    cfg = plan.train
+    subset = ""
+    if cfg.max_train_examples or cfg.max_eval_examples:
+        subset = f", first {cfg.max_train_examples or 'all'} train / {cfg.max_eval_examples or 'all'} eval examples"
+    lr = f"{optimizer_settings(cfg.optimizer, cfg.lr)['lr']:g}"
+    groups = (f"{plan.group_size} prompts per group" if plan.group_size else
+              f"one prompt at a time on a CPU, {DEFAULT_GPU_GROUP_SIZE} per group on a GPU")
+    threads = f"{opts.threads} torch threads" if opts.threads else "torch's own thread count"
+    lines = [
+        f"study {plan.study!r} ({'new' if new else 'resume'}{', smoke' if plan.smoke else ''})",
+        f"  local      this process, no Ray ({threads}{', blocks compiled' if opts.compile else ''}); run folders "
+        f"in {study_dir}",
+        f"  model      {model}",
+        f"  data       {cfg.data_dir or 'the Hugging Face Hub (aps/super_glue)'}",
+        *declared_lines(plan),
+        f"  training   {len(plan.trials)} prompts ({', '.join(plan.tasks)} x seeds "
+        f"{', '.join(map(str, plan.seeds))}{_grid_suffix(plan)}), {groups}; up to {cfg.max_epochs} epochs "
+        f"(patience {cfg.patience}), {cfg.optimizer} lr {lr}, batch {cfg.batch_size}, max length "
+        f"{cfg.max_length}{subset}; a checkpoint every epoch",
+        f"             {' '.join(layout.train_run_name(*m) for m in plan.trials)}",
+        f"  transfer   {plan.num_evaluations} evaluations ({len(plan.trials)} prompts x "
+        f"{len(plan.transfer_targets)} tasks + {len(plan.transfer_targets)} no-prompt baselines), after training"
+        + (f"; transfer only (not trained): {', '.join(plan.targets)}" if plan.targets else ""),
+        *token_lines(plan),
+        f"  MLflow     published at the end into experiment {experiment!r} at {uri} (or later: ptray publish "
+        f"{shlex.quote(study_dir)})",
+        f"  analysis   {'python -m analysis --experiment ' + experiment if opts.analysis else 'off'}",
+    ]
+    if not new:
+        p = study_progress(plan, study_dir)
+        left = [n for n in p["train_planned"] if n not in p["train_done"]]
+        shown = " ".join(f"{n} (after epoch {p['checkpointed'][n]})" if n in p["checkpointed"] else n
+                         for n in left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        evals = plan.num_evaluations - p["evaluations_done"]
+        lines.append("  left       nothing: every prompt and evaluation is finished" if not left and not evals else
+                     f"  left       {len(left)} of {len(plan.trials)} prompts to train" + (f": {shown}" if left else "")
+                     + f"; {evals} of {plan.num_evaluations} evaluations; {len(p['train_done'])} prompts finished")
+    return "\n".join(lines)
+
+
 def token_lines(plan: Plan, tokenizer=None) -> list[str]:
     """The plan's lines on tokens, per task: each answer's ids as the model's tokenizer gives them after the answer
     cue (what exact match and rank accuracy score) and the init text's token count (the soft prompt's length under
