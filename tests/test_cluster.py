@@ -198,3 +198,28 @@ def test_lost_worker_node_resumes_the_trial_in_the_same_run(tmp_path, server, cl
         assert run.data.params["group_size"] == "2"
         for key in ("eval_loss", "train_loss", "exact_match", "rank_accuracy"):
             assert [m.step for m in mc.get_metric_history(run.info.run_id, key)] == list(range(1, epochs + 1)), key
+
+
+@pytest.mark.parametrize("error", [Exception("The current node timed out during startup. This could happen because "
+                                             "some of the Ray processes failed to startup.\nmore"),
+                                   TimeoutError("Timed out while waiting for GCS"), ConnectionError("refused")])
+def test_a_ray_that_does_not_start_is_one_line(monkeypatch, error):
+    """Whatever Ray's start raises (a bare Exception on a startup timeout, TimeoutError, ConnectionError) reaches
+    the user as one PtrayError line naming the exception and where Ray's logs are."""
+    import ray
+
+    from ptray.errors import PtrayError
+    from ptray.study.cluster import start_ray
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fail)
+    with pytest.raises(PtrayError) as info:
+        start_ray(None)
+    msg = str(info.value)
+    assert msg.startswith(f"could not start an embedded Ray: {type(error).__name__}: {str(error).splitlines()[0]}")
+    assert "\n" not in msg and "session_latest/logs" in msg
+    with pytest.raises(PtrayError, match=r"could not start the Ray cluster at '10.0.0.1:6379'"):
+        start_ray("10.0.0.1:6379")

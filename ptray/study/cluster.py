@@ -34,9 +34,13 @@ def start_ray(address: str | None) -> bool:
         else:
             # "local", not None: a bare init joins whatever cluster /tmp/ray names, even a dead one.
             ray.init(address="local", include_dashboard=False, log_to_driver=True)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - Ray's start fails as ConnectionError, RuntimeError, TimeoutError or a
+        # bare Exception ("The current node timed out during startup"): each is one line for the user, not a trace
         where = f"the Ray cluster at {address!r}" if address else "an embedded Ray"
-        raise PtrayError(f"could not start {where}: {str(err).splitlines()[0]}") from None
+        first = (str(err).splitlines() or [""])[0]
+        logs = "" if address else (" (Ray's own logs: ray/session_latest/logs under the temporary folder, "
+                                   "RAY_TMPDIR or /tmp)")
+        raise PtrayError(f"could not start {where}: {type(err).__name__}: {first}{logs}") from None
     return True
 
 
