@@ -287,3 +287,21 @@ def test_dry_run_of_a_local_study_describes_it_and_what_is_left(tiny_model_dir, 
     capsys.readouterr()
     assert main([*resume, "--dry-run"]) == 0
     assert "  left       nothing: every prompt and evaluation is finished" in capsys.readouterr().out
+
+
+def test_a_second_process_on_a_running_local_study_is_refused(tiny_model_dir, data_dir, tmp_path):
+    """While a process holds a study folder (a study running in the background), a resume of the same folder is
+    refused in one line naming the holder, and nothing is trained twice; once the holder ends, it resumes."""
+    import os
+
+    from ptray.study.local import folder_lock
+
+    plan = _plan(tiny_model_dir, data_dir, max_epochs=1)
+    folder = tmp_path / "s"
+    run_local(plan, folder, progress=False)
+    (run_dir(folder, "copa-seed0") / "run.json").unlink()  # as if copa-seed0 were still to train
+    with folder_lock(folder):
+        with pytest.raises(PtrayError, match=rf"is running \(pid {os.getpid()} on .+\); wait for it") as info:
+            run_local(plan, folder, resume=True, progress=False)
+        assert "\n" not in str(info.value)
+    assert run_local(plan, folder, resume=True, progress=False)["train"] == 1

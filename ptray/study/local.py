@@ -14,6 +14,7 @@ A study folder::
     runs/<run name>/...          a train run: ``save_run``'s files (prompt/, metrics.json, history.json,
                                  predictions.json, config.json); an evaluation: metrics.json, predictions.json
     checkpoints/<run name>/      a prompt still training: its last epoch's state (``checkpoints.save_checkpoint``)
+    .ptray-lock                  held while a process runs the study (``folder_lock``): a second one is refused
 
 It resumes: a stopped study continues each unfinished prompt after its last checkpointed epoch, and skips every
 run whose folder is complete (a run folder appears whole or not at all). Nothing is done twice.
@@ -28,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ PLAN_FILE = "plan.json"
 RUNS = "runs"
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
+LOCK_FILE = ".ptray-lock"  # held while a process runs the study (``folder_lock``); never committed or published
 FORMAT = 1  # the study folder's layout version
 
 
@@ -99,6 +102,40 @@ def check_new_folder(study_dir: str | Path) -> Path:
     return check_output_folder(Path(study_dir), "--local", holds="files", fix="or resume it with --resume")
 
 
+@contextmanager
+def folder_lock(study_dir: Path):
+    """Hold the study folder for this process (an exclusive ``flock`` on its ``LOCK_FILE``, which names the holder),
+    so that a second ``ptray study --local`` on the same folder (a resume started while the study still runs in the
+    background) is refused instead of training the same prompts into the same checkpoints. The kernel drops the
+    lock when the process ends, however it ends (kill -9 included): a stale lock never blocks a resume.
+
+    Raises:
+        PtrayError: another process holds the folder (one line naming its pid and host).
+    """
+    import fcntl
+    import os
+    import socket
+
+    path = study_dir / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise PtrayError(f"the local study in {str(study_dir)!r} is running ({holder}); wait for it to finish or "
+                         f"stop it, then resume with --resume") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing the file drops the lock
+
+
 def prepare(plan: Plan, study_dir: str | Path, resume: bool) -> Path:
     """Create the study folder with its plan, or check a stopped one against ``plan`` (``resume``).
 
@@ -150,11 +187,17 @@ def run_local(plan: Plan, study_dir: str | Path, resume: bool = False, device: s
 
 def _run_local(plan: Plan, study_dir: str | Path, resume: bool, device: str | None,
                progress: bool | None, compile: bool = False) -> dict[str, int]:
-    from ptray.lm.load import resolve_device_precision
-
     if plan.search:  # before anything is written
         raise PtrayError("a search needs Ray Tune's scheduler: run this study without --local")
     out = prepare(plan, study_dir, resume)
+    with folder_lock(out):
+        return _run_prepared(plan, out, device, progress, compile)
+
+
+def _run_prepared(plan: Plan, out: Path, device: str | None, progress: bool | None,
+                  compile: bool) -> dict[str, int]:
+    from ptray.lm.load import resolve_device_precision
+
     train = plan.train if device is None else dataclasses.replace(plan.train, device=device)
     if compile:
         train = dataclasses.replace(train, compile=True)
