@@ -355,18 +355,19 @@ def correlation_bars_figure(stats: pd.DataFrame, labels: dict[str, str], signs: 
 
 
 def learning_curves_figure(curves: pd.DataFrame, floors: pd.DataFrame, tasks: list[str]) -> Figure:
-    """Per task (a column) eval loss (top row) and rank accuracy (bottom row) against the epoch, one line per seed
-    from ``curves`` (``analysis.learning.learning_table``), a dot on each run's kept epoch; the bottom row draws
-    ``floors`` (``analysis.learning.floors_table``): majority share, no prompt and init text as horizontal lines."""
-    tasks = [t for t in tasks if (curves["task"] == t).any()]
-    fig = Figure(figsize=(max(3.6 * len(tasks), 7.5), 6.2))  # room for the legend with one task
-    axes = fig.subplots(2, len(tasks), squeeze=False)
+    """Per task and condition (a column) eval loss (top row) and rank accuracy (bottom row) against the epoch, one
+    line per seed from ``curves`` (``analysis.learning.learning_table``), a ringed dot on each run's kept epoch; the
+    bottom row draws ``floors`` (``analysis.learning.floors_table``): majority share, no prompt and init text as
+    horizontal lines. One legend for every panel."""
+    panels = [(t, c) for t in tasks for c in sorted(curves.loc[curves["task"] == t, "condition"].unique())]
+    fig = Figure(figsize=(max(3.6 * len(panels), 7.5), 6.2))  # room for the legend with one panel
+    axes = fig.subplots(2, len(panels), squeeze=False)
     seeds = sorted(curves["seed"].unique())
     cmap = colormaps["viridis"]
     floor_lines = [("majority_share", "majority class", ":"), ("no_prompt_rank_accuracy", "no prompt", "--"),
                    ("init_text_rank_accuracy", "init text", "-.")]
-    for col, task in enumerate(tasks):
-        rows = curves[curves["task"] == task]
+    for col, (task, condition) in enumerate(panels):
+        rows = curves[(curves["task"] == task) & (curves["condition"] == condition)]
         for metric, ax in (("eval_loss", axes[0, col]), ("rank_accuracy", axes[1, col])):
             for i, seed in enumerate(seeds):
                 run = rows[rows["seed"] == seed]
@@ -380,8 +381,9 @@ def learning_curves_figure(curves: pd.DataFrame, floors: pd.DataFrame, tasks: li
             ax.tick_params(labelsize=8)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch", fontsize=8)
-        axes[0, col].set_title(task.upper(), fontsize=10)
-        floor = floors[floors["task"] == task]
+        title = task.upper() if condition == "-" else f"{task.upper()} · {condition}"
+        axes[0, col].set_title(title, fontsize=10)
+        floor = floors[(floors["task"] == task) & (floors["condition"] == condition)]
         for key, name, style in floor_lines:
             value = float(floor[key].iloc[0]) if not floor.empty else np.nan
             if np.isfinite(value):
@@ -389,7 +391,13 @@ def learning_curves_figure(curves: pd.DataFrame, floors: pd.DataFrame, tasks: li
         axes[1, col].set_ylim(0, 1)
     axes[0, 0].set_ylabel("eval loss (nats per answer token)", fontsize=8)
     axes[1, 0].set_ylabel("rank accuracy", fontsize=8)
-    handles, labels = axes[1, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(7, len(labels)), fontsize=7.5, frameon=False)
+    legend: dict[str, Line2D] = {}  # every panel's entries once: a seed or floor missing from the first is kept
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    order = [f"seed {s}" for s in seeds] + [name for _, name, _ in floor_lines]
+    labels = [x for x in order if x in legend]
+    fig.legend([legend[x] for x in labels], labels, loc="lower center", ncol=min(7, len(labels)), fontsize=7.5,
+               frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig

@@ -244,10 +244,14 @@ def load_study(experiment: str, tracking_uri: str | None = None) -> tuple[Study,
                 config = _json(run, layout.CONFIG_FILE, dst, True, uri)
                 metrics = _json(run, layout.METRICS_FILE, dst, False, uri)
                 preds = _json(run, layout.PREDICTIONS_FILE, dst, False, uri)
-                history = _json(run, layout.HISTORY_FILE, dst, False, uri) or []
+                try:
+                    history = _json(run, layout.HISTORY_FILE, dst, False, uri) or []
+                except PtrayError:  # only the learning curves need it: the run is analysed without them
+                    history = None
                 if not isinstance(history, list) or not all(isinstance(h, dict) and "epoch" in h for h in history):
-                    raise PtrayError(f"train run {run_id}: {layout.HISTORY_FILE} is not a list of epochs "
-                                     f"(one object with an \"epoch\" per epoch)")
+                    notes.append(f"train run {run.info.run_name or run_id}: {layout.HISTORY_FILE} is not a list of "
+                                 f"epochs; left out of the learning curves")
+                    history = []
                 task = tags.get(layout.TAG_TASK) or config.get("task")
                 seed = tags.get(layout.TAG_SEED, config.get("seed"))
                 if not task:

@@ -151,7 +151,9 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
                                  "n/a")
 
     with _timed(seconds, "learning"):
-        res.add(learning.learning_section(prompts=inputs.prompts, tasks=tasks, data_dir=opt.data_dir))
+        every = views.best_trials(full.prompts) if views.is_search(full) else full.prompts  # each condition
+        every_task = [*tasks, *sorted({p.task for p in every} - set(tasks))]
+        res.add(learning.learning_section(prompts=every, tasks=every_task, data_dir=opt.data_dir))
     with _timed(seconds, "nearest"):
         section, top1 = nearest.nearest_section(inputs=inputs, tokenizer=tokenizer, top_k=opt.top_k,
                                                 chunk=opt.chunk)

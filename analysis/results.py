@@ -31,8 +31,9 @@ class AnalysisOptions:
                                 "2**32 - 1)", type=seed_int)
     faithfulness: bool = config_field(True, "evaluate the discretised prompts (needs the data and forward passes)",
                                       off_help="skip evaluating the discretised prompts (the slow part on CPU)")
-    data_dir: str | None = config_field(None, "SuperGLUE jsonl folder for the faithfulness check (unset: the "
-                                              "train runs' data_dir)")
+    data_dir: str | None = config_field(None, "SuperGLUE jsonl folder for the faithfulness check and the "
+                                              "majority class of the accuracy floors (unset: the train runs' "
+                                              "data_dir)")
     batch_size: int = config_field(32, "evaluation sequences per step (faithfulness check)", type=positive_int)
     condition: str | None = config_field(None, "a study with conditions: the condition the paper's sections read "
                                                 "(unset: the first declared)")

@@ -80,7 +80,8 @@ def paper_view(study: Study, condition: str | None = None) -> tuple[Study, list[
                      f"tokens, stochasticity, distances, transfer, correlations, predictors, faithfulness) read "
                      f"condition {ref!r} only" + (" (chosen with --condition)" if condition else
                                                   " (the first in the study that is not a SPoT condition)")
-                     + (f"; the conditions section compares it with {', '.join(others)}" if others else ""))
+                     + (f"; the conditions section compares it with {', '.join(others)}" if others else "")
+                     + "; the learning curves and accuracy floors show every condition")
     spot = [p for p in prompts if is_spot(p)]
     if spot:
         prompts = [p for p in prompts if not is_spot(p)]

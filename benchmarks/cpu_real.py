@@ -197,7 +197,7 @@ def parse_args(argv=None):
     p.add_argument("--task", default="rte")
     p.add_argument("--examples", type=positive_int, default=64, help="first N training examples (one epoch)")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--repeats", type=positive_int, default=2, help="alternating rounds of the four (median)")
+    p.add_argument("--repeats", type=positive_int, default=2, help="alternating rounds of the variants (median)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"any of {','.join(VARIANTS)}")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N bf16 ptray steps and stop")

@@ -10,11 +10,12 @@ from analysis import learning
 from analysis.records import PromptRun
 
 
-def _run(task, seed, history, acc, best, idx):
+def _run(task, seed, history, acc, best, idx, condition=None, data_dir=None):
     metrics = {"rank_accuracy": acc, "best_epoch": best, "no_prompt_rank_accuracy": 0.25,
                "init_text_rank_accuracy": 0.5}
-    return PromptRun(f"{task}{seed}", task, seed, torch.zeros(1, 2), {"eval_split": "val"}, metrics,
-                     {"idx": idx}, history=history)
+    config = {"eval_split": "val", **({"data_dir": str(data_dir)} if data_dir else {})}
+    return PromptRun(f"{task}{seed}{condition or ''}", task, seed, torch.zeros(1, 2), config, metrics,
+                     {"idx": idx}, condition=condition, history=history)
 
 
 def _history(losses, accs):
@@ -57,3 +58,28 @@ def test_labels_follow_the_scored_idx(data_dir):
     bad = [_run("rte", 0, [], 0.5, 1, [10**6])]
     labels, notes = learning.validation_labels(bad, str(data_dir))
     assert labels == {} and "not labeled examples" in notes[0]
+
+
+def test_each_condition_has_its_curves_floors_and_panel(data_dir):
+    """A study with conditions: one floors row and one figure column per (task, condition); the majority class is
+    the task's (read once from the data folder the runs name), the prompts' accuracy the condition's."""
+    runs = [_run("cb", s, _history([0.9, 0.5], [0.4, 0.6]), acc, 2, [0, 1, 2, 3], condition=c, data_dir=data_dir)
+            for c, accs in (("text", (0.6, 0.7)), ("random", (0.3, 0.4))) for s, acc in enumerate(accs)]
+    section = learning.learning_section(prompts=runs, tasks=["cb"])
+    floors = section.outputs[1].data.set_index("condition")
+    assert list(floors.index) == ["random", "text"] and section.notes == []
+    assert floors.loc["text", "prompt_rank_accuracy_mean"] == pytest.approx(0.65)
+    assert floors.loc["random", "prompt_rank_accuracy_max"] == pytest.approx(0.4)
+    assert floors.loc["text", "majority_share"] == floors.loc["random", "majority_share"]
+    curves = section.outputs[0].data
+    assert sorted(curves.condition.unique()) == ["random", "text"] and len(curves) == 8
+    figure = section.outputs[0].figure
+    assert [a.get_title() for a in figure.axes[:2]] == ["CB · random", "CB · text"]
+    assert section.metrics == {"majority_share_cb": floors.loc["text", "majority_share"]}
+
+
+def test_prompts_scored_on_other_examples_get_no_majority_class(data_dir):
+    runs = [_run("cb", 0, [], 0.6, 1, [0, 1], data_dir=data_dir), _run("cb", 1, [], 0.6, 1, [0, 2], data_dir=data_dir)]
+    labels, notes = learning.validation_labels(runs)
+    assert labels == {} and notes == ["cb: majority class not computed (its prompts were scored on different "
+                                      "validation examples)"]

@@ -202,7 +202,8 @@ def test_lost_worker_node_resumes_the_trial_in_the_same_run(tmp_path, server, cl
 
 @pytest.mark.parametrize("error", [Exception("The current node timed out during startup. This could happen because "
                                              "some of the Ray processes failed to startup.\nmore"),
-                                   TimeoutError("Timed out while waiting for GCS"), ConnectionError("refused")])
+                                   TimeoutError("Timed out while waiting for GCS"), ConnectionError("refused"),
+                                   Exception()])
 def test_a_ray_that_does_not_start_is_one_line(monkeypatch, error):
     """Whatever Ray's start raises (a bare Exception on a startup timeout, TimeoutError, ConnectionError) reaches
     the user as one PtrayError line naming the exception and where Ray's logs are."""
@@ -214,12 +215,16 @@ def test_a_ray_that_does_not_start_is_one_line(monkeypatch, error):
     def fail(*args, **kwargs):
         raise error
 
+    shutdowns = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fail)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
     with pytest.raises(PtrayError) as info:
         start_ray(None)
+    assert shutdowns == [1]  # whatever had started is stopped
     msg = str(info.value)
-    assert msg.startswith(f"could not start an embedded Ray: {type(error).__name__}: {str(error).splitlines()[0]}")
+    said = f": {str(error).splitlines()[0]}" if str(error) else ""  # no empty ": " after a bare Exception()
+    assert msg.startswith(f"could not start an embedded Ray: {type(error).__name__}{said} (Ray's own logs")
     assert "\n" not in msg and "session_latest/logs" in msg
     with pytest.raises(PtrayError, match=r"could not start the Ray cluster at '10.0.0.1:6379'"):
         start_ray("10.0.0.1:6379")

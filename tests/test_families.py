@@ -452,7 +452,7 @@ def test_gemma2_final_logit_softcapping(tmp_path):
     assert own.abs().max() <= cap
 
 
-def test_gemma2_attention_softcap_is_kept(tmp_path):
+def test_gemma2_attention_softcap_is_kept(tmp_path, monkeypatch):
     """Gemma 2 soft-caps its attention logits (``attn_logit_softcapping``). A model that loaded another attention
     (transformers < 5 loads it with SDPA, which drops the cap) runs eager after ``load_model``, on every transformers
     version, and scores as the model's definition (Hugging Face's eager attention) does; with another cap it scores
@@ -466,13 +466,23 @@ def test_gemma2_attention_softcap_is_kept(tmp_path):
     path = _build(tmp_path / "gemma2", "gemma2")
     model, tok = load_model(str(path))
     assert model.config._attn_implementation == "eager" and model.config.attn_logit_softcapping == 50.0
-    try:
-        sdpa = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa")  # what 4.x loads
-    except ValueError:  # transformers 5 refuses SDPA for Gemma 2; the same state, as 4.x leaves it
-        sdpa = AutoModelForCausalLM.from_pretrained(str(path))
-        sdpa.config._attn_implementation = "sdpa"
+    def with_sdpa():
+        try:
+            sdpa = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa")  # what 4.x loads
+        except ValueError:  # transformers 5 refuses SDPA for Gemma 2; the same state, as 4.x leaves it
+            sdpa = AutoModelForCausalLM.from_pretrained(str(path))
+            sdpa.config._attn_implementation = "sdpa"
+        return sdpa
+
+    sdpa = with_sdpa()
     assert keep_attention_softcap(sdpa) and sdpa.config._attn_implementation == "eager"
     assert not keep_attention_softcap(sdpa)  # eager already
+    import ptray.lm.load as load
+
+    monkeypatch.setattr(load, "use_eager_attention", lambda model: False)  # a model that cannot switch
+    with pytest.raises(PtrayError, match="soft-caps its attention logits, which its sdpa attention drops"):
+        keep_attention_softcap(with_sdpa())
+    monkeypatch.undo()
     low_cap = copy.deepcopy(model)  # a cap this low changes the scores: the cap is on ptray's path
     low_cap.config.attn_logit_softcapping = 0.05
     for layer in low_cap.model.layers:

@@ -290,18 +290,35 @@ def test_dry_run_of_a_local_study_describes_it_and_what_is_left(tiny_model_dir, 
 
 
 def test_a_second_process_on_a_running_local_study_is_refused(tiny_model_dir, data_dir, tmp_path):
-    """While a process holds a study folder (a study running in the background), a resume of the same folder is
-    refused in one line naming the holder, and nothing is trained twice; once the holder ends, it resumes."""
-    import os
-
+    """While another process holds a study folder (a study running in the background), a resume or a publish of
+    the same folder is refused in one line naming the holder, and nothing is trained twice; once the holder is
+    killed, it resumes."""
     from ptray.study.local import folder_lock
 
     plan = _plan(tiny_model_dir, data_dir, max_epochs=1)
     folder = tmp_path / "s"
     run_local(plan, folder, progress=False)
     (run_dir(folder, "copa-seed0") / "run.json").unlink()  # as if copa-seed0 were still to train
-    with folder_lock(folder):
-        with pytest.raises(PtrayError, match=rf"is running \(pid {os.getpid()} on .+\); wait for it") as info:
-            run_local(plan, folder, resume=True, progress=False)
-        assert "\n" not in str(info.value)
+    import subprocess
+    import sys
+
+    from ptray.study.publish import publish
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ptray.study.local import folder_lock\n"
+        f"with folder_lock({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for attempt in (lambda: run_local(plan, folder, resume=True, progress=False),
+                        lambda: publish(folder, f"sqlite:///{tmp_path / 'm.db'}")):
+            with pytest.raises(PtrayError, match=rf"is in use \(pid {holder.pid} on .+\): it is running, "
+                                                 rf"publishing or being analysed") as info:
+                attempt()
+            assert "\n" not in str(info.value)
+    finally:
+        holder.kill()  # killed, not ended: the kernel drops its lock all the same
+        holder.wait()
     assert run_local(plan, folder, resume=True, progress=False)["train"] == 1
+    with folder_lock(folder):  # re-entrant in one process: the study holds it while it publishes
+        assert publish(folder, f"sqlite:///{tmp_path / 'm.db'}")["published"] == 8

@@ -168,14 +168,24 @@ def keep_attention_softcap(model) -> bool:
     """Run a model whose attention soft-caps its logits (``config.attn_logit_softcapping``: Gemma 2) with Hugging
     Face's eager attention when it loaded another. transformers < 5 loads Gemma 2 with SDPA, which silently drops
     the cap (its ``sdpa_attention_forward`` ignores ``softcap``), so the model computed would not be the model's
-    definition; transformers 5 picks eager itself (its SDPA refuses a soft cap). Returns whether it switched."""
+    definition; transformers 5 picks eager itself (its SDPA refuses a soft cap). Returns whether it switched.
+
+    Raises:
+        PtrayError: the model needs the switch and cannot make it.
+    """
     config = getattr(model, "config", None)
-    if getattr(config, "attn_logit_softcapping", None) is None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None) is None:
         return False
-    if getattr(config, "_attn_implementation", None) in (None, "eager", "flex_attention"):
+    current = getattr(config, "_attn_implementation", None)
+    if current in (None, "eager", "flex_attention"):
         return False
+    if not use_eager_attention(model):
+        raise PtrayError(f"{type(model).__name__} soft-caps its attention logits, which its {current} attention "
+                         f"drops, and it cannot switch to eager attention here; upgrade transformers (5 loads it "
+                         f"eager)")
     log.info("%s: eager attention, as its attention soft cap needs it", type(model).__name__)
-    return use_eager_attention(model)
+    return True
 
 
 def compile_blocks(model) -> None:

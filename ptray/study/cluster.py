@@ -40,7 +40,12 @@ def start_ray(address: str | None) -> bool:
         first = (str(err).splitlines() or [""])[0]
         logs = "" if address else (" (Ray's own logs: ray/session_latest/logs under the temporary folder, "
                                    "RAY_TMPDIR or /tmp)")
-        raise PtrayError(f"could not start {where}: {type(err).__name__}: {first}{logs}") from None
+        try:  # what started before the failure (a GCS, a raylet) must not outlive this process
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
+        raise PtrayError(f"could not start {where}: {type(err).__name__}{': ' + first if first else ''}{logs}"
+                         ) from None
     return True
 
 

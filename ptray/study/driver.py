@@ -69,14 +69,25 @@ def main(argv: list[str] | None = None, analyse: Analyse | None = None, prog: st
 def run_local_study(plan: Plan, opts: Options, experiment: str, analyse: Analyse | None) -> int:
     """``--local DIR``: the study in this process (``ptray.study.local``), then published into MLflow when MLflow
     is installed and the store answers, then analysed. Returns the exit code (130 when interrupted)."""
-    from ptray.study.local import run_local
+    from ptray.study.local import folder_lock, prepare
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # a line per finished epoch
     study_dir = str(Path(opts.local).expanduser().resolve())
+    if plan.search:  # before anything is written
+        raise PtrayError("a search needs Ray Tune's scheduler: run this study without --local")
+    prepare(plan, study_dir, opts.resume)  # the folder and its plan, or the stored plan checked
+    with folder_lock(study_dir):  # held to the end: training, publishing and the analysis
+        return _run_local_study(plan, opts, experiment, analyse, study_dir)
+
+
+def _run_local_study(plan: Plan, opts: Options, experiment: str, analyse: Analyse | None, study_dir: str) -> int:
+    from ptray.study.local import run_local
+
     resume = f"ptray study --resume --local {study_dir}"
     try:
-        # one process on one device: torch's own thread count (every core) unless --threads asks for a trial's
-        counts = run_local(plan, study_dir, resume=opts.resume, threads=opts.threads, compile=opts.compile)
+        # one process on one device: torch's own thread count (every core) unless --threads asks for a trial's;
+        # the folder is prepared (above): this continues it
+        counts = run_local(plan, study_dir, resume=True, threads=opts.threads, compile=opts.compile)
     except KeyboardInterrupt:
         print(f"\ninterrupted. Finish the study with:\n  {resume}", file=sys.stderr)
         return 130

@@ -74,7 +74,10 @@ def study_progress(plan: Plan, study_dir: str | Path) -> dict[str, Any]:
     for name in planned:
         info = Path(study_dir) / CHECKPOINTS / name / RUN_FILE
         if name not in done and info.is_file():
-            checkpointed[name] = int(json.loads(info.read_text()).get("epoch", 0))
+            try:
+                checkpointed[name] = int(json.loads(info.read_text()).get("epoch", 0))
+            except (OSError, ValueError, TypeError, AttributeError):  # unreadable: resume finds out; not said here
+                pass
     return {"train_planned": planned, "train_done": [n for n in planned if n in done],
             "checkpointed": checkpointed,
             "evaluations_done": sum(1 for i in done.values() if i.get("kind") in layout.EVAL_KINDS)}
@@ -102,30 +105,45 @@ def check_new_folder(study_dir: str | Path) -> Path:
     return check_output_folder(Path(study_dir), "--local", holds="files", fix="or resume it with --resume")
 
 
+_HELD: set[str] = set()  # study folders this process holds (``folder_lock`` is re-entrant within a process)
+
+
 @contextmanager
-def folder_lock(study_dir: Path):
+def folder_lock(study_dir: str | Path):
     """Hold the study folder for this process (an exclusive ``flock`` on its ``LOCK_FILE``, which names the holder),
-    so that a second ``ptray study --local`` on the same folder (a resume started while the study still runs in the
-    background) is refused instead of training the same prompts into the same checkpoints. The kernel drops the
+    so that a second process on the same folder (a resume started while the study still runs, trains, publishes or
+    is analysed in the background; a ``ptray publish`` meanwhile) is refused instead of training the same prompts
+    into the same checkpoints or publishing the same runs twice. Re-entrant within a process (the study holds it
+    across training, publishing and the analysis; ``run_local`` and ``publish`` take it too). The kernel drops the
     lock when the process ends, however it ends (kill -9 included): a stale lock never blocks a resume.
 
     Raises:
-        PtrayError: another process holds the folder (one line naming its pid and host).
+        PtrayError: another process holds the folder (one line naming its pid and host), or the lock file cannot
+            be written there.
     """
     import fcntl
     import os
     import socket
 
-    path = study_dir / LOCK_FILE
-    handle = open(path, "a+")
+    key = str(Path(study_dir).resolve())
+    if key in _HELD:
+        yield
+        return
+    path = Path(key) / LOCK_FILE
+    try:
+        handle = open(path, "a+")
+    except OSError as err:
+        raise PtrayError(f"cannot write the lock file {str(path)!r} of the local study ({err.strerror or err}); "
+                         f"the study folder must be writable") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise PtrayError(f"the local study in {str(study_dir)!r} is running ({holder}); wait for it to finish or "
-                         f"stop it, then resume with --resume") from None
+        raise PtrayError(f"the local study in {key!r} is in use ({holder}): it is running, publishing or being "
+                         f"analysed; wait for it to finish or stop it, then resume with --resume") from None
+    _HELD.add(key)
     try:
         handle.seek(0)
         handle.truncate()
@@ -133,6 +151,7 @@ def folder_lock(study_dir: Path):
         handle.flush()
         yield
     finally:
+        _HELD.discard(key)
         handle.close()  # closing the file drops the lock
 
 

@@ -27,7 +27,7 @@ from ptray.errors import PtrayError
 from ptray.files import disk_full_from, is_disk_full
 from ptray.plan import Plan
 from ptray.study import store, tracking
-from ptray.study.local import RUN_FILE, finished_runs, read_plan, run_dir
+from ptray.study.local import RUN_FILE, finished_runs, folder_lock, read_plan, run_dir
 
 log = logging.getLogger("ptray")
 
@@ -38,9 +38,15 @@ def publish(study_dir: str | Path, tracking_uri: str | None = None, experiment: 
     are, ``tracking.artifact_location``).
 
     ``experiment`` defaults to ``ptray-<study>``, as the Ray study names it. Raises PtrayError (one line): not a
-    study folder, an unreachable store, or an experiment that holds another plan under the same study id.
+    study folder, one another process is running or publishing (``folder_lock``), an unreachable store, or an
+    experiment that holds another plan under the same study id.
     """
     plan = read_plan(study_dir)
+    with folder_lock(study_dir):  # not while another process trains or publishes it (this one's study: re-entrant)
+        return _publish(plan, study_dir, tracking_uri, experiment)
+
+
+def _publish(plan: Plan, study_dir: str | Path, tracking_uri: str | None, experiment: str | None) -> dict[str, Any]:
     uri = store.resolve_tracking_uri(tracking_uri)
     client = store.open_store(uri)  # a store MLflow refuses (a folder, not a database): one line
     experiment = experiment or f"ptray-{plan.study}"
