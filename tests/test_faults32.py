@@ -194,7 +194,8 @@ def test_a_full_disk_while_the_smoke_model_is_written_leaves_no_half_model(workd
     # (after transformers' progress bar, when no earlier test has turned it off)
     assert (code, err.splitlines()[-1]) == (2, f"error: {_no_space(study / 'tiny-model', free)}")
     assert "Traceback" not in err and err.count("error:") == 1
-    assert sorted(p.name for p in study.iterdir()) == ["plan.json"]  # no half model, no partial copy
+    # no half model, no partial copy: the plan and the folder's lock file (released with the process that held it)
+    assert sorted(p.name for p in study.iterdir()) == [".ptray-lock", "plan.json"]
     monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", real)  # space freed
     code, out, _ = _study(capsys, "--resume", "--local", "s", "--no-analysis")
     assert code == 0 and f"local study full: 1 train runs and 2 evaluations written to {study}" in out
