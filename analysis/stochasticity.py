@@ -8,11 +8,16 @@ norm is ||P||_F / sqrt(n), the root mean square of the row norms.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from analysis import figures, geometry, paper
 from analysis.inputs import Inputs
+from analysis.records import PromptRun
 from analysis.results import Output, Section
 
 NORM_COLUMNS = ["frobenius_raw", "rms_row_norm_raw", "frobenius_effective", "rms_row_norm_effective", "drift_raw",
@@ -73,6 +78,87 @@ def wsc_cb_ratio(table: pd.DataFrame) -> dict[str, float] | None:
         "rms_row_norm_raw_ratio": float(r.loc["wsc", "rms_row_norm_raw_mean"] / r.loc["cb", "rms_row_norm_raw_mean"]),
         "paper_ratio": paper.wsc_cb_norm_ratio(),
     }
+
+
+# A task's prompt spread across seeds (the rows of ``spread_vs_outcome``), and the outcome spreads it is set against
+SPREAD_MEASURES = ["frobenius_raw_var_ddof0", "rms_row_norm_raw_var_ddof0", "within_rms_row_distance_raw"]
+OUTCOME_SPREADS = ["rank_accuracy_delta", "exact_match_delta", "paper_table2_delta", "paper_table1_var"]
+
+
+def spread_vs_outcome(per_prompt: pd.DataFrame, prompts: list[PromptRun], rms_row_distance: np.ndarray,
+                      tasks: list[str]) -> pd.DataFrame:
+    """The paper's "harder tasks vary more" (section 6.2, Tables 1 and 2) as one row per task: how far its seeds'
+    prompts spread (``SPREAD_MEASURES``: Table 1's population variance of ||P||_F, the same for the rms row norm,
+    and the mean rms row distance between its distinct seed pairs, from ``rms_row_distance`` [P, P] in the order of
+    ``prompts``) and how far its seeds' outcomes spread: ``<metric>_median``, ``_max`` and ``_delta`` = max - median
+    over seeds of each prompt's recorded rank accuracy and exact match (Table 2's definition applied to the
+    seeds), beside the paper's Table 1 variance and Table 2 delta (``analysis.paper``; NaN for a task it has not).
+    Spreads are NaN for a task with one seed."""
+    rows = []
+    for t in tasks:
+        own = [i for i, p in enumerate(prompts) if p.task == t]
+        pp = per_prompt[per_prompt.task == t]
+        several = len(own) > 1
+        pairs = [rms_row_distance[i, j] for a, i in enumerate(own) for j in own[a + 1:]]
+        row = {"task": t, "num_seeds": len(own),
+               "frobenius_raw_var_ddof0": pp["frobenius_raw"].var(ddof=0) if several else np.nan,
+               "rms_row_norm_raw_var_ddof0": pp["rms_row_norm_raw"].var(ddof=0) if several else np.nan,
+               "within_rms_row_distance_raw": float(np.mean(pairs)) if pairs else np.nan}
+        for m in ("rank_accuracy", "exact_match"):
+            v = np.array([_number(prompts[i].metrics.get(m)) for i in own], dtype=float)
+            v = v[np.isfinite(v)]
+            med, top = (float(np.median(v)), float(v.max())) if v.size else (np.nan, np.nan)
+            row.update({f"{m}_median": med, f"{m}_max": top, f"{m}_delta": top - med if v.size > 1 else np.nan})
+        row["paper_table1_var"] = paper.TABLE1_VARIANCE.get(t, np.nan)
+        row["paper_table2_delta"] = paper.TABLE2_MEDIAN_MAX_DELTA.get(t, np.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _number(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return np.nan
+
+
+def spearman_exact(x, y) -> tuple[float, float, int]:
+    """Spearman's rho of paired values (NaN pairs dropped) and its exact two-sided permutation p-value: scipy's
+    ``permutation_test`` over every pairing of the n values (n! of them; n <= 8 here, so always enumerated).
+    Returns ``(rho, p, n)``; rho and p NaN for fewer than 3 pairs or a constant side. With 4 tasks the smallest
+    two-sided p is 2/24 = 0.083: no such correlation can reach p < 0.05."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return np.nan, np.nan, int(x.size)
+    if x.size > 8:
+        raise ValueError(f"spearman_exact enumerates n! pairings; {x.size} values is too many")
+
+    def rho(a, b):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return scipy.stats.spearmanr(a, b).statistic
+
+    res = scipy.stats.permutation_test((x, y), rho, permutation_type="pairings", n_resamples=np.inf,
+                                       alternative="two-sided")
+    return float(res.statistic), float(res.pvalue), int(x.size)
+
+
+def _smallest_p(n: int) -> str:
+    """The smallest two-sided exact permutation p for n distinct paired values: 2 / n!, as text ("n/a" below 3)."""
+    return f"{min(1.0, 2 / math.factorial(n)):.3g}" if n >= 3 else "n/a"
+
+
+def spread_correlations(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (spread, outcome) of ``SPREAD_MEASURES`` x ``OUTCOME_SPREADS`` over the tasks of
+    ``spread_vs_outcome``: ``n_tasks`` with both values, ``spearman_rho`` and ``p_exact`` (``spearman_exact``)."""
+    rows = []
+    for sp in SPREAD_MEASURES:
+        for oc in OUTCOME_SPREADS:
+            r, pv, n = spearman_exact(table[sp], table[oc])
+            rows.append({"spread": sp, "outcome": oc, "n_tasks": n, "spearman_rho": r, "p_exact": pv})
+    return pd.DataFrame(rows)
 
 
 def _norms_figure(per_prompt: pd.DataFrame, tasks: list[str], effective: bool):
@@ -166,6 +252,27 @@ def stochasticity_section(*, inputs: Inputs, distances: dict[str, np.ndarray], d
         "Frobenius norm grows with the number of rows; the rms row norm and the effective rows compare across "
         "tasks." + ("" if eff else " Effective: n/a for this model."), per_prompt,
         _norms_figure(per_prompt, inputs.tasks, eff)))
+    spread = spread_vs_outcome(per_prompt, inputs.prompts, distances["rms_row_distance_raw"], inputs.tasks)
+    corr = spread_correlations(spread)
+    out.summary.update(spread_vs_outcome=spread.to_dict(orient="records"),
+                       spread_correlations=corr.to_dict(orient="records"))
+    out.outputs.append(Output(
+        "spread_vs_outcome", "stochasticity", "Do harder tasks vary more? Prompt spread against outcome spread",
+        "Per task, how far its seeds' prompts spread: Table 1's population variance of ||P||_F (grows with the "
+        "prompt's length), the same for the rms row norm, and the mean rms row distance between its seed pairs "
+        "(Figure 6's spread, comparable across lengths); and how far its seeds' outcomes spread: the median, the "
+        "maximum and delta = max - median of the seeds' rank accuracy and exact match at their kept epochs (the "
+        "definition of the paper's Table 2, here over this study's seeds), beside the paper's Table 1 variance and "
+        "Table 2 delta (bloomz-560m's reported median-to-max accuracy, Muennighoff et al. 2023). NaN: one seed, or "
+        "a task the paper has not.", spread))
+    out.outputs.append(Output(
+        "spread_correlations", "stochasticity", "Rank correlations of prompt spread and outcome spread over tasks",
+        "Spearman's rho over the tasks between each prompt-spread measure and each outcome spread, with its exact "
+        "two-sided permutation p-value (every pairing of the tasks' values enumerated, scipy's permutation_test). "
+        f"With {len(inputs.tasks)} tasks the smallest possible p is "
+        f"{_smallest_p(len(inputs.tasks))}: the paper's claim is about {len(inputs.tasks)} points and "
+        "can at most be consistent with the ordering, not established. NaN: fewer than 3 tasks or a constant "
+        "side.", corr))
     one_seed = [t for t, n in zip(t1["task"], t1["num_seeds"]) if n < 2]
     if one_seed:
         out.notes.append(f"variance and spread across seeds: n/a for {', '.join(one_seed)} (one seed)")

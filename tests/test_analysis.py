@@ -610,6 +610,59 @@ def test_table1_variance_is_the_population_variance_and_the_paper_ratio_is_sourc
     assert r["paper_ratio"] == paper.wsc_cb_norm_ratio() == pytest.approx(135.3 / 119.2)
 
 
+def test_spread_vs_outcome_equals_hand_computed_values():
+    from analysis import paper, stochasticity
+
+    # cb: 3 seeds of a 2-row prompt; rte: one seed (no spread); norms and accuracies chosen by hand
+    rows = {("cb", 0): [[3.0, 4.0], [0.0, 0.0]], ("cb", 1): [[0.0, 0.0], [6.0, 8.0]], ("cb", 2): [[0.0, 0.0], [0.0, 1.0]],
+            ("rte", 0): [[1.0, 0.0], [0.0, 1.0]]}
+    acc = {("cb", 0): (0.5, 0.25), ("cb", 1): (0.75, 0.75), ("cb", 2): (0.625, 0.5), ("rte", 0): (0.6, 0.6)}
+    prompts = [PromptRun(f"{t}{s}", t, s, torch.tensor(m), {"init_text": ""},
+                         {"rank_accuracy": acc[t, s][0], "exact_match": acc[t, s][1]}) for (t, s), m in rows.items()]
+    inp = inputs.Inputs(prompts=prompts, tasks=["cb", "rte"], embedding=torch.randn(5, 2), init={"cb": None, "rte": None})
+    from analysis import distances
+
+    mats = distances.distance_matrices(inp, "truncate")
+    table = stochasticity.spread_vs_outcome(stochasticity.per_prompt_norms(inp), prompts, mats["rms_row_distance_raw"],
+                                            ["cb", "rte"]).set_index("task")
+    cb, rte = table.loc["cb"], table.loc["rte"]
+    assert cb.num_seeds == 3 and rte.num_seeds == 1
+    assert cb.frobenius_raw_var_ddof0 == pytest.approx(np.var([5.0, 10.0, 1.0]))  # ||P||_F = 5, 10, 1
+    assert cb.rms_row_norm_raw_var_ddof0 == pytest.approx(np.var([5.0, 10.0, 1.0]) / 2)  # divided by sqrt(2 rows)
+    pair = lambda a, b: math.sqrt(sum((x - y) ** 2 for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / 2)
+    c = [rows["cb", s] for s in range(3)]
+    assert cb.within_rms_row_distance_raw == pytest.approx(np.mean([pair(c[0], c[1]), pair(c[0], c[2]),
+                                                                    pair(c[1], c[2])]))
+    assert (cb.rank_accuracy_median, cb.rank_accuracy_max, cb.rank_accuracy_delta) == (0.625, 0.75, 0.125)
+    assert (cb.exact_match_median, cb.exact_match_max, cb.exact_match_delta) == (0.5, 0.75, 0.25)
+    assert cb.paper_table2_delta == paper.TABLE2_MEDIAN_MAX_DELTA["cb"] == 0.08
+    assert cb.paper_table1_var == 1.31
+    assert np.isnan(rte.frobenius_raw_var_ddof0) and np.isnan(rte.within_rms_row_distance_raw)
+    assert np.isnan(rte.rank_accuracy_delta) and rte.rank_accuracy_max == 0.6
+
+
+def test_spearman_exact_equals_a_naive_loop_over_every_pairing():
+    import itertools
+
+    from analysis import stochasticity
+
+    rng = np.random.default_rng(3)
+    for n in (3, 4, 5):
+        for _ in range(5):
+            x, y = rng.normal(size=n), rng.integers(0, 3, size=n).astype(float)  # ties in y
+            if np.ptp(y) == 0:
+                continue
+            rho, p, m = stochasticity.spearman_exact(x, y)
+            observed = stats.spearmanr(x, y).statistic
+            null = np.array([stats.spearmanr(x, y[list(q)]).statistic for q in itertools.permutations(range(n))])
+            one_sided = min((null >= observed - 1e-12).mean(), (null <= observed + 1e-12).mean())
+            assert m == n and rho == pytest.approx(observed)
+            assert p == pytest.approx(min(1.0, 2 * one_sided))
+    assert stochasticity.spearman_exact([1, 2, 3, 4], [1, 2, 3, 4])[1] == pytest.approx(2 / 24)
+    assert np.isnan(stochasticity.spearman_exact([1, 2, np.nan, 4], [1, 1, 2, 1])[0])  # y constant once NaN drops
+    assert np.isnan(stochasticity.spearman_exact([1, 2], [2, 1])[0])
+
+
 def _random_study(hidden: int) -> Study:
     """3 tasks x 2 seeds of random prompts of different lengths, with transfer and baseline outcomes."""
     gen = torch.Generator().manual_seed(8)

@@ -117,6 +117,24 @@ def test_table1_equals_norms_recomputed_from_the_artifacts(report, runs):
     assert table["rms_row_norm_effective_mean"].to_numpy() == pytest.approx(8.0, rel=1e-3)
 
 
+def test_spread_vs_outcome_is_recomputed_from_the_artifacts(report, runs):
+    """Per task: Table 1's norm variance and the seeds' accuracy spread (max - median) from the downloaded
+    prompts and metrics.json; the correlations are scipy's Spearman on those columns."""
+    table = pd.read_csv(report / "spread_vs_outcome.csv").set_index("task")
+    for task in table.index:
+        train = [r for r in runs["train"] if r["tags"]["ptray.task"] == task]
+        norms = [float(torch.linalg.matrix_norm(r["prompt"].double())) for r in train]
+        assert table.loc[task, "frobenius_raw_var_ddof0"] == pytest.approx(np.var(norms), abs=1e-12)
+        for m in ("rank_accuracy", "exact_match"):
+            v = [r["metrics"][m] for r in train]
+            assert table.loc[task, f"{m}_delta"] == pytest.approx(max(v) - np.median(v))
+    corr = pd.read_csv(report / "spread_correlations.csv")
+    row = corr[(corr.spread == "frobenius_raw_var_ddof0") & (corr.outcome == "paper_table2_delta")].iloc[0]
+    x, y = table["frobenius_raw_var_ddof0"], pd.Series({"copa": 0.12, "cb": 0.08, "wsc": 0.01, "rte": 0.01})[table.index]
+    assert row.n_tasks == 4 and row.spearman_rho == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert row.p_exact >= 2 / 24
+
+
 def test_distances_equal_a_recomputation_over_the_common_length(report, runs):
     pairs = pd.read_csv(report / "distance_pairs.csv")
     prompts = {(r["tags"]["ptray.task"], int(r["tags"]["ptray.seed"])): r["prompt"].double() for r in runs["train"]}
