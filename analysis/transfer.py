@@ -25,6 +25,8 @@ prompts with a source's, leave them out (``summary_matrix`` with the trained tas
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import pandas as pd
 
@@ -85,103 +87,202 @@ def bootstrap_mean_ci(per_example: np.ndarray, n_boot: int = 2000, level: float 
     return float(lo), float(hi)
 
 
-def hierarchical_bootstrap_ci(per_seed_example: np.ndarray, n_boot: int = 2000, level: float = 0.95,
-                              seed: int = 0, block: int = 500) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``per_seed_example`` [S seeds, N examples], resampling seeds
-    and examples together: each resample draws S seeds with replacement and N examples with replacement (one draw
-    of examples shared by the drawn seeds, as every seed is scored on the same examples) and takes the mean of
-    that [S, N] block. Units: those of the input (an accuracy change). (nan, nan) for no data or ``n_boot`` 0.
-    """
+def hierarchical_bootstrap_means(per_seed_example: np.ndarray, n_boot: int = 2000, seed: int = 0, block: int = 500,
+                                 seed_draws: np.ndarray | None = None) -> np.ndarray:
+    """[n_boot] resampled means of ``per_seed_example`` [S seeds, N examples]: each resample draws S seeds with
+    replacement and N examples with replacement (one draw of examples shared by the drawn seeds, as every seed is
+    scored on the same examples) and takes the mean of that [S, N] block. ``seed_draws`` [n_boot, S]: the seed
+    indices to use instead of drawing them, so that two cells of one source's seeds resample the same seeds.
+    Raises ValueError for an input that is not 2-D."""
     x = np.asarray(per_seed_example, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"per_seed_example must be [seeds, examples], got shape {x.shape}")
-    if x.size == 0 or n_boot <= 0:
-        return float("nan"), float("nan")
     n_seeds, n_ex = x.shape
     rng = np.random.default_rng(seed)
     stats = []
     for start in range(0, n_boot, block):
         b = min(block, n_boot - start)
-        s_idx = rng.integers(0, n_seeds, size=(b, n_seeds))
+        s_idx = rng.integers(0, n_seeds, size=(b, n_seeds)) if seed_draws is None else seed_draws[start:start + b]
         e_idx = rng.integers(0, n_ex, size=(b, n_ex))
         stats.append(x[s_idx[:, :, None], e_idx[:, None, :]].mean(axis=(1, 2)))
+    return np.concatenate(stats) if stats else np.array([])
+
+
+def hierarchical_bootstrap_ci(per_seed_example: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                              seed: int = 0, block: int = 500) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``per_seed_example`` [S seeds, N examples], resampling seeds
+    and examples together (``hierarchical_bootstrap_means``). Units: those of the input (an accuracy change).
+    (nan, nan) for no data or ``n_boot`` 0; raises ValueError for an input that is not 2-D.
+    """
+    x = np.asarray(per_seed_example, dtype=np.float64)
+    if x.ndim == 2 and (x.size == 0 or n_boot <= 0):
+        return float("nan"), float("nan")
+    return _percentile(hierarchical_bootstrap_means(x, n_boot, seed=seed, block=block), level)
+
+
+def _percentile(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     alpha = (1 - level) / 2
-    lo, hi = np.quantile(np.concatenate(stats), [alpha, 1 - alpha])
+    lo, hi = np.quantile(draws, [alpha, 1 - alpha])
     return float(lo), float(hi)
 
 
-def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per_seed, summary) DataFrames.
+@dataclass
+class Cell:
+    """One (source, target, metric) cell of the grid: per source seed its accuracy and change over no prompt, and
+    ``matrix`` [seeds, examples] of per-example changes (correct minus the baseline's correct, on the examples
+    ``idx`` both were scored on; None where a seed has no per-example predictions or other examples)."""
+
+    seeds: list[int] = field(default_factory=list)
+    deltas: list[float] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)  # the per-seed table's rows
+    matrix: np.ndarray | None = None
+    idx: list[int] | None = None
+    correct: float = 0.0  # right answers summed over the matrix's seeds x examples
+    base_acc: float = float("nan")
+    n_common: int | None = None
+
+
+def _cell(cells: dict, base: dict | None, source: str, seeds: list[int], target: str, metric: str) -> Cell:
+    col = 0 if metric == "exact_match" else 1
+    out, rows_of_matrix, ok = Cell(), [], True
+    for s in seeds:
+        cell = cells.get((source, s, target))
+        if cell is None or base is None:
+            continue
+        common = sorted(set(cell["outcomes"]) & set(base["outcomes"]))
+        if common:
+            acc_vec = np.array([cell["outcomes"][i][col] for i in common], dtype=float)
+            base_vec = np.array([base["outcomes"][i][col] for i in common], dtype=float)
+            acc, out.base_acc = acc_vec.mean(), base_vec.mean()
+            if not rows_of_matrix or common == out.idx:  # the rows of the matrix are the same examples
+                rows_of_matrix.append(acc_vec - base_vec)
+                out.correct += acc_vec.sum()
+                out.idx = common
+            else:
+                ok = False
+            out.n_common = len(common)
+        else:  # no per-example predictions: the recorded metrics, without an interval
+            acc, out.base_acc = cell["metrics"][metric], base["metrics"][metric]
+            if acc is None or out.base_acc is None:
+                continue
+            ok = False
+        out.seeds.append(s)
+        out.deltas.append(acc - out.base_acc)
+        out.rows.append({"source": source, "seed": s, "target": target, "metric": metric, "accuracy": float(acc),
+                         "baseline": float(out.base_acc), "delta": float(acc - out.base_acc),
+                         "n_examples": len(common) or None, "origin": cell["origin"],
+                         "baseline_origin": base["origin"]})
+    if ok and rows_of_matrix and len(rows_of_matrix) == len(out.deltas):
+        out.matrix = np.stack(rows_of_matrix)
+    return out
+
+
+def delta_cells(study: Study) -> dict[tuple[str, str, str], Cell]:
+    """Every (source, target, metric) cell of the grid with at least one seed (``Cell``): trained tasks as
+    sources, trained and transfer-only tasks as targets."""
+    cells, baselines = collect(study)
+    out = {}
+    for source in study.tasks:
+        seeds = sorted({p.seed for p in study.prompts if p.task == source})
+        for target in study.tasks + study.transfer_only_targets:
+            for metric in METRICS:
+                c = _cell(cells, baselines.get(target), source, seeds, target, metric)
+                if c.deltas:
+                    out[source, target, metric] = c
+    return out
+
+
+def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0,
+                    cells: dict[tuple[str, str, str], Cell] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per_seed, summary) DataFrames (from ``cells``, default ``delta_cells(study)``).
 
     per_seed: one row per (source, seed, target, metric) with accuracy, baseline, delta, n_examples, origin.
     summary: one row per (source, target, metric) with n_seeds, n_examples, baseline, accuracy_mean, delta_mean,
     delta_sd_ddof1 (over seeds), ci95_examples_low/high and ci95_seeds_examples_low/high (see the module
     docstring; NaN without per-example predictions). Accuracies and deltas are fractions (0-1).
     """
-    cells, baselines = collect(study)
-    tasks = study.tasks
     held_out = study.transfer_only_targets
     per_seed, summary = [], []
-    for source in tasks:
-        seeds = sorted({p.seed for p in study.prompts if p.task == source})
-        for target in tasks + held_out:
-            base = baselines.get(target)
-            for metric in METRICS:
-                col = 0 if metric == "exact_match" else 1
-                deltas, matrix, correct, origins = [], [], [], []
-                n_common, matrix_idx = None, None
-                base_acc = np.nan
-                for s in seeds:
-                    cell = cells.get((source, s, target))
-                    if cell is None or base is None:
-                        continue
-                    common = sorted(set(cell["outcomes"]) & set(base["outcomes"]))
-                    if common:
-                        acc_vec = np.array([cell["outcomes"][i][col] for i in common], dtype=float)
-                        base_vec = np.array([base["outcomes"][i][col] for i in common], dtype=float)
-                        acc, base_acc = acc_vec.mean(), base_vec.mean()
-                        if not matrix or common == matrix_idx:  # the rows of the matrix are the same examples
-                            matrix.append(acc_vec - base_vec)
-                            correct.append(acc_vec.sum())
-                            matrix_idx = common
-                        n_common = len(common)
-                    else:  # no per-example predictions: the recorded metrics, without an interval
-                        acc, base_acc = cell["metrics"][metric], base["metrics"][metric]
-                        if acc is None or base_acc is None:
-                            continue
-                    deltas.append(acc - base_acc)
-                    origins.append(cell["origin"])
-                    per_seed.append({"source": source, "seed": s, "target": target, "metric": metric,
-                                     "accuracy": float(acc), "baseline": float(base_acc),
-                                     "delta": float(acc - base_acc), "n_examples": len(common) or None,
-                                     "origin": cell["origin"], "baseline_origin": base["origin"]})
-                if not deltas:
-                    continue
-                ok_ci = len(matrix) == len(deltas) and matrix
-                lo, hi = bootstrap_mean_ci(np.mean(matrix, axis=0), n_boot, seed=seed) if ok_ci else (np.nan,) * 2
-                h_lo, h_hi = hierarchical_bootstrap_ci(np.stack(matrix), n_boot, seed=seed) if ok_ci else \
-                    (np.nan,) * 2
-                if ok_ci:
-                    # an integer count over seeds x examples, divided once: equal ratios give identical floats
-                    # (IEEE division rounds the exact ratio), so a rank statistic sees equal changes as ties
-                    size = len(matrix) * len(matrix_idx)
-                    delta_mean = float(np.stack(matrix).sum()) / size
-                    accuracy_mean = float(np.sum(correct)) / size
-                else:  # recorded metrics only
-                    delta_mean = float(np.mean(deltas))
-                    accuracy_mean = delta_mean + float(base_acc)
-                summary.append({
-                    "source": source, "target": target, "held_out": target in held_out, "metric": metric,
-                    "n_seeds": len(deltas),
-                    "n_examples": n_common, "baseline": float(base_acc),
-                    "accuracy_mean": accuracy_mean, "delta_mean": delta_mean,
-                    "delta_sd_ddof1": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else float("nan"),
-                    "ci95_examples_low": lo, "ci95_examples_high": hi,
-                    "ci95_seeds_examples_low": h_lo, "ci95_seeds_examples_high": h_hi,
-                    "from": "transfer runs" if all(o.startswith("transfer") for o in origins)
-                    else "train runs" if all(o.startswith("train") for o in origins) else "mixed",
-                })
+    for (source, target, metric), c in (delta_cells(study) if cells is None else cells).items():
+        per_seed += c.rows
+        m = c.matrix
+        lo, hi = bootstrap_mean_ci(m.mean(axis=0), n_boot, seed=seed) if m is not None else (np.nan,) * 2
+        h_lo, h_hi = hierarchical_bootstrap_ci(m, n_boot, seed=seed) if m is not None else (np.nan,) * 2
+        if m is not None:
+            # an integer count over seeds x examples, divided once: equal ratios give identical floats (IEEE
+            # division rounds the exact ratio), so a rank statistic sees equal changes as ties
+            delta_mean = float(m.sum()) / m.size
+            accuracy_mean = float(c.correct) / m.size
+        else:  # recorded metrics only
+            delta_mean = float(np.mean(c.deltas))
+            accuracy_mean = delta_mean + float(c.base_acc)
+        origins = [r["origin"] for r in c.rows]
+        summary.append({
+            "source": source, "target": target, "held_out": target in held_out, "metric": metric,
+            "n_seeds": len(c.deltas), "n_examples": c.n_common, "baseline": float(c.base_acc),
+            "accuracy_mean": accuracy_mean, "delta_mean": delta_mean,
+            "delta_sd_ddof1": float(np.std(c.deltas, ddof=1)) if len(c.deltas) > 1 else float("nan"),
+            "ci95_examples_low": lo, "ci95_examples_high": hi,
+            "ci95_seeds_examples_low": h_lo, "ci95_seeds_examples_high": h_hi,
+            "from": "transfer runs" if all(o.startswith("transfer") for o in origins)
+            else "train runs" if all(o.startswith("train") for o in origins) else "mixed",
+        })
     return pd.DataFrame(per_seed), pd.DataFrame(summary)
+
+
+def _mean(c: Cell) -> float:
+    return float(c.matrix.sum()) / c.matrix.size if c.matrix is not None else float(np.mean(c.deltas))
+
+
+def asymmetry_table(cells: dict[tuple[str, str, str], Cell], tasks: list[str], n_boot: int = 2000,
+                    seed: int = 0) -> pd.DataFrame:
+    """Is transfer symmetric? One row per unordered pair of trained tasks (a before b in ``tasks``) and metric:
+    ``delta_ab`` (a's prompts on b over b's no prompt), ``delta_ba``, ``difference`` = delta_ab - delta_ba, and its
+    95% percentile interval ``ci95_low/high``: the two cells' hierarchical bootstraps (``hierarchical_bootstrap_
+    means``) drawn independently, as they share neither prompts nor examples, and subtracted draw by draw. NaN
+    interval where a cell has no per-example matrix. Fractions (0-1)."""
+    rows = []
+    for i, a in enumerate(tasks):
+        for b in tasks[i + 1:]:
+            for metric in METRICS:
+                ab, ba = cells.get((a, b, metric)), cells.get((b, a, metric))
+                if ab is None or ba is None:
+                    continue
+                lo = hi = np.nan
+                if ab.matrix is not None and ba.matrix is not None and n_boot > 0:
+                    lo, hi = _percentile(hierarchical_bootstrap_means(ab.matrix, n_boot, seed=seed)
+                                         - hierarchical_bootstrap_means(ba.matrix, n_boot, seed=seed + 1))
+                rows.append({"task_a": a, "task_b": b, "metric": metric, "delta_ab": _mean(ab), "delta_ba": _mean(ba),
+                             "difference": _mean(ab) - _mean(ba), "ci95_low": lo, "ci95_high": hi})
+    return pd.DataFrame(rows, columns=["task_a", "task_b", "metric", "delta_ab", "delta_ba", "difference", "ci95_low",
+                                       "ci95_high"])
+
+
+def own_task_table(cells: dict[tuple[str, str, str], Cell], tasks: list[str], n_boot: int = 2000,
+                   seed: int = 0) -> pd.DataFrame:
+    """Is a prompt's gain largest on its own task (the paper: "the largest performance gain is when the CB
+    soft-prompt is used on the CB validation split")? One row per source, other trained target and metric:
+    ``own`` (delta source on source), ``other`` (delta source on target), ``own_minus_other`` and its 95%
+    percentile interval ``ci95_low/high``: both cells resample the same draws of the source's seeds (the same
+    prompts score both) and each its own examples. NaN interval where a cell has no per-example matrix or the
+    two cells have other seeds. Fractions (0-1)."""
+    rows = []
+    for a in tasks:
+        for b in tasks:
+            for metric in METRICS:
+                own, other = cells.get((a, a, metric)), cells.get((a, b, metric))
+                if a == b or own is None or other is None:
+                    continue
+                lo = hi = np.nan
+                if own.matrix is not None and other.matrix is not None and own.seeds == other.seeds and n_boot > 0:
+                    draws = np.random.default_rng(seed).integers(0, len(own.seeds), size=(n_boot, len(own.seeds)))
+                    lo, hi = _percentile(
+                        hierarchical_bootstrap_means(own.matrix, n_boot, seed=seed + 1, seed_draws=draws)
+                        - hierarchical_bootstrap_means(other.matrix, n_boot, seed=seed + 2, seed_draws=draws))
+                rows.append({"source": a, "target": b, "metric": metric, "own": _mean(own), "other": _mean(other),
+                             "own_minus_other": _mean(own) - _mean(other), "ci95_low": lo, "ci95_high": hi})
+    return pd.DataFrame(rows, columns=["source", "target", "metric", "own", "other", "own_minus_other", "ci95_low",
+                                       "ci95_high"])
 
 
 def summary_matrix(summary: pd.DataFrame, metric: str, value: str, tasks: list[str],
@@ -197,7 +298,8 @@ def summary_matrix(summary: pd.DataFrame, metric: str, value: str, tasks: list[s
 def transfer_section(*, study: Study, tasks: list[str], n_boot: int, seed: int) -> tuple[Section, pd.DataFrame]:
     """Figure 8 and the per-seed table; returns ``(section, summary)`` with ``summary`` from ``transfer_tables``
     (empty when the study has no transfer results)."""
-    per_seed, summary = transfer_tables(study, n_boot, seed)
+    cells = delta_cells(study)
+    per_seed, summary = transfer_tables(study, n_boot, seed, cells)
     held_out = [t for t in study.transfer_only_targets if len(summary) and t in set(summary["target"])]
     targets = tasks + held_out
     out = Section(summary={"transfer": summary.to_dict(orient="records"), "transfer_held_out_targets": held_out})
@@ -250,4 +352,21 @@ def transfer_section(*, study: Study, tasks: list[str], n_boot: int, seed: int) 
         "transfer_per_seed", "transfer", "Transfer per seed",
         "Every (source seed, target, metric): accuracy, no-prompt accuracy, change (fractions), and the runs they "
         "come from.", per_seed, show_table=False))
+    if len(tasks) >= 2:
+        asym, own = asymmetry_table(cells, tasks, n_boot, seed), own_task_table(cells, tasks, n_boot, seed)
+        out.summary.update(transfer_asymmetry=asym.to_dict(orient="records"),
+                           transfer_own_task=own.to_dict(orient="records"))
+        out.outputs.append(Output(
+            "transfer_asymmetry", "transfer", "Is transfer symmetric?",
+            "Per pair of tasks a, b and metric: delta_ab (a's prompts on b over b's no prompt), delta_ba, their "
+            "difference, and its 95% percentile interval from the two cells' hierarchical bootstraps (seeds and "
+            f"examples, {n_boot} resamples each) drawn independently and subtracted: a distance between prompts is "
+            "symmetric, so a difference whose interval excludes 0 is transfer a distance cannot predict.", asym))
+        out.outputs.append(Output(
+            "transfer_own_task", "transfer", "Is a prompt's gain largest on its own task?",
+            "Per source, other target and metric: the source prompts' change on their own task (own), on the "
+            "target (other), own - other, and its 95% percentile interval (the source's seeds resampled once for "
+            f"both cells, each cell's examples on their own; {n_boot} resamples). The paper: the CB prompt's "
+            "largest gain is on CB. Changes over different tasks' no-prompt baselines: a task whose no-prompt "
+            "accuracy is already high has less to gain.", own))
     return out, summary

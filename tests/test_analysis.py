@@ -329,6 +329,40 @@ def test_transfer_table_equals_hand_computed_deltas():
     assert mat.loc["a", "b"] == pytest.approx(0.25) and mat.shape == (2, 2)
 
 
+def test_asymmetry_and_own_task_tables_equal_hand_computed_values_and_a_naive_bootstrap():
+    study = _study_with_known_outcomes()
+    cells = transfer.delta_cells(study)
+    asym = transfer.asymmetry_table(cells, ["a", "b"], n_boot=300, seed=4).set_index("metric")
+    # exact match: a on b +0.25 (above); b on a: 0/4 against a's no prompt 0/4 -> 0
+    em = asym.loc["exact_match"]
+    assert (em.task_a, em.task_b, em.delta_ab, em.delta_ba, em.difference) == ("a", "b", 0.25, 0.0, 0.25)
+    own = transfer.own_task_table(cells, ["a", "b"], n_boot=300, seed=4).set_index(["source", "metric"])
+    # a on a, exact match: (2/4, 1/4) against 0/4 -> 0.375; a on b: 0.25
+    row = own.loc[("a", "exact_match")]
+    assert (row.own, row.other, row.own_minus_other) == (0.375, 0.25, 0.125)
+    # b on b: 4/4 against base-b's 1/4 (matched by idx) -> 0.75; b on a: 0 (exact match)
+    assert own.loc[("b", "exact_match")].own_minus_other == 0.75
+
+    def naive(x, rng, n_boot, seed_draws=None):  # one resample at a time, the same generator calls in order
+        x = np.asarray(x, dtype=float)
+        out = []
+        for k in range(n_boot):
+            s = rng.integers(0, x.shape[0], size=x.shape[0]) if seed_draws is None else seed_draws[k]
+            e = rng.integers(0, x.shape[1], size=x.shape[1])
+            out.append(x[np.ix_(s, e)].mean())
+        return np.array(out)
+
+    a_a, a_b = cells["a", "a", "exact_match"].matrix, cells["a", "b", "exact_match"].matrix
+    b_a = cells["b", "a", "exact_match"].matrix
+    diff = naive(a_b, np.random.default_rng(4), 300) - naive(b_a, np.random.default_rng(5), 300)
+    assert (em.ci95_low, em.ci95_high) == pytest.approx(tuple(np.quantile(diff, [0.025, 0.975])))
+    draws = np.random.default_rng(4).integers(0, 2, size=(300, 2))
+    diff = naive(a_a, np.random.default_rng(5), 300, draws) - naive(a_b, np.random.default_rng(6), 300, draws)
+    assert (row.ci95_low, row.ci95_high) == pytest.approx(tuple(np.quantile(diff, [0.025, 0.975])))
+    # b has one seed on either side of the pair: its interval resamples the examples only, still finite
+    assert np.isfinite(own.loc[("b", "rank_accuracy")].ci95_low)
+
+
 def test_spot_and_activation_overlap_on_constructed_vectors():
     p = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # mean (2, 0)
     q = torch.tensor([[0.0, 1.0]])  # mean (0, 1)

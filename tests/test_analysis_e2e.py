@@ -169,6 +169,21 @@ def test_transfer_equals_the_runs_recorded_deltas(report, runs):
     assert checked == 4 * 4 * 2
 
 
+def test_asymmetry_and_own_task_tables_are_differences_of_figure_8s_cells(report):
+    delta = pd.read_csv(report / "transfer.csv").set_index(["source", "target", "metric"])["delta_mean"]
+    asym = pd.read_csv(report / "transfer_asymmetry.csv")
+    assert len(asym) == 6 * 2  # 4 tasks: 6 pairs, 2 metrics
+    for r in asym.itertuples():
+        assert r.difference == pytest.approx(delta[r.task_a, r.task_b, r.metric] - delta[r.task_b, r.task_a, r.metric])
+        assert r.ci95_low <= r.ci95_high
+    own = pd.read_csv(report / "transfer_own_task.csv")
+    assert len(own) == 12 * 2
+    for r in own.itertuples():
+        assert r.own_minus_other == pytest.approx(delta[r.source, r.source, r.metric] - delta[r.source, r.target,
+                                                                                             r.metric])
+        assert r.ci95_low <= r.ci95_high
+
+
 def test_nearest_tokens_equal_a_brute_force_search(report, runs, tiny):
     model, tokenizer = tiny
     emb = model.get_input_embeddings().weight.detach().double()
