@@ -648,12 +648,13 @@ def test_spread_vs_outcome_equals_hand_computed_values():
     from analysis import paper, stochasticity
 
     # cb: 3 seeds of a 2-row prompt; rte: one seed (no spread); norms and accuracies chosen by hand
-    rows = {("cb", 0): [[3.0, 4.0], [0.0, 0.0]], ("cb", 1): [[0.0, 0.0], [6.0, 8.0]], ("cb", 2): [[0.0, 0.0], [0.0, 1.0]],
-            ("rte", 0): [[1.0, 0.0], [0.0, 1.0]]}
+    rows = {("cb", 0): [[3.0, 4.0], [0.0, 0.0]], ("cb", 1): [[0.0, 0.0], [6.0, 8.0]],
+            ("cb", 2): [[0.0, 0.0], [0.0, 1.0]], ("rte", 0): [[1.0, 0.0], [0.0, 1.0]]}
     acc = {("cb", 0): (0.5, 0.25), ("cb", 1): (0.75, 0.75), ("cb", 2): (0.625, 0.5), ("rte", 0): (0.6, 0.6)}
     prompts = [PromptRun(f"{t}{s}", t, s, torch.tensor(m), {"init_text": ""},
                          {"rank_accuracy": acc[t, s][0], "exact_match": acc[t, s][1]}) for (t, s), m in rows.items()]
-    inp = inputs.Inputs(prompts=prompts, tasks=["cb", "rte"], embedding=torch.randn(5, 2), init={"cb": None, "rte": None})
+    inp = inputs.Inputs(prompts=prompts, tasks=["cb", "rte"], embedding=torch.randn(5, 2),
+                        init={"cb": None, "rte": None})
     from analysis import distances
 
     mats = distances.distance_matrices(inp, "truncate")
