@@ -55,15 +55,76 @@ def within_task(pairs: pd.DataFrame, tasks: list[str], measures: list[str]) -> p
     return pd.DataFrame(rows)
 
 
+# label permutations in the test of task clusters (the p-value's resolution is 1 / (TASK_CLUSTER_PERMUTATIONS + 1))
+TASK_CLUSTER_PERMUTATIONS = 9999
+
+
+def silhouettes(d: np.ndarray, labelings: np.ndarray) -> np.ndarray:
+    """Mean silhouette score of each labelling of ``labelings`` [L, P] (integer labels) on the precomputed
+    distances ``d`` [P, P], all at once: scikit-learn's ``silhouette_score(d, labels, metric="precomputed")``
+    (a(i) the mean distance to the other members of i's cluster, b(i) the smallest mean distance to another
+    cluster, s(i) = (b - a) / max(a, b), 0 for a member of a one-prompt cluster), vectorised over labellings
+    (tested equal to scikit-learn). Returns [L]."""
+    lab = np.asarray(labelings)
+    k = int(lab.max()) + 1
+    onehot = (lab[:, :, None] == np.arange(k)).astype(float)  # [L, P, K]
+    sums = np.einsum("ij,ljk->lik", d, onehot)  # [L, P, K]: distance of prompt i to all members of cluster k
+    sizes = onehot.sum(axis=1, keepdims=True)  # [L, 1, K]
+    own = onehot.astype(bool)
+    own_size = (sizes * onehot).sum(axis=2)  # [L, P]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = (sums * onehot).sum(axis=2) / (own_size - 1)
+        other = np.where(own | (sizes == 0), np.inf, sums / sizes)
+        b = other.min(axis=2)
+        s = np.where(own_size > 1, (b - a) / np.maximum(a, b), 0.0)
+    return np.nan_to_num(s, nan=0.0).mean(axis=1)
+
+
+def task_clusters(matrices: dict[str, np.ndarray], labels: list[str], n_perm: int = TASK_CLUSTER_PERMUTATIONS,
+                  seed: int = 0) -> pd.DataFrame:
+    """Do a task's prompts sit closer to each other than to other tasks' (Figure 6's clusters, measured on the
+    distances rather than read off a t-SNE map)? One row per rms row distance measure of ``matrices`` ([P, P],
+    prompts labelled by task in ``labels``): ``within_mean`` and ``between_mean`` (mean distance over same-task
+    and different-task prompt pairs), their ratio, the silhouette score of the task labels (``silhouettes``,
+    scikit-learn's definition: 1 = tight separate clusters, 0 = none, below 0 = mixed), and ``p_permutation``: the
+    share of ``n_perm`` random relabellings of the prompts (task sizes kept, seeded by ``seed``) whose silhouette
+    is at least the observed one, counting the observed labelling ((1 + k) / (1 + n_perm)). Empty unless there
+    are 2 or more tasks and a task with 2 or more prompts."""
+    _, lab = np.unique(np.asarray(labels), return_inverse=True)
+    cols = ["measure", "num_prompts", "num_tasks", "within_mean", "between_mean", "within_between_ratio",
+            "silhouette", "p_permutation", "num_permutations"]
+    n_tasks = int(lab.max()) + 1 if len(lab) else 0
+    if n_tasks < 2 or n_tasks >= len(labels):
+        return pd.DataFrame(columns=cols)
+    rng = np.random.default_rng(seed)
+    perms = np.stack([rng.permutation(lab) for _ in range(n_perm)])
+    same = lab[:, None] == lab[None, :]
+    off = ~np.eye(len(lab), dtype=bool)
+    rows = []
+    for k, d in matrices.items():
+        if not k.startswith("rms_row_distance"):
+            continue
+        observed = float(silhouettes(d, lab[None])[0])
+        null = np.concatenate([silhouettes(d, perms[i:i + 1000]) for i in range(0, n_perm, 1000)])
+        within, between = d[same & off].mean(), d[~same].mean()
+        rows.append({"measure": k, "num_prompts": len(lab), "num_tasks": n_tasks, "within_mean": float(within),
+                     "between_mean": float(between), "within_between_ratio": float(within / between),
+                     "silhouette": observed,
+                     "p_permutation": float((1 + np.sum(null >= observed - 1e-12)) / (1 + n_perm)),
+                     "num_permutations": n_perm})
+    return pd.DataFrame(rows, columns=cols)
+
+
 def distance_definition(distance: str) -> str:
     """The distance method in words (the report's header and captions)."""
     return ("over the common length: ||A[:m] - B[:m]||_F with m = min(n_A, n_B)" if distance == "truncate"
             else "the shorter prompt padded with zero rows to the longer one's length")
 
 
-def distances_section(*, inputs: Inputs, matrices: dict[str, np.ndarray], distance: str) -> Section:
-    """Figure 7 (task-level mean distances), within-task spread and every prompt pair, from the [P, P]
-    ``matrices`` of ``distance_matrices``."""
+def distances_section(*, inputs: Inputs, matrices: dict[str, np.ndarray], distance: str, seed: int = 0) -> Section:
+    """Figure 7 (task-level mean distances), within-task spread, task clusters (``task_clusters``, its
+    permutations seeded by ``seed``) and every prompt pair, from the [P, P] ``matrices`` of
+    ``distance_matrices``."""
     labels, tasks = inputs.labels, inputs.tasks
     task_mats = {k: geometry.task_means(v, labels, tasks) for k, v in matrices.items()}
     rows = rows_compared_matrix(inputs, distance)
@@ -111,6 +172,17 @@ def distances_section(*, inputs: Inputs, matrices: dict[str, np.ndarray], distan
         "For each task and measure, over the distances between its distinct seed pairs: mean, min, max, sample "
         "standard deviation (sd_ddof1) and cv_ddof1 = sd_ddof1 / mean (a small cv: the seeds are nearly "
         "equidistant, the paper's claim).", within_task(pairs, tasks, list(matrices))))
+    clusters = task_clusters(matrices, labels, seed=seed)
+    if len(clusters):
+        out.summary["task_clusters"] = clusters.to_dict(orient="records")
+        out.outputs.append(Output(
+            "task_clusters", "distances", "Do a task's prompts cluster? (Figure 6, measured)",
+            "Per rms row distance (raw, effective): the mean distance between prompts of one task and between "
+            "prompts of different tasks, their ratio, the silhouette score of the task labels on the distances "
+            "(scikit-learn; 1 = separate tight clusters, 0 = no structure), and a permutation p-value: the share "
+            f"of {TASK_CLUSTER_PERMUTATIONS} random relabellings of the prompts (task sizes kept) with a silhouette "
+            "at least as high, the observed one counted. A t-SNE map can draw clusters that the distances do not "
+            "hold; this is the number the map illustrates.", clusters))
     out.outputs.append(Output("distance_pairs", "distances", "Every prompt pair",
                               "Distance between every two prompts, all measures, and the rows each compares.",
                               pairs, show_table=False))

@@ -162,7 +162,8 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
         res.add(stochasticity.stochasticity_section(inputs=inputs, distances=mats, distance=opt.distance,
                                                     seed=opt.seed))
     with _timed(seconds, "distances"):
-        res.add(distances.distances_section(inputs=inputs, matrices=mats, distance=opt.distance))
+        res.add(distances.distances_section(inputs=inputs, matrices=mats, distance=opt.distance,
+                                          seed=opt.seed))
     with _timed(seconds, "transfer"):
         section, summary = transfer.transfer_section(study=study, tasks=tasks, n_boot=opt.n_boot, seed=opt.seed)
         res.add(section)

@@ -191,6 +191,33 @@ def test_task_means_average_seed_pairs_and_leave_self_pairs_out():
     assert np.isnan(single.loc["x", "x"])
 
 
+def test_silhouettes_equal_scikit_learn_and_task_clusters_find_separated_tasks():
+    from sklearn.metrics import silhouette_score
+
+    from analysis import distances
+
+    rng = np.random.default_rng(11)
+    for sizes in ((4, 4, 4, 4), (1, 3, 5), (2, 1)):  # equal, unequal, a one-prompt cluster
+        lab = np.repeat(np.arange(len(sizes)), sizes)
+        x = rng.normal(size=(lab.size, 6))
+        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+        labelings = np.stack([rng.permutation(lab) for _ in range(20)])
+        want = [silhouette_score(d, lb, metric="precomputed") for lb in labelings]
+        np.testing.assert_allclose(distances.silhouettes(d, labelings), want, atol=1e-12)
+    tasks = [t for t in ("cb", "rte", "copa", "wsc") for _ in range(4)]
+    x = rng.normal(size=(16, 6)) + np.repeat(np.eye(4, 6) * 4, 4, axis=0)  # each task its own centre
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    far = distances.task_clusters({"rms_row_distance_raw": d, "frobenius_raw": d}, tasks, n_perm=999).iloc[0]
+    assert far.measure == "rms_row_distance_raw" and far.num_permutations == 999  # frobenius: not a row measure
+    same = np.equal.outer(tasks, tasks) & ~np.eye(16, dtype=bool)
+    assert far.within_mean == pytest.approx(d[same].mean()) and far.within_mean < far.between_mean
+    assert far.silhouette > 0.3 and far.p_permutation == 1 / 1000  # no relabelling does as well
+    mixed = distances.task_clusters({"rms_row_distance_raw": d}, [tasks[i] for i in rng.permutation(16)],
+                                    n_perm=999).iloc[0]
+    assert mixed.p_permutation > 0.01
+    assert distances.task_clusters({"rms_row_distance_raw": d[:4, :4]}, tasks[:4]).empty  # one task
+
+
 def test_rms_row_norms_divide_by_the_square_root_of_the_length():
     n = geometry.prompt_norms([torch.ones(4, 9), torch.ones(1, 9)])
     assert n["frobenius"].tolist() == pytest.approx([6.0, 3.0])

@@ -117,6 +117,17 @@ def test_table1_equals_norms_recomputed_from_the_artifacts(report, runs):
     assert table["rms_row_norm_effective_mean"].to_numpy() == pytest.approx(8.0, rel=1e-3)
 
 
+def test_task_clusters_average_the_prompt_pairs(report):
+    pairs = pd.read_csv(report / "distance_pairs.csv")
+    clusters = pd.read_csv(report / "task_clusters.csv").set_index("measure")
+    assert set(clusters.index) == {"rms_row_distance_raw", "rms_row_distance_effective"}
+    for measure, row in clusters.iterrows():
+        same = pairs.task_a == pairs.task_b
+        assert row.within_mean == pytest.approx(pairs.loc[same, measure].mean())
+        assert row.between_mean == pytest.approx(pairs.loc[~same, measure].mean())
+        assert 1 / (row.num_permutations + 1) <= row.p_permutation <= 1 and -1 <= row.silhouette <= 1
+
+
 def test_spread_vs_outcome_is_recomputed_from_the_artifacts(report, runs):
     """Per task: Table 1's norm variance and the seeds' accuracy spread (max - median) from the downloaded
     prompts and metrics.json; the correlations are scipy's Spearman on those columns."""
