@@ -108,7 +108,8 @@ def task_clusters(matrices: dict[str, np.ndarray], labels: list[str], n_perm: in
         null = np.concatenate([silhouettes(d, perms[i:i + 1000]) for i in range(0, n_perm, 1000)])
         within, between = d[same & off].mean(), d[~same].mean()
         rows.append({"measure": k, "num_prompts": len(lab), "num_tasks": n_tasks, "within_mean": float(within),
-                     "between_mean": float(between), "within_between_ratio": float(within / between) if between > 0 else np.nan,
+                     "between_mean": float(between),
+                     "within_between_ratio": float(within / between) if between > 0 else np.nan,
                      "silhouette": observed,
                      "p_permutation": float((1 + np.sum(null >= observed - 1e-12)) / (1 + n_perm)),
                      "num_permutations": n_perm})

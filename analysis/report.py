@@ -224,7 +224,10 @@ def write_markdown(results: Results, out: Path) -> Path:
             ("nearest_scripts", "Nearest tokens in other scripts, init -> best epoch",
              ["space", "task", "seed", "init_scripts", "best_epoch", "top1_is_init_token_init",
               "top1_is_init_token_best", "rows_other_script_init", "rows_other_script_best", "other_scripts_best"]),
+            ("spread_vs_outcome", "Do harder tasks vary more? Prompt spread against outcome spread", None),
+            ("spread_correlations", "Prompt spread against outcome spread: Spearman over tasks, exact p", None),
             ("within_task", "Within-task distances", None),
+            ("task_clusters", "Do a task's prompts cluster?", None),
             ("correlation_stats", "Distance vs transfer: Mantel test over task labels (dependence-aware)",
              ["predictor", "gain", "n_pairs", "spearman_rho", "spearman_p_mantel", "mantel_permutations",
               "spearman_p_naive", "pearson_r", "pearson_p_mantel", "pearson_p_naive"]),
@@ -236,7 +239,8 @@ def write_markdown(results: Results, out: Path) -> Path:
             continue
         df = o.data[columns] if columns else o.data
         lines += [f"## {heading}", ""]
-        if name in ("accuracy_floors", "table1_norms", "correlation_stats", "nearest_scripts"):  # define columns
+        if name in ("accuracy_floors", "table1_norms", "correlation_stats", "nearest_scripts", "spread_vs_outcome",
+                    "spread_correlations", "task_clusters"):  # their captions define the columns
             lines += [o.text, ""]
         lines += [_md_table(df), ""]
     if "transfer" in by_name:
@@ -245,6 +249,11 @@ def write_markdown(results: Results, out: Path) -> Path:
                   _md_table(t[["source", "target", "metric", "n_seeds", "n_examples", "baseline", "delta_mean",
                                "delta_sd_ddof1", "ci95_seeds_examples_low", "ci95_seeds_examples_high",
                                "ci95_examples_low", "ci95_examples_high"]]), ""]
+    for name, heading in (("transfer_asymmetry", "Is transfer symmetric?"),
+                          ("transfer_own_task", "Is a prompt's gain largest on its own task?")):
+        o = by_name.get(name)
+        if o is not None and not o.data.empty:
+            lines += [f"## {heading}", "", o.text, "", _md_table(o.data), ""]
     if "faithfulness" in by_name:
         lines += ["## Faithfulness (mean over seeds)", "", _md_table(pd.DataFrame(s["faithfulness"])), ""]
     path = out / "report.md"

@@ -188,6 +188,10 @@ def test_asymmetry_and_own_task_tables_are_differences_of_figure_8s_cells(report
     for r in asym.itertuples():
         assert r.difference == pytest.approx(delta[r.task_a, r.task_b, r.metric] - delta[r.task_b, r.task_a, r.metric])
         assert r.ci95_low <= r.ci95_high
+    md = (report / "report.md").read_text(encoding="utf-8")
+    for heading in ("## Is transfer symmetric?", "## Is a prompt's gain largest on its own task?",
+                    "## Do a task's prompts cluster?", "## Do harder tasks vary more?"):
+        assert heading in md
     own = pd.read_csv(report / "transfer_own_task.csv")
     assert len(own) == 12 * 2
     for r in own.itertuples():
