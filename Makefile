@@ -52,7 +52,8 @@ REAL_STUDY_DIR ?= results/$(REAL_STUDY)
 #   make real-study REAL_STUDY=smollm2-init REAL_STUDY_PLAN="--study init --tasks cb,copa"
 REAL_STUDY_PLAN ?=
 # run options, not part of the stored plan: given again on every resume
-REAL_STUDY_RUN ?= --compile --experiment ptray-$(REAL_STUDY)
+# (the analysis's report goes beside the runs, results/<study>/analysis, and is committed with them)
+REAL_STUDY_RUN ?= --compile --experiment ptray-$(REAL_STUDY) --analysis-dir $(REAL_STUDY_DIR)/analysis
 real-study: real-model
 	@if [ -f $(REAL_STUDY_DIR)/plan.json ]; then \
 	  nice -n 19 $(VENV)/bin/ptray study --resume --local $(REAL_STUDY_DIR) $(REAL_STUDY_RUN); else \

@@ -267,6 +267,7 @@ def test_dry_run_of_a_local_study_describes_it_and_what_is_left(tiny_model_dir, 
     assert "  local      this process, no Ray" in out and f"run folders in {tmp_path / 'study'}" in out
     assert "  ray " not in out and "Tune" not in out and "retries" not in out and "  left" not in out
     assert "2 prompts (cb, copa x seeds 0)" in out and "6 evaluations" in out
+    assert "  analysis   at the end, report in outputs/analysis/ptray-dry (later: " in out
     assert not (tmp_path / "study").exists()  # a dry run writes nothing
 
     def stop(*args, **kwargs):  # stopped after cb-seed0's last epoch was checkpointed
@@ -278,9 +279,10 @@ def test_dry_run_of_a_local_study_describes_it_and_what_is_left(tiny_model_dir, 
     monkeypatch.setattr(run_folder, "save_run", real)
     capsys.readouterr()
     resume = ["--resume", "--local", "study", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
-    assert main([*resume, "--dry-run"]) == 0
+    assert main([*resume, "--dry-run", "--analysis-dir", "study/analysis"]) == 0
     out = capsys.readouterr().out
     assert "study 'dry' (resume)" in out
+    assert f"  analysis   at the end, report in {tmp_path / 'study' / 'analysis'} (later: " in out
     assert ("  left       2 of 2 prompts to train: cb-seed0 (after epoch 2) copa-seed0; 6 of 6 evaluations; "
             "0 prompts finished") in out
     assert main(resume) == 0

@@ -52,8 +52,17 @@ def describe(plan: Plan, opts: Options, uri: str, storage: str, experiment: str,
         *token_lines(plan),
         f"  MLflow     experiment {experiment!r} at {uri}",
         f"  Tune       {tune_path(storage, plan.study)} (checkpoint every epoch)",
-        f"  analysis   {'python -m analysis --experiment ' + experiment if opts.analysis else 'off'}",
+        _analysis_line(opts, experiment),
     ])
+
+
+def _analysis_line(opts: Options, experiment: str) -> str:
+    """Where the analysis's report goes (``--analysis-dir``, else ``analysis.run``'s default folder)."""
+    if not opts.analysis:
+        return "  analysis   off"
+    where = shlex.quote(opts.analysis_dir or f"outputs/analysis/{experiment}")
+    return (f"  analysis   at the end, report in {where} (later: python -m analysis --experiment {experiment} "
+            f"--out {where})")
 
 
 def describe_local(plan: Plan, opts: Options, study_dir: str, uri: str, experiment: str, new: bool) -> str:
@@ -88,7 +97,7 @@ def describe_local(plan: Plan, opts: Options, study_dir: str, uri: str, experime
         *token_lines(plan),
         f"  MLflow     published at the end into experiment {experiment!r} at {uri} (or later: ptray publish "
         f"{shlex.quote(study_dir)})",
-        f"  analysis   {'python -m analysis --experiment ' + experiment if opts.analysis else 'off'}",
+        _analysis_line(opts, experiment),
     ]
     if not new:
         p = study_progress(plan, study_dir)
