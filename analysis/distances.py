@@ -30,6 +30,21 @@ def distance_matrices(inputs: Inputs, distance: str) -> dict[str, np.ndarray]:
     return out
 
 
+def drift_matrices(inputs: Inputs, distance: str) -> dict[str, np.ndarray]:
+    """[P, P] rms row distances between the prompts' moves from their task's init-text prompt, P_i - P_init(task_i),
+    raw (``rms_row_distance_drift_raw``) and, when defined, effective (``rms_row_distance_drift_effective``): the
+    seeds of a task share their init, so their prompts sit together before any training; their moves do not.
+    Empty when a task's init prompt is not defined (an init other than text)."""
+    if any(inputs.init.get(t) is None for t in inputs.tasks):
+        return {}
+    moves = {"raw": [p.prompt.float() - inputs.init[p.task].float() for p in inputs.prompts]}
+    if inputs.effective is not None and inputs.init_effective is not None and all(
+            inputs.init_effective.get(t) is not None for t in inputs.tasks):
+        moves["effective"] = [e - inputs.init_effective[p.task] for e, p in zip(inputs.effective, inputs.prompts)]
+    return {f"rms_row_distance_drift_{k}": geometry.distance_matrix(v, distance, rms_row=True)
+            for k, v in moves.items()}
+
+
 def rows_compared_matrix(inputs: Inputs, distance: str) -> pd.DataFrame:
     """[T, T] number of rows each task pair's distance compares (``geometry.rows_compared`` of their lengths)."""
     n = {p.task: p.num_tokens for p in inputs.prompts}
@@ -66,6 +81,10 @@ def silhouettes(d: np.ndarray, labelings: np.ndarray) -> np.ndarray:
     cluster, s(i) = (b - a) / max(a, b), 0 for a member of a one-prompt cluster), vectorised over labellings
     (tested equal to scikit-learn). Returns [L]."""
     lab = np.asarray(labelings)
+    if lab.ndim != 2 or not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0:
+        raise ValueError("labelings must be [L, P] non-negative integer labels")
+    if not np.isfinite(d).all():
+        raise ValueError("the distances must be finite")
     k = int(lab.max()) + 1
     onehot = (lab[:, :, None] == np.arange(k)).astype(float)  # [L, P, K]
     sums = np.einsum("ij,ljk->lik", d, onehot)  # [L, P, K]: distance of prompt i to all members of cluster k
@@ -173,17 +192,21 @@ def distances_section(*, inputs: Inputs, matrices: dict[str, np.ndarray], distan
         "For each task and measure, over the distances between its distinct seed pairs: mean, min, max, sample "
         "standard deviation (sd_ddof1) and cv_ddof1 = sd_ddof1 / mean (a small cv: the seeds are nearly "
         "equidistant, the paper's claim).", within_task(pairs, tasks, list(matrices))))
-    clusters = task_clusters(matrices, labels, seed=seed)
+    clusters = task_clusters({**matrices, **drift_matrices(inputs, distance)}, labels, seed=seed)
     if len(clusters):
         out.summary["task_clusters"] = clusters.to_dict(orient="records")
         out.outputs.append(Output(
             "task_clusters", "distances", "Do a task's prompts cluster? (Figure 6, measured)",
-            "Per rms row distance (raw, effective): the mean distance between prompts of one task and between "
-            "prompts of different tasks, their ratio, the silhouette score of the task labels on the distances "
-            "(scikit-learn; 1 = separate tight clusters, 0 = no structure), and a permutation p-value: the share "
-            f"of {TASK_CLUSTER_PERMUTATIONS} random relabellings of the prompts (task sizes kept) with a silhouette "
-            "at least as high, the observed one counted. A t-SNE map can draw clusters that the distances do not "
-            "hold; this is the number the map illustrates.", clusters))
+            "Per rms row distance (raw, effective, and the same between the prompts' moves from their init, "
+            "P - P_init, where the init is the task's text): the mean distance between prompts of one task and "
+            "between prompts of different tasks, their ratio, the silhouette score of the task labels on the "
+            "distances (scikit-learn's definition; 1 = separate tight clusters, 0 = no structure), and a "
+            f"permutation p-value: the share of {TASK_CLUSTER_PERMUTATIONS} random relabellings of the prompts (task "
+            "sizes kept) with a silhouette at least as high, the observed one counted. A task's seeds start from one "
+            "init prompt (and have its length), so the prompts cluster by task before any training: their clusters "
+            "show where they started. The moves (drift rows) cluster only if training moved a task's seeds alike. "
+            "A t-SNE map can draw clusters that the distances do not hold; these are the numbers it illustrates.",
+            clusters))
     out.outputs.append(Output("distance_pairs", "distances", "Every prompt pair",
                               "Distance between every two prompts, all measures, and the rows each compares.",
                               pairs, show_table=False))

@@ -8,8 +8,7 @@ norm is ||P||_F / sqrt(n), the root mean square of the row norms.
 
 from __future__ import annotations
 
-import math
-import warnings
+import itertools
 
 import numpy as np
 import pandas as pd
@@ -80,9 +79,14 @@ def wsc_cb_ratio(table: pd.DataFrame) -> dict[str, float] | None:
     }
 
 
-# A task's prompt spread across seeds (the rows of ``spread_vs_outcome``), and the outcome spreads it is set against
+# A task's prompt spread across seeds (the rows of ``spread_vs_outcome``) ...
 SPREAD_MEASURES = ["frobenius_raw_var_ddof0", "rms_row_norm_raw_var_ddof0", "within_rms_row_distance_raw"]
-OUTCOME_SPREADS = ["rank_accuracy_delta", "exact_match_delta", "paper_table2_delta", "paper_table1_var"]
+# ... and what it is set against, with the sign the paper's claim predicts: a larger outcome spread (max - median)
+# goes with a larger prompt spread; so does a harder task (a lower median accuracy); and the paper's Table 1
+# variance (does this model order the tasks' prompt spread as bloomz-560m did?)
+AGAINST = {"rank_accuracy_delta": "+", "exact_match_delta": "+", "rank_accuracy_median": "-",
+           "paper_table2_delta": "+", "paper_table2_max_minus_median": "+", "paper_table2_median": "-",
+           "paper_table1_var": "+"}
 
 
 def spread_vs_outcome(per_prompt: pd.DataFrame, prompts: list[PromptRun], rms_row_distance: np.ndarray,
@@ -90,10 +94,10 @@ def spread_vs_outcome(per_prompt: pd.DataFrame, prompts: list[PromptRun], rms_ro
     """The paper's "harder tasks vary more" (section 6.2, Tables 1 and 2) as one row per task: how far its seeds'
     prompts spread (``SPREAD_MEASURES``: Table 1's population variance of ||P||_F, the same for the rms row norm,
     and the mean rms row distance between its distinct seed pairs, from ``rms_row_distance`` [P, P] in the order of
-    ``prompts``) and how far its seeds' outcomes spread: ``<metric>_median``, ``_max`` and ``_delta`` = max - median
-    over seeds of each prompt's recorded rank accuracy and exact match (Table 2's definition applied to the
-    seeds), beside the paper's Table 1 variance and Table 2 delta (``analysis.paper``; NaN for a task it has not).
-    Spreads are NaN for a task with one seed."""
+    ``prompts``) and how its seeds did: ``<metric>_median``, ``_max`` and ``_delta`` = max - median over seeds of
+    each prompt's recorded rank accuracy and exact match (Table 2's definition applied to the seeds), beside the
+    paper's Table 1 variance and Table 2 (median, max, the printed delta and max - median; ``analysis.paper``; NaN
+    for a task it has not). Spreads are NaN for a task with one seed."""
     rows = []
     for t in tasks:
         own = [i for i, p in enumerate(prompts) if p.task == t]
@@ -109,8 +113,9 @@ def spread_vs_outcome(per_prompt: pd.DataFrame, prompts: list[PromptRun], rms_ro
             v = v[np.isfinite(v)]
             med, top = (float(np.median(v)), float(v.max())) if v.size else (np.nan, np.nan)
             row.update({f"{m}_median": med, f"{m}_max": top, f"{m}_delta": top - med if v.size > 1 else np.nan})
-        row["paper_table1_var"] = paper.TABLE1_VARIANCE.get(t, np.nan)
-        row["paper_table2_delta"] = paper.TABLE2_MEDIAN_MAX_DELTA.get(t, np.nan)
+        median, top, printed = paper.TABLE2.get(t, (np.nan,) * 3)
+        row.update(paper_table1_var=paper.TABLE1_VARIANCE.get(t, np.nan), paper_table2_median=median,
+                   paper_table2_max=top, paper_table2_delta=printed, paper_table2_max_minus_median=top - median)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -122,42 +127,45 @@ def _number(v) -> float:
         return np.nan
 
 
-def spearman_exact(x, y) -> tuple[float, float, int]:
-    """Spearman's rho of paired values (NaN pairs dropped) and its exact two-sided permutation p-value: scipy's
-    ``permutation_test`` over every pairing of the n values (n! of them; n <= 8 here, so always enumerated).
-    Returns ``(rho, p, n)``; rho and p NaN for fewer than 3 pairs or a constant side. With 4 tasks the smallest
-    two-sided p is 2/24 = 0.083: no such correlation can reach p < 0.05."""
+def spearman_exact(x, y) -> dict[str, float]:
+    """Spearman's rho of paired values (NaN pairs dropped) with its exact two-sided permutation p-value: y's values
+    are paired with x's in every one of the n! orders (n <= 8), and p = 2 * min(share of orders with rho >=
+    observed, share with rho <= observed), at most 1 (scipy's ``permutation_test`` convention; tested equal to
+    it). ``p_smallest`` is the smallest p any pairing of these values could give: 2/24 = 0.083 for 4 distinct
+    values, more with ties (the paper's Table 2 delta ties WSC and RTE). Returns ``n``, ``spearman_rho``,
+    ``p_exact``, ``p_smallest`` (NaN for fewer than 3 pairs or a constant side). Raises ValueError above 8 pairs."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
+    out = {"n": int(x.size), "spearman_rho": np.nan, "p_exact": np.nan, "p_smallest": np.nan}
     if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return np.nan, np.nan, int(x.size)
+        return out
     if x.size > 8:
-        raise ValueError(f"spearman_exact enumerates n! pairings; {x.size} values is too many")
+        raise ValueError(f"spearman_exact enumerates n! pairings; {x.size} pairs is too many")
+    rx, ry = scipy.stats.rankdata(x), scipy.stats.rankdata(y)  # Spearman's rho: Pearson's r of the ranks
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    rx, ry = rx / np.linalg.norm(rx), ry / np.linalg.norm(ry)
+    null = ry[np.array(list(itertools.permutations(range(x.size))))] @ rx  # [n!], the identity first
 
-    def rho(a, b):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return scipy.stats.spearmanr(a, b).statistic
+    def p_of(r: float) -> float:
+        tol = 1e-12 * max(1.0, abs(r))
+        return min(1.0, 2 * min(np.mean(null >= r - tol), np.mean(null <= r + tol)))
 
-    res = scipy.stats.permutation_test((x, y), rho, permutation_type="pairings", n_resamples=np.inf,
-                                       alternative="two-sided")
-    return float(res.statistic), float(res.pvalue), int(x.size)
-
-
-def _smallest_p(n: int) -> str:
-    """The smallest two-sided exact permutation p for n distinct paired values: 2 / n!, as text ("n/a" below 3)."""
-    return f"{min(1.0, 2 / math.factorial(n)):.3g}" if n >= 3 else "n/a"
+    out.update(spearman_rho=float(null[0]), p_exact=float(p_of(null[0])),
+               p_smallest=float(min(p_of(r) for r in np.unique(np.round(null, 12)))))
+    return out
 
 
 def spread_correlations(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (spread, outcome) of ``SPREAD_MEASURES`` x ``OUTCOME_SPREADS`` over the tasks of
-    ``spread_vs_outcome``: ``n_tasks`` with both values, ``spearman_rho`` and ``p_exact`` (``spearman_exact``)."""
+    """One row per (spread, against) of ``SPREAD_MEASURES`` x ``AGAINST`` over the tasks of ``spread_vs_outcome``:
+    ``expected_sign`` (what the paper's claim predicts), ``n_tasks`` with both values, ``spearman_rho``,
+    ``p_exact`` and ``p_smallest`` (``spearman_exact``)."""
     rows = []
     for sp in SPREAD_MEASURES:
-        for oc in OUTCOME_SPREADS:
-            r, pv, n = spearman_exact(table[sp], table[oc])
-            rows.append({"spread": sp, "outcome": oc, "n_tasks": n, "spearman_rho": r, "p_exact": pv})
+        for against, sign in AGAINST.items():
+            r = spearman_exact(table[sp], table[against])
+            rows.append({"spread": sp, "against": against, "expected_sign": sign, "n_tasks": r["n"],
+                         "spearman_rho": r["spearman_rho"], "p_exact": r["p_exact"], "p_smallest": r["p_smallest"]})
     return pd.DataFrame(rows)
 
 
@@ -258,20 +266,22 @@ def stochasticity_section(*, inputs: Inputs, distances: dict[str, np.ndarray], d
                        spread_correlations=corr.to_dict(orient="records"))
     out.outputs.append(Output(
         "spread_vs_outcome", "stochasticity", "Do harder tasks vary more? Prompt spread against outcome spread",
-        "Per task, how far its seeds' prompts spread: Table 1's population variance of ||P||_F (grows with the "
-        "prompt's length), the same for the rms row norm, and the mean rms row distance between its seed pairs "
-        "(Figure 6's spread, comparable across lengths); and how far its seeds' outcomes spread: the median, the "
-        "maximum and delta = max - median of the seeds' rank accuracy and exact match at their kept epochs (the "
-        "definition of the paper's Table 2, here over this study's seeds), beside the paper's Table 1 variance and "
-        "Table 2 delta (bloomz-560m's reported median-to-max accuracy, Muennighoff et al. 2023). NaN: one seed, or "
-        "a task the paper has not.", spread))
+        "Per task, how far its seeds' prompts spread: Table 1's population variance of ||P||_F (it grows with the "
+        "prompt's length, so it compares tasks of different lengths poorly), the same for the rms row norm, and "
+        "the mean rms row distance between its seed pairs (Figure 6's spread, comparable across lengths); and how "
+        "its seeds did: the median, the maximum and delta = max - median of the seeds' rank accuracy and exact "
+        "match at their kept epochs (the definition of the paper's Table 2, here over this study's seeds; a lower "
+        "median is a harder task), beside the paper's Table 1 variance and its Table 2 (bloomz-560m's reported "
+        "median and maximum accuracy, Muennighoff et al. 2023; paper_table2_delta as printed, which for CB (0.08) "
+        "is not its max - median (0.18): both are kept). NaN: one seed, or a task the paper has not.", spread))
     out.outputs.append(Output(
         "spread_correlations", "stochasticity", "Rank correlations of prompt spread and outcome spread over tasks",
-        "Spearman's rho over the tasks between each prompt-spread measure and each outcome spread, with its exact "
-        "two-sided permutation p-value (every pairing of the tasks' values enumerated, scipy's permutation_test). "
-        f"With {len(inputs.tasks)} tasks the smallest possible p is "
-        f"{_smallest_p(len(inputs.tasks))}: the paper's claim is about {len(inputs.tasks)} points and "
-        "can at most be consistent with the ordering, not established. NaN: fewer than 3 tasks or a constant "
+        "Spearman's rho over the tasks between each prompt-spread measure and each column it is set against, the "
+        "sign the paper's claim predicts (expected_sign: + for an outcome spread and the paper's Table 1 variance, "
+        "- for a median accuracy, since a harder task has a lower one), and its exact two-sided permutation "
+        "p-value (every pairing of the tasks' values enumerated). p_smallest is the smallest p these values "
+        "could give in any order: with 4 tasks 0.083 at best, more with ties, so the claim can at most be "
+        "consistent with an ordering of 4 points, never established by it. NaN: fewer than 3 tasks or a constant "
         "side.", corr))
     one_seed = [t for t, n in zip(t1["task"], t1["num_seeds"]) if n < 2]
     if one_seed:

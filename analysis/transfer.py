@@ -162,9 +162,10 @@ def _cell(cells: dict, base: dict | None, source: str, seeds: list[int], target:
                 ok = False
             out.n_common = len(common)
         else:  # no per-example predictions: the recorded metrics, without an interval
-            acc, out.base_acc = cell["metrics"][metric], base["metrics"][metric]
-            if acc is None or out.base_acc is None:
+            acc, base_acc = cell["metrics"].get(metric), base["metrics"].get(metric)
+            if acc is None or base_acc is None:  # nothing to compare: this seed is left out of the cell
                 continue
+            out.base_acc = base_acc
             ok = False
         out.seeds.append(s)
         out.deltas.append(acc - out.base_acc)
@@ -360,13 +361,18 @@ def transfer_section(*, study: Study, tasks: list[str], n_boot: int, seed: int) 
             "transfer_asymmetry", "transfer", "Is transfer symmetric?",
             "Per pair of tasks a, b and metric: delta_ab (a's prompts on b over b's no prompt), delta_ba, their "
             "difference, and its 95% percentile interval from the two cells' hierarchical bootstraps (seeds and "
-            f"examples, {n_boot} resamples each) drawn independently and subtracted: a distance between prompts is "
-            "symmetric, so a difference whose interval excludes 0 is transfer a distance cannot predict.", asym))
+            f"examples, {n_boot} resamples each) drawn independently and subtracted; a source with one seed "
+            "resamples its examples only. A distance between prompts is symmetric, but the two deltas are taken over "
+            "different targets' no-prompt accuracies, so a target with more headroom can make the pair asymmetric "
+            "without the prompts differing in how they transfer. The intervals are not adjusted for multiplicity: "
+            "at 95% about one in 20 excludes 0 by chance.", asym))
         out.outputs.append(Output(
             "transfer_own_task", "transfer", "Is a prompt's gain largest on its own task?",
             "Per source, other target and metric: the source prompts' change on their own task (own), on the "
             "target (other), own - other, and its 95% percentile interval (the source's seeds resampled once for "
-            f"both cells, each cell's examples on their own; {n_boot} resamples). The paper: the CB prompt's "
-            "largest gain is on CB. Changes over different tasks' no-prompt baselines: a task whose no-prompt "
-            "accuracy is already high has less to gain.", own))
+            f"both cells, each cell's examples on their own; {n_boot} resamples; a source with one seed resamples "
+            "its examples only). The paper: the CB prompt's largest gain is on CB. Biased towards own: each prompt's "
+            "kept epoch was chosen by its loss on its own task's validation split, the examples own is scored on "
+            "(as in the paper), and other is not. Changes over different tasks' no-prompt baselines: a task whose "
+            "no-prompt accuracy is already high has less to gain. Not adjusted for multiplicity.", own))
     return out, summary

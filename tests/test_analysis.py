@@ -218,6 +218,30 @@ def test_silhouettes_equal_scikit_learn_and_task_clusters_find_separated_tasks()
     assert distances.task_clusters({"rms_row_distance_raw": d[:4, :4]}, tasks[:4]).empty  # one task
 
 
+def test_drift_distances_measure_the_moves_from_the_init_not_where_the_prompts_started():
+    from analysis import distances
+
+    gen = torch.Generator().manual_seed(5)
+    init = {"cb": torch.zeros(3, 4), "rte": torch.full((2, 4), 10.0)}  # far apart before any training
+    move = torch.tensor([1.0, 0.0, 0.0, 0.0])  # every seed of both tasks moves the same way, plus noise
+    prompts = [PromptRun(f"{t}{s}", t, s, init[t] + move + 0.01 * torch.randn(init[t].shape, generator=gen),
+                         {"init_text": "x"}) for t in ("cb", "rte") for s in range(3)]
+    inp = inputs.Inputs(prompts=prompts, tasks=["cb", "rte"], embedding=torch.randn(5, 4), init=init)
+    drift = distances.drift_matrices(inp, "truncate")
+    assert set(drift) == {"rms_row_distance_drift_raw"}  # no effective prompt here
+    m0, m3 = prompts[0].prompt - init["cb"], prompts[3].prompt - init["rte"]
+    want = torch.linalg.matrix_norm(m0[:2] - m3[:2]).item() / math.sqrt(2)  # over the 2 common rows
+    assert drift["rms_row_distance_drift_raw"][0, 3] == pytest.approx(want, rel=1e-6)
+    mats = {**distances.distance_matrices(inp, "truncate"), **drift}
+    table = distances.task_clusters(mats, inp.labels, n_perm=199).set_index("measure")
+    assert table.loc["rms_row_distance_raw", "silhouette"] > 0.9  # where they started
+    assert table.loc["rms_row_distance_drift_raw", "silhouette"] < 0.5  # how they moved: alike across tasks
+    assert distances.drift_matrices(inputs.Inputs(prompts=prompts, tasks=["cb", "rte"], embedding=torch.randn(5, 4),
+                                                  init={"cb": None, "rte": init["rte"]}), "truncate") == {}
+    with pytest.raises(ValueError):
+        distances.silhouettes(np.zeros((2, 2)), np.array([[0, -1]]))
+
+
 def test_rms_row_norms_divide_by_the_square_root_of_the_length():
     n = geometry.prompt_norms([torch.ones(4, 9), torch.ones(1, 9)])
     assert n["frobenius"].tolist() == pytest.approx([6.0, 3.0])
@@ -354,6 +378,21 @@ def test_transfer_table_equals_hand_computed_deltas():
     assert len(per_seed) == 2 * (2 + 2 + 1 + 1)  # (a0,a1 on a,b) + (b0 on a,b), two metrics
     mat = transfer.summary_matrix(summary, "exact_match", "delta_mean", ["a", "b"])
     assert mat.loc["a", "b"] == pytest.approx(0.25) and mat.shape == (2, 2)
+
+
+def test_a_seed_without_predictions_against_a_baseline_without_that_metric_is_left_out():
+    """A seed with recorded metrics only, on a target whose no-prompt run has per-example results but no recorded
+    metrics, has nothing to compare: it is left out of the cell (it used to crash on float(None))."""
+    a0 = PromptRun("a0", "a", 0, torch.zeros(2, 4), {"init_text": ""}, {"exact_match": 0.5, "rank_accuracy": 0.5},
+                   {layout.IDX: [0, 1], layout.EM_CORRECT: [1, 0], layout.RANK_CORRECT: [1, 0],
+                    layout.BASELINES: {"no_prompt": {layout.EM_CORRECT: [0, 0], layout.RANK_CORRECT: [0, 1]}}})
+    a1 = PromptRun("a1", "a", 1, torch.zeros(2, 4), {"init_text": ""}, {"exact_match": 0.5, "rank_accuracy": 0.5})
+    evals = [EvalRun("base-b", "baseline", "b", idx=[0, 1], em_correct=[0, 1], rank_correct=[0, 1]),
+             EvalRun("a0b", "transfer", "b", "a", 0, idx=[0, 1], em_correct=[1, 1], rank_correct=[1, 1]),
+             EvalRun("a1b", "transfer", "b", "a", 1, metrics={"exact_match": 1.0, "rank_accuracy": 1.0})]
+    _, summary = transfer.transfer_tables(Study("e", "s", [a0, a1], evals), n_boot=20)
+    ab = summary.set_index(["source", "target", "metric"]).loc[("a", "b", "exact_match")]
+    assert ab.n_seeds == 1 and ab.baseline == 0.5 and ab.delta_mean == 0.5  # seed 0 only: 2/2 against 1/2
 
 
 def test_asymmetry_and_own_task_tables_equal_hand_computed_values_and_a_naive_bootstrap():
@@ -697,32 +736,43 @@ def test_spread_vs_outcome_equals_hand_computed_values():
                                                                     pair(c[1], c[2])]))
     assert (cb.rank_accuracy_median, cb.rank_accuracy_max, cb.rank_accuracy_delta) == (0.625, 0.75, 0.125)
     assert (cb.exact_match_median, cb.exact_match_max, cb.exact_match_delta) == (0.5, 0.75, 0.25)
-    assert cb.paper_table2_delta == paper.TABLE2_MEDIAN_MAX_DELTA["cb"] == 0.08
+    assert cb.paper_table2_delta == paper.TABLE2["cb"][2] == 0.08  # as printed
+    assert (cb.paper_table2_median, cb.paper_table2_max) == (0.43, 0.61)
+    assert cb.paper_table2_max_minus_median == pytest.approx(0.18)  # not the printed 0.08
     assert cb.paper_table1_var == 1.31
     assert np.isnan(rte.frobenius_raw_var_ddof0) and np.isnan(rte.within_rms_row_distance_raw)
     assert np.isnan(rte.rank_accuracy_delta) and rte.rank_accuracy_max == 0.6
 
 
-def test_spearman_exact_equals_a_naive_loop_over_every_pairing():
+def test_spearman_exact_equals_scipys_permutation_test_and_a_naive_loop():
     import itertools
 
     from analysis import stochasticity
 
     rng = np.random.default_rng(3)
     for n in (3, 4, 5):
-        for _ in range(5):
+        for _ in range(4):
             x, y = rng.normal(size=n), rng.integers(0, 3, size=n).astype(float)  # ties in y
             if np.ptp(y) == 0:
                 continue
-            rho, p, m = stochasticity.spearman_exact(x, y)
+            got = stochasticity.spearman_exact(x, y)
             observed = stats.spearmanr(x, y).statistic
             null = np.array([stats.spearmanr(x, y[list(q)]).statistic for q in itertools.permutations(range(n))])
             one_sided = min((null >= observed - 1e-12).mean(), (null <= observed + 1e-12).mean())
-            assert m == n and rho == pytest.approx(observed)
-            assert p == pytest.approx(min(1.0, 2 * one_sided))
-    assert stochasticity.spearman_exact([1, 2, 3, 4], [1, 2, 3, 4])[1] == pytest.approx(2 / 24)
-    assert np.isnan(stochasticity.spearman_exact([1, 2, np.nan, 4], [1, 1, 2, 1])[0])  # y constant once NaN drops
-    assert np.isnan(stochasticity.spearman_exact([1, 2], [2, 1])[0])
+            assert got["n"] == n and got["spearman_rho"] == pytest.approx(observed)
+            assert got["p_exact"] == pytest.approx(min(1.0, 2 * one_sided))
+            if n <= 4:  # the slow reference: scipy enumerates every pairing of both samples
+                ref = stats.permutation_test((x, y), lambda a, b: stats.spearmanr(a, b).statistic,
+                                             permutation_type="pairings", n_resamples=np.inf)
+                assert got["p_exact"] == pytest.approx(ref.pvalue)
+    distinct = stochasticity.spearman_exact([1, 2, 3, 4], [1, 2, 3, 4])
+    assert distinct["p_exact"] == distinct["p_smallest"] == pytest.approx(2 / 24)
+    tied = stochasticity.spearman_exact([1, 2, 3, 4], [0.01, 0.01, 0.08, 0.12])  # the paper's Table 2 deltas tie
+    assert tied["p_smallest"] == pytest.approx(4 / 24) and tied["p_exact"] >= tied["p_smallest"]
+    assert np.isnan(stochasticity.spearman_exact([1, 2, np.nan, 4], [1, 1, 2, 1])["spearman_rho"])  # y constant
+    assert np.isnan(stochasticity.spearman_exact([1, 2], [2, 1])["p_exact"])
+    with pytest.raises(ValueError):
+        stochasticity.spearman_exact(range(9), range(9))
 
 
 def _random_study(hidden: int) -> Study:
