@@ -32,6 +32,7 @@ import time
 from contextlib import contextmanager
 
 from analysis import (
+    claims,
     conditions,
     correlation,
     coverage,
@@ -204,5 +205,7 @@ def compute(study: Study, model, tokenizer, options: AnalysisOptions | None = No
                                          data_dir=opt.data_dir, batch_size=opt.batch_size))
     else:
         res.meta["notes"].append("faithfulness check skipped (--no-faithfulness)")
+    with _timed(seconds, "claims"):
+        res.add(claims.claims_section(res))
     res.summary["meta"] = res.meta
     return res

@@ -215,6 +215,8 @@ def write_markdown(results: Results, out: Path) -> Path:
                       _md_table(by_name["coverage"].data), ""]
     if meta.get("notes"):
         lines += ["**Notes:**", *[f"- {n}" for n in meta["notes"]], ""]
+    if "claims" in by_name:
+        lines += [f"## {SECTIONS['claims']}", "", by_name["claims"].text, "", _md_table(by_name["claims"].data), ""]
     for name, heading, columns in (
             ("accuracy_floors", "Accuracy floors: the majority class, no prompt, the init text", None),
             ("table1_norms", "Table 1: norms per task",

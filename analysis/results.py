@@ -93,6 +93,7 @@ class Results:
 
 SECTIONS = {
     "coverage": "The plan and what was found",  # first: what every later section lacks (analysis/coverage.py)
+    "claims": "The paper's claims, checked",  # second: a summary of the sections below (analysis/claims.py)
     "learning": "Learning curves and accuracy floors",
     "nearest": "Nearest tokens (paper 5.1, Figures 2-5)",
     "stochasticity": "Stochasticity (paper 5.2, Figure 6, Table 1)",

@@ -242,6 +242,21 @@ def test_drift_distances_measure_the_moves_from_the_init_not_where_the_prompts_s
         distances.silhouettes(np.zeros((2, 2)), np.array([[0, -1]]))
 
 
+def test_claim_readings_follow_their_stated_rules():
+    from analysis import claims
+
+    assert claims.interval_reading(0.01, 0.2) == claims.SUPPORTED
+    assert claims.interval_reading(-0.2, -0.01) == claims.CONTRADICTED
+    assert claims.interval_reading(-0.2, -0.01, "-") == claims.SUPPORTED
+    assert claims.interval_reading(0.0, 0.2) == claims.interval_reading(np.nan, 0.2) == claims.OPEN  # 0 inside
+    assert claims.p_reading(-0.8, 0.01, "-") == claims.SUPPORTED and claims.p_reading(0.8, 0.01, "-") == \
+        claims.CONTRADICTED
+    assert claims.p_reading(1.0, 0.083, "+") == claims.OPEN  # 4 tasks at best: never below 0.05
+    s, c, o = claims.SUPPORTED, claims.CONTRADICTED, claims.OPEN
+    assert [claims.count_reading(r) for r in ([s, s], [s, o], [o, c], [o, o], [])] == \
+        [s, claims.MIXED, c, o, o]
+
+
 def test_rms_row_norms_divide_by_the_square_root_of_the_length():
     n = geometry.prompt_norms([torch.ones(4, 9), torch.ones(1, 9)])
     assert n["frobenius"].tolist() == pytest.approx([6.0, 3.0])

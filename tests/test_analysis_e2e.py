@@ -201,6 +201,33 @@ def test_asymmetry_and_own_task_tables_are_differences_of_figure_8s_cells(report
         assert r.ci95_low <= r.ci95_high
 
 
+def test_the_claims_table_quotes_the_sections_numbers_and_reads_them_by_its_rule(report):
+    from analysis import claims
+
+    table = pd.read_csv(report / "claims.csv")
+    transfer = pd.read_csv(report / "transfer.csv").set_index(["source", "target", "metric"])
+    beat = table[table.claim.str.endswith("trained prompts beat no prompt")]
+    assert len(beat) == 4 * 2
+    for r in beat.itertuples():
+        task, metric = r.claim.split("'")[0].lower(), r.measure.split(":")[0]
+        cell = transfer.loc[(task, task, metric)]
+        assert float(r.value) == pytest.approx(cell.delta_mean, abs=5e-4)
+        assert r.reading == claims.interval_reading(cell.ci95_seeds_examples_low, cell.ci95_seeds_examples_high)
+    corr = pd.read_csv(report / "correlation_stats.csv").set_index(["predictor", "gain"])
+    closer = table[table.claim == "closer prompts transfer better"]
+    assert len(closer) == 2
+    for r in closer.itertuples():
+        gain = r.measure.split(" vs ")[1].split(" ")[0]
+        want = corr.loc[("frobenius_raw", gain), "spearman_rho"]  # NaN where the gains are constant ("n/a")
+        np.testing.assert_allclose(float(r.value), want, atol=5e-4, equal_nan=True)
+    assert set(table.reading) <= {claims.SUPPORTED, claims.CONTRADICTED, claims.OPEN, claims.MIXED,
+                                  claims.DESCRIPTIVE}
+    assert {"harder tasks vary more", "prompts transfer zero-shot to other tasks",
+            "a prompt gains most on its own task"} <= set(table.claim)
+    md = (report / "report.md").read_text(encoding="utf-8")
+    assert md.index("## The paper's claims, checked") < md.index("## Accuracy floors")
+
+
 def test_nearest_tokens_equal_a_brute_force_search(report, runs, tiny):
     model, tokenizer = tiny
     emb = model.get_input_embeddings().weight.detach().double()
