@@ -12,6 +12,8 @@ such a claim is at best *not established* here, whatever its sign: ``detail`` sa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -183,3 +185,59 @@ def claims_section(results: Results) -> Section:
             "some are; descriptive rows have no test. A rule, not a judgement: read each row with its section.",
             table))
     return out
+
+
+def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The claims of several studies (name -> ``claims_table``, e.g. read back from each report's ``claims.csv``)
+    in one table: ``claim``, ``measure``, then per study one column "value interval (reading)"; rows in the first
+    study's order, then those only later ones have; "-" where a study has no such row."""
+    keys, cells = [], {}
+    for name, t in tables.items():
+        for r in t.itertuples():
+            key = (r.claim, r.measure)
+            if key not in cells:
+                keys.append(key)
+                cells[key] = {}
+            interval = "" if pd.isna(r.interval_or_p) or r.interval_or_p == "" else f" {r.interval_or_p}"
+            value = "n/a" if pd.isna(r.value) else r.value
+            cells[key][name] = f"{value}{interval} ({r.reading})"
+    return pd.DataFrame([{"claim": c, "measure": m, **{n: cells[c, m].get(n, "-") for n in tables}}
+                         for c, m in keys], columns=["claim", "measure", *tables])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m analysis.claims NAME=REPORT_DIR [NAME=REPORT_DIR ...]``: the studies' claims side by side, as a
+    Markdown table on stdout (each REPORT_DIR an analysis report folder with its ``claims.csv``)."""
+    import sys
+
+    from analysis.report import _md_table
+
+    args = sys.argv[1:] if argv is None else argv
+    tables = {}
+    for arg in args:
+        name, sep, folder = arg.partition("=")
+        if not sep or not name or not folder:
+            print(f"error: {arg!r}: give each report as NAME=REPORT_DIR, e.g. smollm2=results/smollm2-paper/analysis",
+                  file=sys.stderr)
+            return 2
+        csv = Path(folder) / "claims.csv"
+        try:
+            table = pd.read_csv(csv, dtype=str, keep_default_na=False)  # the numbers as the report wrote them
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            print(f"error: {name}: cannot read {csv} ({type(err).__name__}); is {folder} an analysis report folder?",
+                  file=sys.stderr)
+            return 2
+        if not set(COLUMNS) <= set(table.columns):
+            print(f"error: {name}: {csv} is not a claims table (columns {', '.join(COLUMNS)})", file=sys.stderr)
+            return 2
+        tables[name] = table
+    if not tables:
+        print("error: no report given: python -m analysis.claims NAME=REPORT_DIR [NAME=REPORT_DIR ...]",
+              file=sys.stderr)
+        return 2
+    print(_md_table(side_by_side(tables)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -257,6 +257,36 @@ def test_claim_readings_follow_their_stated_rules():
         [s, claims.MIXED, c, o, o]
 
 
+def test_claims_side_by_side_match_rows_by_claim_and_measure(tmp_path, capsys):
+    from analysis import claims
+
+    def table(rows):
+        return pd.DataFrame([dict(zip(claims.COLUMNS, r)) for r in rows], columns=claims.COLUMNS)
+
+    a = table([("x beats y", "6.3", "em", "+0.200", "[+0.100, +0.300]", "supported", ""),
+               ("rows keep init", "5.1", "share", "0.900", "", "descriptive", "")])
+    b = table([("rows keep init", "5.1", "share", "0.500", "", "descriptive", ""),
+               ("only b", "7", "m", "1.000", "p = 0.01", "supported", "")])
+    both = claims.side_by_side({"smollm2": a, "gemma": b})
+    assert list(both.columns) == ["claim", "measure", "smollm2", "gemma"]
+    assert both.values.tolist() == [
+        ["x beats y", "em", "+0.200 [+0.100, +0.300] (supported)", "-"],
+        ["rows keep init", "share", "0.900 (descriptive)", "0.500 (descriptive)"],
+        ["only b", "m", "-", "1.000 p = 0.01 (supported)"]]
+    for name, t in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        t.to_csv(tmp_path / name / "claims.csv", index=False)
+    assert claims.main([f"smollm2={tmp_path / 'a'}", f"gemma={tmp_path / 'b'}"]) == 0
+    out = capsys.readouterr().out
+    assert "| claim | measure | smollm2 | gemma |" in out and "0.500 (descriptive)" in out
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "claims.csv").write_text("a,b\n1,2\n")
+    for argv in ([str(tmp_path / "a")], [f"x={tmp_path / 'missing'}"], [f"x={tmp_path / 'c'}"], []):
+        assert claims.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+
+
 def test_rms_row_norms_divide_by_the_square_root_of_the_length():
     n = geometry.prompt_norms([torch.ones(4, 9), torch.ones(1, 9)])
     assert n["frobenius"].tolist() == pytest.approx([6.0, 3.0])
