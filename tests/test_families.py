@@ -495,6 +495,12 @@ def test_gemma2_attention_softcap_is_kept(tmp_path, monkeypatch):
         other, _ = answer_logprobs(low_cap, batch, None)
     torch.testing.assert_close(ours, ref, atol=3e-5, rtol=1e-5)
     assert (ours - other).abs().max() > 1e-3
+    # asked for fused attention (auto on a GPU), Gemma 2 runs eager, and the record says what ran
+    from ptray.lm.attention import attention_implementation
+    from ptray.lm.load import setup_model
+
+    fused, _, _ = setup_model(str(path), "cpu", "no", attention="fused")
+    assert attention_implementation(fused) == "eager"
 
 
 def test_gemma3_sliding_window_rule(tmp_path, monkeypatch):

@@ -166,8 +166,10 @@ def test_fused_attention_is_a_train_setting_recorded_in_the_config(tiny_model_di
     monkeypatch.setattr(attention, "use_fused_attention", lambda model, **kw: patched.append(real(model, **kw)))
     eager = train(_cfg(tiny_model_dir, data_dir, max_epochs=2))  # auto on CPU: eager
     assert eager.resolved["attention"] == "eager" and patched == []
+    assert eager.resolved["attention_implementation"] == "eager"  # what ran, recorded beside what was asked
     fused = train(_cfg(tiny_model_dir, data_dir, max_epochs=2, attention="fused"))
     assert fused.resolved["attention"] == "fused" and patched == [fused_model_layers(tiny_model_dir)]
+    assert fused.resolved["attention_implementation"] == "ptray-fused"
     # The fused path trains the same prompt (fp32 on CPU; tests/test_attention.py checks logits and gradients).
     for a, b in zip(eager.history, fused.history):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)

@@ -223,6 +223,17 @@ def fused_attention_enabled(model) -> bool:
     return bool(modules) and all(getattr(m, _ORIGINAL, False) for m in modules)
 
 
+def attention_implementation(model) -> str:
+    """What computes ``model``'s attention now, for the run's record: ``"ptray-fused"`` (BLOOM through
+    ``use_fused_attention``), else Hugging Face's own choice, ``config._attn_implementation`` (``"eager"``,
+    ``"sdpa"``, ...; a Gemma 2 that asked for fused attention runs eager for its soft cap, and says so here), or
+    ``"unknown"`` where the config names none."""
+    if fused_attention_enabled(model):
+        return "ptray-fused"
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "unknown")
+
+
 _GELU = "_ptray_fused_gelu"  # marks an MLP whose BloomGelu was swapped
 
 

@@ -333,6 +333,7 @@ def _transfer(plan: Plan, train, out: Path) -> int:
     from ptray.data.superglue import load_split
     from ptray.data.tasks import get_task
     from ptray.data.tokens import pad_token_id
+    from ptray.lm.attention import attention_implementation
     from ptray.lm.evaluate import evaluate_prompts
     from ptray.lm.load import resolve_device_precision, setup_model
     from ptray.lm.prompt import load_adapter
@@ -368,7 +369,8 @@ def _transfer(plan: Plan, train, out: Path) -> int:
         params = {"study": plan.study, "model": plan.train.model if not plan.tiny_model else cfg.model,
                   "data_dir": plan.train.data_dir, "target": target, "template_version": task.version,
                   "eval_split": cfg.split, "max_eval_examples": cfg.max_examples, "max_length": cfg.max_length,
-                  "device": device, "precision": precision, "attention": attention, "code_version": code_version(),
+                  "device": device, "precision": precision, "attention": attention,
+                  "attention_implementation": attention_implementation(model), "code_version": code_version(),
                   **library_versions(), **compute_settings()}
         if baseline not in done:
             _write_eval(out, plan, None, None, target, base, idx, no_prompt, {**params, "source": layout.NO_SOURCE})

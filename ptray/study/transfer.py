@@ -85,6 +85,7 @@ def _transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyConte
     from ptray.data.superglue import load_split
     from ptray.data.tasks import get_task
     from ptray.data.tokens import pad_token_id
+    from ptray.lm.attention import attention_implementation
     from ptray.lm.evaluate import evaluate_prompts
     from ptray.lm.load import resolve_device_precision, setup_model
     from ptray.lm.prompt import load_adapter
@@ -115,6 +116,7 @@ def _transfer_target(target: str, sources: list[dict[str, Any]], ctx: StudyConte
         return []
 
     model, tokenizer, accelerator = setup_model(cfg.model, device, precision, cfg.compile, attention)
+    base_params["attention_implementation"] = attention_implementation(model)  # what ran (Gemma 2: eager)
     task = get_task(target)
     data = encode_all(task, load_split(task, cfg.split, cfg.data_dir, cfg.hub_dataset, cfg.max_examples), tokenizer,
                       cfg.max_length)

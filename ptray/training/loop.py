@@ -39,6 +39,7 @@ from ptray.data.tasks import get_task
 from ptray.data.tokens import pad_token_id, special_prefix, token_ids
 from ptray.errors import PtrayError
 from ptray.lm import families
+from ptray.lm.attention import attention_implementation
 from ptray.lm.evaluate import EvalResult, encoded_split, evaluate, evaluate_together
 from ptray.lm.forward import group_answer_logprobs
 from ptray.lm.load import resolve_device_precision, setup_model
@@ -231,6 +232,7 @@ def _setup_member(run: _Run, i: int, cfg: TrainConfig, state: dict | None, group
         "template_version": task.version, "task_digest": task.digest, "verbalizer": dict(task.verbalizer),
         "device": run.device,
         "precision": run.precision, "attention": run.attention,
+        "attention_implementation": attention_implementation(run.model),  # what ran: eager for Gemma 2 asked fused
         "code_version": code_version(), **library_versions(),
         **compute_settings(),  # threads, BLAS, oneDNN: the same config computes other last digits under others
         "num_train_examples": len(train_data),
