@@ -16,6 +16,18 @@ from ptray.study import preflight, store, tracking
 from ptray.study.paths import study_path, tune_path
 
 
+def _model_subset_lr(plan: Plan) -> tuple[str, str, str]:
+    """The plan's model, its example caps (", first N train / M eval examples" or "") and learning rate, as the
+    study's description prints them."""
+    cfg = plan.train
+    model = "a tiny random BLOOM built on the fly" if plan.tiny_model else cfg.model
+    subset = ""
+    if cfg.max_train_examples or cfg.max_eval_examples:
+        subset = f", first {cfg.max_train_examples or 'all'} train / {cfg.max_eval_examples or 'all'} eval examples"
+    lr = "searched" if "lr" in plan.search.get("space", {}) else f"{optimizer_settings(cfg.optimizer, cfg.lr)['lr']:g}"
+    return model, subset, lr
+
+
 def describe(plan: Plan, opts: Options, uri: str, storage: str, experiment: str, new: bool,
              gpus: float | None = None) -> str:
     """The plan in a few lines: trials, resources, where results go."""
@@ -24,13 +36,9 @@ def describe(plan: Plan, opts: Options, uri: str, storage: str, experiment: str,
                      f"{DEFAULT_GPUS_PER_TRIAL:g} GPU if the cluster has GPUs, else none")
     else:
         gpus_text = f"{gpus:g} GPU"
-    model = "a tiny random BLOOM built on the fly" if plan.tiny_model else plan.train.model
+    model, subset, lr = _model_subset_lr(plan)
     cfg = plan.train
-    subset = ""
-    if cfg.max_train_examples or cfg.max_eval_examples:
-        subset = f", first {cfg.max_train_examples or 'all'} train / {cfg.max_eval_examples or 'all'} eval examples"
     names = [layout.train_run_name(*m) for m in plan.trials]
-    lr = "searched" if "lr" in plan.search.get("space", {}) else f"{optimizer_settings(cfg.optimizer, cfg.lr)['lr']:g}"
     ray_text = f"the cluster at {opts.address}" if opts.address else "embedded (started by this script)"
     return "\n".join([
         f"study {plan.study!r} ({'new' if new else 'resume'}{', smoke' if plan.smoke else ''})",
@@ -70,12 +78,8 @@ def describe_local(plan: Plan, opts: Options, study_dir: str, uri: str, experime
     ``new`` False (a resume) also what is left, read from DIR's run folders and checkpoints."""
     from ptray.study.local import study_progress
 
-    model = "a tiny random BLOOM built on the fly" if plan.tiny_model else plan.train.model
+    model, subset, lr = _model_subset_lr(plan)
     cfg = plan.train
-    subset = ""
-    if cfg.max_train_examples or cfg.max_eval_examples:
-        subset = f", first {cfg.max_train_examples or 'all'} train / {cfg.max_eval_examples or 'all'} eval examples"
-    lr = f"{optimizer_settings(cfg.optimizer, cfg.lr)['lr']:g}"
     groups = (f"{plan.group_size} prompts per group" if plan.group_size else
               f"one prompt at a time on a CPU, {DEFAULT_GPU_GROUP_SIZE} per group on a GPU")
     threads = f"{opts.threads} torch threads" if opts.threads else "torch's own thread count"
