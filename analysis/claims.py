@@ -90,12 +90,12 @@ def claims_table(results: Results) -> pd.DataFrame:
         moved = scripts[scripts.space == space] if len(scripts) else scripts
         init_share = float(moved["top1_is_init_token_init"].mean()) if len(moved) else np.nan
         per_task = ", ".join(f"{t.task} {t.top1_is_init_token:.2f}" for t in sub.itertuples())
-        rows.append(_row("prompt rows keep their init token (key words survive)", "5.1, 7",
+        rows.append(_row("prompt rows keep their init token (key words survive)", "6.1, 7",
                          f"share of rows whose nearest token ({space}) is their init token, at the kept epoch",
                          _f(float(sub.top1_is_init_token.mean())), "", DESCRIPTIVE,
                          f"per task {per_task}; at the init {_f(init_share)}"))
         per_task = ", ".join(f"{t.task} {t.rows_other_script:.2f}" for t in sub.itertuples())
-        rows.append(_row("rows drift to tokens of other languages", "5.1 (Figures 2-5)",
+        rows.append(_row("rows drift to tokens of other languages", "6.1 (Figures 2-5)",
                          f"share of rows with a top-k neighbour ({space}) in a script the init text does not use",
                          _f(float(sub.rows_other_script.mean())), "", DESCRIPTIVE,
                          f"per task {per_task}; at the init {_f(float(sub.rows_other_script_init.mean()))}; a "
