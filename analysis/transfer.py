@@ -209,14 +209,8 @@ def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0,
         m = c.matrix
         lo, hi = bootstrap_mean_ci(m.mean(axis=0), n_boot, seed=seed) if m is not None else (np.nan,) * 2
         h_lo, h_hi = hierarchical_bootstrap_ci(m, n_boot, seed=seed) if m is not None else (np.nan,) * 2
-        if m is not None:
-            # an integer count over seeds x examples, divided once: equal ratios give identical floats (IEEE
-            # division rounds the exact ratio), so a rank statistic sees equal changes as ties
-            delta_mean = float(m.sum()) / m.size
-            accuracy_mean = float(c.correct) / m.size
-        else:  # recorded metrics only
-            delta_mean = float(np.mean(c.deltas))
-            accuracy_mean = delta_mean + float(c.base_acc)
+        delta_mean = _mean(c)
+        accuracy_mean = float(c.correct) / m.size if m is not None else delta_mean + float(c.base_acc)
         origins = [r["origin"] for r in c.rows]
         summary.append({
             "source": source, "target": target, "held_out": target in held_out, "metric": metric,
@@ -232,6 +226,9 @@ def transfer_tables(study: Study, n_boot: int = 2000, seed: int = 0,
 
 
 def _mean(c: Cell) -> float:
+    """The cell's mean change. With a per-example matrix: an integer count over seeds x examples divided once, so
+    equal ratios give identical floats (IEEE division rounds the exact ratio) and a rank statistic sees equal
+    changes as ties; else the mean of the recorded per-seed changes."""
     return float(c.matrix.sum()) / c.matrix.size if c.matrix is not None else float(np.mean(c.deltas))
 
 
